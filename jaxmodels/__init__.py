@@ -1,0 +1,28 @@
+"""jaxmodels: pure-function CNN, simple RNN and LSTM models in JAX, with a fused scan LSTM.
+
+Public names only; see the README for the architecture.
+"""
+
+from jaxmodels.cells import dense, init_dense, init_lstm, init_rnn, lstm_cell, rnn_cell
+from jaxmodels.layers import CNN, LSTM, SimpleRNN
+from jaxmodels.models import Model, get_model, list_models
+from jaxmodels.recurrent import lstm_scan, rnn_scan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN",
+    "LSTM",
+    "Model",
+    "SimpleRNN",
+    "dense",
+    "get_model",
+    "init_dense",
+    "init_lstm",
+    "init_rnn",
+    "list_models",
+    "lstm_cell",
+    "lstm_scan",
+    "rnn_cell",
+    "rnn_scan",
+]

@@ -1,0 +1,145 @@
+"""Pure step functions of the seed's equations, and their initialisers.
+
+Shapes use one vocabulary: batch, time, features (input size), hidden. Parameters are plain dicts
+in the pinned layout (see DESIGN.md), gate blocks along the last axis in the order i, f, g, o::
+
+    dense:  {"w": [features, out],       "b": [out]}
+    rnn:    {"w_x": [features, hidden],   "w_h": [hidden, hidden],   "b": [hidden]}
+    lstm:   {"w_x": [features, 4*hidden], "w_h": [hidden, 4*hidden], "b": [4*hidden]}
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Activation = Callable[[Array], Array]
+
+GATES = ("i", "f", "g", "o")  # order of the 4 blocks of an LSTM's gate axis
+
+
+def sigmoid(x: Array) -> Array:
+    """σ(x) = 1 / (1 + e^-x), computed as 0.5·tanh(x/2) + 0.5.
+
+    The same function in exact arithmetic; one tanh instead of an exp and a division, which XLA
+    fuses into the surrounding gate math (XLA's logistic op was a third of the LSTM loop on CPU).
+    """
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
+def identity(x: Array) -> Array:
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def dense(params: dict, x: Array, activation: Activation = identity) -> Array:
+    """y = f(x W + b).  x: [..., features] -> y: [..., out]."""
+    _check_features(x, params["w"].shape[0], "x")
+    return activation(add_bias(x @ params["w"], params["b"]))
+
+
+def rnn_cell(params: dict, h: Array, x: Array, activation: Activation = jnp.tanh) -> Array:
+    """h_t = f(x_t W + h_{t-1} U + b).
+
+    h: [batch, hidden], x: [batch, features] -> h_t: [batch, hidden].
+    """
+    _check_features(x, params["w_x"].shape[0], "x")
+    return rnn_step_from_projection(params["w_h"], h, add_bias(x @ params["w_x"], params["b"]), activation)
+
+
+def lstm_cell(params: dict, carry: tuple[Array, Array], x: Array) -> tuple[tuple[Array, Array], Array]:
+    """One LSTM step, the seed's equations with gate order i, f, g, o::
+
+        i_t = σ(W_xi x_t + W_hi h_{t-1} + b_i)      f_t = σ(W_xf x_t + W_hf h_{t-1} + b_f)
+        g_t = tanh(W_xc x_t + W_hc h_{t-1} + b_c)   o_t = σ(W_xo x_t + W_ho h_{t-1} + b_o)
+        C_t = f_t ⊙ C_{t-1} + i_t ⊙ g_t             h_t = o_t ⊙ tanh(C_t)
+
+    carry: (h, c), each [batch, hidden]; x: [batch, features].
+    Returns ((h_t, C_t), h_t).
+    """
+    _check_features(x, params["w_x"].shape[0], "x")
+    carry = lstm_step_from_projection(params["w_h"], carry, add_bias(x @ params["w_x"], params["b"]))
+    return carry, carry[0]
+
+
+def add_bias(y: Array, b: Array) -> Array:
+    """y + b with b [out] broadcast explicitly over y's leading axes [..., out]."""
+    return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
+
+
+def rnn_step_from_projection(w_h: Array, h: Array, x_proj: Array, activation: Activation) -> Array:
+    """h_t = f(x_proj_t + h_{t-1} U), with x_proj_t = x_t W + b already computed. [batch, hidden]."""
+    return activation(x_proj + h @ w_h)
+
+
+def lstm_gates(gates: Array) -> tuple[Array, Array, Array, Array]:
+    """Split fused pre-activations [batch, 4*hidden] into activated i, f, g, o, each [batch, hidden]."""
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    return sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o)
+
+
+def lstm_step_from_projection(
+    w_h: Array, carry: tuple[Array, Array], x_proj: Array
+) -> tuple[Array, Array]:
+    """(h_t, C_t) from (h_{t-1}, C_{t-1}) and x_proj_t = x_t W_x + b: one fused [batch, 4*hidden] matmul."""
+    h, c = carry
+    i, f, g, o = lstm_gates(x_proj + h @ w_h)
+    c = f * c + i * g
+    return o * jnp.tanh(c), c
+
+
+def _check_features(x: Array, features: int, name: str) -> None:
+    if x.shape[-1] != features:
+        raise ValueError(
+            f"expected {name} with last axis features={features} (the weights' input size), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers
+
+
+def glorot_uniform(key: Array, shape: tuple[int, int], dtype=jnp.float32) -> Array:
+    """U(-a, a), a = sqrt(6 / (fan_in + fan_out)), for a [fan_in, fan_out] matrix."""
+    return jax.nn.initializers.glorot_uniform()(key, shape, dtype)
+
+
+def orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype=jnp.float32) -> Array:
+    """[hidden, blocks*hidden]: each [hidden, hidden] block an independent orthogonal matrix."""
+    keys = jax.random.split(key, blocks)
+    init = jax.nn.initializers.orthogonal()
+    return jnp.concatenate([init(k, (hidden, hidden), dtype) for k in keys], axis=-1)
+
+
+def init_dense(key: Array, features: int, out: int, dtype=jnp.float32) -> dict:
+    """{"w": [features, out] Glorot-uniform, "b": [out] zeros}."""
+    return {"w": glorot_uniform(key, (features, out), dtype), "b": jnp.zeros((out,), dtype)}
+
+
+def init_rnn(key: Array, features: int, hidden: int, dtype=jnp.float32) -> dict:
+    """Simple RNN layer: Glorot-uniform w_x, orthogonal w_h, zero b."""
+    kx, kh = jax.random.split(key)
+    return {
+        "w_x": glorot_uniform(kx, (features, hidden), dtype),
+        "w_h": orthogonal_blocks(kh, hidden, 1, dtype),
+        "b": jnp.zeros((hidden,), dtype),
+    }
+
+
+def init_lstm(key: Array, features: int, hidden: int, *, forget_bias: float = 0.0, dtype=jnp.float32) -> dict:
+    """LSTM layer: Glorot-uniform w_x over all 4 gates, an orthogonal block per gate in w_h, zero b
+    except the forget block, which is ``forget_bias`` (1.0 is the common choice of Jozefowicz et al.)."""
+    kx, kh = jax.random.split(key)
+    b = jnp.zeros((4, hidden), dtype).at[GATES.index("f")].set(forget_bias).reshape(4 * hidden)
+    return {
+        "w_x": glorot_uniform(kx, (features, 4 * hidden), dtype),
+        "w_h": orthogonal_blocks(kh, hidden, 4, dtype),
+        "b": b,
+    }

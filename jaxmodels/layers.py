@@ -1,0 +1,171 @@
+"""Flax Linen modules: the seed's CNN, and multi-layer SimpleRNN / LSTM over ``recurrent``'s scans.
+
+Recurrent parameters: one subtree per layer and direction, named ``layer_{k}`` (forward) and
+``layer_{k}_reverse`` (backward, when bidirectional), each in the pinned layout
+{"w_x", "w_h", "b"}, so ``lstm_scan(variables["params"]["layer_0"], xs)`` runs on it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxmodels import cells, recurrent
+
+Array = jax.Array
+
+
+class CNN(nn.Module):
+    """Convolutional classifier. ``CNN()`` is the seed's Keras network on [batch, 28, 28, 1]:
+    Conv(32,3x3,relu) - MaxPool(2) - Conv(64,3x3,relu) - MaxPool(2) - Conv(64,3x3,relu) - Flatten -
+    Dense(64,relu) - Dense(10), 'VALID' padding, 93,322 parameters.
+
+    Attributes:
+      features: output channels of each convolution.
+      kernel_size: (height, width) of every convolution.
+      pool_after: for each convolution, whether a max-pool follows it.
+      pool_size: (height, width) window and stride of the max-pools.
+      padding: 'VALID' or 'SAME' for the convolutions.
+      dense_features: widths of the hidden dense layers after flattening.
+      num_classes: width of the output layer (logits).
+      dropout_rate: dropout before each dense layer (only with ``train=True``).
+    """
+
+    features: Sequence[int] = (32, 64, 64)
+    kernel_size: tuple[int, int] = (3, 3)
+    pool_after: Sequence[bool] = (True, True, False)
+    pool_size: tuple[int, int] = (2, 2)
+    padding: str = "VALID"
+    dense_features: Sequence[int] = (64,)
+    num_classes: int = 10
+    dropout_rate: float = 0.0
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        """x: [batch, height, width, channels] floats -> logits [batch, num_classes]."""
+        if len(self.pool_after) != len(self.features):
+            raise ValueError(
+                f"expected pool_after with one entry per convolution ({len(self.features)}), "
+                f"got {len(self.pool_after)}"
+            )
+        if x.ndim != 4:
+            raise ValueError(f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}")
+        for width, pool in zip(self.features, self.pool_after):
+            x = nn.Conv(width, self.kernel_size, padding=self.padding, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+            x = nn.relu(x)
+            if pool:
+                x = nn.max_pool(x, self.pool_size, strides=self.pool_size)
+        x = x.reshape(x.shape[0], -1)
+        for width in self.dense_features:
+            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype)(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class _Recurrent(nn.Module):
+    """Stacked, optionally bidirectional recurrence; subclasses say which cell."""
+
+    hidden_size: int
+    num_layers: int = 1
+    bidirectional: bool = False
+    dropout_rate: float = 0.0
+    impl: str = "auto"
+    unroll: int = 1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    def _init_layer(self, key: Array, features: int) -> dict:
+        raise NotImplementedError
+
+    def _scan(self, params: dict, xs: Array, carry: Any, seq_lengths: Array | None, reverse: bool):
+        raise NotImplementedError
+
+    @nn.compact
+    def __call__(
+        self,
+        xs: Array,
+        seq_lengths: Array | None = None,
+        initial_carry: Any = None,
+        *,
+        train: bool = False,
+    ):
+        """xs: [batch, time, features].
+
+        Returns (outputs, final_carry): outputs [batch, time, directions*hidden] from the last layer
+        (forward and backward halves concatenated); final_carry stacked like PyTorch's h_n,
+        [num_layers*directions, batch, hidden] (a pair (h_n, c_n) for the LSTM), index
+        layer*directions + direction. ``initial_carry`` has that same form. Dropout with
+        ``dropout_rate`` is applied between layers when ``train`` is True (rng stream 'dropout').
+        """
+        if self.num_layers < 1 or self.hidden_size < 1:
+            raise ValueError(
+                f"expected num_layers >= 1 and hidden_size >= 1, got {self.num_layers} and {self.hidden_size}"
+            )
+        if jnp.ndim(xs) != 3:
+            raise ValueError(f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}")
+        if not jnp.issubdtype(xs.dtype, jnp.floating):
+            raise TypeError(f"expected floating-point xs [batch, time, features], got dtype {xs.dtype}")
+        dtype = self.dtype or jnp.promote_types(xs.dtype, self.param_dtype)
+        directions = 2 if self.bidirectional else 1
+        finals = []
+        for layer in range(self.num_layers):
+            if layer > 0:
+                xs = nn.Dropout(self.dropout_rate, deterministic=not train)(xs)
+            outs = []
+            for direction in range(directions):
+                name = f"layer_{layer}" + ("_reverse" if direction else "")
+                params = self.param(name, self._init_layer, xs.shape[-1])
+                params = jax.tree.map(lambda p: p.astype(dtype), params)
+                index = layer * directions + direction
+                carry = None if initial_carry is None else jax.tree.map(lambda a: a[index], initial_carry)
+                final, hs = self._scan(params, xs.astype(dtype), carry, seq_lengths, reverse=bool(direction))
+                finals.append(final)
+                outs.append(hs)
+            xs = outs[0] if directions == 1 else jnp.concatenate(outs, axis=-1)
+        return xs, jax.tree.map(lambda *a: jnp.stack(a), *finals)
+
+
+class SimpleRNN(_Recurrent):
+    """Elman RNN, h_t = f(x_t W + h_{t-1} U + b), over ``recurrent.rnn_scan``.
+
+    Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
+    ("auto" or "scan"), unroll, dtype (computation), param_dtype, activation (f, tanh by default).
+    """
+
+    activation: Callable[[Array], Array] = jnp.tanh
+
+    def _init_layer(self, key, features):
+        return cells.init_rnn(key, features, self.hidden_size, self.param_dtype)
+
+    def _scan(self, params, xs, carry, seq_lengths, reverse):
+        return recurrent.rnn_scan(
+            params, xs, carry, seq_lengths=seq_lengths, reverse=reverse, unroll=self.unroll,
+            impl=self.impl, activation=self.activation,
+        )
+
+
+class LSTM(_Recurrent):
+    """LSTM (gates i, f, g, o) over ``recurrent.lstm_scan``; carry (h, c).
+
+    Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
+    ("auto" or "scan"), unroll, dtype (computation), param_dtype, forget_bias (initial forget-gate
+    bias, 1.0 by default).
+    """
+
+    forget_bias: float = 1.0
+
+    def _init_layer(self, key, features):
+        return cells.init_lstm(key, features, self.hidden_size, forget_bias=self.forget_bias, dtype=self.param_dtype)
+
+    def _scan(self, params, xs, carry, seq_lengths, reverse):
+        return recurrent.lstm_scan(
+            params, xs, carry, seq_lengths=seq_lengths, reverse=reverse, unroll=self.unroll, impl=self.impl
+        )

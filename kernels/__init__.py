@@ -1,0 +1,6 @@
+"""Pallas kernels for jaxmodels, installed as ``jaxmodels.kernels``.
+
+Each kernel file follows the anatomy of ``jax/experimental/pallas/ops``: the kernel body over refs,
+a public wrapper that checks shapes and picks block sizes, a ``custom_vjp`` forward/backward pair,
+and a plain ``jnp`` ``*_reference`` that is both the specification and the fallback.
+"""
