@@ -1,0 +1,134 @@
+"""Fused dense layer: y = f(x W + b) as one blocked matmul with bias and activation in the epilogue.
+
+Grid over (row blocks, column blocks); each program accumulates x[rows, :] W[:, cols] in float32
+over slices of the reduction axis, then adds b and applies f before the single store. The backward
+pass reuses the same kernel: δpre = δy ⊙ f'(y) (f' from the saved output), δx = δpre Wᵀ and
+δW = xᵀ δpre as two more blocked matmuls, δb = Σ_rows δpre.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from jaxmodels.kernels.common import (
+    ACTIVATIONS,
+    BlockSizes,
+    check_activation,
+    check_float,
+    pad_to,
+    round_up,
+    run_on_platform,
+)
+
+Array = jax.Array
+
+
+def _dense_kernel(x_ref, w_ref, b_ref, y_ref, *, activation: str, block_reduce: int):
+    """x_ref [block_rows, K], w_ref [K, block_cols], b_ref [1, block_cols] -> y_ref [block_rows, block_cols]."""
+
+    def accumulate(k, acc):
+        x = x_ref[:, pl.ds(k * block_reduce, block_reduce)]
+        w = w_ref[pl.ds(k * block_reduce, block_reduce), :]
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = lax.fori_loop(0, x_ref.shape[1] // block_reduce, accumulate, jnp.zeros(y_ref.shape, jnp.float32))
+    y_ref[...] = ACTIVATIONS[activation][0](acc + b_ref[...].astype(jnp.float32)).astype(y_ref.dtype)
+
+
+def dense(
+    x: Array,
+    w: Array,
+    b: Array | None = None,
+    activation: str = "identity",
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> Array:
+    """y = f(x W + b) in one kernel.
+
+    Args:
+      x: [rows, features], float32 or bfloat16.
+      w: [features, out], same dtype as x.
+      b: [out] or None (no bias).
+      activation: "identity", "relu", "tanh" or "sigmoid".
+      block_sizes: tiles (block_rows, block_cols, block_reduce); shapes that are not multiples are
+        zero-padded inside.
+      interpret: True to interpret everywhere; None interprets on CPU only.
+    Returns:
+      y [rows, out] in x's dtype, accumulated in float32.
+    """
+    check_activation(activation)
+    check_float("x", x)
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"expected x [rows, features] and w [features, out], got x {x.shape} and w {w.shape}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"expected w of x's dtype {x.dtype}, got {w.dtype}")
+    if b is None:
+        b = jnp.zeros((w.shape[1],), x.dtype)
+    if b.shape != (w.shape[1],):
+        raise ValueError(f"expected b of shape [out]=({w.shape[1]},), got {b.shape}")
+    return _dense(x, w, b.astype(x.dtype), activation, block_sizes or BlockSizes(), interpret)
+
+
+def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, interpret):
+    """The forward kernel call on padded operands: x [rows, K], w [K, out], b [out] -> [rows, out]."""
+    rows, features = x.shape
+    out = w.shape[1]
+    bm, bn, bk = block_sizes.block_rows, block_sizes.block_cols, block_sizes.block_reduce
+    padded = (round_up(rows, bm), round_up(features, bk), round_up(out, bn))
+    xp = pad_to(x, padded[:2])
+    wp = pad_to(w, padded[1:])
+    bp = pad_to(b, padded[2:]).reshape(1, padded[2])
+
+    def call(xp, wp, bp, *, interpret, compiler_params):
+        return pl.pallas_call(
+            functools.partial(_dense_kernel, activation=activation, block_reduce=bk),
+            grid=(padded[0] // bm, padded[2] // bn),
+            in_specs=[
+                pl.BlockSpec((bm, padded[1]), lambda i, j: (i, 0)),
+                pl.BlockSpec((padded[1], bn), lambda i, j: (0, j)),
+                pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+            ],
+            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+            out_shape=jax.ShapeDtypeStruct((padded[0], padded[2]), x.dtype),
+            interpret=interpret,
+            compiler_params=compiler_params,
+        )(xp, wp, bp)
+
+    return run_on_platform(call, interpret, xp, wp, bp)[:rows, :out]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dense(x, w, b, activation, block_sizes, interpret):
+    return matmul_bias_act(x, w, b, activation, block_sizes, interpret)
+
+
+def _dense_fwd(x, w, b, activation, block_sizes, interpret):
+    y = matmul_bias_act(x, w, b, activation, block_sizes, interpret)
+    return y, (x, w, y)
+
+
+def _dense_bwd(activation, block_sizes, interpret, saved, dy):
+    x, w, y = saved
+    dpre = (dy.astype(jnp.float32) * ACTIVATIONS[activation][1](y.astype(jnp.float32))).astype(x.dtype)
+    dx = matmul_bias_act(dpre, w.T, jnp.zeros((w.shape[0],), x.dtype), "identity", block_sizes, interpret)
+    dw = matmul_bias_act(x.T, dpre, jnp.zeros((w.shape[1],), x.dtype), "identity", block_sizes, interpret)
+    db = jnp.sum(dpre.astype(jnp.float32), axis=0).astype(x.dtype)
+    return dx, dw, db
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def dense_reference(x: Array, w: Array, b: Array | None = None, activation: str = "identity") -> Array:
+    """The specification in plain jnp: f(x W + b) accumulated in float32, returned in x's dtype."""
+    check_activation(activation)
+    pre = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    if b is not None:
+        pre = pre + b.astype(jnp.float32)[None, :]
+    return ACTIVATIONS[activation][0](pre).astype(x.dtype)
