@@ -156,7 +156,7 @@ class LSTM(_Recurrent):
     """LSTM (gates i, f, g, o) over ``recurrent.lstm_scan``; carry (h, c).
 
     Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
-    ("auto" or "scan"), unroll, dtype (computation), param_dtype, forget_bias (initial forget-gate
+    ("auto", "scan" or "pallas"; see ``lstm_scan``), unroll, dtype (computation), param_dtype, forget_bias (initial forget-gate
     bias, 1.0 by default).
     """
 

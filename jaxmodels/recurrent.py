@@ -24,10 +24,11 @@ import numpy as np
 from jax import lax
 
 from jaxmodels import cells
+from jaxmodels.kernels import lstm_sequence
 
 Array = jax.Array
 
-IMPLS = ("auto", "scan")
+IMPLS = ("auto", "scan", "pallas")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,8 +53,10 @@ def lstm_scan(
       initial_carry: (h_0, c_0), each [batch, hidden]; zeros when None.
       seq_lengths: [batch] integers in [0, time], or None for full length.
       reverse: run from the last time step to the first (outputs stay in input time order).
-      unroll: time steps per loop iteration, passed to ``lax.scan``.
-      impl: "auto" or "scan".
+      unroll: time steps per loop iteration, passed to ``lax.scan`` (the kernel ignores it).
+      impl: "scan" (``lax.scan``), "pallas" (the ``kernels.lstm_sequence`` kernel: interpreted
+        on CPU, compiled on GPU and TPU) or "auto": the kernel when lowering for GPU or TPU and
+        w_h fits on chip, the scan otherwise.
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [batch, time, hidden].
     """
@@ -68,7 +71,21 @@ def lstm_scan(
     initial_carry = tuple(_check_carry(c, batch, hidden, name) for c, name in zip(initial_carry, "hc"))
     mask = _time_mask(seq_lengths, batch, time)
     x_proj = _input_projection(params, xs)
-    carry, hs = _lstm_recurrence(params["w_h"], initial_carry, x_proj, mask, reverse, unroll)
+
+    def scan(x_proj, w_h, h0, c0):
+        return _lstm_recurrence(w_h, (h0, c0), x_proj, mask, reverse, unroll)
+
+    def kernel(x_proj, w_h, h0, c0):
+        lengths = None if seq_lengths is None else jnp.asarray(seq_lengths)
+        return lstm_sequence.lstm_sequence(x_proj, w_h, (h0, c0), lengths, reverse=reverse)
+
+    args = (x_proj, params["w_h"], *initial_carry)
+    if impl == "scan" or (impl == "auto" and not lstm_sequence.fits_on_chip(hidden, x_proj.dtype)):
+        carry, hs = scan(*args)
+    elif impl == "pallas":
+        carry, hs = kernel(*args)
+    else:
+        carry, hs = lax.platform_dependent(*args, default=scan, cuda=kernel, rocm=kernel, tpu=kernel)
     return carry, jnp.swapaxes(hs, 0, 1)
 
 
@@ -89,12 +106,13 @@ def rnn_scan(
       params: {"w_x": [features, hidden], "w_h": [hidden, hidden], "b": [hidden]}.
       xs: [batch, time, features], floating point.
       initial_carry: h_0 [batch, hidden]; zeros when None.
-      seq_lengths, reverse, unroll, impl: as for ``lstm_scan``.
+      seq_lengths, reverse, unroll: as for ``lstm_scan``.
+      impl: "auto" or "scan" (the Pallas kernels are LSTM-only).
       activation: f, elementwise (tanh by default).
     Returns:
       (h_T, hs) with h_T [batch, hidden] and hs [batch, time, hidden].
     """
-    _check_impl(impl)
+    _check_impl(impl, ("auto", "scan"))
     hidden = _check_params(params, xs, blocks=1, cell="RNN")
     batch, time, _ = xs.shape
     if initial_carry is None:
@@ -259,9 +277,9 @@ def _time_mask(seq_lengths: Array | None, batch: int, time: int) -> Array | None
     return jnp.arange(time, dtype=seq_lengths.dtype)[:, None] < seq_lengths[None, :]
 
 
-def _check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"expected impl to be one of {IMPLS}, got {impl!r}")
+def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
+    if impl not in allowed:
+        raise ValueError(f"expected impl to be one of {allowed}, got {impl!r}")
 
 
 def _check_params(params: dict, xs: Array, *, blocks: int, cell: str) -> int:

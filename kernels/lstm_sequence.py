@@ -113,6 +113,12 @@ def _lstm_backward_kernel(
     dc0_ref[...] = dc0
 
 
+def fits_on_chip(hidden: int, dtype, block_sizes: BlockSizes | None = None) -> bool:
+    """Whether w_h [hidden, 4*hidden] of ``dtype``, padded, fits the on-chip budget of this kernel."""
+    hidden_p = round_up(hidden, (block_sizes or BlockSizes()).block_cols)
+    return 4 * hidden_p * hidden_p * jnp.dtype(dtype).itemsize <= MAX_ON_CHIP_WEIGHT_BYTES
+
+
 def lstm_sequence(
     x_proj: Array,
     w_h: Array,
@@ -149,11 +155,10 @@ def lstm_sequence(
         if a.shape != (batch, hidden):
             raise ValueError(f"expected initial carry {name} [batch, hidden]=({batch}, {hidden}), got {a.shape}")
     block_sizes = block_sizes or BlockSizes()
-    hidden_p = round_up(hidden, block_sizes.block_cols)
-    if 4 * hidden_p * hidden_p * x_proj.dtype.itemsize > MAX_ON_CHIP_WEIGHT_BYTES:
+    if not fits_on_chip(hidden, x_proj.dtype, block_sizes):
         raise ValueError(
-            f"expected hidden small enough for w_h to stay on chip (4*hidden^2*{x_proj.dtype.itemsize} bytes <= "
-            f"{MAX_ON_CHIP_WEIGHT_BYTES}), got hidden={hidden} (padded to {hidden_p}); use lstm_scan(impl='scan')"
+            f"expected hidden small enough for w_h to stay on chip (4*hidden_padded^2*{x_proj.dtype.itemsize} "
+            f"bytes <= {MAX_ON_CHIP_WEIGHT_BYTES}), got hidden={hidden}; use lstm_scan(impl='scan')"
         )
     if seq_lengths is None:
         seq_lengths = jnp.full((batch,), time, jnp.int32)
