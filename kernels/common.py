@@ -40,6 +40,16 @@ class BlockSizes:
                 raise ValueError(f"expected {field.name} to be a positive power of two, got {value!r}")
 
 
+def dot_f32(a: Array, b: Array, upcast: bool) -> Array:
+    """a b accumulated in float32. With ``upcast`` the operands are cast to float32 first, which is
+    exact for bfloat16 (a product of two bfloat16 numbers is exact in float32); kernels upcast when
+    interpreted on CPU, whose XLA runtime lacks a bf16 x bf16 -> f32 dot for some shapes, and keep
+    bfloat16 operands for the tensor cores and MXU when compiled."""
+    if upcast:
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def sigmoid(x: Array) -> Array:
     """σ(x) = 0.5·tanh(x/2) + 0.5: one tanh, no exp or division (as jaxmodels.cells.sigmoid)."""
     return 0.5 * jnp.tanh(0.5 * x) + 0.5

@@ -20,6 +20,7 @@ from jaxmodels.kernels.common import (
     BlockSizes,
     check_activation,
     check_float,
+    dot_f32,
     pad_to,
     round_up,
     run_on_platform,
@@ -28,13 +29,13 @@ from jaxmodels.kernels.common import (
 Array = jax.Array
 
 
-def _dense_kernel(x_ref, w_ref, b_ref, y_ref, *, activation: str, block_reduce: int):
+def _dense_kernel(x_ref, w_ref, b_ref, y_ref, *, activation: str, block_reduce: int, upcast: bool):
     """x_ref [block_rows, K], w_ref [K, block_cols], b_ref [1, block_cols] -> y_ref [block_rows, block_cols]."""
 
     def accumulate(k, acc):
         x = x_ref[:, pl.ds(k * block_reduce, block_reduce)]
         w = w_ref[pl.ds(k * block_reduce, block_reduce), :]
-        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return acc + dot_f32(x, w, upcast)
 
     acc = lax.fori_loop(0, x_ref.shape[1] // block_reduce, accumulate, jnp.zeros(y_ref.shape, jnp.float32))
     y_ref[...] = ACTIVATIONS[activation][0](acc + b_ref[...].astype(jnp.float32)).astype(y_ref.dtype)
@@ -87,7 +88,7 @@ def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, interpret):
 
     def call(xp, wp, bp, *, interpret, compiler_params):
         return pl.pallas_call(
-            functools.partial(_dense_kernel, activation=activation, block_reduce=bk),
+            functools.partial(_dense_kernel, activation=activation, block_reduce=bk, upcast=interpret),
             grid=(padded[0] // bm, padded[2] // bn),
             in_specs=[
                 pl.BlockSpec((bm, padded[1]), lambda i, j: (i, 0)),
@@ -128,7 +129,7 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 def dense_reference(x: Array, w: Array, b: Array | None = None, activation: str = "identity") -> Array:
     """The specification in plain jnp: f(x W + b) accumulated in float32, returned in x's dtype."""
     check_activation(activation)
-    pre = jnp.dot(x, w, preferred_element_type=jnp.float32)
+    pre = dot_f32(x, w, upcast=True)
     if b is not None:
         pre = pre + b.astype(jnp.float32)[None, :]
     return ACTIVATIONS[activation][0](pre).astype(x.dtype)

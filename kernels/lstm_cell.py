@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxmodels.kernels.common import BlockSizes, check_float, pad_to, round_up, run_on_platform, sigmoid
+from jaxmodels.kernels.common import BlockSizes, check_float, dot_f32, pad_to, round_up, run_on_platform, sigmoid
 from jaxmodels.kernels.dense import matmul_bias_act
 
 Array = jax.Array
 
 
-def _lstm_cell_kernel(xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref):
+def _lstm_cell_kernel(xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref, *, upcast: bool):
     """xp_ref [4, rows, cols], h_ref [rows, H], c_ref [rows, cols], w_ref [4, H, cols] ->
     h_out, c_out [rows, cols] and the activated gates acts [4, rows, cols] (float32)."""
     h = h_ref[...].astype(w_ref.dtype)
-    pre = [xp_ref[k].astype(jnp.float32) + jnp.dot(h, w_ref[k], preferred_element_type=jnp.float32) for k in range(4)]
+    pre = [xp_ref[k].astype(jnp.float32) + dot_f32(h, w_ref[k], upcast) for k in range(4)]
     i, f, g, o = sigmoid(pre[0]), sigmoid(pre[1]), jnp.tanh(pre[2]), sigmoid(pre[3])
     c = f * c_ref[...].astype(jnp.float32) + i * g
     c_out_ref[...] = c.astype(c_out_ref.dtype)
@@ -86,7 +86,7 @@ def _forward(x_proj, w_h, h, c, block_sizes, interpret):
 
     def call(xp, hp, cp, w, *, interpret, compiler_params):
         return pl.pallas_call(
-            _lstm_cell_kernel,
+            functools.partial(_lstm_cell_kernel, upcast=interpret),
             grid=(batch_p // rows, hidden_p // cols),
             in_specs=[by_gate, pl.BlockSpec((rows, hidden_p), lambda b, j: (b, 0)), block,
                       pl.BlockSpec((4, hidden_p, cols), lambda b, j: (0, 0, j))],
@@ -137,7 +137,7 @@ _lstm_cell.defvjp(_lstm_cell_fwd, _lstm_cell_bwd)
 def lstm_cell_reference(x_proj: Array, w_h: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
     """The specification in plain jnp (same arguments and results as ``lstm_cell``)."""
     h, c = carry
-    pre = x_proj.astype(jnp.float32) + jnp.dot(h.astype(w_h.dtype), w_h, preferred_element_type=jnp.float32)
+    pre = x_proj.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
     i, f, g, o = jnp.split(pre, 4, axis=-1)
     c = sigmoid(f) * c.astype(jnp.float32) + sigmoid(i) * jnp.tanh(g)
     return (sigmoid(o) * jnp.tanh(c)).astype(x_proj.dtype), c.astype(x_proj.dtype)

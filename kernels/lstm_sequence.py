@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxmodels.kernels.common import BlockSizes, check_float, pad_to, round_up, run_on_platform, sigmoid
+from jaxmodels.kernels.common import BlockSizes, check_float, dot_f32, pad_to, round_up, run_on_platform, sigmoid
 
 Array = jax.Array
 
@@ -40,7 +40,7 @@ def _gate(ref, t, k, hidden):
 def _lstm_forward_kernel(
     xp_ref, w_ref, h0_ref, c0_ref, len_ref,  # inputs
     hs_ref, h_ref, c_ref, acts_ref, hprev_ref, cprev_ref,  # outputs
-    *, reverse: bool, save_residuals: bool,
+    *, reverse: bool, save_residuals: bool, upcast: bool,
 ):
     """xp_ref [time, rows, 4H], w_ref [H, 4H], h0/c0 [rows, H], len_ref [rows, 1] ->
     hs [time, rows, H], h/c [rows, H]; with save_residuals also the activated gates acts
@@ -53,7 +53,7 @@ def _lstm_forward_kernel(
         h, c = carry
         t = time - 1 - s if reverse else s
         hw = h.astype(w[0].dtype)
-        pre = [_gate(xp_ref, t, k, hidden) + jnp.dot(hw, w[k], preferred_element_type=jnp.float32) for k in range(4)]
+        pre = [_gate(xp_ref, t, k, hidden) + dot_f32(hw, w[k], upcast) for k in range(4)]
         i, f, g, o = sigmoid(pre[0]), sigmoid(pre[1]), jnp.tanh(pre[2]), sigmoid(pre[3])
         new_c = f * c + i * g
         new_h = o * jnp.tanh(new_c)
@@ -75,7 +75,7 @@ def _lstm_forward_kernel(
 def _lstm_backward_kernel(
     dhs_ref, dh_ref, dc_ref, acts_ref, cprev_ref, wt_ref, len_ref,  # inputs
     dgates_ref, dh0_ref, dc0_ref,  # outputs
-    *, reverse: bool,
+    *, reverse: bool, upcast: bool,
 ):
     """Reverse-time recurrence: dhs [time, rows, H], dh/dc [rows, H] (gradients of the outputs and
     final carry), acts [time, rows, 4H], cprev [time, rows, H], wt_ref = w_hᵀ [4H, H] ->
@@ -101,7 +101,7 @@ def _lstm_backward_kernel(
         ]
         dgates = [jnp.where(keep, d, 0) for d in dgates]
         dh_prev = sum(
-            jnp.dot(d.astype(wt[k].dtype), wt[k], preferred_element_type=jnp.float32) for k, d in enumerate(dgates)
+            dot_f32(d.astype(wt[k].dtype), wt[k], upcast) for k, d in enumerate(dgates)
         )
         for k, d in enumerate(dgates):
             dgates_ref[t, :, pl.ds(k * hidden, hidden)] = d
@@ -209,7 +209,9 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save
         out_specs += [seq(4 * hidden_p), seq(hidden_p), seq(hidden_p)]
 
     def call(xp, w, h0p, c0p, lens, *, interpret, compiler_params):
-        kernel = functools.partial(_lstm_forward_kernel, reverse=reverse, save_residuals=save_residuals)
+        kernel = functools.partial(
+            _lstm_forward_kernel, reverse=reverse, save_residuals=save_residuals, upcast=interpret
+        )
         if not save_residuals:  # the kernel's residual refs are then absent
             kernel = functools.partial(_drop_residual_refs, kernel)
         return pl.pallas_call(
@@ -265,7 +267,7 @@ def _lstm_sequence_bwd(reverse, block_sizes, interpret, saved, cotangents):
 
     def call(dhs_p, dh_p, dc_p, acts, cprev, wt, lens, *, interpret, compiler_params):
         return pl.pallas_call(
-            functools.partial(_lstm_backward_kernel, reverse=reverse),
+            functools.partial(_lstm_backward_kernel, reverse=reverse, upcast=interpret),
             grid=(batch_p // rows,),
             in_specs=[
                 seq(hidden_p), state, state, seq(4 * hidden_p), seq(hidden_p),
@@ -309,7 +311,7 @@ def lstm_sequence_reference(
     def step(carry, inputs):
         h, c = carry
         x_t, t = inputs
-        pre = x_t.astype(jnp.float32) + jnp.dot(h.astype(w_h.dtype), w_h, preferred_element_type=jnp.float32)
+        pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
         i, f, g, o = (pre[:, k * hidden:(k + 1) * hidden] for k in range(4))
         new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
         new_h = sigmoid(o) * jnp.tanh(new_c)
