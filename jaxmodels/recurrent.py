@@ -56,7 +56,7 @@ def lstm_scan(
       unroll: time steps per loop iteration, passed to ``lax.scan`` (the kernel ignores it).
       impl: "scan" (``lax.scan``), "pallas" (the ``kernels.lstm_sequence`` kernel: interpreted
         on CPU, compiled on GPU and TPU) or "auto": the kernel when lowering for GPU or TPU and
-        w_h fits on chip, the scan otherwise.
+        it takes the dtype (float32, bfloat16) and w_h fits on chip, the scan otherwise.
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [batch, time, hidden].
     """
@@ -70,7 +70,7 @@ def lstm_scan(
         raise ValueError("expected initial_carry to be a pair (h, c), each [batch, hidden]")
     initial_carry = tuple(_check_carry(c, batch, hidden, name) for c, name in zip(initial_carry, "hc"))
     mask = _time_mask(seq_lengths, batch, time)
-    x_proj = _input_projection(params, xs)
+    x_proj = _input_projection(params, xs, mask)
 
     def scan(x_proj, w_h, h0, c0):
         return _lstm_recurrence(w_h, (h0, c0), x_proj, mask, reverse, unroll)
@@ -80,7 +80,7 @@ def lstm_scan(
         return lstm_sequence.lstm_sequence(x_proj, w_h, (h0, c0), lengths, reverse=reverse)
 
     args = (x_proj, params["w_h"], *initial_carry)
-    if impl == "scan" or (impl == "auto" and not lstm_sequence.fits_on_chip(hidden, x_proj.dtype)):
+    if impl == "scan" or (impl == "auto" and not lstm_sequence.supports(hidden, x_proj.dtype)):
         carry, hs = scan(*args)
     elif impl == "pallas":
         carry, hs = kernel(*args)
@@ -119,7 +119,7 @@ def rnn_scan(
         initial_carry = jnp.zeros((batch, hidden), xs.dtype)
     initial_carry = _check_carry(initial_carry, batch, hidden, "h")
     mask = _time_mask(seq_lengths, batch, time)
-    x_proj = _input_projection(params, xs)
+    x_proj = _input_projection(params, xs, mask)
     h, hs = _rnn_recurrence(params["w_h"], initial_carry, x_proj, mask, reverse, unroll, activation)
     return h, jnp.swapaxes(hs, 0, 1)
 
@@ -254,8 +254,14 @@ _rnn_recurrence.defvjp(_rnn_recurrence_fwd, _rnn_recurrence_bwd)
 # Shared pieces: input projection, masks, validation
 
 
-def _input_projection(params: dict, xs: Array) -> Array:
-    """x_t W_x + b for every step as one matmul: [batch, time, features] -> [time, batch, G*hidden]."""
+def _input_projection(params: dict, xs: Array, mask: Array | None) -> Array:
+    """x_t W_x + b for every step as one matmul: [batch, time, features] -> [time, batch, G*hidden].
+
+    Steps past a sequence's length (mask [time, batch] False) are read as zeros, so that whatever
+    the padding holds (NaN included) reaches neither the outputs nor any gradient.
+    """
+    if mask is not None:
+        xs = jnp.where(jnp.swapaxes(mask, 0, 1)[:, :, None], xs, 0)
     return cells.add_bias(jnp.einsum("btf,fg->tbg", xs, params["w_x"]), params["b"])
 
 

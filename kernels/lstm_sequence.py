@@ -119,6 +119,11 @@ def fits_on_chip(hidden: int, dtype, block_sizes: BlockSizes | None = None) -> b
     return 4 * hidden_p * hidden_p * jnp.dtype(dtype).itemsize <= MAX_ON_CHIP_WEIGHT_BYTES
 
 
+def supports(hidden: int, dtype) -> bool:
+    """Whether ``lstm_sequence`` takes this hidden size and dtype with default block sizes."""
+    return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and fits_on_chip(hidden, dtype)
+
+
 def lstm_sequence(
     x_proj: Array,
     w_h: Array,
