@@ -1,0 +1,159 @@
+"""The ``jaxmodels`` command.
+
+    jaxmodels train cnn                       # the seed CNN on digits: >= 97% test accuracy on 2 CPU cores
+    jaxmodels train cnn --dataset mnist --data-dir ~/data --epochs 5
+    jaxmodels info                            # versions, backend, devices
+
+``main(argv)`` returns the exit status: 0 on success, 1 for a run that cannot start or fails with
+a clear message (missing data, batch larger than the data, NaN loss), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+from jaxmodels.data import list_datasets
+from jaxmodels.models import list_models
+from jaxmodels.train import OPTIMIZERS, SCHEDULES, TrainConfig
+
+DTYPES = ("float32", "bfloat16")
+_PACKAGE = Path(__file__).resolve().parent
+_DEFAULTS = TrainConfig()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmodels", description="Train and inspect jaxmodels models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model on a data set", description="Train a model on a data set.")
+    train.add_argument("model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}")
+    train.add_argument("--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)")
+    train.add_argument("--data-dir", default=None, help="folder of data files (mnist; default: $JAXMODELS_DATA)")
+    train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs)
+    train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size)
+    train.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate")
+    train.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS)
+    train.add_argument("--schedule", default=_DEFAULTS.schedule, choices=SCHEDULES)
+    train.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
+    train.add_argument("--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm")
+    train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
+    train.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)")
+    train.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    train.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
+    train.add_argument("--log-every", type=_positive_int, default=_DEFAULTS.log_every, help="steps per metrics row")
+    train.add_argument("--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    info_help = "versions, backend and devices"
+    commands.add_parser("info", help=info_help, description=f"Print {info_help}.")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from jaxmodels.data import get_dataset
+    from jaxmodels.models import get_model
+    from jaxmodels.train import fit
+
+    start = time.perf_counter()
+    try:  # a bad option (e.g. --data-dir for a built-in data set) is a usage error, not a bug
+        dataset = get_dataset(args.dataset, **({"data_dir": args.data_dir} if args.data_dir is not None else {}))
+        model_config = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
+        task = get_model(args.model).task
+        if task == "classification" and dataset.num_classes is not None:
+            model_config["num_classes"] = dataset.num_classes
+        elif task == "language_model" and dataset.num_classes is not None:
+            model_config["vocab_size"] = dataset.num_classes
+        model = get_model(args.model, **model_config)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        clip_norm=args.clip_norm,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        log_every=args.log_every,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
+    )
+    workdir = args.workdir or f"runs/{args.model}-{args.dataset}"
+    result = fit(model, dataset, config, workdir)
+    elapsed = time.perf_counter() - start
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
+    steps = int(result.state.step)
+    print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
+    print(f"wrote {workdir}/config.json, metrics.jsonl, learning_curves.png")
+    return 0
+
+
+def _info() -> int:
+    import jax
+
+    for package in ("jaxmodels", "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy"):
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package:18} {version}")
+    print(f"{'python':18} {sys.version.split()[0]}")
+    print(f"{'backend':18} {jax.default_backend()}")
+    print(f"{'processes':18} {jax.process_count()} (this is process {jax.process_index()})")
+    print(f"{'devices':18} {jax.device_count()} ({jax.local_device_count()} local)")
+    for device in jax.devices():
+        print(f"  {device.id}: {device.platform} {device.device_kind} (process {device.process_index})")
+    return 0
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by jaxmodels' own code (its messages are written for users)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command in ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _train(args) if args.command == "train" else _info()
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        if not _raised_here(err):
+            raise  # an error inside jax, flax or numpy is a bug to see in full, not a usage error
+        print(f"jaxmodels: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
