@@ -112,10 +112,11 @@ def glorot_uniform(key: Array, shape: tuple[int, int], dtype=jnp.float32) -> Arr
 
 
 def orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype=jnp.float32) -> Array:
-    """[hidden, blocks*hidden]: each [hidden, hidden] block an independent orthogonal matrix."""
+    """[hidden, blocks*hidden]: each [hidden, hidden] block an independent orthogonal matrix
+    (made in float32, whose QR every backend has, then cast to ``dtype``)."""
     keys = jax.random.split(key, blocks)
     init = jax.nn.initializers.orthogonal()
-    return jnp.concatenate([init(k, (hidden, hidden), dtype) for k in keys], axis=-1)
+    return jnp.concatenate([init(k, (hidden, hidden), jnp.float32) for k in keys], axis=-1).astype(dtype)
 
 
 def init_dense(key: Array, features: int, out: int, dtype=jnp.float32) -> dict:
