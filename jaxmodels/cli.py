@@ -2,6 +2,8 @@
 
     jaxmodels train cnn                       # the seed CNN on digits: >= 97% test accuracy on 2 CPU cores
     jaxmodels train cnn --dataset mnist --data-dir ~/data --epochs 5
+    jaxmodels train lstm-classifier --dataset seq-digits   # image rows as time steps, offline
+    jaxmodels train char-lstm --dataset text --data-file input.txt --seq-len 100
     jaxmodels info                            # versions, backend, devices
 
 ``main(argv)`` returns the exit status: 0 on success, 1 for a run that cannot start or fails with
@@ -53,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model on a data set", description="Train a model on a data set.")
     train.add_argument("model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}")
     train.add_argument("--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)")
-    train.add_argument("--data-dir", default=None, help="folder of data files (mnist; default: $JAXMODELS_DATA)")
+    train.add_argument("--data-dir", default=None, help="data folder (mnist, seq-mnist; default: $JAXMODELS_DATA)")
+    train.add_argument("--download", action="store_true", help="fetch missing MNIST files into the data folder")
+    train.add_argument("--data-file", default=None, help="UTF-8 text file (text; default: $JAXMODELS_TEXT)")
+    train.add_argument("--seq-len", type=_positive_int, default=None, help="the delay T (adding, copy); window (text)")
     train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs)
     train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size)
     train.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate")
@@ -83,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     try:  # a bad option (e.g. --data-dir for a built-in data set) is a usage error, not a bug
-        dataset = get_dataset(args.dataset, **({"data_dir": args.data_dir} if args.data_dir is not None else {}))
+        given = dict(data_dir=args.data_dir, download=args.download or None, path=args.data_file, seq_len=args.seq_len)
+        dataset = get_dataset(args.dataset, **{k: v for k, v in given.items() if v is not None})
         model_config = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
         task = get_model(args.model).task
         if task == "classification" and dataset.num_classes is not None:

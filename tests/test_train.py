@@ -253,7 +253,7 @@ def test_cli_train_end_to_end(tmp_path, capsys):
 def test_cli_clear_errors(tmp_path, capsys):
     for argv, fragment in [
         (["train", "resnet"], "invalid choice: 'resnet' (choose from 'cnn'"),
-        (["train", "cnn", "--dataset", "cifar"], "invalid choice: 'cifar' (choose from 'digits', 'mnist')"),
+        (["train", "cnn", "--dataset", "cifar"], "invalid choice: 'cifar' (choose from 'digits', 'mnist'"),
         (["train", "cnn", "--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
