@@ -21,6 +21,7 @@ from typing import Sequence
 
 from jaxmodels.data import list_datasets
 from jaxmodels.models import list_models
+from jaxmodels.parallel import STRATEGIES
 from jaxmodels.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -73,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--log-every", type=_positive_int, default=_DEFAULTS.log_every, help="steps per metrics row")
     train.add_argument("--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--strategy", default=None, choices=STRATEGIES,
+        help="how steps use the devices (default: sharded with more than one device, else single)",
+    )
+    hosts = train.add_argument_group(
+        "multi-host", "start jax.distributed (default: from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+        "$JAX_PROCESS_ID; none set: one process)",
+    )
+    hosts.add_argument("--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument("--num-processes", type=_positive_int, default=None)
+    hosts.add_argument("--process-id", type=int, default=None, help="this process, 0 .. num-processes - 1")
+
 
     info_help = "versions, backend and devices"
     commands.add_parser("info", help=info_help, description=f"Print {info_help}.")
@@ -84,9 +97,11 @@ def _train(args: argparse.Namespace) -> int:
 
     from jaxmodels.data import get_dataset
     from jaxmodels.models import get_model
+    from jaxmodels.parallel import get_strategy, initialize_distributed
     from jaxmodels.train import fit
 
     start = time.perf_counter()
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX work
     try:  # a bad option (e.g. --data-dir for a built-in data set) is a usage error, not a bug
         given = dict(data_dir=args.data_dir, download=args.download or None, path=args.data_file, seq_len=args.seq_len)
         dataset = get_dataset(args.dataset, **{k: v for k, v in given.items() if v is not None})
@@ -114,7 +129,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     workdir = args.workdir or f"runs/{args.model}-{args.dataset}"
-    result = fit(model, dataset, config, workdir)
+    result = fit(model, dataset, config, workdir, strategy=get_strategy(args.strategy))
     elapsed = time.perf_counter() - start
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
     steps = int(result.state.step)

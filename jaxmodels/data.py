@@ -113,7 +113,7 @@ def upsample_digits(images: np.ndarray, size: int = 20, canvas: int = 28) -> np.
         raise ValueError(f"expected 0 < size <= canvas with an even margin, got size={size} canvas={canvas}")
     if images.ndim != 3:
         raise ValueError(f"expected images of rank 3 [examples, height, width], got shape {images.shape}")
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
         resized = jax.image.resize(jnp.asarray(images, jnp.float32), (len(images), size, size), method="linear")
         resized = np.clip(np.asarray(resized), 0.0, 1.0)
     margin = (canvas - size) // 2

@@ -193,6 +193,13 @@ def masked_mean(values: Array, mask: Array) -> Array:
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def _shard_masked_mean(values: Array, mask: Array, axis_name: str) -> Array:
+    """One device's share of the global masked mean: sum(values * mask) / pmean(sum(mask)), so that
+    pmean over ``axis_name`` of the shares = sum over devices of sum(values * mask) / global count."""
+    count = jax.lax.pmean(jnp.sum(mask), axis_name)
+    return jnp.sum(values * mask) / jnp.where(count > 0, count, 1.0)
+
+
 # ---------------------------------------------------------------------------------------- steps
 
 
@@ -214,8 +221,12 @@ def make_train_step(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        mean = functools.partial(masked_mean, mask=batch["mask"])
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+            # Each device divides its masked sum by the devices' mean count, so the pmean below is
+            # the global batch's mask-weighted mean even when padding is uneven across devices.
+            mean = functools.partial(_shard_masked_mean, mask=batch["mask"], axis_name=axis_name)
         mutable = list(state.collections)
 
         def loss_of(params):
@@ -225,10 +236,10 @@ def make_train_step(
             else:
                 outputs, new_collections = model.apply(variables, batch["x"], train=True, rng=rng), {}
             per_example = loss_fn(outputs, batch["y"])
-            return masked_mean(per_example["loss"], batch["mask"]), (per_example, new_collections)
+            return mean(per_example["loss"]), (per_example, new_collections)
 
         (loss, (per_example, collections)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        metrics = {k: masked_mean(v, batch["mask"]) for k, v in per_example.items() if k != "loss"}
+        metrics = {k: mean(v) for k, v in per_example.items() if k != "loss"}
         metrics["loss"] = loss
         if axis_name is not None:
             grads, metrics, collections = jax.lax.pmean((grads, metrics, collections), axis_name)
@@ -275,6 +286,7 @@ class Strategy(Protocol):
 
     name: str
     axis_name: str | None
+    num_devices: int  # a global batch must divide by it
 
     def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable: ...
     def put_state(self, state: TrainState) -> TrainState: ...
@@ -289,6 +301,7 @@ class SingleDevice:
     device: Any = None
     name: str = "single"
     axis_name: str | None = None
+    num_devices: int = 1
 
     def _device(self):
         return self.device if self.device is not None else jax.devices()[0]
@@ -384,7 +397,10 @@ def fit(
     accuracy) and learning_curves.png.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
-    strategy = strategy or SingleDevice()
+    if strategy is None:  # "sharded" over all devices when there are several, else "single"
+        from jaxmodels.parallel import get_strategy
+
+        strategy = get_strategy()
     if model.task != dataset.task:
         raise ValueError(
             f"model {model.name!r} does the task {model.task!r}, dataset {dataset.name!r} {dataset.task!r}"
@@ -397,6 +413,7 @@ def fit(
     test_it = None
     if dataset.x_test is not None:
         eval_bs = min(cfg.eval_batch_size, len(dataset.x_test))
+        eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices  # padded, so splits evenly
         test_it = BatchIterator((dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad")
     total_steps = cfg.epochs * train_it.steps_per_epoch
     if cfg.max_steps is not None:
