@@ -4,6 +4,8 @@
     jaxmodels train cnn --dataset mnist --data-dir ~/data --epochs 5
     jaxmodels train lstm-classifier --dataset seq-digits   # image rows as time steps, offline
     jaxmodels train char-lstm --dataset text --data-file input.txt --seq-len 100
+    jaxmodels train cnn --checkpoint-every 100 --resume   # continue from runs/cnn-digits/checkpoints
+    jaxmodels eval cnn                        # test metrics of the latest checkpoint (JSON)
     jaxmodels info                            # versions, backend, devices
 
 ``main(argv)`` returns the exit status: 0 on success, 1 for a run that cannot start or fails with
@@ -49,17 +51,23 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
+    """MODEL and the options that choose the data set and the model config (train and eval)."""
+    parser.add_argument("model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)")
+    parser.add_argument("--data-dir", default=None, help="data folder (mnist, seq-mnist; default: $JAXMODELS_DATA)")
+    parser.add_argument("--download", action="store_true", help="fetch missing MNIST files into the data folder")
+    parser.add_argument("--data-file", default=None, help="UTF-8 text file (text; default: $JAXMODELS_TEXT)")
+    parser.add_argument("--seq-len", type=_positive_int, default=None, help="the delay T (adding, copy); window (text)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmodels", description="Train and inspect jaxmodels models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model on a data set", description="Train a model on a data set.")
-    train.add_argument("model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}")
-    train.add_argument("--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)")
-    train.add_argument("--data-dir", default=None, help="data folder (mnist, seq-mnist; default: $JAXMODELS_DATA)")
-    train.add_argument("--download", action="store_true", help="fetch missing MNIST files into the data folder")
-    train.add_argument("--data-file", default=None, help="UTF-8 text file (text; default: $JAXMODELS_TEXT)")
-    train.add_argument("--seq-len", type=_positive_int, default=None, help="the delay T (adding, copy); window (text)")
+    _add_model_and_data_options(train)
     train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs)
     train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size)
     train.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate")
@@ -68,12 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
     train.add_argument("--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm")
     train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
-    train.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)")
     train.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     train.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
     train.add_argument("--log-every", type=_positive_int, default=_DEFAULTS.log_every, help="steps per metrics row")
     train.add_argument("--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
+                       help="save a checkpoint every N steps (always after the last step)")
+    train.add_argument("--keep", type=_positive_int, default=_DEFAULTS.keep, metavar="K",
+                       help=f"keep the latest K checkpoints (default: {_DEFAULTS.keep})")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in --workdir (none yet: start afresh)")
     train.add_argument(
         "--strategy", default=None, choices=STRATEGIES,
         help="how steps use the devices (default: sharded with more than one device, else single)",
@@ -86,22 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--num-processes", type=_positive_int, default=None)
     hosts.add_argument("--process-id", type=int, default=None, help="this process, 0 .. num-processes - 1")
 
+    evaluate = commands.add_parser(
+        "eval", help="test metrics of a run's latest checkpoint",
+        description="Restore the latest checkpoint in --workdir and print its test metrics as JSON "
+        "(also written to WORKDIR/eval.json).",
+    )
+    _add_model_and_data_options(evaluate)
+    evaluate.add_argument("--workdir", default=None, help="the run's folder (default: runs/MODEL-DATASET)")
+    evaluate.add_argument("--step", type=_positive_int, default=None, help="this checkpoint instead of the latest")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.eval_batch_size)
+    evaluate.add_argument("--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)")
 
     info_help = "versions, backend and devices"
     commands.add_parser("info", help=info_help, description=f"Print {info_help}.")
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def _model_and_dataset(args: argparse.Namespace):
+    """The data set and the model (its classes or vocabulary sized to the data) that ``args`` name."""
     import jax.numpy as jnp
 
     from jaxmodels.data import get_dataset
     from jaxmodels.models import get_model
-    from jaxmodels.parallel import get_strategy, initialize_distributed
-    from jaxmodels.train import fit
 
-    start = time.perf_counter()
-    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX work
     try:  # a bad option (e.g. --data-dir for a built-in data set) is a usage error, not a bug
         given = dict(data_dir=args.data_dir, download=args.download or None, path=args.data_file, seq_len=args.seq_len)
         dataset = get_dataset(args.dataset, **{k: v for k, v in given.items() if v is not None})
@@ -114,6 +134,16 @@ def _train(args: argparse.Namespace) -> int:
         model = get_model(args.model, **model_config)
     except TypeError as err:
         raise ValueError(str(err)) from None
+    return model, dataset
+
+
+def _train(args: argparse.Namespace) -> int:
+    from jaxmodels.parallel import get_strategy, initialize_distributed
+    from jaxmodels.train import fit
+
+    start = time.perf_counter()
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX work
+    model, dataset = _model_and_dataset(args)
     config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -127,14 +157,34 @@ def _train(args: argparse.Namespace) -> int:
         log_every=args.log_every,
         max_steps=args.max_steps,
         progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
     )
     workdir = args.workdir or f"runs/{args.model}-{args.dataset}"
-    result = fit(model, dataset, config, workdir, strategy=get_strategy(args.strategy))
+    result = fit(model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume)
     elapsed = time.perf_counter() - start
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
     steps = int(result.state.step)
     print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
-    print(f"wrote {workdir}/config.json, metrics.jsonl, learning_curves.png")
+    print(f"wrote {workdir}/config.json, metrics.jsonl, learning_curves.png, checkpoints/")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    import jax
+
+    from jaxmodels.train import evaluate_checkpoint
+
+    model, dataset = _model_and_dataset(args)
+    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset}")
+    step, metrics = evaluate_checkpoint(model, dataset, workdir, step=args.step, batch_size=args.batch_size)
+    result = {"model": args.model, "dataset": dataset.name, "workdir": str(workdir), "step": step, "test": metrics}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if jax.process_index() == 0:
+        Path(args.output or workdir / "eval.json").write_text(text + "\n")
     return 0
 
 
@@ -168,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return _train(args) if args.command == "train" else _info()
+        return {"train": _train, "eval": _eval}.get(args.command, lambda _: _info())(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if not _raised_here(err):
             raise  # an error inside jax, flax or numpy is a bug to see in full, not a usage error

@@ -12,6 +12,7 @@ makes the same step reduce over its device axis by passing ``axis_name``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -338,7 +339,9 @@ def evaluate(eval_step: Callable, state: TrainState, iterator: BatchIterator, st
 class TrainConfig:
     """Settings of one ``fit``. ``remainder``: the train iterator's policy (see ``BatchIterator``);
     evaluation always pads, so every test example counts once. ``log_every``: steps per metrics
-    row and progress update. ``max_steps``: stop early after that many steps (None: all epochs)."""
+    row and progress update. ``max_steps``: stop early after that many steps (None: all epochs).
+    ``checkpoint``: save checkpoints to WORKDIR/checkpoints every ``checkpoint_every`` steps (None:
+    none on the way) and after the last step, keeping the latest ``keep`` (``jaxmodels.checkpoint``)."""
 
     epochs: int = 25
     batch_size: int = 32
@@ -355,6 +358,9 @@ class TrainConfig:
     max_steps: int | None = None
     progress: bool = True
     plot: bool = True
+    checkpoint: bool = True
+    checkpoint_every: int | None = None
+    keep: int = 3
 
 
 @dataclasses.dataclass
@@ -387,6 +393,7 @@ def fit(
     workdir: str | Path = "runs/latest",
     *,
     strategy: Strategy | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``dataset``'s train split for ``config.epochs`` epochs, evaluating on the
     test split after each epoch.
@@ -395,6 +402,12 @@ def fit(
     metrics.jsonl (one JSON row per line, started afresh: "train" rows every ``log_every`` steps
     with loss, accuracy, grad_norm, lr, examples_per_sec; "eval" rows per epoch with test loss and
     accuracy) and learning_curves.png.
+
+    Checkpoints (``config.checkpoint``) go to workdir/checkpoints. ``resume``: continue from the
+    latest readable checkpoint there (state, data position, RNG), so that the run ends with
+    exactly the parameters of an uninterrupted one; metrics.jsonl keeps its rows up to that step
+    and is appended to. No checkpoint yet: a fresh start. A checkpoint of a different run (model,
+    data set, optimizer, ...) raises ``IncompatibleCheckpointError``.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     if strategy is None:  # "sharded" over all devices when there are several, else "single"
@@ -423,39 +436,48 @@ def fit(
     tx = make_optimizer(cfg.optimizer, *opt_args, clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay)
     schedule = make_schedule(*opt_args)
     state = create_train_state(model, tx, dataset.x_train[: cfg.batch_size], cfg.seed)
-    state = strategy.put_state(state)
     train_step = make_train_step(model, tx, schedule=schedule, axis_name=strategy.axis_name)
     train_step = strategy.compile(train_step, donate_state=True)
     eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
 
-    writer = _RunWriter(Path(workdir), enabled=jax.process_index() == 0)
-    writer.save_config(
-        {
-            "model": model.name,
-            "task": model.task,
-            "dataset": dataset.name,
-            "model_config": _module_config(model),
-            "train": dataclasses.asdict(cfg),
-            "strategy": strategy.name,
-            "total_steps": total_steps,
-            "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__},
-            "devices": [str(d) for d in jax.devices()],
-        }
-    )
+    run_config = {
+        "model": model.name,
+        "task": model.task,
+        "dataset": dataset.name,
+        "model_config": _module_config(model),
+        "train": dataclasses.asdict(cfg),
+        "strategy": strategy.name,
+        "total_steps": total_steps,
+        "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__},
+        "devices": [str(d) for d in jax.devices()],
+    }
+    checkpoints, restored = _open_checkpoints(cfg, workdir, resume, state, run_config)
+    if restored is not None:
+        state = restored.state
+        train_it.restore(restored.position)
+    state = strategy.put_state(state)
+    start_step = restored.step if restored is not None else 0
+    writer = _RunWriter(Path(workdir), enabled=jax.process_index() == 0, keep_until=start_step if restored else None)
+    writer.save_config(run_config)
     test_metrics: dict[str, float] = {}
-    t0, step, window = time.perf_counter(), 0, _Window()
-    with _progress(cfg.progress) as progress:
-        task = progress.add_task("train", total=total_steps, loss="-")
-        for epoch in range(1, cfg.epochs + 1):
+    t0, step, window = time.perf_counter(), start_step, _Window()
+    with _progress(cfg.progress) as progress, _closing(checkpoints):
+        task = progress.add_task("train", total=total_steps, completed=step, loss="-")
+        for epoch in range(train_it.position.epoch + 1, cfg.epochs + 1):
+            if step >= total_steps:  # resumed from the last checkpoint of a finished run
+                break
             progress.update(task, description=f"epoch {epoch}/{cfg.epochs}")
             for batch in train_it.epoch():
                 state, metrics = train_step(state, strategy.put_batch(batch))
                 step += 1
-                window.add(metrics, int(batch["mask"].sum()), first=step == 1)
+                window.add(metrics, int(batch["mask"].sum()), first=step == start_step + 1)
                 if len(window) == cfg.log_every or step == total_steps or train_it.position.step == 0:
                     row = window.row(strategy.fetch, epoch, step, t0)
                     writer.log(row)
                     progress.update(task, completed=step, loss=f"{row['loss']:.4f}")
+                if cfg.checkpoint and checkpoints.should_save(step, final=step == total_steps):
+                    window.check_finite(strategy.fetch, step)  # never save a diverged state
+                    checkpoints.save(step, strategy.fetch(state), position=train_it.position, config=run_config)
                 if step == total_steps:
                     break
             if test_it is not None:
@@ -468,9 +490,88 @@ def fit(
                 progress.console.print(f"epoch {epoch}/{cfg.epochs}  step {step}  test {shown}")
             if step == total_steps:
                 break
+    if test_it is not None and not test_metrics:  # resumed after the last step: evaluate once
+        test_metrics = evaluate(eval_step, state, test_it, strategy)
     if cfg.plot:
         writer.plot()
     return FitResult(strategy.fetch(state), writer.history, test_metrics)
+
+
+def evaluate_checkpoint(
+    model: Model,
+    dataset: Dataset,
+    workdir: str | Path,
+    *,
+    step: int | None = None,
+    batch_size: int = 512,
+    strategy: Strategy | None = None,
+) -> tuple[int, dict[str, float]]:
+    """Test metrics of a checkpoint of the run in ``workdir``: ``(step, {"loss", "accuracy", ...})``.
+
+    Restores step ``step`` (default: the latest readable one, falling back past corrupt ones) of
+    workdir/checkpoints, read-only, and evaluates its parameters and collections on ``dataset``'s
+    test split. The checkpoint must come from the same model and model config
+    (``IncompatibleCheckpointError`` otherwise); another data set of the same task is allowed.
+    """
+    from jaxmodels.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure, checkpoint_dir
+
+    strategy = strategy or SingleDevice()
+    if dataset.x_test is None:
+        raise ValueError(f"dataset {dataset.name!r} has no test split")
+    if model.task != dataset.task:
+        raise ValueError(
+            f"model {model.name!r} does the task {model.task!r}, dataset {dataset.name!r} {dataset.task!r}"
+        )
+    config = {"model": model.name, "task": model.task, "dataset": dataset.name, "model_config": _module_config(model)}
+    with Checkpoints(checkpoint_dir(workdir), read_only=True) as checkpoints:
+        restored = checkpoints.restore(step=step, config=config, required=REQUIRED_FOR_EVAL, preferred=("dataset",))
+    variables = dict(jax.eval_shape(model.init, jax.random.key(0), dataset.x_test[:1]))
+    saved = {"params": restored.state["params"], "collections": restored.state.get("collections") or {}}
+    target = {"params": variables.pop("params"), "collections": variables}
+    check_structure(saved, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
+    state = TrainState(jnp.asarray(restored.step, jnp.int32), saved["params"], None,
+                       restored.state["rng"], saved["collections"])
+    eval_bs = min(batch_size, len(dataset.x_test))
+    eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices
+    test_it = BatchIterator((dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad")
+    eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
+    return restored.step, evaluate(eval_step, strategy.put_state(state), test_it, strategy)
+
+
+def _open_checkpoints(cfg: TrainConfig, workdir, resume: bool, template: TrainState, run_config: dict):
+    """The run's ``Checkpoints`` (None when it neither saves nor resumes) and, with ``resume``, the
+    latest readable checkpoint restored as host arrays in ``template``'s structure (None when there
+    is none yet); the caller places it with its strategy's ``put_state``, on however many devices."""
+    if not (cfg.checkpoint or resume):
+        return None, None
+    from jaxmodels.checkpoint import Checkpoints, checkpoint_dir
+
+    checkpoints = Checkpoints(checkpoint_dir(workdir), every=cfg.checkpoint_every, keep=cfg.keep)
+    if not resume or checkpoints.latest_step() is None:
+        return checkpoints, None
+    try:
+        return checkpoints, checkpoints.restore(jax.device_get(template), config=run_config)
+    except BaseException:
+        checkpoints.close()
+        raise
+
+
+@contextlib.contextmanager
+def _closing(checkpoints):
+    """Waits for pending checkpoint saves on the way out, also after an error; a non-finite loss
+    names the last good checkpoint."""
+    try:
+        yield
+    except FloatingPointError as err:
+        if checkpoints is None or "last good checkpoint" in str(err):
+            raise
+        checkpoints.wait()
+        latest = checkpoints.latest_step()
+        where = f"step {latest} in {checkpoints.directory}" if latest is not None else "none"
+        raise FloatingPointError(f"{err}; the last good checkpoint is {where}") from None
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
 
 
 class _Window:
@@ -491,6 +592,11 @@ class _Window:
             self.first_step_s, self.start = now - self.start, now
         else:
             self.examples += examples
+
+    def check_finite(self, fetch: Callable, step: int) -> None:
+        """Raise FloatingPointError naming the step if a loss since the last row is not finite."""
+        if self.metrics:
+            _summarise(fetch(self.metrics), step - len(self.metrics) + 1)
 
     def row(self, fetch: Callable, epoch: int, step: int, t0: float) -> dict:
         """The "train" row of this window (``t0``: the run's start); empties the window."""
@@ -529,11 +635,14 @@ class _RunWriter:
     """config.json, metrics.jsonl and learning_curves.png in a work folder (only when ``enabled``:
     on process 0)."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir: Path, enabled: bool = True, keep_until: int | None = None):
         self.workdir, self.enabled, self.history = workdir, enabled, []
         if enabled:
             workdir.mkdir(parents=True, exist_ok=True)
-            (workdir / "metrics.jsonl").write_text("")
+            path = workdir / "metrics.jsonl"
+            if keep_until is not None and path.exists():  # a resumed run: rows up to its step stay
+                self.history = [r for r in _read_rows(path) if r.get("step", 0) <= keep_until]
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def save_config(self, config: dict) -> None:
         if self.enabled:
@@ -561,3 +670,16 @@ class _RunWriter:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.savefig(self.workdir / "learning_curves.png", dpi=100)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """The JSON rows of a metrics.jsonl; a line cut short by a killed run is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows

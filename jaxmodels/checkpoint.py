@@ -1,0 +1,391 @@
+"""Checkpoints: orbax save, restore and resume of a training run.
+
+    >>> ckpt = Checkpoints(workdir / "checkpoints", every=100, keep=3)
+    >>> if ckpt.should_save(step):
+    ...     ckpt.save(step, host_state, position=iterator.position, config=run_config)  # async
+    >>> restored = ckpt.restore(host_template, config=run_config)   # the latest readable one
+    >>> restored.step, restored.state, restored.position
+    >>> ckpt.close()                                                 # waits for pending saves
+
+One checkpoint is a folder ``DIR/<step>`` written by an orbax ``CheckpointManager`` with two items:
+
+  "state": the TrainState (step, params, opt_state, rng, collections) as a pytree of host arrays,
+           so a checkpoint knows nothing of devices and restores onto any number of them (the
+           caller places the restored host state with its strategy's ``put_state``);
+  "meta":  JSON ``{"step", "position": {"epoch", "step"}, "config"}``: the data iterator's
+           position (the next batch) and the run's config, which ``restore`` compares with the
+           current run's before it reads any array (``check_compatible``).
+
+Saves are asynchronous (orbax writes in a background thread after the call has copied the
+arrays); ``wait`` / ``close`` block until they are on disk. Orbax writes into a temporary folder
+and renames it when complete, so a run killed while saving leaves no partial ``<step>`` folder.
+A ``<step>`` folder that cannot be read (a truncated or missing file) is reported with a
+``CheckpointWarning`` naming the step and the reason; ``restore`` then falls back to the one
+before and moves the unreadable ones aside to ``DIR.bad/`` so later saves can reuse their steps.
+A state with a NaN or Inf in it is never saved: ``save`` raises ``FloatingPointError`` instead,
+so the last good checkpoint stays the latest.
+
+This module imports no training code; ``jaxmodels.train.fit`` and ``jaxmodels eval`` use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from jaxmodels.data import Position
+
+CHECKPOINT_SUBDIR = "checkpoints"
+STATE, META = "state", "meta"
+
+# Config entries (dotted paths into the run config fit writes to config.json) that a resumed run
+# must share with the saved one: they fix the parameter and optimizer-state structure and the data
+# stream. A difference in PREFERRED only changes the trajectory (e.g. the learning-rate schedule),
+# so it is reported with a warning.
+REQUIRED = (
+    "model", "task", "dataset", "model_config", "train.optimizer", "train.batch_size", "train.seed",
+    "train.remainder", "train.clip_norm", "train.weight_decay",
+)
+PREFERRED = ("train.lr", "train.schedule", "train.warmup_steps", "total_steps")
+# What evaluating a checkpoint needs: the same model.
+REQUIRED_FOR_EVAL = ("model", "task", "model_config")
+
+
+class CheckpointWarning(UserWarning):
+    """An unreadable checkpoint was skipped, or a resumed run differs from the saved one."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The checkpoint belongs to a different run (model, data set, optimizer, shapes)."""
+
+
+class CorruptCheckpointError(ValueError):
+    """No checkpoint could be read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A restored checkpoint. state: shaped like the restore target (host numpy arrays), or the
+    saved nested dicts when restored without one. position: the data iterator's position (the next
+    batch). config: the saved run's config."""
+
+    step: int
+    state: Any
+    position: Position
+    config: dict
+    directory: Path
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    """Where a run in ``workdir`` keeps its checkpoints: ``workdir/checkpoints``."""
+    return Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def _json_default(value: Any) -> Any:
+    try:
+        return np.dtype(value).name
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _to_json(tree: Any) -> Any:
+    """A JSON round trip: dtypes become names, tuples lists, anything else its str()."""
+    return json.loads(json.dumps(tree, default=_json_default))
+
+
+def _lookup(config: dict, dotted: str) -> Any:
+    value: Any = config
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return "<absent>"
+        value = value[key]
+    return value
+
+
+def check_compatible(
+    saved: dict,
+    current: dict,
+    *,
+    required: Sequence[str] = REQUIRED,
+    preferred: Sequence[str] = PREFERRED,
+    where: str = "checkpoint",
+) -> None:
+    """Raise ``IncompatibleCheckpointError`` naming every ``required`` entry (a dotted path into
+    the run config) that differs between ``saved`` and ``current``; warn for ``preferred`` ones."""
+    saved, current = _to_json(saved), _to_json(current)
+    diffs = [(k, _lookup(saved, k), _lookup(current, k)) for k in required]
+    diffs = [d for d in diffs if d[1] != d[2]]
+    if diffs:
+        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
+        raise IncompatibleCheckpointError(
+            f"{where} was written by a different run and cannot be resumed here ({shown}); "
+            f"use another --workdir or match the saved settings"
+        )
+    for k in preferred:
+        a, b = _lookup(saved, k), _lookup(current, k)
+        if a != b:
+            warnings.warn(
+                f"{where}: {k} was {a!r}, now {b!r}; the resumed run will not match an uninterrupted one",
+                CheckpointWarning,
+                stacklevel=3,
+            )
+
+
+def _leaf_signatures(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{orbax parameter name ("params.Dense_0.kernel"): (shape, dtype name)} of a tree's arrays."""
+    import orbax.checkpoint as ocp
+
+    names = jax.tree.leaves(ocp.tree.get_param_names(tree, include_empty_nodes=False))
+    leaves = jax.tree.leaves(tree)
+    return {n: (tuple(np.shape(x)), np.dtype(x.dtype).name) for n, x in zip(names, leaves)}
+
+
+def check_structure(saved_metadata: Any, target: Any, where: str) -> None:
+    """The target's arrays must all be in the checkpoint, with the same shapes and dtypes."""
+    saved, wanted = _leaf_signatures(saved_metadata), _leaf_signatures(target)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    differ = [(n, saved[n], wanted[n]) for n in wanted if n in saved and saved[n] != wanted[n]]
+    if missing or extra or differ:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+        for n, (s_shape, s_dtype), (w_shape, w_dtype) in differ[:5]:
+            parts.append(f"{n}: saved {s_dtype}{list(s_shape)}, expected {w_dtype}{list(w_shape)}")
+        raise IncompatibleCheckpointError(f"{where} does not match the state being restored: {'; '.join(parts)}")
+
+
+def _host_copy(state: Any) -> Any:
+    """Host numpy copies of a state's arrays (never views of device buffers that a donating step
+    may reuse while an async save still reads them)."""
+    return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(state))
+
+
+def _first_non_finite(state: Any) -> str | None:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        arr = np.asarray(leaf)
+        if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
+            return jax.tree_util.keystr(path)
+    return None
+
+
+class Checkpoints:
+    """The checkpoints of one run, in ``directory`` (created on first use unless ``read_only``).
+
+    every: save every that many steps (``should_save``); None: only when ``final``.
+    keep: how many of the latest checkpoints to keep (None: all).
+    async_save: write in the background (orbax's async checkpointing); ``wait`` to block.
+    read_only: never write, delete or move anything (for evaluation).
+
+    Every process of a multi-host run must create it and call ``save`` / ``restore`` together
+    (orbax synchronises them); arrays and metadata are written by the primary process.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        every: int | None = None,
+        keep: int | None = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        import orbax.checkpoint as ocp
+
+        if every is not None and every <= 0:
+            raise ValueError(f"expected checkpoint every > 0 steps (or None), got {every}")
+        if keep is not None and keep <= 0:
+            raise ValueError(f"expected keep > 0 checkpoints (or None), got {keep}")
+        self.directory = Path(directory).absolute()
+        self.every, self.keep, self.read_only = every, keep, read_only
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(  # read_only is ours: orbax's logs warnings
+            max_to_keep=None if read_only else keep,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,  # left by a run killed while saving
+            enable_async_checkpointing=async_save,
+        )
+        if read_only and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoints: {self.directory} does not exist")
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=(STATE, META),
+            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+            options=options,
+        )
+
+    # --------------------------------------------------------------------------------- queries
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending (pending async saves excluded)."""
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def should_save(self, step: int, *, final: bool = False) -> bool:
+        """Whether ``step`` is a checkpoint step: every ``every`` steps, and the ``final`` one."""
+        return final or (self.every is not None and step % self.every == 0)
+
+    # ------------------------------------------------------------------------------------ save
+
+    def save(self, step: int, state: Any, *, position: Position | Sequence[int] | None = None,
+             config: dict | None = None) -> bool:
+        """Save ``state`` (any pytree of arrays; copied to the host before this returns) as step
+        ``step`` with the iterator ``position`` (the next batch) and the run ``config``.
+
+        Returns False (and writes nothing) when ``step`` is already saved. Raises
+        ``FloatingPointError`` naming the step and the first non-finite array when the state holds
+        a NaN or Inf, so a diverged state never replaces the last good checkpoint.
+        """
+        if self.read_only:
+            raise ValueError(f"checkpoints in {self.directory} were opened read-only")
+        self._manager.wait_until_finished()  # a pending save of an earlier step must be listed
+        if step in self._manager.all_steps():
+            return False
+        host = _host_copy(state)
+        bad = _first_non_finite(host)
+        if bad is not None:
+            raise FloatingPointError(
+                f"the state after step {step} has a NaN or Inf in {bad}; not saving it "
+                f"(the last good checkpoint is {self._describe_latest()})"
+            )
+        epoch, next_step = position if position is not None else (0, 0)
+        meta = {"step": int(step), "position": {"epoch": int(epoch), "step": int(next_step)},
+                "config": _to_json(config or {})}
+        args = self._ocp.args.Composite(
+            **{STATE: self._ocp.args.StandardSave(host), META: self._ocp.args.JsonSave(meta)}
+        )
+        return bool(self._manager.save(int(step), args=args, force=True))
+
+    def _describe_latest(self) -> str:
+        latest = self.latest_step()
+        return f"step {latest} in {self.directory}" if latest is not None else f"none in {self.directory}"
+
+    # --------------------------------------------------------------------------------- restore
+
+    def restore(
+        self,
+        target: Any = None,
+        *,
+        step: int | None = None,
+        config: dict | None = None,
+        required: Sequence[str] = REQUIRED,
+        preferred: Sequence[str] = PREFERRED,
+    ) -> Restored:
+        """Restore step ``step`` (default: the latest readable checkpoint).
+
+        target: a pytree like the saved state (host or device arrays, or ShapeDtypeStructs) whose
+          structure, shapes and dtypes the checkpoint must match; the state comes back in its
+          structure as host numpy arrays. None: the saved nested dicts, as numpy arrays.
+        config: the current run's config; when given, ``check_compatible`` compares it with the
+          saved one on ``required`` (error) and ``preferred`` (warning) entries.
+
+        Raises FileNotFoundError when there is no checkpoint, IncompatibleCheckpointError when it
+        belongs to a different run, CorruptCheckpointError when none can be read. Without
+        ``step``, an unreadable checkpoint gives a CheckpointWarning naming its step and the reason
+        and the one before is tried; unreadable ones newer than the one restored are moved aside
+        to ``<directory>.bad/`` (unless read-only).
+        """
+        self._manager.wait_until_finished()
+        self._manager.reload()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None and step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}")
+        candidates = [step] if step is not None else steps[::-1]
+        failures: list[tuple[int, str]] = []
+        for s in candidates:
+            where = f"checkpoint step {s} in {self.directory}"
+            try:
+                meta = self._read(s, META)
+                position = Position(int(meta["position"]["epoch"]), int(meta["position"]["step"]))
+            except Exception as err:  # noqa: BLE001 -- any failure to read is a corrupt checkpoint
+                failures.append((s, self._reason(err)))
+            else:
+                if config is not None:  # a different run is an error, not a reason to fall back
+                    check_compatible(meta.get("config", {}), config, required=required, preferred=preferred,
+                                     where=where)
+                try:
+                    state = self._read_state(s, target, where)
+                except IncompatibleCheckpointError:
+                    raise
+                except Exception as err:  # noqa: BLE001
+                    failures.append((s, self._reason(err)))
+                else:
+                    self._set_aside([f for f, _ in failures])
+                    return Restored(s, state, position, meta.get("config", {}), self.directory / str(s))
+            s_failed, reason = failures[-1]
+            message = f"checkpoint step {s_failed} in {self.directory} is corrupt or incomplete: {reason}"
+            if step is not None:
+                raise CorruptCheckpointError(message)
+            if s_failed != candidates[-1]:
+                message += "; falling back to the one before"
+            warnings.warn(message, CheckpointWarning, stacklevel=2)
+        shown = "; ".join(f"step {s}: {r}" for s, r in failures)
+        raise CorruptCheckpointError(f"no readable checkpoint in {self.directory} ({shown})")
+
+    @staticmethod
+    def _reason(err: BaseException) -> str:
+        text = " ".join(str(err).split())
+        return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+    def _read(self, step: int, item: str, item_args: Any = None) -> Any:
+        ocp = self._ocp
+        args = item_args if item_args is not None else ocp.args.JsonRestore()
+        return self._manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
+
+    def _read_state(self, step: int, target: Any, where: str) -> Any:
+        ocp = self._ocp
+        saved = self._manager.item_metadata(step)[STATE]
+        if saved is None:
+            raise FileNotFoundError(f"no {STATE!r} metadata in the checkpoint")
+        saved_tree = saved.tree if hasattr(saved, "tree") else saved
+        if target is None:
+            host = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved_tree)
+            return self._read(step, STATE, ocp.args.StandardRestore(host))
+        check_structure(saved_tree, target, where)
+        host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+        return self._read(step, STATE, ocp.args.StandardRestore(host))
+
+    def _set_aside(self, steps: Sequence[int]) -> None:
+        """Move unreadable ``steps`` to ``<directory>.bad/<step>`` (process 0; never read-only)."""
+        if not steps or self.read_only:
+            return
+        if jax.process_index() == 0:
+            bad = self.directory.with_name(self.directory.name + ".bad")
+            bad.mkdir(parents=True, exist_ok=True)
+            for s in steps:
+                dest, n = bad / str(s), 1
+                while dest.exists():
+                    dest, n = bad / f"{s}-{n}", n + 1
+                shutil.move(str(self.directory / str(s)), dest)
+                warnings.warn(f"moved unreadable checkpoint step {s} to {dest}", CheckpointWarning, stacklevel=3)
+        self._manager.reload()
+
+    # ----------------------------------------------------------------------------------- close
+
+    def wait(self) -> None:
+        """Block until pending async saves are on disk (raises if one failed)."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
