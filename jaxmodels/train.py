@@ -471,7 +471,7 @@ def fit(
                 state, metrics = train_step(state, strategy.put_batch(batch))
                 step += 1
                 window.add(metrics, int(batch["mask"].sum()), first=step == start_step + 1)
-                if len(window) == cfg.log_every or step == total_steps or train_it.position.step == 0:
+                if step % cfg.log_every == 0 or step == total_steps or train_it.position.step == 0:
                     row = window.row(strategy.fetch, epoch, step, t0)
                     writer.log(row)
                     progress.update(task, completed=step, loss=f"{row['loss']:.4f}")
