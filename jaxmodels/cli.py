@@ -7,6 +7,7 @@
     jaxmodels train cnn --checkpoint-every 100 --resume   # continue from runs/cnn-digits/checkpoints
     jaxmodels eval cnn                        # test metrics of the latest checkpoint (JSON)
     jaxmodels info                            # versions, backend, devices
+    jaxmodels bench lstm --repeats 10         # timings vs Flax, PyTorch: benchmarks/results/lstm.{json,md,png}
 
 ``main(argv)`` returns the exit status: 0 on success, 1 for a run that cannot start or fails with
 a clear message (missing data, batch larger than the data, NaN loss), 2 for bad arguments.
@@ -110,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.eval_batch_size)
     evaluate.add_argument("--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)")
 
+    bench = commands.add_parser(
+        "bench", help="time models side by side with their peers",
+        description="Run benchmark suites (jaxmodels.bench): contenders interleaved, medians, ratios to a "
+        "baseline, GFLOP/s; writes OUT/SUITE.json, .md and .png.",
+    )
+    bench.add_argument("suite", choices=("lstm", "cnn", "all"), help="which suite")
+    from jaxmodels.bench import add_arguments  # imports jax: fine, the command runs jax anyway
+
+    add_arguments(bench)
+
     info_help = "versions, backend and devices"
     commands.add_parser("info", help=info_help, description=f"Print {info_help}.")
     return parser
@@ -188,6 +199,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from jaxmodels import bench
+
+    suites = bench.SUITES if args.suite == "all" else (args.suite,)
+    bench.run(suites, shapes=args.shapes, repeats=args.repeats, out=args.out or "benchmarks/results",
+              torch_threads=args.torch_threads)
+    return 0
+
+
 def _info() -> int:
     import jax
 
@@ -218,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval}.get(args.command, lambda _: _info())(args)
+        return {"train": _train, "eval": _eval, "bench": _bench}.get(args.command, lambda _: _info())(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if not _raised_here(err):
             raise  # an error inside jax, flax or numpy is a bug to see in full, not a usage error
