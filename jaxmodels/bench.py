@@ -442,6 +442,7 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups: dict[str, list[dict]] = {}
     for workload in result["workloads"]:
@@ -467,6 +468,9 @@ def plot(result: dict, path: Path) -> None:
                     ax.annotate(f"{y:.2g}", (x, y), ha="center", va="bottom" if y >= 1 else "top", fontsize=6)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xticks(range(len(workloads)), [w["name"] for w in workloads], fontsize=8)
         ax.set_ylabel("speed-up (x baseline)")
         ax.set_title(f"{result['suite']}: {group}", fontsize=10)
