@@ -97,3 +97,18 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "expected a positive integer" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected a suite"):
         bench.build_suite("gru")
+
+
+def test_cnn_variants_follow_a_conv_impl_option(monkeypatch):
+    import typing
+
+    import jaxmodels
+
+    class CNNWithImpl(jm.CNN):
+        conv_impl: typing.Literal["xla", "patches"] = "xla"
+
+    monkeypatch.setattr(jaxmodels, "CNN", CNNWithImpl)
+    assert bench.cnn_variants() == [
+        ("jaxmodels CNN(conv_impl='xla')", {"conv_impl": "xla"}),
+        ("jaxmodels CNN(conv_impl='patches')", {"conv_impl": "patches"}),
+    ]
