@@ -125,7 +125,7 @@ class _Recurrent(nn.Module):
                 params = self.param(name, self._init_layer, xs.shape[-1])
                 params = jax.tree.map(lambda p: p.astype(dtype), params)
                 index = layer * directions + direction
-                carry = None if initial_carry is None else jax.tree.map(lambda a: a[index], initial_carry)
+                carry = None if initial_carry is None else jax.tree.map(lambda a: a[index].astype(dtype), initial_carry)
                 final, hs = self._scan(params, xs.astype(dtype), carry, seq_lengths, reverse=bool(direction))
                 finals.append(final)
                 outs.append(hs)
