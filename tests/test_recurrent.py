@@ -480,3 +480,30 @@ def test_bad_input_raises(cell, overrides, exc, match):
     scan = SCANS[cell]
     with pytest.raises(exc, match=match):
         scan(kwargs.pop("params"), kwargs.pop("xs"), kwargs.pop("initial_carry"), **kwargs)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_hoisted_projection_path_matches_per_step_path(reverse):
+    """The recurrence's two placements of the input projection (hoisted: GPU/TPU; per step: CPU)
+    give the same outputs and gradients; on this CPU only the per-step one runs through lstm_scan."""
+    from jaxmodels import recurrent
+
+    ks = jax.random.split(jax.random.key(7), 4)
+    params = jaxmodels.init_lstm(ks[0], 3, 5)
+    xt = jax.random.normal(ks[1], (6, 4, 3))
+    carry = (jax.random.normal(ks[2], (4, 5)), jax.random.normal(ks[3], (4, 5)))
+    mask = jnp.arange(6)[:, None] < jnp.array([6, 2, 0, 4])[None, :]
+
+    def loss(hoist):
+        def f(p, xt, carry):
+            (h, c), hs = recurrent._recurrence_vjp(
+                recurrent._LSTM, p["w_x"], p["b"], p["w_h"], carry, xt, mask, reverse=reverse, unroll=1, hoist=hoist
+            )
+            return jnp.sum(jnp.sin(hs)) + jnp.sum(h * c)
+        return f
+
+    for a, b in zip(
+        jax.tree.leaves(jax.value_and_grad(loss(True), (0, 1, 2))(params, xt, carry)),
+        jax.tree.leaves(jax.value_and_grad(loss(False), (0, 1, 2))(params, xt, carry)),
+    ):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
