@@ -83,6 +83,21 @@ def check_float(name: str, x: Array) -> None:
         raise TypeError(f"expected {name} of dtype float32 or bfloat16, got {x.dtype}")
 
 
+def check_lstm_operands(x_proj: Array, w_h: Array, carry: tuple[Array, Array], carry_name: str) -> int:
+    """Validate x_proj [..., batch, 4*hidden], w_h [hidden, 4*hidden] of x_proj's dtype and the
+    carry (h, c), each [batch, hidden]; return hidden."""
+    batch, gates = x_proj.shape[-2:]
+    hidden = gates // 4
+    if w_h.shape != (hidden, gates) or w_h.dtype != x_proj.dtype:
+        raise ValueError(
+            f"expected w_h [hidden, 4*hidden]=({hidden}, {gates}) of dtype {x_proj.dtype}, got {w_h.shape} {w_h.dtype}"
+        )
+    for name, a in zip("hc", carry):
+        if a.shape != (batch, hidden):
+            raise ValueError(f"expected {carry_name} {name} [batch, hidden]=({batch}, {hidden}), got {a.shape}")
+    return hidden
+
+
 def run_on_platform(call: Callable[..., Array], interpret: bool | None, *args: Array):
     """Run ``call(*args, interpret=..., compiler_params=...)`` as the platform requires.
 

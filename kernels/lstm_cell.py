@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jaxmodels.kernels.common import BlockSizes, check_float, dot_f32, pad_to, round_up, run_on_platform, sigmoid
+from jaxmodels.kernels.common import (
+    BlockSizes,
+    check_float,
+    check_lstm_operands,
+    dot_f32,
+    pad_to,
+    round_up,
+    run_on_platform,
+    sigmoid,
+)
 from jaxmodels.kernels.dense import matmul_bias_act
 
 Array = jax.Array
@@ -60,15 +69,7 @@ def lstm_cell(
     check_float("x_proj", x_proj)
     if x_proj.ndim != 2 or x_proj.shape[-1] % 4:
         raise ValueError(f"expected x_proj of rank 2 [batch, 4*hidden], got shape {x_proj.shape}")
-    batch, gates = x_proj.shape
-    hidden = gates // 4
-    if w_h.shape != (hidden, gates) or w_h.dtype != x_proj.dtype:
-        raise ValueError(
-            f"expected w_h [hidden, 4*hidden]=({hidden}, {gates}) of dtype {x_proj.dtype}, got {w_h.shape} {w_h.dtype}"
-        )
-    for name, a in zip("hc", carry):
-        if a.shape != (batch, hidden):
-            raise ValueError(f"expected carry {name} [batch, hidden]=({batch}, {hidden}), got {a.shape}")
+    check_lstm_operands(x_proj, w_h, carry, "carry")
     h, c = (a.astype(x_proj.dtype) for a in carry)
     return _lstm_cell(x_proj, w_h, h, c, block_sizes or BlockSizes(), interpret)
 

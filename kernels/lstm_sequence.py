@@ -23,7 +23,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jaxmodels.kernels.common import BlockSizes, check_float, dot_f32, pad_to, round_up, run_on_platform, sigmoid
+from jaxmodels.kernels.common import (
+    BlockSizes,
+    check_float,
+    check_lstm_operands,
+    dot_f32,
+    pad_to,
+    round_up,
+    run_on_platform,
+    sigmoid,
+)
 
 Array = jax.Array
 
@@ -150,15 +159,8 @@ def lstm_sequence(
     check_float("x_proj", x_proj)
     if x_proj.ndim != 3 or x_proj.shape[-1] % 4:
         raise ValueError(f"expected x_proj of rank 3 [time, batch, 4*hidden], got shape {x_proj.shape}")
-    time, batch, gates = x_proj.shape
-    hidden = gates // 4
-    if w_h.shape != (hidden, gates) or w_h.dtype != x_proj.dtype:
-        raise ValueError(
-            f"expected w_h [hidden, 4*hidden]=({hidden}, {gates}) of dtype {x_proj.dtype}, got {w_h.shape} {w_h.dtype}"
-        )
-    for name, a in zip("hc", initial_carry):
-        if a.shape != (batch, hidden):
-            raise ValueError(f"expected initial carry {name} [batch, hidden]=({batch}, {hidden}), got {a.shape}")
+    time, batch, _ = x_proj.shape
+    hidden = check_lstm_operands(x_proj, w_h, initial_carry, "initial carry")
     block_sizes = block_sizes or BlockSizes()
     if not fits_on_chip(hidden, x_proj.dtype, block_sizes):
         raise ValueError(

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _diffs import DiffLog
 
 import jaxmodels
 
@@ -30,27 +31,14 @@ BATCH, TIME, FEATURES, HIDDEN = 4, 7, 5, 6
 TOL_OUT, TOL_GRAD = 1e-5, 1e-4  # float32, absolute
 GATES = ("i", "f", "g", "o")
 
-MAX_DIFFS: dict[tuple[str, str], float] = {}
+DIFFS = DiffLog("Largest |ours - Flax| per quantity (tests/test_flax_parity.py)")
+assert_close = DIFFS.assert_close
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _print_max_diffs():
     yield
-    if not MAX_DIFFS:
-        return
-    print("\n\nLargest |ours - Flax| per quantity (tests/test_flax_parity.py)")
-    width = max(len(case) for case, _ in MAX_DIFFS)
-    for (case, quantity), diff in sorted(MAX_DIFFS.items()):
-        print(f"  {case:<{width}}  {quantity:<34}  {diff:.3e}")
-
-
-def assert_close(case: str, quantity: str, ours, theirs, atol: float) -> None:
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape, f"{case} {quantity}: shape {ours.shape} != {theirs.shape}"
-    assert ours.dtype == theirs.dtype, f"{case} {quantity}: dtype {ours.dtype} != {theirs.dtype}"
-    diff = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
-    MAX_DIFFS[(case, quantity)] = max(MAX_DIFFS.get((case, quantity), 0.0), diff)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol, err_msg=f"{case}: {quantity}")
+    DIFFS.report()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +230,7 @@ def test_scan_seq_lengths_match_flax(kind, reverse):
         assert_close(case, f"final {name}", ours_f[rows], flax_f[rows], TOL_OUT)
         # Recorded, not asserted: Flax's length-0 carry is not the initial carry.
         key = (case, f"flax len-0 final {name} vs h0/c0")
-        MAX_DIFFS[key] = max(MAX_DIFFS.get(key, 0.0), float(np.max(np.abs(flax_f[~rows] - init_f[~rows]))))
+        DIFFS.largest[key] = max(DIFFS.largest.get(key, 0.0), float(np.max(np.abs(flax_f[~rows] - init_f[~rows]))))
 
     # Final carries already compared on rows >= 1: compare the rest as a whole.
     compare(case, kind, ours, theirs, out_mask=valid, finals=False)

@@ -11,13 +11,14 @@ with G = 4 (gates i, f, g, o, the same order in both) for the LSTM and G = 1 for
 our parameter subtree ``layer_{k}_reverse`` is PyTorch's suffix ``_reverse``. Variable lengths
 are compared against ``pack_padded_sequence(..., enforce_sorted=False)`` / ``pad_packed_sequence``.
 
-The largest absolute difference seen for each quantity is collected in ``MAX_DIFFS`` and printed
+The largest absolute difference seen for each quantity is collected in ``DIFFS`` and printed
 as a table when the module finishes (visible with ``pytest -s``).
 """
 
 from __future__ import annotations
 
 import pytest
+from _diffs import DiffLog
 
 torch = pytest.importorskip("torch")
 
@@ -37,8 +38,8 @@ TOL = {"float32": (1e-5, 1e-4), "float64": (1e-11, 1e-10)}
 
 GATES = {"lstm": 4, "rnn": 1}
 
-MAX_DIFFS: dict[tuple[str, str], float] = {}
-
+DIFFS = DiffLog("Largest |ours - PyTorch| per quantity (tests/test_torch_parity.py)")
+assert_close = DIFFS.assert_close
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -47,22 +48,7 @@ MAX_DIFFS: dict[tuple[str, str], float] = {}
 @pytest.fixture(scope="module", autouse=True)
 def _print_max_diffs():
     yield
-    if not MAX_DIFFS:
-        return
-    print("\n\nLargest |ours - PyTorch| per quantity (tests/test_torch_parity.py)")
-    width = max(len(case) for case, _ in MAX_DIFFS)
-    for (case, quantity), diff in sorted(MAX_DIFFS.items()):
-        print(f"  {case:<{width}}  {quantity:<10}  {diff:.3e}")
-
-
-def assert_close(case: str, quantity: str, ours, theirs, atol: float) -> None:
-    """Record max |ours - theirs| under (case, quantity), then assert it is within atol."""
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
-    assert ours.shape == theirs.shape, f"{case} {quantity}: shape {ours.shape} != {theirs.shape}"
-    assert ours.dtype == theirs.dtype, f"{case} {quantity}: dtype {ours.dtype} != {theirs.dtype}"
-    diff = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
-    MAX_DIFFS[(case, quantity)] = max(MAX_DIFFS.get((case, quantity), 0.0), diff)
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol, err_msg=f"{case}: {quantity}")
+    DIFFS.report()
 
 
 def x64(dtype: str):
