@@ -12,6 +12,11 @@ gradient is then one large matmul outside, δw_h = Σ_t h_{t-1}ᵀ δgates_t, an
 
 Shapes handed to the kernels are padded: batch to a multiple of ``block_rows``, hidden to a
 multiple of ``block_cols`` (zero weights keep padded units at exactly zero).
+
+Each program's block of x_proj spans the whole time axis and is read one step at a time: on GPU
+(Triton) straight from global memory, on TPU staged in VMEM as one block, which bounds
+time*block_rows*4*hidden. Streaming it by blocks of time on TPU (a sequential time grid axis
+with h and c in VMEM scratch) is not done yet.
 """
 
 from __future__ import annotations

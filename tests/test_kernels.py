@@ -86,8 +86,8 @@ def test_dense_rejects_bad_input():
 def test_block_sizes_validate():
     with pytest.raises(ValueError, match="block_rows to be a positive power of two"):
         BlockSizes(block_rows=12)
-    with pytest.raises(ValueError, match="block_time"):
-        BlockSizes(block_time=0)
+    with pytest.raises(ValueError, match="block_reduce"):
+        BlockSizes(block_reduce=0)
 
 
 # ---------------------------------------------------------------------------------------------
