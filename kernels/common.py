@@ -25,11 +25,13 @@ class BlockSizes:
     block_rows: rows of the output per program (batch for the LSTM kernels, M for dense).
     block_cols: output columns per program (hidden for the LSTM kernels, N for dense).
     block_reduce: width of each slice of the reduction axis (K) in a matmul loop.
+    block_time: time steps per grid step of ``lstm_sequence`` (TPU and interpreter).
     """
 
     block_rows: int = 16
     block_cols: int = 128
     block_reduce: int = 128
+    block_time: int = 16
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

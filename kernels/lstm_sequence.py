@@ -13,10 +13,11 @@ gradient is then one large matmul outside, δw_h = Σ_t h_{t-1}ᵀ δgates_t, an
 Shapes handed to the kernels are padded: batch to a multiple of ``block_rows``, hidden to a
 multiple of ``block_cols`` (zero weights keep padded units at exactly zero).
 
-Each program's block of x_proj spans the whole time axis and is read one step at a time: on GPU
-(Triton) straight from global memory, on TPU staged in VMEM as one block, which bounds
-time*block_rows*4*hidden. Streaming it by blocks of time on TPU (a sequential time grid axis
-with h and c in VMEM scratch) is not done yet.
+The input projections stream in by blocks of ``block_time`` steps: grid axis 1 walks the time
+blocks in order (backwards for ``reverse``) and h and c pass from one block to the next in the
+kernel's float32 carry outputs, which stay on chip between consecutive grid steps on TPU. Triton
+runs a grid's programs concurrently, so on GPU one block spans all of time and each step reads
+its projection straight from global memory.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 
 from jaxmodels.kernels.common import (
     BlockSizes,
@@ -51,17 +53,28 @@ def _gate(ref, t, k, hidden):
     return ref[t, :, pl.ds(k * hidden, hidden)].astype(jnp.float32)
 
 
+def _time_block(reverse: bool):
+    """(index of this program's time block, its first global step) for grid axis 1 walked in
+    order (reverse=False) or from the last block to the first."""
+    step, blocks = pl.program_id(1), pl.num_programs(1)
+    block = blocks - 1 - step if reverse else step
+    return block, step
+
+
 def _lstm_forward_kernel(
     xp_ref, w_ref, h0_ref, c0_ref, len_ref,  # inputs
     hs_ref, h_ref, c_ref, acts_ref, hprev_ref, cprev_ref,  # outputs
     *, reverse: bool, save_residuals: bool, upcast: bool,
 ):
-    """xp_ref [time, rows, 4H], w_ref [H, 4H], h0/c0 [rows, H], len_ref [rows, 1] ->
-    hs [time, rows, H], h/c [rows, H]; with save_residuals also the activated gates acts
-    [time, rows, 4H] and the carries entering each step hprev/cprev [time, rows, H] (float32)."""
+    """One block of time: xp_ref [block_time, rows, 4H], w_ref [H, 4H], h0/c0 [rows, H],
+    len_ref [rows, 1] -> hs [block_time, rows, H]; h/c [rows, H] (float32) hold the carry from one
+    time block to the next and end as the final carry; with save_residuals also the activated gates
+    acts [block_time, rows, 4H] and the carries entering each step hprev/cprev (float32)."""
     time, _, hidden = hs_ref.shape
     w = [w_ref[:, pl.ds(k * hidden, hidden)] for k in range(4)]  # loaded once, on chip
     lengths = len_ref[...]
+    block, step_index = _time_block(reverse)
+    first = step_index == 0  # the carry starts from h0/c0 (no write-then-read of h_ref needed)
 
     def step(s, carry):
         h, c = carry
@@ -71,7 +84,7 @@ def _lstm_forward_kernel(
         i, f, g, o = sigmoid(pre[0]), sigmoid(pre[1]), jnp.tanh(pre[2]), sigmoid(pre[3])
         new_c = f * c + i * g
         new_h = o * jnp.tanh(new_c)
-        keep = t < lengths
+        keep = block * time + t < lengths
         hs_ref[t] = jnp.where(keep, new_h, 0).astype(hs_ref.dtype)
         if save_residuals:
             for k, a in enumerate((i, f, g, o)):
@@ -80,10 +93,13 @@ def _lstm_forward_kernel(
             cprev_ref[t] = c
         return jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)
 
-    carry = (h0_ref[...].astype(jnp.float32), c0_ref[...].astype(jnp.float32))
+    carry = (
+        jnp.where(first, h0_ref[...].astype(jnp.float32), h_ref[...]),
+        jnp.where(first, c0_ref[...].astype(jnp.float32), c_ref[...]),
+    )
     h, c = lax.fori_loop(0, time, step, carry)
-    h_ref[...] = h.astype(h_ref.dtype)
-    c_ref[...] = c.astype(c_ref.dtype)
+    h_ref[...] = h
+    c_ref[...] = c
 
 
 def _lstm_backward_kernel(
@@ -91,12 +107,16 @@ def _lstm_backward_kernel(
     dgates_ref, dh0_ref, dc0_ref,  # outputs
     *, reverse: bool, upcast: bool,
 ):
-    """Reverse-time recurrence: dhs [time, rows, H], dh/dc [rows, H] (gradients of the outputs and
-    final carry), acts [time, rows, 4H], cprev [time, rows, H], wt_ref = w_hᵀ [4H, H] ->
-    dgates [time, rows, 4H] (float32) and the initial-carry gradients dh0, dc0 [rows, H]."""
+    """One block of the reverse-time recurrence: dhs [block_time, rows, H], dh/dc [rows, H]
+    (gradients of the outputs and final carry), acts [block_time, rows, 4H], cprev [block_time,
+    rows, H], wt_ref = w_hᵀ [4H, H] -> dgates [block_time, rows, 4H] (float32); dh0/dc0 [rows, H]
+    carry the gradient between time blocks and end as the initial-carry gradients. ``reverse``
+    is the forward pass's direction; this pass walks the other way."""
     time, _, hidden = dhs_ref.shape
     wt = [wt_ref[pl.ds(k * hidden, hidden), :] for k in range(4)]  # w_hᵀ loaded once, on chip
     lengths = len_ref[...]
+    block, step_index = _time_block(not reverse)
+    first = step_index == 0
 
     def step(s, carry):
         dh_next, dc_next = carry
@@ -106,7 +126,7 @@ def _lstm_backward_kernel(
         tc = jnp.tanh(f * c_in + i * g)
         dh = dhs_ref[t].astype(jnp.float32) + dh_next
         dc = dc_next + dh * o * (1 - tc * tc)
-        keep = t < lengths
+        keep = block * time + t < lengths
         dgates = [
             dc * g * i * (1 - i),
             dc * c_in * f * (1 - f),
@@ -114,14 +134,15 @@ def _lstm_backward_kernel(
             dh * tc * o * (1 - o),
         ]
         dgates = [jnp.where(keep, d, 0) for d in dgates]
-        dh_prev = sum(
-            dot_f32(d.astype(wt[k].dtype), wt[k], upcast) for k, d in enumerate(dgates)
-        )
+        dh_prev = sum(dot_f32(d.astype(wt[k].dtype), wt[k], upcast) for k, d in enumerate(dgates))
         for k, d in enumerate(dgates):
             dgates_ref[t, :, pl.ds(k * hidden, hidden)] = d
         return jnp.where(keep, dh_prev, dh_next), jnp.where(keep, dc * f, dc_next)
 
-    carry = (dh_ref[...].astype(jnp.float32), dc_ref[...].astype(jnp.float32))
+    carry = (
+        jnp.where(first, dh_ref[...].astype(jnp.float32), dh0_ref[...]),
+        jnp.where(first, dc_ref[...].astype(jnp.float32), dc0_ref[...]),
+    )
     dh0, dc0 = lax.fori_loop(0, time, step, carry)
     dh0_ref[...] = dh0
     dc0_ref[...] = dc0
@@ -156,7 +177,9 @@ def lstm_sequence(
       initial_carry: (h_0, c_0), each [batch, hidden].
       seq_lengths: [batch] integers in [0, time], or None for full length.
       reverse: walk time from the last step to the first.
-      block_sizes: block_rows (batch per program) and block_cols (hidden padding multiple).
+      block_sizes: block_rows (batch per program), block_cols (hidden padding multiple) and
+        block_time (time steps per grid step on TPU and when interpreted; time is padded to a
+        multiple, the padded steps masked).
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [time, batch, hidden], in x_proj's dtype.
@@ -195,46 +218,75 @@ def _unpad_gates(a: Array, hidden: int) -> Array:
     return a.reshape(*lead, 4, hidden_p)[..., :hidden].reshape(*lead, 4 * hidden)
 
 
+def _grid(time_p: int, rows: int, batch_p: int, block_time: int, compiler_params, reverse: bool):
+    """(grid, BlockSpec maker for [time, batch, width] arrays, BlockSpec of [batch, width] state).
+
+    Grid axis 1 walks blocks of time in order, carrying h and c from one block to the next. That
+    needs programs along it to run one after another: true for Mosaic (TPU) and the interpreter,
+    not for Triton, which runs a grid's programs concurrently; there one block spans all of time
+    and each step reads straight from global memory.
+    """
+    if isinstance(compiler_params, pl_triton.CompilerParams):
+        block_time = time_p
+    blocks = time_p // block_time
+    time_block = (lambda t: blocks - 1 - t) if reverse else (lambda t: t)
+    grid = (batch_p // rows, blocks)
+    seq = lambda width: pl.BlockSpec((block_time, rows, width), lambda b, t: (time_block(t), b, 0))
+    state = lambda width: pl.BlockSpec((rows, width), lambda b, t: (b, 0))
+    return grid, seq, state
+
+
+def _padded_sizes(time, batch, hidden, block_sizes):
+    block_time = min(block_sizes.block_time, time)
+    return (
+        round_up(time, block_time),
+        round_up(batch, block_sizes.block_rows),
+        round_up(hidden, block_sizes.block_cols),
+        block_time,
+    )
+
+
 def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save_residuals):
     time, batch, gates = x_proj.shape
     hidden = gates // 4
     rows = block_sizes.block_rows
-    batch_p, hidden_p = round_up(batch, rows), round_up(hidden, block_sizes.block_cols)
-    xp = pad_to(_pad_gates(x_proj, hidden_p), (time, batch_p, 4 * hidden_p))
+    time_p, batch_p, hidden_p, block_time = _padded_sizes(time, batch, hidden, block_sizes)
+    xp = pad_to(_pad_gates(x_proj, hidden_p), (time_p, batch_p, 4 * hidden_p))
     w = _pad_gates(pad_to(w_h, (hidden_p, gates)), hidden_p)
     h0p, c0p = pad_to(h0, (batch_p, hidden_p)), pad_to(c0, (batch_p, hidden_p))
-    lens = pad_to(lengths, (batch_p,)).reshape(batch_p, 1)
-
-    seq = lambda width: pl.BlockSpec((time, rows, width), lambda b: (0, b, 0))
-    state = pl.BlockSpec((rows, hidden_p), lambda b: (b, 0))
+    lens = pad_to(lengths, (batch_p,)).reshape(batch_p, 1)  # padded rows and steps are masked
     f32 = jnp.float32
     out_shape = [
-        jax.ShapeDtypeStruct((time, batch_p, hidden_p), x_proj.dtype),
-        jax.ShapeDtypeStruct((batch_p, hidden_p), x_proj.dtype),
-        jax.ShapeDtypeStruct((batch_p, hidden_p), x_proj.dtype),
+        jax.ShapeDtypeStruct((time_p, batch_p, hidden_p), x_proj.dtype),
+        jax.ShapeDtypeStruct((batch_p, hidden_p), f32),
+        jax.ShapeDtypeStruct((batch_p, hidden_p), f32),
     ]
-    out_specs = [seq(hidden_p), state, state]
     if save_residuals:
-        out_shape += [jax.ShapeDtypeStruct((time, batch_p, 4 * hidden_p), f32)] + [
-            jax.ShapeDtypeStruct((time, batch_p, hidden_p), f32)
-        ] * 2
-        out_specs += [seq(4 * hidden_p), seq(hidden_p), seq(hidden_p)]
+        out_shape += [
+            jax.ShapeDtypeStruct((time_p, batch_p, 4 * hidden_p), f32),
+            jax.ShapeDtypeStruct((time_p, batch_p, hidden_p), f32),
+            jax.ShapeDtypeStruct((time_p, batch_p, hidden_p), f32),
+        ]
 
     def call(xp, w, h0p, c0p, lens, *, interpret, compiler_params):
+        grid, seq, state = _grid(time_p, rows, batch_p, block_time, compiler_params, reverse)
         kernel = functools.partial(
             _lstm_forward_kernel, reverse=reverse, save_residuals=save_residuals, upcast=interpret
         )
-        if not save_residuals:  # the kernel's residual refs are then absent
+        out_specs = [seq(hidden_p), state(hidden_p), state(hidden_p)]
+        if save_residuals:
+            out_specs += [seq(4 * hidden_p), seq(hidden_p), seq(hidden_p)]
+        else:  # the kernel's residual refs are then absent
             kernel = functools.partial(_drop_residual_refs, kernel)
         return pl.pallas_call(
             kernel,
-            grid=(batch_p // rows,),
+            grid=grid,
             in_specs=[
                 seq(4 * hidden_p),
-                pl.BlockSpec((hidden_p, 4 * hidden_p), lambda b: (0, 0)),
-                state,
-                state,
-                pl.BlockSpec((rows, 1), lambda b: (b, 0)),
+                pl.BlockSpec((hidden_p, 4 * hidden_p), lambda b, t: (0, 0)),
+                state(hidden_p),
+                state(hidden_p),
+                state(1),
             ],
             out_specs=out_specs,
             out_shape=out_shape,
@@ -243,7 +295,8 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save
         )(xp, w, h0p, c0p, lens)
 
     outs = run_on_platform(call, interpret, xp, w, h0p, c0p, lens)
-    hs, h, c = outs[0][:, :batch, :hidden], outs[1][:batch, :hidden], outs[2][:batch, :hidden]
+    hs = outs[0][:time, :batch, :hidden]
+    h, c = (a[:batch, :hidden].astype(x_proj.dtype) for a in outs[1:3])
     return (h, c), hs, outs[3:]
 
 
@@ -265,30 +318,27 @@ def _lstm_sequence_fwd(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, inter
 def _lstm_sequence_bwd(reverse, block_sizes, interpret, saved, cotangents):
     w_h, lengths, (acts, hprev, cprev) = saved
     (dh_T, dc_T), dhs = cotangents
-    time, batch_p, gates_p = acts.shape
-    hidden_p = gates_p // 4
-    batch, hidden = dh_T.shape
+    time, batch, hidden = dhs.shape
     rows = block_sizes.block_rows
+    time_p, batch_p, hidden_p, block_time = _padded_sizes(time, batch, hidden, block_sizes)
     wt = _pad_gates(pad_to(w_h, (hidden_p, w_h.shape[1])), hidden_p).T  # [4*hidden_p, hidden_p]
-    dhs_p = pad_to(dhs, (time, batch_p, hidden_p))
+    dhs_p = pad_to(dhs, (time_p, batch_p, hidden_p))
     dh_p, dc_p = pad_to(dh_T, (batch_p, hidden_p)), pad_to(dc_T, (batch_p, hidden_p))
     lens = pad_to(lengths, (batch_p,)).reshape(batch_p, 1)
 
-    seq = lambda width: pl.BlockSpec((time, rows, width), lambda b: (0, b, 0))
-    state = pl.BlockSpec((rows, hidden_p), lambda b: (b, 0))
-
     def call(dhs_p, dh_p, dc_p, acts, cprev, wt, lens, *, interpret, compiler_params):
+        grid, seq, state = _grid(time_p, rows, batch_p, block_time, compiler_params, not reverse)
         return pl.pallas_call(
             functools.partial(_lstm_backward_kernel, reverse=reverse, upcast=interpret),
-            grid=(batch_p // rows,),
+            grid=grid,
             in_specs=[
-                seq(hidden_p), state, state, seq(4 * hidden_p), seq(hidden_p),
-                pl.BlockSpec((4 * hidden_p, hidden_p), lambda b: (0, 0)),
-                pl.BlockSpec((rows, 1), lambda b: (b, 0)),
+                seq(hidden_p), state(hidden_p), state(hidden_p), seq(4 * hidden_p), seq(hidden_p),
+                pl.BlockSpec((4 * hidden_p, hidden_p), lambda b, t: (0, 0)),
+                state(1),
             ],
-            out_specs=[seq(4 * hidden_p), state, state],
+            out_specs=[seq(4 * hidden_p), state(hidden_p), state(hidden_p)],
             out_shape=[
-                jax.ShapeDtypeStruct((time, batch_p, 4 * hidden_p), jnp.float32),
+                jax.ShapeDtypeStruct((time_p, batch_p, 4 * hidden_p), jnp.float32),
                 jax.ShapeDtypeStruct((batch_p, hidden_p), jnp.float32),
                 jax.ShapeDtypeStruct((batch_p, hidden_p), jnp.float32),
             ],
@@ -299,7 +349,7 @@ def _lstm_sequence_bwd(reverse, block_sizes, interpret, saved, cotangents):
     dgates_p, dh0, dc0 = run_on_platform(call, interpret, dhs_p, dh_p, dc_p, acts, cprev, wt, lens)
     dtype = w_h.dtype
     dw_h = _unpad_gates(jnp.einsum("tbh,tbg->hg", hprev, dgates_p)[:hidden], hidden).astype(dtype)
-    dgates = _unpad_gates(dgates_p[:, :batch], hidden).astype(dtype)
+    dgates = _unpad_gates(dgates_p[:time, :batch], hidden).astype(dtype)
     return dgates, dw_h, dh0[:batch, :hidden].astype(dtype), dc0[:batch, :hidden].astype(dtype), None
 
 

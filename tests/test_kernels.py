@@ -21,8 +21,8 @@ TOLERANCE = {
     jnp.float32: {"forward": 1e-5, "gradient": 1e-4},
     jnp.bfloat16: {"forward": 2e-2, "gradient": 1e-1},
 }
-# Small tiles so that small shapes still span several programs and need padding.
-SMALL_BLOCKS = BlockSizes(block_rows=8, block_cols=8, block_reduce=8)
+# Small tiles so that small shapes still span several programs (and time blocks) and need padding.
+SMALL_BLOCKS = BlockSizes(block_rows=8, block_cols=8, block_reduce=8, block_time=4)
 
 
 def max_error(a, b):
