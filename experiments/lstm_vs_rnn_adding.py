@@ -1,0 +1,219 @@
+"""LSTM vs simple RNN on the adding problem: do the LSTM's gates fix the RNN's long-range problem?
+
+The seed claims that the LSTM's gates solve the simple RNN's long-range dependency problem. The
+adding problem (Hochreiter & Schmidhuber 1997, in the form of Le et al. 2015 and Arjovsky et al.
+2016) tests it: two values marked among T uniform ones, one in each half of the sequence; the
+target is their sum. Answering 1 always scores MSE 1/6, so a model only beats 1/6 by carrying the
+first marked value across up to T steps. For each T, ``lstm-regressor`` and ``rnn-regressor``
+(same hidden size, same data, same batches, Adam, gradient clipping by global norm, same number of
+steps) are trained with ``jaxmodels.train.fit``, and their test MSE is compared with the baseline.
+
+    python experiments/lstm_vs_rnn_adding.py                         # the default study, ~5 min on 2 CPUs
+    python experiments/lstm_vs_rnn_adding.py --seq-lens 100 200 --steps 5000 --seeds 0 1 2 --out /tmp/adding
+
+Writes OUT/lstm_vs_rnn_adding.json (config, environment, per-run final metrics and test curves),
+.md (the table) and .png (test MSE against step, one panel per T); each run's config.json and
+metrics.jsonl go to WORKDIR/<model>-T<T>-seed<seed>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxmodels.bench import environment
+from jaxmodels.data import get_dataset
+from jaxmodels.models import get_model
+from jaxmodels.train import TrainConfig, fit
+
+STEM = "lstm_vs_rnn_adding"
+MODELS = {"lstm": "lstm-regressor", "rnn": "rnn-regressor"}
+HERE = Path(__file__).resolve().parent
+SOLVED_MSE = 0.01  # "solved": test MSE below 6% of the baseline's 1/6
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[10, 50, 100], help="sequence lengths T")
+    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
+    p.add_argument("--hidden", type=int, default=64, help="hidden size of both models")
+    p.add_argument("--steps", type=int, default=5000, help="training steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of initialisation and batch order")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--schedule", default="constant", help="learning-rate schedule (jaxmodels.train.SCHEDULES)")
+    p.add_argument("--clip-norm", type=float, default=1.0, help="clip gradients to this global norm")
+    p.add_argument("--train-size", type=int, default=5000, help="training examples per T")
+    p.add_argument("--test-size", type=int, default=1000, help="test examples per T (evaluated once per epoch)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the data (the same for every run of a T)")
+    p.add_argument("--workdir", type=Path, default=Path("runs") / STEM, help="folder of the per-run fit outputs")
+    p.add_argument("--out", type=Path, default=HERE / "results", help="folder of the result files")
+    p.add_argument("--verbose", action="store_true", help="show fit's per-epoch lines")
+    return p.parse_args(argv)
+
+
+def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
+    """Train one model on one data set; its final and best test MSE and its test curve."""
+    seq_len = ds.info["seq_len"]
+    steps_per_epoch = len(ds.x_train) // args.batch_size
+    cfg = TrainConfig(
+        epochs=math.ceil(args.steps / steps_per_epoch), max_steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, optimizer="adam", schedule=args.schedule, clip_norm=args.clip_norm, seed=seed,
+        log_every=steps_per_epoch, progress=False, plot=False, checkpoint=False,
+    )
+    model = get_model(MODELS[key], hidden_size=args.hidden)
+    workdir = args.workdir / f"{key}-T{seq_len}-seed{seed}"
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stdout if args.verbose else io.StringIO()):
+        result = fit(model, ds, cfg, workdir)
+    wall = time.perf_counter() - start
+    evals = [r for r in result.history if r["kind"] == "eval"]
+    trains = [r for r in result.history if r["kind"] == "train"]
+    curve = [[r["step"], r["loss"]] for r in evals]
+    solved_at = next((s for s, mse in curve if mse < SOLVED_MSE), None)
+    params = sum(int(np.size(x)) for x in jax.tree.leaves(result.state.params))
+    return {
+        "model": key, "registry_name": MODELS[key], "seq_len": seq_len, "seed": seed, "params": params,
+        "steps": trains[-1]["step"], "final_test_mse": curve[-1][1], "best_test_mse": min(m for _, m in curve),
+        "final_train_mse": trains[-1]["loss"], "first_step_below_solved_mse": solved_at,
+        "wall_s": wall, "first_step_s": trains[0].get("first_step_s"), "test_curve": curve,
+        "workdir": str(workdir),
+    }
+
+
+def summarise(runs: list[dict], baselines: dict[int, dict]) -> list[dict]:
+    """One row per (T, model): per-seed final MSEs, their mean, the mean over the baseline."""
+    rows = []
+    for seq_len in baselines:
+        for key in MODELS:
+            mine = [r for r in runs if r["seq_len"] == seq_len and r["model"] == key]
+            if not mine:
+                continue
+            finals = [r["final_test_mse"] for r in mine]
+            rows.append({
+                "seq_len": seq_len, "model": key, "seeds": [r["seed"] for r in mine], "final_test_mse": finals,
+                "mean_final_test_mse": float(np.mean(finals)),
+                "mean_over_baseline": float(np.mean(finals)) / baselines[seq_len]["baseline_mse"],
+                "best_test_mse": [r["best_test_mse"] for r in mine],
+                "solved_seeds": sum(f < SOLVED_MSE for f in finals),
+                "first_step_below_solved_mse": [r["first_step_below_solved_mse"] for r in mine],
+            })
+    return rows
+
+
+def markdown(result: dict) -> str:
+    c, env = result["config"], result["environment"]
+    v = env["versions"]
+    lines = [
+        "# LSTM vs simple RNN on the adding problem",
+        "",
+        f"{env['date']}; {env['backend']} ({env['cpu_count']} CPUs), jax {v['jax']}, jaxlib {v['jaxlib']}, "
+        f"flax {v['flax']}, optax {v['optax']}, numpy {v['numpy']}, python {v['python']}; "
+        f"git {(env['git_commit'] or 'unknown')[:10]}"
+        + (" (with local changes)" if env["git_dirty_files"] else "") + ".",
+        f"Hidden {c['hidden']}, {c['steps']} steps of batch {c['batch_size']}, Adam lr {c['lr']} ({c['schedule']}), "
+        f"clip norm {c['clip_norm']}; {c['train_size']} training and {c['test_size']} test examples per T "
+        f"(data seed {c['data_seed']}), seeds {c['seeds']}. Wall time {result['wall_s']:.0f} s, "
+        f"load average {result['loadavg']['start']} at start, {result['loadavg']['end']} at end.",
+        f"Baseline: always predicting 1, MSE 1/6 = {1 / 6:.4f} in expectation (per-T test-set value below). "
+        f"Solved: final test MSE < {SOLVED_MSE}.",
+        "",
+        "| T | model | final test MSE per seed | mean | mean / baseline | best per seed | solved seeds "
+        "| first step < " + f"{SOLVED_MSE} |",
+        "|---:|---|---|---:|---:|---|---:|---|",
+    ]
+    fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)
+    for row in result["summary"]:
+        firsts = ", ".join("-" if s is None else str(s) for s in row["first_step_below_solved_mse"])
+        lines.append(
+            f"| {row['seq_len']} | {row['model']} | {fmt(row['final_test_mse'])} | {row['mean_final_test_mse']:.4f} "
+            f"| {row['mean_over_baseline']:.3f} | {fmt(row['best_test_mse'])} "
+            f"| {row['solved_seeds']}/{len(row['seeds'])} | {firsts} |"
+        )
+    lines += ["", "| T | baseline MSE (predict 1) on the test set | expected |", "|---:|---:|---:|"]
+    for seq_len, b in result["baselines"].items():
+        lines.append(f"| {seq_len} | {b['test_mse_predict_1']:.4f} | {b['baseline_mse']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Test MSE against step, one panel per T, one line per (model, seed), the baseline dashed."""
+    from matplotlib.figure import Figure
+
+    seq_lens = list(result["baselines"])
+    fig = Figure(figsize=(4.2 * len(seq_lens), 3.6), layout="constrained")
+    colors = {"lstm": "tab:blue", "rnn": "tab:red"}
+    for ax, seq_len in zip(fig.subplots(1, len(seq_lens), squeeze=False)[0], seq_lens):
+        for run in (r for r in result["runs"] if r["seq_len"] == int(seq_len)):
+            steps, mse = zip(*run["test_curve"])
+            label = run["model"] if run["seed"] == result["config"]["seeds"][0] else None
+            ax.plot(steps, mse, color=colors[run["model"]], alpha=0.8, label=label)
+        ax.axhline(result["baselines"][seq_len]["baseline_mse"], color="black", linestyle="--", linewidth=1,
+                   label="predict 1 (1/6)")
+        ax.set(yscale="log", xlabel="step", ylabel="test MSE", title=f"adding, T = {seq_len}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=100)
+
+
+def write_results(result: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{STEM}.json", out / f"{STEM}.md", out / f"{STEM}.png"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown(result))
+    plot(result, paths[2])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    load_start, start = list(os.getloadavg()), time.perf_counter()
+    datasets = {
+        t: get_dataset("adding", seq_len=t, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed)
+        for t in args.seq_lens
+    }
+    baselines = {
+        t: {"baseline_mse": ds.info["baseline_mse"], "test_mse_predict_1": float(np.mean((ds.y_test - 1.0) ** 2))}
+        for t, ds in datasets.items()
+    }
+    runs = []
+    for seed in args.seeds:
+        for t, ds in datasets.items():
+            for key in args.models:
+                run = run_one(args, key, ds, seed)
+                runs.append(run)
+                print(f"T={t:4d} {key:4s} seed {seed}: final test MSE {run['final_test_mse']:.4f} "
+                      f"(best {run['best_test_mse']:.4f}, baseline {baselines[t]['baseline_mse']:.4f}), "
+                      f"{run['wall_s']:.0f} s", flush=True)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"}
+    config["solved_mse"] = SOLVED_MSE
+    result = {
+        "experiment": STEM,
+        "config": config,
+        "environment": environment(),
+        "wall_s": time.perf_counter() - start,
+        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        "baselines": {str(t): b for t, b in baselines.items()},
+        "summary": summarise(runs, baselines),
+        "runs": runs,
+    }
+    paths = write_results(result, args.out)
+    print(markdown(result))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return result
+
+
+if __name__ == "__main__":
+    main()
