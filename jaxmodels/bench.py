@@ -280,7 +280,7 @@ def environment() -> dict:
         import torch
 
         torch_threads = torch.get_num_threads()
-    dirty = _git("status", "--porcelain", "--", "jaxmodels", "kernels")
+    dirty = _git("status", "--porcelain", "--", ":/jaxmodels", ":/kernels")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {
