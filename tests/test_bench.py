@@ -103,11 +103,17 @@ def test_cnn_variants_follow_a_conv_impl_option(monkeypatch):
     import typing
 
     import jaxmodels
+    from jaxmodels import layers
 
+    # the library's option: one contender per value of layers.CONV_IMPLS
+    assert bench.cnn_variants() == [(f"jaxmodels CNN(conv_impl={v!r})", {"conv_impl": v}) for v in layers.CONV_IMPLS]
+
+    # without a CONV_IMPLS list, the values come from a Literal annotation
     class CNNWithImpl(jm.CNN):
         conv_impl: typing.Literal["xla", "patches"] = "xla"
 
     monkeypatch.setattr(jaxmodels, "CNN", CNNWithImpl)
+    monkeypatch.delattr(layers, "CONV_IMPLS")
     assert bench.cnn_variants() == [
         ("jaxmodels CNN(conv_impl='xla')", {"conv_impl": "xla"}),
         ("jaxmodels CNN(conv_impl='patches')", {"conv_impl": "patches"}),
