@@ -50,7 +50,7 @@ def rnn_cell(params: dict, h: Array, x: Array, activation: Activation = jnp.tanh
     h: [batch, hidden], x: [batch, features] -> h_t: [batch, hidden].
     """
     _check_features(x, params["w_x"].shape[0], "x")
-    return rnn_step_from_projection(params["w_h"], h, add_bias(x @ params["w_x"], params["b"]), activation)
+    return activation(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"])
 
 
 def lstm_cell(params: dict, carry: tuple[Array, Array], x: Array) -> tuple[tuple[Array, Array], Array]:
@@ -64,8 +64,9 @@ def lstm_cell(params: dict, carry: tuple[Array, Array], x: Array) -> tuple[tuple
     Returns ((h_t, C_t), h_t).
     """
     _check_features(x, params["w_x"].shape[0], "x")
-    carry = lstm_step_from_projection(params["w_h"], carry, add_bias(x @ params["w_x"], params["b"]))
-    return carry, carry[0]
+    h, c = carry
+    h, c, _ = lstm_update(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"], c)
+    return (h, c), h
 
 
 def add_bias(y: Array, b: Array) -> Array:
@@ -73,25 +74,13 @@ def add_bias(y: Array, b: Array) -> Array:
     return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
 
-def rnn_step_from_projection(w_h: Array, h: Array, x_proj: Array, activation: Activation) -> Array:
-    """h_t = f(x_proj_t + h_{t-1} U), with x_proj_t = x_t W + b already computed. [batch, hidden]."""
-    return activation(x_proj + h @ w_h)
-
-
-def lstm_gates(gates: Array) -> tuple[Array, Array, Array, Array]:
-    """Split fused pre-activations [batch, 4*hidden] into activated i, f, g, o, each [batch, hidden]."""
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
-    return sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o)
-
-
-def lstm_step_from_projection(
-    w_h: Array, carry: tuple[Array, Array], x_proj: Array
-) -> tuple[Array, Array]:
-    """(h_t, C_t) from (h_{t-1}, C_{t-1}) and x_proj_t = x_t W_x + b: one fused [batch, 4*hidden] matmul."""
-    h, c = carry
-    i, f, g, o = lstm_gates(x_proj + h @ w_h)
+def lstm_update(pre: Array, c: Array) -> tuple[Array, Array, tuple[Array, Array, Array, Array]]:
+    """The step after the matmuls: fused pre-activations pre [batch, 4*hidden] (blocks i, f, g, o)
+    and C_{t-1} [batch, hidden] -> (h_t, C_t, (i, f, g, o) activated)."""
+    i, f, g, o = jnp.split(pre, 4, axis=-1)
+    i, f, g, o = sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o)
     c = f * c + i * g
-    return o * jnp.tanh(c), c
+    return o * jnp.tanh(c), c, (i, f, g, o)
 
 
 def _check_features(x: Array, features: int, name: str) -> None:

@@ -148,10 +148,8 @@ class _Cell(NamedTuple):
 
 
 def _lstm_forward_step(pre, carry):
-    h, c = carry
-    i, f, g, o = cells.lstm_gates(pre)
-    c = f * c + i * g
-    return (o * jnp.tanh(c), c), jnp.concatenate([i, f, g, o], axis=-1)
+    h, c, gates = cells.lstm_update(pre, carry[1])
+    return (h, c), jnp.concatenate(gates, axis=-1)
 
 
 def _lstm_backward_step(dh, drest, acts, rest_in):
