@@ -65,7 +65,7 @@ def lstm_cell(params: dict, carry: tuple[Array, Array], x: Array) -> tuple[tuple
     """
     _check_features(x, params["w_x"].shape[0], "x")
     h, c = carry
-    h, c, _ = lstm_update(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"], c)
+    h, c, _, _ = lstm_update(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"], c)
     return (h, c), h
 
 
@@ -74,13 +74,14 @@ def add_bias(y: Array, b: Array) -> Array:
     return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
 
-def lstm_update(pre: Array, c: Array) -> tuple[Array, Array, tuple[Array, Array, Array, Array]]:
+def lstm_update(pre: Array, c: Array) -> tuple[Array, Array, tuple[Array, Array, Array, Array], Array]:
     """The step after the matmuls: fused pre-activations pre [batch, 4*hidden] (blocks i, f, g, o)
-    and C_{t-1} [batch, hidden] -> (h_t, C_t, (i, f, g, o) activated)."""
+    and C_{t-1} [batch, hidden] -> (h_t, C_t, (i, f, g, o) activated, tanh(C_t))."""
     i, f, g, o = jnp.split(pre, 4, axis=-1)
     i, f, g, o = sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o)
     c = f * c + i * g
-    return o * jnp.tanh(c), c, (i, f, g, o)
+    tanh_c = jnp.tanh(c)
+    return o * tanh_c, c, (i, f, g, o), tanh_c
 
 
 def _check_features(x: Array, features: int, name: str) -> None:

@@ -482,28 +482,36 @@ def test_bad_input_raises(cell, overrides, exc, match):
         scan(kwargs.pop("params"), kwargs.pop("xs"), kwargs.pop("initial_carry"), **kwargs)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("chunks", [(6, 6), (1, 2), (3, 1), (2, 3)], ids=lambda c: f"fwd{c[0]}-bwd{c[1]}")
 @pytest.mark.parametrize("reverse", [False, True])
-def test_hoisted_projection_path_matches_per_step_path(reverse):
-    """The recurrence's two placements of the input projection (hoisted: GPU/TPU; per step: CPU)
-    give the same outputs and gradients; on this CPU only the per-step one runs through lstm_scan."""
+def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
+    """Every cut of time into forward and backward chunks (whole sequence: GPU/TPU; 1 step forward
+    and a few backward: CPU) gives the outputs and gradients of the per-step loop, with masks."""
     from jaxmodels import recurrent
 
     ks = jax.random.split(jax.random.key(7), 4)
-    params = jaxmodels.init_lstm(ks[0], 3, 5)
+    params = make_params(cell, features=3, hidden=5, seed=7)
     xt = jax.random.normal(ks[1], (6, 4, 3))
-    carry = (jax.random.normal(ks[2], (4, 5)), jax.random.normal(ks[3], (4, 5)))
+    h0 = jax.random.normal(ks[2], (4, 5))
+    carry = (h0, jax.random.normal(ks[3], (4, 5))) if cell == "lstm" else (h0,)
+    step = recurrent._LSTM if cell == "lstm" else recurrent._rnn(jnp.tanh)
     mask = jnp.arange(6)[:, None] < jnp.array([6, 2, 0, 4])[None, :]
 
-    def loss(hoist):
+    def loss(chunks):
         def f(p, xt, carry):
-            (h, c), hs = recurrent._recurrence_vjp(
-                recurrent._LSTM, p["w_x"], p["b"], p["w_h"], carry, xt, mask, reverse=reverse, unroll=1, hoist=hoist
+            final, hs = recurrent._recurrence_vjp(
+                step, p["w_x"], p["b"], p["w_h"], carry, xt, mask, reverse=reverse, unroll=1, chunks=chunks
             )
-            return jnp.sum(jnp.sin(hs)) + jnp.sum(h * c)
-        return f
+            return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(jnp.cos(c)) for c in final)
+        return jax.jit(jax.value_and_grad(f, (0, 1, 2)))
 
-    for a, b in zip(
-        jax.tree.leaves(jax.value_and_grad(loss(True), (0, 1, 2))(params, xt, carry)),
-        jax.tree.leaves(jax.value_and_grad(loss(False), (0, 1, 2))(params, xt, carry)),
-    ):
+    for a, b in zip(jax.tree.leaves(loss(chunks)(params, xt, carry)), jax.tree.leaves(loss((1, 1))(params, xt, carry))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("time,most,expected", [(150, 12, 10), (100, 12, 10), (28, 12, 7), (97, 12, 1), (8, 12, 8), (0, 12, 1)])
+def test_chunk_length_is_the_largest_divisor_within_bound(time, most, expected):
+    from jaxmodels import recurrent
+
+    assert recurrent.chunk_length(time, most) == expected
