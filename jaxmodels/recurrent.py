@@ -1,17 +1,16 @@
 """Fused LSTM and simple-RNN recurrences over whole sequences.
 
-Batch-major at the API (``xs`` [batch, time, features], ``hs`` [batch, time, hidden]), time-major
-inside. Each step does the fused gate pre-activations x_t W_x + b + h_{t-1} W_h as [batch,
-G*hidden] (G = 4 for the LSTM, gates i, f, g, o) with the gate math fused around them. The input
-projection of all steps is one large matmul before the loop when lowering for GPU or TPU; on CPU
-it stays inside the loop, where its result never leaves the cache (measured 2x faster there on
-the forward pass, see ``_recurrence``).
+Batch-major at the API (``xs`` [batch, time, features], ``hs`` [batch, time, hidden]) and
+inside: the loops read and write those arrays a time step or a chunk of steps at a time, never
+transposing them whole. Each step does the fused gate pre-activations x_t W_x + b + h_{t-1} W_h
+as [batch, G*hidden] (G = 4 for the LSTM, gates i, f, g, o) with the gate math fused around them.
 
 The backward pass is a ``custom_vjp``: a reverse-time loop over the gate gradients δpre_t with
-δh_{t-1} = δpre_t W_hᵀ, saving only the activated gates and the cell state per step (h_{t-1}
-comes back from the outputs). The weight and input gradients are then large matmuls after the
-loop (δW_h = Σ_t h_{t-1}ᵀ δpre_t as one [hidden, time*batch] x [time*batch, G*hidden] matmul) on
-GPU/TPU, and accumulated per step in cache on CPU.
+δh_{t-1} = δpre_t W_hᵀ, saving per step only what the cell's backward needs (the LSTM: its
+activated gates and tanh(C_t), with the C_{t-1} entering the step; h_{t-1} comes back from the
+outputs). The weight and input gradients are matmuls over chunks of steps (δW_h = Σ_t h_{t-1}ᵀ
+δpre_t as [hidden, chunk*batch] x [chunk*batch, G*hidden]): the whole sequence at once on GPU/TPU,
+a few steps at a time on CPU, where they stay in cache (see ``_recurrence``).
 
 Variable lengths follow PyTorch's packed sequences: a step at t >= seq_lengths[b] leaves
 sequence b's carry unchanged and outputs zeros, so the final carry is each sequence's state at its
@@ -75,16 +74,17 @@ def lstm_scan(
         raise ValueError("expected initial_carry to be a pair (h, c), each [batch, hidden]")
     initial_carry = tuple(_check_carry(c, batch, hidden, name) for c, name in zip(initial_carry, "hc"))
     mask = _time_mask(seq_lengths, batch, time)
-    xt = _time_major_inputs(xs, mask)
-    args = (params["w_x"], params["b"], params["w_h"], initial_carry, xt)
+    xs = _zero_padding(xs, mask)
+    args = (params["w_x"], params["b"], params["w_h"], initial_carry, xs)
 
-    def scan(w_x, b, w_h, carry, xt):
-        return _recurrence(_LSTM, w_x, b, w_h, carry, xt, mask, reverse, unroll)
+    def scan(w_x, b, w_h, carry, xs):
+        return _recurrence(_LSTM, w_x, b, w_h, carry, xs, mask, reverse, unroll)
 
-    def kernel(w_x, b, w_h, carry, xt):
-        x_proj = cells.add_bias(jnp.einsum("tbf,fg->tbg", xt, w_x), b)
+    def kernel(w_x, b, w_h, carry, xs):
+        x_proj = cells.add_bias(jnp.einsum("btf,fg->tbg", xs, w_x), b)
         lengths = None if seq_lengths is None else jnp.asarray(seq_lengths)
-        return lstm_sequence.lstm_sequence(x_proj, w_h, carry, lengths, reverse=reverse)
+        carry, hs = lstm_sequence.lstm_sequence(x_proj, w_h, carry, lengths, reverse=reverse)
+        return carry, jnp.swapaxes(hs, 0, 1)
 
     if impl == "scan" or (impl == "auto" and not lstm_sequence.supports(hidden, xs.dtype)):
         carry, hs = scan(*args)
@@ -92,7 +92,7 @@ def lstm_scan(
         carry, hs = kernel(*args)
     else:
         carry, hs = lax.platform_dependent(*args, default=scan, cuda=kernel, rocm=kernel, tpu=kernel)
-    return tuple(carry), jnp.swapaxes(hs, 0, 1)
+    return tuple(carry), hs
 
 
 def rnn_scan(
@@ -125,11 +125,11 @@ def rnn_scan(
         initial_carry = jnp.zeros((batch, hidden), xs.dtype)
     initial_carry = _check_carry(initial_carry, batch, hidden, "h")
     mask = _time_mask(seq_lengths, batch, time)
-    xt = _time_major_inputs(xs, mask)
+    xs = _zero_padding(xs, mask)
     (h,), hs = _recurrence(
-        _rnn(activation), params["w_x"], params["b"], params["w_h"], (initial_carry,), xt, mask, reverse, unroll
+        _rnn(activation), params["w_x"], params["b"], params["w_h"], (initial_carry,), xs, mask, reverse, unroll
     )
-    return h, jnp.swapaxes(hs, 0, 1)
+    return h, hs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,9 +185,9 @@ def _rnn(activation: Callable[[Array], Array]) -> _Cell:
 CPU_BACKWARD_CHUNK = 12  # the most time steps per backward chunk on CPU; see _recurrence
 
 
-def _recurrence(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll):
-    """Run ``cell`` over xt [time, batch, features] from carry (h, *rest), each [batch, hidden];
-    mask [time, batch] or None. Returns (final carry, hs [time, batch, hidden]).
+def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
+    """Run ``cell`` over xs [batch, time, features] from carry (h, *rest), each [batch, hidden];
+    mask [time, batch] or None. Returns (final carry, hs [batch, time, hidden]).
 
     Time is cut into chunks of equal length, one length for the forward pass and one for the
     backward. Per forward chunk, the input projection of its steps is one matmul before its loop;
@@ -199,9 +199,12 @@ def _recurrence(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll):
     made the forward 2x slower; forward chunks of 5 to 30 steps were 20% slower than one step,
     where x_t W_x runs on one core beside h_{t-1} W_h on the other; backward chunks of 10 steps
     made the training step 10% faster than per-step weight-gradient matmuls and their sums.
+
+    The batch-major arrays (xs, hs and their gradients) are read and written in place, a time
+    step or a chunk at a time, never transposed whole; the per-step residuals are time-major.
     """
-    time = xt.shape[0]
-    args = (w_x, b, w_h, carry, xt, mask)
+    time = xs.shape[1]
+    args = (w_x, b, w_h, carry, xs, mask)
     run = functools.partial(_recurrence_vjp, cell, reverse=reverse, unroll=unroll)
     cpu = functools.partial(run, chunks=(1, chunk_length(time, CPU_BACKWARD_CHUNK)))
     return lax.platform_dependent(*args, cpu=cpu, default=functools.partial(run, chunks=(time, time)))
@@ -212,14 +215,14 @@ def chunk_length(time: int, most: int) -> int:
     return max(k for k in range(1, min(time, most) + 1) if time % k == 0) if time else 1
 
 
-def _recurrence_vjp(cell, w_x, b, w_h, carry, xt, mask, *, reverse, unroll, chunks):
+def _recurrence_vjp(cell, w_x, b, w_h, carry, xs, mask, *, reverse, unroll, chunks):
     """chunks: (forward chunk length, backward chunk length), each dividing time."""
-    return _recurrence_core(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll, chunks)
+    return _recurrence_core(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9))
-def _recurrence_core(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll, chunks):
-    carry, hs, _ = _forward(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll, chunks[0])
+def _recurrence_core(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks):
+    carry, hs, _ = _forward(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks[0])
     return carry, hs
 
 
@@ -228,55 +231,59 @@ def _in_chunks(a: Array | None, chunk: int) -> Array | None:
     return None if a is None else a.reshape(a.shape[0] // chunk, chunk, *a.shape[1:])
 
 
-def _joined(tree, time: int):
-    """Undo ``_in_chunks`` on every leaf: [time // chunk, chunk, ...] -> [time, ...]."""
-    return jax.tree.map(lambda a: a.reshape(time, *a.shape[2:]), tree)
+def _chunk_starts(time: int, chunk: int) -> Array:
+    return jnp.arange(0, time, chunk)
 
 
-def _forward(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll, chunk):
-    """The loop; also returns per-step residuals: the cell's ``saved`` and the rest of the carry
-    after each step ([time, batch, ...]); h before each step is recovered from hs."""
+def _forward(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunk):
+    """The loop. Returns (final carry, hs [batch, time, hidden], residuals): the cell's ``saved``
+    and the rest of the carry entering each step, each [time, batch, ...]."""
+    batch, time, _ = xs.shape
+    bias = b.reshape(1, -1)
 
-    def step(carry, inputs):
-        pre_x, m_t = inputs
+    def step(state, inputs):
+        carry, hs = state
+        t, pre_x, m_t = inputs
+        if pre_x is None:  # per-step projection
+            pre_x = lax.dynamic_index_in_dim(xs, t, axis=1, keepdims=False) @ w_x + bias
         new, saved = cell.forward(pre_x + carry[0] @ w_h, carry)
-        if m_t is None:
-            return new, (new[0], saved, new[1:])
-        keep = m_t[:, None]
-        new = tuple(jnp.where(keep, n, c) for n, c in zip(new, carry))
-        return new, (jnp.where(keep, new[0], 0), saved, new[1:])
+        h_out = new[0]
+        if m_t is not None:
+            keep = m_t[:, None]
+            new = tuple(jnp.where(keep, n, c) for n, c in zip(new, carry))
+            h_out = jnp.where(keep, new[0], 0)
+        hs = lax.dynamic_update_index_in_dim(hs, h_out, t, axis=1)
+        return (new, hs), (saved, carry[1:])
 
-    def run_chunk(carry, inputs):
-        x_c, m_c = inputs  # [chunk, batch, features], [chunk, batch]
-        pre_x = cells.add_bias(jnp.einsum("tbf,fg->tbg", x_c, w_x), b)
-        return lax.scan(step, carry, (pre_x, m_c), reverse=reverse, unroll=unroll)
+    def run_chunk(state, inputs):
+        start, m_c = inputs  # m_c: [chunk, batch]
+        x_c = lax.dynamic_slice_in_dim(xs, start, chunk, axis=1)
+        pre_x = cells.add_bias(jnp.einsum("btf,fg->tbg", x_c, w_x), b)
+        return lax.scan(step, state, (start + jnp.arange(chunk), pre_x, m_c), reverse=reverse, unroll=unroll)
 
-    if chunk == 1:  # a plain loop: nested loops of one step made XLA copy xt into another layout
-        bias = b.reshape(1, -1)
-        carry, (hs, saved, rest_after) = lax.scan(
-            lambda carry, inputs: step(carry, (inputs[0] @ w_x + bias, inputs[1])),
-            carry, (xt, mask), reverse=reverse, unroll=unroll,
-        )
-        return carry, hs, (saved, rest_after)
-    chunks = (_in_chunks(xt, chunk), _in_chunks(mask, chunk))
-    carry, per_step = lax.scan(run_chunk, carry, chunks, reverse=reverse)
-    hs, saved, rest_after = _joined(per_step, xt.shape[0])
-    return carry, hs, (saved, rest_after)
+    state = (tuple(carry), jnp.zeros((batch, time, carry[0].shape[-1]), carry[0].dtype))
+    if chunk == 1:
+        state, residuals = lax.scan(step, state, (jnp.arange(time), None, mask), reverse=reverse, unroll=unroll)
+    else:
+        chunks = (_chunk_starts(time, chunk), _in_chunks(mask, chunk))
+        state, residuals = lax.scan(run_chunk, state, chunks, reverse=reverse)
+        residuals = jax.tree.map(lambda a: a.reshape(time, *a.shape[2:]), residuals)
+    carry, hs = state
+    return carry, hs, residuals
 
 
-def _recurrence_fwd(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll, chunks):
-    carry_out, hs, residuals = _forward(cell, w_x, b, w_h, carry, xt, mask, reverse, unroll, chunks[0])
-    return (carry_out, hs), (w_x, w_h, carry, xt, mask, hs, residuals)
+def _recurrence_fwd(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks):
+    carry_out, hs, residuals = _forward(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks[0])
+    return (carry_out, hs), (w_x, w_h, carry[0], xs, mask, hs, residuals)
 
 
 def _recurrence_bwd(cell, reverse, unroll, chunks, saved_values, cotangents):
     """Reverse-time loop over the gate gradients δpre_t with δh_{t-1} = δpre_t W_hᵀ; per chunk,
     then, δW_x += Σ_t x_tᵀ δpre_t, δW_h += Σ_t h_{t-1}ᵀ δpre_t, δb += Σ_t δpre_t and
     δx_t = δpre_t W_xᵀ as matmuls over the chunk's steps."""
-    w_x, w_h, carry0, xt, mask, hs, (saved, rest_after) = saved_values
+    w_x, w_h, h0, xs, mask, hs, (saved, rest_in) = saved_values
     dcarry, dhs = cotangents
-    h_in = _entering(hs, carry0[0], reverse, mask)
-    rest_in = tuple(_entering(a, a0, reverse) for a, a0 in zip(rest_after, carry0[1:]))
+    batch, time, _ = xs.shape
     w_h_t, chunk = w_h.T, chunks[1]
 
     def step(dcarry, inputs):
@@ -291,55 +298,63 @@ def _recurrence_bwd(cell, reverse, unroll, chunks, saved_values, cotangents):
             drest_in = tuple(jnp.where(keep, d, dn) for d, dn in zip(drest_in, dcarry[1:]))
         return (dh_in, *drest_in), dpre
 
-    def run_chunk(loop_carry, inputs):
-        dcarry, (dw_x, dw_h, db) = loop_carry
-        per_step, x_c, h_in_c = inputs
-        dcarry, dpre = lax.scan(step, dcarry, per_step, reverse=not reverse, unroll=unroll)
+    def run_chunk(state, inputs):
+        dcarry, (dw_x, dw_h, db), dxs = state
+        start, per_step = inputs
+        dh_c = jnp.swapaxes(lax.dynamic_slice_in_dim(dhs, start, chunk, axis=1), 0, 1)
+        dcarry, dpre = lax.scan(step, dcarry, (dh_c, *per_step), reverse=not reverse, unroll=unroll)
+        x_c = lax.dynamic_slice_in_dim(xs, start, chunk, axis=1)
+        h_in_c = _entering(hs, h0, start, chunk, reverse, mask)
         sums = (
-            dw_x + jnp.einsum("tbf,tbg->fg", x_c, dpre),
-            dw_h + jnp.einsum("tbh,tbg->hg", h_in_c, dpre),
+            dw_x + jnp.einsum("btf,tbg->fg", x_c, dpre),
+            dw_h + jnp.einsum("bth,tbg->hg", h_in_c, dpre),
             db + jnp.sum(dpre, axis=(0, 1)),
         )
-        return (dcarry, sums), jnp.einsum("tbg,fg->tbf", dpre, w_x)
+        dxs = lax.dynamic_update_slice_in_dim(dxs, jnp.einsum("tbg,fg->btf", dpre, w_x), start, axis=1)
+        return (dcarry, sums, dxs), None
 
     sums = (jnp.zeros_like(w_x), jnp.zeros_like(w_h), jnp.zeros((w_h.shape[1],), w_h.dtype))
-    per_step = jax.tree.map(lambda a: _in_chunks(a, chunk), (dhs, saved, rest_in, mask))
-    chunks = (per_step, _in_chunks(xt, chunk), _in_chunks(h_in, chunk))
-    (dcarry0, (dw_x, dw_h, db)), dxt = lax.scan(run_chunk, (tuple(dcarry), sums), chunks, reverse=not reverse)
-    return dw_x, db, dw_h, dcarry0, _joined(dxt, xt.shape[0]), None
+    per_step = jax.tree.map(lambda a: _in_chunks(a, chunk), (saved, rest_in, mask))
+    state = (tuple(dcarry), sums, jnp.zeros_like(xs))
+    (dcarry0, (dw_x, dw_h, db), dxs), _ = lax.scan(
+        run_chunk, state, (_chunk_starts(time, chunk), per_step), reverse=not reverse
+    )
+    return dw_x, db, dw_h, dcarry0, dxs, None
 
 
 _recurrence_core.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _entering(after: Array, initial: Array, reverse: bool, mask: Array | None = None) -> Array:
-    """The carry entering each step [time, batch, hidden], from its value after each step: the
-    neighbour's (t-1, or t+1 when reverse), ``initial`` at the first step. With ``mask``, ``after``
-    holds outputs (zero at masked steps); a step whose neighbour is masked starts from ``initial``
-    (read backwards, every step after a masked one is masked too; read forwards such a step is
-    masked itself, so its value is never used)."""
-    first = initial[None]
-    if reverse:
-        before, before_mask = jnp.concatenate([after[1:], first]), None if mask is None else mask[1:]
-    else:
-        before, before_mask = jnp.concatenate([first, after[:-1]]), None if mask is None else mask[:-1]
+def _entering(hs: Array, h0: Array, start: Array, length: int, reverse: bool, mask: Array | None) -> Array:
+    """h entering the steps start .. start+length-1, [batch, length, hidden], from the outputs hs
+    [batch, time, hidden]: the neighbour's output (t-1, or t+1 when reverse), h0 at the first
+    step. With ``mask``, a step whose neighbour is masked starts from h0: read backwards, that is
+    a sequence's last real step (its outputs are zero beyond); read forwards, such a step is
+    masked itself and its value is never used."""
+    time = hs.shape[1]
+    if not reverse:
+        before = lax.dynamic_index_in_dim(hs, jnp.maximum(start - 1, 0), axis=1, keepdims=False)
+        first = jnp.where(start == 0, h0, before)[:, None]
+        return jnp.concatenate([first, lax.dynamic_slice_in_dim(hs, start, length - 1, axis=1)], axis=1)
+    end = start + length
+    after = lax.dynamic_index_in_dim(hs, jnp.minimum(end, time - 1), axis=1, keepdims=False)
+    last = jnp.where(end >= time, h0, after)[:, None]
+    before = jnp.concatenate([lax.dynamic_slice_in_dim(hs, start + 1, length - 1, axis=1), last], axis=1)
     if mask is None:
         return before
-    edge = jnp.zeros((1, mask.shape[1]), bool)
-    before_mask = jnp.concatenate([before_mask, edge]) if reverse else jnp.concatenate([edge, before_mask])
-    return jnp.where(before_mask[:, :, None], before, first)
+    neighbour_real = lax.dynamic_slice_in_dim(jnp.concatenate([mask[1:], jnp.zeros_like(mask[:1])]), start, length)
+    return jnp.where(neighbour_real.T[:, :, None], before, h0[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces: inputs, masks, validation
 
 
-def _time_major_inputs(xs: Array, mask: Array | None) -> Array:
-    """[batch, time, features] -> [time, batch, features]. Steps past a sequence's length (mask
-    [time, batch] False) are read as zeros, so that whatever the padding holds (NaN included)
-    reaches neither the outputs nor any gradient."""
-    xt = jnp.swapaxes(xs, 0, 1)
-    return xt if mask is None else jnp.where(mask[:, :, None], xt, 0)
+def _zero_padding(xs: Array, mask: Array | None) -> Array:
+    """xs [batch, time, features] with the steps past a sequence's length (mask [time, batch]
+    False) read as zeros, so that whatever the padding holds (NaN included) reaches neither the
+    outputs nor any gradient."""
+    return xs if mask is None else jnp.where(mask.T[:, :, None], xs, 0)
 
 
 def _time_mask(seq_lengths: Array | None, batch: int, time: int) -> Array | None:

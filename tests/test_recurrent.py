@@ -492,21 +492,21 @@ def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
 
     ks = jax.random.split(jax.random.key(7), 4)
     params = make_params(cell, features=3, hidden=5, seed=7)
-    xt = jax.random.normal(ks[1], (6, 4, 3))
+    xs = jax.random.normal(ks[1], (4, 6, 3))
     h0 = jax.random.normal(ks[2], (4, 5))
     carry = (h0, jax.random.normal(ks[3], (4, 5))) if cell == "lstm" else (h0,)
     step = recurrent._LSTM if cell == "lstm" else recurrent._rnn(jnp.tanh)
     mask = jnp.arange(6)[:, None] < jnp.array([6, 2, 0, 4])[None, :]
 
     def loss(chunks):
-        def f(p, xt, carry):
+        def f(p, xs, carry):
             final, hs = recurrent._recurrence_vjp(
-                step, p["w_x"], p["b"], p["w_h"], carry, xt, mask, reverse=reverse, unroll=1, chunks=chunks
+                step, p["w_x"], p["b"], p["w_h"], carry, xs, mask, reverse=reverse, unroll=1, chunks=chunks
             )
             return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(jnp.cos(c)) for c in final)
         return jax.jit(jax.value_and_grad(f, (0, 1, 2)))
 
-    for a, b in zip(jax.tree.leaves(loss(chunks)(params, xt, carry)), jax.tree.leaves(loss((1, 1))(params, xt, carry))):
+    for a, b in zip(jax.tree.leaves(loss(chunks)(params, xs, carry)), jax.tree.leaves(loss((1, 1))(params, xs, carry))):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
