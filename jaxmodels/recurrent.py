@@ -195,20 +195,24 @@ def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
     per backward chunk, the weight and input gradients are matmuls over its steps after its loop.
     Only h_{t-1} W_h (forward) and δpre_t W_hᵀ (backward) remain per step. The lengths are chosen
     per lowering platform: the whole sequence on GPU/TPU (one large matmul each); on CPU, one step
-    forward and at most ``CPU_BACKWARD_CHUNK`` steps backward. Measured there (hidden 256, batch
-    64, time 150): a whole-sequence [time*batch, 4*hidden] projection goes to memory and back and
-    made the forward 2x slower; forward chunks of 5 to 30 steps were 20% slower than one step,
-    where x_t W_x runs on one core beside h_{t-1} W_h on the other; backward chunks of 10 steps
-    made the training step 10% faster than per-step weight-gradient matmuls and their sums.
+    forward (the whole sequence for batch 1) and at most ``CPU_BACKWARD_CHUNK`` steps backward.
+    Measured there (hidden 256, batch 64, time 150): a whole-sequence [time*batch, 4*hidden]
+    projection goes to memory and back and made the forward 2x slower; forward chunks of 5 to 30
+    steps were 20% slower than one step, where x_t W_x runs on one core beside h_{t-1} W_h on the
+    other; backward chunks of 10 steps made the training step 10% faster than per-step
+    weight-gradient matmuls and their sums. At batch 1 each step's x_t W_x is a matrix-vector
+    product that reads all of W_x: one projection for the whole sequence made the forward 1.6x
+    faster at (256, 1, 150); at batch 4 and more one step was best.
 
     Measured there too: reading xs and writing its gradient a step or a chunk at a time, rather
     than transposing them whole, made the training step 3% faster; hs is stacked time-major and
     transposed once (writing it batch-major step by step made the forward 7% slower).
     """
-    time = xs.shape[1]
+    batch, time, _ = xs.shape
     args = (w_x, b, w_h, carry, xs, mask)
     run = functools.partial(_recurrence_vjp, cell, reverse=reverse, unroll=unroll)
-    cpu = functools.partial(run, chunks=(1, chunk_length(time, CPU_BACKWARD_CHUNK)))
+    cpu_forward_chunk = time if batch == 1 else 1
+    cpu = functools.partial(run, chunks=(cpu_forward_chunk, chunk_length(time, CPU_BACKWARD_CHUNK)))
     return lax.platform_dependent(*args, cpu=cpu, default=functools.partial(run, chunks=(time, time)))
 
 

@@ -217,6 +217,20 @@ def test_scan_matches_loop_of_cells(cell, lengths, reverse, carry_kind, unroll, 
                     np.testing.assert_array_equal(np.asarray(got)[b], np.asarray(init)[b])
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("length,reverse", [(None, False), (4, True)])
+def test_batch_of_one_matches_loop_of_cells(cell, length, reverse):
+    """Batch 1 takes its own path on CPU (the input projection hoisted over the whole sequence)."""
+    params, xs, weights = make_params(cell), make_xs(batch=1), make_loss_weights(batch=1)
+    carry0 = make_carry(cell, batch=1)
+    lengths = None if length is None else (length,)
+    seq_lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+    got = library_value_and_grads(cell, params, xs, carry0, weights, seq_lengths=seq_lengths, reverse=reverse)
+    want = reference_value_and_grads(params, xs, carry0, weights, cell=cell, lengths=lengths, reverse=reverse)
+    for g, w, what in zip(got, want, ("final carry", "hs", "value", "grad")):
+        assert_trees_close(g, w, (GRAD_TOL if what == "grad" else TOL)[jnp.float32], what)
+
+
 def test_rnn_scan_custom_activation_matches_loop():
     """The hand-written RNN backward differentiates the given activation, not tanh."""
     params, xs, weights, carry0 = make_params("rnn"), make_xs(), make_loss_weights(), make_carry("rnn")
