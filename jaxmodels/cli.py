@@ -149,6 +149,8 @@ def _model_and_dataset(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    import jax
+
     from jaxmodels.parallel import get_strategy, initialize_distributed
     from jaxmodels.train import fit
 
@@ -176,8 +178,9 @@ def _train(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
     steps = int(result.state.step)
-    print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
-    print(f"wrote {workdir}/config.json, metrics.jsonl, learning_curves.png, checkpoints/")
+    if jax.process_index() == 0:  # the process that wrote the files
+        print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
+        print(f"wrote {workdir}/config.json, metrics.jsonl, learning_curves.png, checkpoints/")
     return 0
 
 

@@ -457,11 +457,12 @@ def fit(
         train_it.restore(restored.position)
     state = strategy.put_state(state)
     start_step = restored.step if restored is not None else 0
-    writer = _RunWriter(Path(workdir), enabled=jax.process_index() == 0, keep_until=start_step if restored else None)
+    lead = jax.process_index() == 0  # the one process that writes files and prints
+    writer = _RunWriter(Path(workdir), enabled=lead, keep_until=start_step if restored else None)
     writer.save_config(run_config)
     test_metrics: dict[str, float] = {}
     t0, step, window = time.perf_counter(), start_step, _Window()
-    with _progress(cfg.progress) as progress, _closing(checkpoints):
+    with _progress(cfg.progress and lead) as progress, _closing(checkpoints):
         task = progress.add_task("train", total=total_steps, completed=step, loss="-")
         for epoch in range(train_it.position.epoch + 1, cfg.epochs + 1):
             if step >= total_steps:  # resumed from the last checkpoint of a finished run
@@ -487,7 +488,8 @@ def fit(
                 writer.log({"kind": "eval", "epoch": epoch, "step": step, **test_metrics,
                             "time_s": now - t0, "eval_time_s": now - start})
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items())
-                progress.console.print(f"epoch {epoch}/{cfg.epochs}  step {step}  test {shown}")
+                if lead:
+                    progress.console.print(f"epoch {epoch}/{cfg.epochs}  step {step}  test {shown}")
             if step == total_steps:
                 break
     if test_it is not None and not test_metrics:  # resumed after the last step: evaluate once

@@ -250,6 +250,17 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert (workdir / "learning_curves.png").stat().st_size > 1000
 
 
+def test_only_process_zero_prints_and_writes(tmp_path, capsys, monkeypatch):
+    """In a multi-process run the other processes train silently: no progress, epoch or summary
+    lines and no files (process 0 writes them)."""
+    monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+    argv = ["train", "cnn", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--workdir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_cli_clear_errors(tmp_path, capsys):
     for argv, fragment in [
         (["train", "resnet"], "invalid choice: 'resnet' (choose from 'cnn'"),
