@@ -529,3 +529,17 @@ def test_chunk_length_is_the_largest_divisor_within_bound(time, most, expected):
     from jaxmodels import recurrent
 
     assert recurrent.chunk_length(time, most) == expected
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_scan_path_lowers_for_accelerators(cell, platform):
+    """The scan's GPU/TPU placement (one chunk: whole-sequence matmuls) lowers, gradients included;
+    the CPU here can only run the other placement, checked against it in the chunk tests."""
+    from jax import export
+
+    scan = SCANS[cell]
+    lengths = jnp.asarray([7, 2, 0], jnp.int32)
+    loss = lambda p, x: jnp.sum(jnp.sin(scan(p, x, seq_lengths=lengths, reverse=True, impl="scan")[1]))
+    exported = export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=[platform])(make_params(cell), make_xs())
+    assert "stablehlo.while" in exported.mlir_module()
