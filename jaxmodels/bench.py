@@ -9,10 +9,12 @@ How a workload is timed (``time_workload``):
    call, compilation included, is reported apart as ``compile_s``;
 2. ``warmup`` more calls, untimed, pick ``number``: how many calls one sample holds so that a
    sample lasts at least ``min_sample_s`` (the clock's resolution then does not matter);
-3. ``repeats`` rounds, round-robin over the contenders in one process (the first contender
-   rotating from round to round), each call waited on (``jax.block_until_ready``; PyTorch on CPU
-   returns when done, on CUDA ``torch.cuda.synchronize``), so that load on a shared machine falls
-   on every contender alike and the ratios stay meaningful;
+3. ``repeats`` rounds in one process, every contender sampled once per round in a new random
+   order (seeded: a run's orders are reproducible), each call waited on
+   (``jax.block_until_ready``; PyTorch on CPU returns when done, on CUDA
+   ``torch.cuda.synchronize``), so that load on a shared machine falls on every contender alike
+   and the ratios stay meaningful; the shuffling varies who runs right after whom, so that an
+   after-effect of one contender (PyTorch's thread pool) does not always fall on the same one;
 4. per contender: the median and min-max of the per-call times, GFLOP/s from the workload's
    analytic FLOP count, the fraction of the matmul peak measured in the same run (a large float32
    ``jnp`` matmul, timed the same way, before and after the suite; the faster median counts), and
@@ -38,6 +40,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -204,9 +207,9 @@ def time_workload(
     gc.collect()
     gc.disable()
     try:
-        for round_ in range(repeats):
-            shift = round_ % len(steps) if steps else 0
-            for record, framework, step in steps[shift:] + steps[:shift]:
+        order = random.Random(0)
+        for _ in range(repeats):
+            for record, framework, step in order.sample(steps, len(steps)):
                 if "error" in record:
                     continue
                 try:
@@ -408,7 +411,7 @@ def markdown(result: dict) -> str:
             "contenders are interleaved and the ratios, not the absolute times, are the result."
         )
     lines += [
-        f"{result['repeats']} rounds, contenders round-robin; a sample is >= {result['min_sample_s'] * 1e3:.0f} ms "
+        f"{result['repeats']} rounds, contenders in a new random order each round; a sample is >= {result['min_sample_s'] * 1e3:.0f} ms "
         "of back-to-back calls, each waited on; median and min-max of the per-call time over the rounds; "
         "compile = the first call. `x B` = B's median / this median (above 1: faster than B).",
     ]

@@ -41,8 +41,21 @@ def test_time_workload_interleaves_and_reports_errors():
     assert records[2]["error"] == "RuntimeError: no such backend" and "median_s" not in records[2]
     for r in records[:2]:
         assert r["number"] == 1 and len(r["samples_s"]) == 3 and r["min_s"] <= r["median_s"] <= r["max_s"]
-    # first call + 1 warm-up each, then rounds that rotate the starting contender
-    assert calls == ["a", "a", "b", "b", "a", "b", "b", "a", "a", "b"]
+    # first call + 1 warm-up each, then rounds: each contender once per round
+    assert calls[:4] == ["a", "a", "b", "b"]
+    assert [sorted(calls[i:i + 2]) for i in range(4, 10, 2)] == [["a", "b"]] * 3
+
+
+def test_time_workload_varies_who_runs_after_whom():
+    calls = []
+    names = "abcd"
+    contenders = [bench.Contender(n, lambda n=n: (lambda: calls.append(n))) for n in names]
+    bench.time_workload(bench.Workload("w", "g", 1.0, contenders), repeats=8, warmup=0, min_sample_s=0.0)
+    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]
+    assert len(rounds) == 8 and all(sorted(r) == list(names) for r in rounds)
+    for n in names:  # a fixed cyclic order would give each one predecessor within rounds
+        predecessors = {r[r.index(n) - 1] for r in rounds if r.index(n) > 0}
+        assert len(predecessors) >= 2, (n, predecessors)
 
 
 @pytest.fixture(scope="module")
