@@ -286,7 +286,7 @@ def _recurrence_bwd(cell, reverse, unroll, chunks, saved_values, cotangents):
     δx_t = δpre_t W_xᵀ as matmuls over the chunk's steps."""
     w_x, w_h, h0, xs, mask, hs, (saved, rest_in) = saved_values
     dcarry, dhs = cotangents
-    batch, time, _ = xs.shape
+    time = xs.shape[1]
     w_h_t, chunk = w_h.T, chunks[1]
 
     def step(dcarry, inputs):
