@@ -372,6 +372,10 @@ class Checkpoints:
                     dest, n = bad / f"{s}-{n}", n + 1
                 shutil.move(str(self.directory / str(s)), dest)
                 warnings.warn(f"moved unreadable checkpoint step {s} to {dest}", CheckpointWarning, stacklevel=3)
+        if jax.process_count() > 1:  # every process lists the steps only once they are moved
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxmodels: unreadable checkpoints set aside")
         self._manager.reload()
 
     # ----------------------------------------------------------------------------------- close

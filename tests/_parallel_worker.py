@@ -7,11 +7,13 @@ cannot share the pytest process).
 Writes OUT/result-p<process>.json ({"devices", "process_index", "process_count", "runs": {name:
 {"history", "test_metrics", "seconds", "wrote"}}, "steps", "errors", "cli"}) and
 OUT/<run>-p<process>.npz (the final state's leaves in tree order). Multi-host: "coordinator",
-"num_processes", "process_id". ``setup`` gives the model, data and settings every run uses.
+"num_processes", "process_id". Checkpoints: "checkpoint_every", "resume", and "workdir" (the run's
+folder instead of OUT/run-<name>). ``setup`` gives the model, data and settings every run uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -40,13 +42,15 @@ def main(config: dict) -> None:
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
     model, ds, cfg = setup()
+    cfg = dataclasses.replace(cfg, checkpoint_every=config.get("checkpoint_every"))
     result = {"devices": jax.device_count(), "local_devices": jax.local_device_count(),
               "process_index": jax.process_index(), "process_count": jax.process_count(),
               "default": parallel.get_strategy().name, "runs": {}}
     for name in config.get("runs", []):
         start = time.perf_counter()
-        workdir = out / f"run-{name}"  # one folder for all processes, as on a shared file system
-        fitted = fit(model, ds, cfg, workdir, strategy=parallel.get_strategy(name))
+        # one folder for all processes, as on a shared file system
+        workdir = Path(config["workdir"]) if "workdir" in config else out / f"run-{name}"
+        fitted = fit(model, ds, cfg, workdir, strategy=parallel.get_strategy(name), resume=config.get("resume", False))
         leaves = [np.asarray(x) for x in jax.tree.leaves(fitted.state)]
         np.savez(out / f"{name}-p{jax.process_index()}.npz", *leaves)
         result["runs"][name] = {
@@ -78,8 +82,6 @@ def setup():
     """(model, dataset, TrainConfig) of every run: 136 digits to train on (batch 32: four full
     batches and one padded one with 8 real rows per epoch, two epochs), 100 to test on (one padded
     evaluation batch), a narrow CNN of the seed's layout so compiling and 8-way CPU steps are quick."""
-    import dataclasses
-
     from jaxmodels.data import get_dataset
     from jaxmodels.models import get_model
     from jaxmodels.train import TrainConfig

@@ -4,6 +4,7 @@ half of every batch) match a one-process run of the same global batches; only pr
 
 import importlib.util
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -57,3 +58,37 @@ def test_two_processes_match_one(tmp_path):
     assert {"config.json", "metrics.jsonl"} <= set(run["wrote"])
     rows = [json.loads(line) for line in (tmp_path / "run-sharded" / "metrics.jsonl").read_text().splitlines()]
     assert rows == json.loads(json.dumps(run["history"]))
+
+
+def test_two_processes_resume_past_a_corrupt_checkpoint(tmp_path):
+    """Two processes resume from a run whose latest checkpoint is unreadable: both fall back to the
+    one before, process 0 moves the bad one aside (the others wait for it before listing the steps
+    again, or they would skip saving that step number while process 0 saves it), and the resumed run
+    ends where the uninterrupted one did."""
+
+    def two_processes(out: Path, **config) -> None:
+        port = free_port()
+        procs = [
+            run_worker({"devices": 2, "out": str(out), "runs": ["sharded"], "workdir": str(tmp_path / "run"),
+                        "checkpoint_every": 2, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+                        "process_id": i, **config})
+            for i in range(2)
+        ]
+        for p in procs:
+            finish(p)
+
+    two_processes(tmp_path / "first")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit()) == [6, 8, 10]
+    shutil.rmtree(checkpoints / "10" / "state")  # the latest checkpoint is damaged
+    two_processes(tmp_path / "again", resume=True)
+
+    assert sorted(d.name for d in (tmp_path / "run" / "checkpoints.bad").iterdir()) == ["10"]
+    assert sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit()) == [6, 8, 10]
+    for i in range(2):
+        (_, first), (resumed, again) = (load_run(tmp_path / d, "sharded", i) for d in ("first", "again"))
+        # process 0 keeps the rows logged up to the restored step 8; the others hold this run's only
+        steps = [r["step"] for r in resumed["history"] if r["kind"] == "train"]
+        assert steps == (list(range(1, 11)) if i == 0 else [9, 10]), (i, steps)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
