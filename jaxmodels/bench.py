@@ -207,9 +207,9 @@ def time_workload(
     gc.collect()
     gc.disable()
     try:
-        order = random.Random(0)
+        rng = random.Random(0)
         for _ in range(repeats):
-            for record, framework, step in order.sample(steps, len(steps)):
+            for record, framework, step in rng.sample(steps, len(steps)):
                 if "error" in record:
                     continue
                 try:

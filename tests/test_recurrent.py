@@ -504,11 +504,11 @@ def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     and a few backward: CPU) gives the outputs and gradients of the per-step loop, with masks."""
     from jaxmodels import recurrent
 
-    ks = jax.random.split(jax.random.key(7), 4)
+    ks = jax.random.split(jax.random.key(7), 3)
     params = make_params(cell, features=3, hidden=5, seed=7)
-    xs = jax.random.normal(ks[1], (4, 6, 3))
-    h0 = jax.random.normal(ks[2], (4, 5))
-    carry = (h0, jax.random.normal(ks[3], (4, 5))) if cell == "lstm" else (h0,)
+    xs = jax.random.normal(ks[0], (4, 6, 3))
+    h0 = jax.random.normal(ks[1], (4, 5))
+    carry = (h0, jax.random.normal(ks[2], (4, 5))) if cell == "lstm" else (h0,)
     step = recurrent._LSTM if cell == "lstm" else recurrent._rnn(jnp.tanh)
     mask = jnp.arange(6)[:, None] < jnp.array([6, 2, 0, 4])[None, :]
 
