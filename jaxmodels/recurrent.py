@@ -287,7 +287,7 @@ def _recurrence_bwd(cell, reverse, unroll, chunks, saved_values, cotangents):
     w_x, w_h, h0, xs, mask, hs, (saved, rest_in) = saved_values
     dcarry, dhs = cotangents
     time = xs.shape[1]
-    w_h_t, chunk = w_h.T, chunks[1]
+    w_x_t, w_h_t, chunk = w_x.T, w_h.T, chunks[1]
 
     def step(dcarry, inputs):
         dh_out, saved_t, rest_in_t, m_t = inputs
@@ -313,7 +313,7 @@ def _recurrence_bwd(cell, reverse, unroll, chunks, saved_values, cotangents):
             dw_h + jnp.einsum("tbh,tbg->hg", h_in_c, dpre),
             db + jnp.sum(dpre, axis=(0, 1)),
         )
-        dxs = lax.dynamic_update_slice_in_dim(dxs, jnp.einsum("tbg,fg->btf", dpre, w_x), start, axis=1)
+        dxs = lax.dynamic_update_slice_in_dim(dxs, jnp.swapaxes(dpre @ w_x_t, 0, 1), start, axis=1)
         return (dcarry, sums, dxs), None
 
     sums = (jnp.zeros_like(w_x), jnp.zeros_like(w_h), jnp.zeros((w_h.shape[1],), w_h.dtype))
