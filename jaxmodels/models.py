@@ -54,32 +54,38 @@ class SequenceModel(nn.Module):
 
 
 class CharLM(nn.Module):
-    """Character language model: embedding - LSTM - dense over the vocabulary.
+    """Character language model: embedding - recurrent layers (``cell`` "lstm" or "rnn") - dense
+    over the vocabulary.
 
     tokens [batch, time] integers in [0, vocab_size) -> logits [batch, time, vocab_size] for the
-    next character at every step.
+    next character at every step. With ``return_carry`` the call also returns the recurrent layers'
+    final carry (stacked as ``LSTM`` / ``SimpleRNN`` return it), which ``initial_carry`` takes
+    back: a text can be read in pieces, and ``generate`` feeds its samples one step at a time.
     """
 
     vocab_size: int
     embed_size: int = 64
     hidden_size: int = 256
     num_layers: int = 2
+    cell: str = "lstm"
     dropout_rate: float = 0.0
     impl: str = "auto"
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, tokens: Array, *, train: bool = False) -> Array:
+    def __call__(self, tokens: Array, initial_carry: Any = None, *, train: bool = False, return_carry: bool = False):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"expected integer tokens of rank 2 [batch, time], got shape {tokens.shape} dtype {tokens.dtype}"
             )
         xs = nn.Embed(self.vocab_size, self.embed_size, dtype=self.dtype)(tokens)
-        hs, _ = LSTM(self.hidden_size, self.num_layers, dropout_rate=self.dropout_rate, impl=self.impl, dtype=self.dtype)(
-            xs, train=train
+        recurrent = _recurrent(self.cell)(
+            self.hidden_size, self.num_layers, dropout_rate=self.dropout_rate, impl=self.impl, dtype=self.dtype
         )
+        hs, carry = recurrent(xs, None, initial_carry, train=train)
         hs = nn.Dropout(self.dropout_rate, deterministic=not train)(hs)
-        return nn.Dense(self.vocab_size, dtype=self.dtype)(hs)
+        logits = nn.Dense(self.vocab_size, dtype=self.dtype)(hs)
+        return (logits, carry) if return_carry else logits
 
 
 def _recurrent(cell: str) -> type[nn.Module]:
@@ -117,7 +123,8 @@ _REGISTRY: dict[str, tuple[str, Callable[..., nn.Module]]] = {
     "rnn-classifier": ("classification", lambda num_classes=10, **kw: SequenceModel(num_classes, cell="rnn", **kw)),
     "lstm-regressor": ("regression", lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="lstm", **kw)),
     "rnn-regressor": ("regression", lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="rnn", **kw)),
-    "char-lstm": ("language_model", CharLM),
+    "char-lstm": ("language_model", lambda vocab_size, **kw: CharLM(vocab_size, cell="lstm", **kw)),
+    "char-rnn": ("language_model", lambda vocab_size, **kw: CharLM(vocab_size, cell="rnn", **kw)),
 }
 
 
@@ -137,3 +144,43 @@ def get_model(name: str, **config) -> Model:
     except TypeError as err:
         raise TypeError(f"bad configuration for model {name!r}: {err}") from None
     return Model(name, task, module)
+
+
+def generate(model: Model, variables: dict, prompt: Array, length: int, key: Array, *, temperature: float = 1.0) -> Array:
+    """Sample ``length`` tokens that follow ``prompt`` from a character language model
+    (``char-lstm``, ``char-rnn``).
+
+    prompt: [batch, p] integer tokens, p >= 1. The prompt is read in one call; then each token is
+    drawn from softmax(logits / temperature) (the most likely one when temperature is 0) and fed
+    back for one step, the recurrent carry passed along (``lax.scan``, compiled once). Returns
+    [batch, length] int32 tokens.
+    """
+    if model.task != "language_model":
+        raise ValueError(f"expected a language model (task 'language_model'), got {model.name!r} ({model.task!r})")
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"expected an integer prompt [batch, p] with p >= 1, got shape {prompt.shape} dtype {prompt.dtype}")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise ValueError(f"expected a positive integer length, got {length!r}")
+    if not temperature >= 0:
+        raise ValueError(f"expected temperature >= 0, got {temperature}")
+
+    def draw(logits: Array, key: Array) -> Array:
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(key, logits.astype(jnp.float32) / temperature).astype(jnp.int32)
+
+    @jax.jit
+    def run(variables, prompt, key):
+        logits, carry = model.apply(variables, prompt, return_carry=True)
+
+        def step(state, key):
+            carry, logits = state
+            token = draw(logits, key)
+            logits, carry = model.apply(variables, token[:, None], initial_carry=carry, return_carry=True)
+            return (carry, logits[:, 0]), token
+
+        _, tokens = jax.lax.scan(step, (carry, logits[:, -1]), jax.random.split(key, length))
+        return tokens.T
+
+    return run(variables, prompt, key)

@@ -18,7 +18,7 @@ import pytest
 
 import jaxmodels
 from jaxmodels import get_model, list_models
-from jaxmodels.models import TASKS, Model
+from jaxmodels.models import TASKS, Model, generate
 
 BATCH, TIME, FEATURES, HIDDEN, VOCAB = 3, 6, 4, 8, 11
 LENGTHS = (TIME, 4, 1)
@@ -30,6 +30,7 @@ EXPECTED_TASKS = {
     "lstm-regressor": "regression",
     "rnn-regressor": "regression",
     "char-lstm": "language_model",
+    "char-rnn": "language_model",
 }
 SEQUENCE_MODELS = ("lstm-classifier", "rnn-classifier", "lstm-regressor", "rnn-regressor")
 
@@ -41,7 +42,9 @@ CONFIGS = {
     "lstm-regressor": ({"hidden_size": HIDDEN}, (BATCH, 1)),
     "rnn-regressor": ({"hidden_size": HIDDEN, "num_outputs": 2}, (BATCH, 2)),
     "char-lstm": ({"vocab_size": VOCAB, "embed_size": 4, "hidden_size": HIDDEN, "num_layers": 1}, (BATCH, TIME, VOCAB)),
+    "char-rnn": ({"vocab_size": VOCAB, "embed_size": 4, "hidden_size": HIDDEN, "num_layers": 2}, (BATCH, TIME, VOCAB)),
 }
+CHAR_MODELS = ("char-lstm", "char-rnn")
 
 
 def _example(name: str, seed: int = 0):
@@ -49,7 +52,7 @@ def _example(name: str, seed: int = 0):
     rng = np.random.default_rng(seed)
     if name == "cnn":
         return jnp.asarray(rng.standard_normal((2, 28, 28, 1)), jnp.float32)
-    if name == "char-lstm":
+    if name in CHAR_MODELS:
         return jnp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)), jnp.int32)
     return jnp.asarray(rng.standard_normal((BATCH, TIME, FEATURES)), jnp.float32)
 
@@ -221,14 +224,57 @@ def test_sequence_head_reads_last_layer_final_states(cell, bidirectional):
         np.testing.assert_allclose(logits, expected, **REF)
 
 
-def test_char_lstm_is_causal():
+@pytest.mark.parametrize("name", CHAR_MODELS)
+def test_char_models_are_causal(name):
     """Logits at step t depend on tokens up to t only."""
-    _, variables, apply = _built("char-lstm")
-    tokens = _example("char-lstm", seed=2)
+    _, variables, apply = _built(name)
+    tokens = _example(name, seed=2)
     changed = tokens.at[:, 3].set((tokens[:, 3] + 1) % VOCAB)
     a, b = apply(variables, tokens), apply(variables, changed)
     np.testing.assert_array_equal(a[:, :3], b[:, :3])
     assert not np.allclose(a[:, 3:], b[:, 3:])
+
+
+@pytest.mark.parametrize("name", CHAR_MODELS)
+def test_char_models_read_a_text_in_pieces(name):
+    """return_carry / initial_carry: two calls over the halves give the logits of one call."""
+    model, variables, apply = _built(name)
+    tokens = _example(name, seed=4)
+    first, carry = model.apply(variables, tokens[:, :2], return_carry=True)
+    second = model.apply(variables, tokens[:, 2:], initial_carry=carry)
+    np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), apply(variables, tokens), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CHAR_MODELS)
+def test_generate_greedy_follows_the_models_own_argmax(name):
+    """temperature 0: each generated token is the argmax of the logits after prompt + the tokens
+    before it, computed here by re-reading the whole text every time."""
+    model, variables, apply = _built(name)
+    prompt = _example(name, seed=5)[:, :3]
+    out = generate(model, variables, prompt, 4, jax.random.key(0), temperature=0)
+    chex.assert_shape(out, (BATCH, 4))
+    assert out.dtype == jnp.int32
+    text = prompt
+    for t in range(4):
+        np.testing.assert_array_equal(out[:, t], jnp.argmax(apply(variables, text)[:, -1], axis=-1))
+        text = jnp.concatenate([text, out[:, t : t + 1]], axis=1)
+
+
+def test_generate_samples_by_key_and_checks_its_arguments():
+    model, variables, _ = _built("char-lstm")
+    prompt = _example("char-lstm")[:, :2]
+    a = generate(model, variables, prompt, 30, jax.random.key(1))
+    np.testing.assert_array_equal(a, generate(model, variables, prompt, 30, jax.random.key(1)))
+    assert not np.array_equal(a, generate(model, variables, prompt, 30, jax.random.key(2)))
+    assert int(a.min()) >= 0 and int(a.max()) < VOCAB
+    with pytest.raises(ValueError, match="language model"):
+        generate(_built("rnn-regressor")[0], {}, prompt, 3, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"integer prompt \[batch, p\]"):
+        generate(model, variables, prompt[0], 3, jax.random.key(0))
+    with pytest.raises(ValueError, match="positive integer length"):
+        generate(model, variables, prompt, 0, jax.random.key(0))
+    with pytest.raises(ValueError, match="temperature >= 0"):
+        generate(model, variables, prompt, 3, jax.random.key(0), temperature=-1.0)
 
 
 def test_char_lstm_rejects_float_tokens():
@@ -271,6 +317,10 @@ def test_config_overrides_reach_cnn_and_char_lstm():
     assert p["LSTM_0"]["layer_0"]["w_x"] == (3, 20)
     assert p["Dense_0"]["kernel"] == (5, 13)
 
+    model, p = _shapes("char-rnn", vocab_size=13, embed_size=3, hidden_size=5, num_layers=2)
+    assert model.module.cell == "rnn"
+    assert p["SimpleRNN_0"]["layer_1"] == {"w_x": (5, 5), "w_h": (5, 5), "b": (5,)}
+
 
 def test_default_configs():
     assert get_model("lstm-classifier").module.num_outputs == 10
@@ -301,7 +351,7 @@ def _random_like(tree, seed):
     return jax.tree.unflatten(treedef, [d / norm for d in direction])
 
 
-@pytest.mark.parametrize("name", ["cnn", "lstm-classifier", "rnn-regressor", "char-lstm"])
+@pytest.mark.parametrize("name", ["cnn", "lstm-classifier", "rnn-regressor", "char-lstm", "char-rnn"])
 def test_apply_under_jit_and_grad(name):
     model, variables, apply = _built(name)
     x = _example(name, seed=3)
