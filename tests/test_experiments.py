@@ -2,7 +2,11 @@
 
 import importlib.util
 import json
+import math
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -40,3 +44,54 @@ def test_lstm_vs_rnn_adding_tiny(tmp_path):
 
     table = paths[1].read_text()
     assert "| 5 | lstm |" in table and "| 5 | rnn |" in table
+
+
+def _tiny_text(path: Path) -> Path:
+    words = ["to be", "or not", "that is", "the question", "whether", "tis nobler", "in the mind", "to suffer"]
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(120)))
+    return path
+
+
+def test_char_shakespeare_tiny(tmp_path, monkeypatch):
+    script = load_script("char_shakespeare")
+    text = _tiny_text(tmp_path / "input.txt")
+    monkeypatch.setenv("JAXMODELS_TEXT", str(text))  # no --data-file: the environment variable
+    out, workdir = tmp_path / "results", tmp_path / "runs"
+    result = script.main([
+        "--steps", "3", "5", "--seeds", "0", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8",
+        "--batch-size", "4", "--warmup", "1", "--sample-chars", "20", "--workdir", str(workdir), "--out", str(out),
+    ])
+    paths = [out / f"char_shakespeare.{ext}" for ext in ("json", "md", "png")]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+    saved = json.loads(paths[0].read_text())
+    assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+    assert {(r["model"], r["steps"]) for r in saved["runs"]} == {(m, s) for m in ("lstm", "rnn") for s in (3, 5)}
+    vocab = saved["data"]["vocab_size"]
+    assert vocab == len(set(text.read_text()))
+    assert saved["data"]["validation_windows"] == (saved["data"]["validation_characters"] - 9) // 8 + 1  # adjacent
+    for run in saved["runs"]:
+        assert run["characters_seen"] == run["steps"] * 4 * 8
+        assert 0 < run["val_loss"] < 2 * math.log(vocab)
+        assert run["val_bits_per_char"] * math.log(2) == pytest.approx(run["val_loss"])
+        assert run["train_curve"][-1][0] == run["characters_seen"]
+        assert (Path(run["workdir"]) / "metrics.jsonl").is_file()
+    assert [r["mean_val_loss"] for r in saved["summary"]] == [
+        next(x["val_loss"] for x in saved["runs"] if (x["model"], x["steps"]) == (r["model"], r["steps"]))
+        for r in saved["summary"]]
+    assert set(saved["samples"]) == {"lstm, 5 steps, seed 0", "rnn, 5 steps, seed 0"}
+    for sample in saved["samples"].values():
+        assert len(sample) == 20 and set(sample) <= set(text.read_text())
+    table = paths[1].read_text()
+    assert "| nanoGPT CPU run | 1.88 |" in table and "| 5 | 0.00M | lstm |" in table
+
+
+def test_char_shakespeare_names_what_is_missing(tmp_path, monkeypatch):
+    script = load_script("char_shakespeare")
+    monkeypatch.delenv("JAXMODELS_TEXT", raising=False)
+    with pytest.raises(FileNotFoundError, match="JAXMODELS_TEXT"):
+        script.main(["--steps", "3", "--warmup", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--steps", "50", "--warmup", "100"])
+    assert exit_.value.code == 2
