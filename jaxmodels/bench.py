@@ -661,7 +661,7 @@ def lstm_suite(shapes: str = "full", *, backend: str | None = None, torch_thread
         "[batch, time, hidden]. Training step: gradients of sum(hs) w.r.t. the parameters and the inputs "
         "(PyTorch: torch.autograd.grad; forward under torch.no_grad). FLOPs: 2·T·B·(F+H)·4H forward, 3x for training.",
         f"`{LSTM_NAIVE}`: lax.scan over jaxmodels.lstm_cell, input projection inside the step, autodiff backward. "
-        f"`{LSTM_SCAN}`: the fused scan and its hand-written backward, time in chunks (CPU: input projection per step, weight and input gradients per 10-12 steps; GPU/TPU: each one matmul over the sequence).",
+        f"`{LSTM_SCAN}`: the fused scan and its hand-written backward, time in chunks (CPU: input projection per step, weight and input gradients per chunk of up to 800 rows, steps x batch; GPU/TPU: each one matmul over the sequence).",
     ]
     if backend not in ("gpu", "tpu"):
         notes.append("jax.experimental.rnn.lstm is cuDNN-only; on this backend its pure-JAX reference "

@@ -497,7 +497,7 @@ def test_bad_input_raises(cell, overrides, exc, match):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
-@pytest.mark.parametrize("chunks", [(6, 6), (1, 2), (3, 1), (2, 3)], ids=lambda c: f"fwd{c[0]}-bwd{c[1]}")
+@pytest.mark.parametrize("chunks", [(6, 6), (1, 6), (1, 2), (3, 1), (2, 3)], ids=lambda c: f"fwd{c[0]}-bwd{c[1]}")
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     """Every cut of time into forward and backward chunks (whole sequence: GPU/TPU; 1 step forward
