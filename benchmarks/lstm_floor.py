@@ -33,7 +33,6 @@ ones, where the floor means nothing (the smoke run's shapes).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -227,10 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"expected --repeats >= 1, got {args.repeats}")
     result = run(shape, repeats=args.repeats, peak_n=args.peak_n)
     stem = "lstm_floor" if shape == DEFAULT_SHAPE else "lstm_floor-{}x{}x{}".format(*shape)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(f"wrote {args.out / stem}.json and .md")
+    paths = bench.write_results(result, args.out, stem, render_markdown=markdown, render_png=None)
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 

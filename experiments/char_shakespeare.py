@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import os
 import sys
@@ -40,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.bench import environment
+from jaxmodels import bench
 from jaxmodels.data import load_text
 from jaxmodels.models import generate, get_model
 from jaxmodels.train import TrainConfig, fit
@@ -210,15 +209,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_results(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{STEM}.json", out / f"{STEM}.md", out / f"{STEM}.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    plot(result, paths[2])
-    return paths
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load_start, start = list(os.getloadavg()), time.perf_counter()
@@ -237,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "experiment": STEM,
         "config": config,
-        "environment": environment(),
+        "environment": bench.environment(),
         "wall_s": time.perf_counter() - start,
         "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "data": {"path": ds.info["path"], "characters": ds.info["characters"], "vocab_size": ds.num_classes,
@@ -248,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "samples": samples,
     }
-    paths = write_results(result, args.out)
+    paths = bench.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result

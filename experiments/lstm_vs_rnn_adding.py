@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmodels.bench import environment
+from jaxmodels import bench
 from jaxmodels.data import get_dataset
 from jaxmodels.models import get_model
 from jaxmodels.train import TrainConfig, fit
@@ -168,15 +167,6 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def write_results(result: dict, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{STEM}.json", out / f"{STEM}.md", out / f"{STEM}.png"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    plot(result, paths[2])
-    return paths
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load_start, start = list(os.getloadavg()), time.perf_counter()
@@ -202,14 +192,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "experiment": STEM,
         "config": config,
-        "environment": environment(),
+        "environment": bench.environment(),
         "wall_s": time.perf_counter() - start,
         "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         "baselines": {str(t): b for t, b in baselines.items()},
         "summary": summarise(runs, baselines),
         "runs": runs,
     }
-    paths = write_results(result, args.out)
+    paths = bench.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result

@@ -490,14 +490,25 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_results(result: dict, out: Path | str, stem: str) -> list[Path]:
-    """OUT/STEM.json, .md and .png; returns the paths."""
+def write_results(
+    result: dict,
+    out: Path | str,
+    stem: str,
+    *,
+    render_markdown: Callable[[dict], str] = markdown,
+    render_png: Callable[[dict, Path], None] | None = plot,
+) -> list[Path]:
+    """OUT/STEM.json (``result``), .md (``render_markdown(result)``) and .png
+    (``render_png(result, path)``; none when it is None); returns the paths. The defaults render a
+    benchmark suite's result; the experiment scripts pass their own."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(markdown(result))
-    plot(result, paths[2])
+    paths[1].write_text(render_markdown(result))
+    if render_png is not None:
+        paths.append(out / f"{stem}.png")
+        render_png(result, paths[2])
     return paths
 
 
