@@ -29,11 +29,13 @@ import numpy as np
 from jax import lax
 
 from jaxmodels import cells
-from jaxmodels.kernels import lstm_sequence
+from jaxmodels.kernels import lstm_sequence, lstm_stepwise
+from jaxmodels.kernels.common import on_platforms
 
 Array = jax.Array
 
 IMPLS = ("auto", "scan", "pallas")
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,9 +61,11 @@ def lstm_scan(
       seq_lengths: [batch] integers in [0, time], or None for full length.
       reverse: run from the last time step to the first (outputs stay in input time order).
       unroll: time steps per loop iteration, passed to ``lax.scan`` (the kernel ignores it).
-      impl: "scan" (``lax.scan``), "pallas" (the ``kernels.lstm_sequence`` kernel: interpreted
-        on CPU, compiled on GPU and TPU) or "auto": the kernel when lowering for GPU or TPU and
-        it takes the dtype (float32, bfloat16) and w_h fits on chip, the scan otherwise.
+      impl: "scan" (``lax.scan``); "pallas": the Pallas kernels, interpreted on CPU and compiled on
+        GPU and TPU: the persistent ``kernels.lstm_sequence`` where w_h fits on chip of the device
+        compiled for (``lstm_sequence.plan``), else ``kernels.lstm_stepwise`` (one kernel a step);
+        "auto": the persistent kernel where it fits and the dtype is float32 or bfloat16, the
+        scan otherwise (on CPU always the scan).
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [batch, time, hidden].
     """
@@ -81,18 +85,33 @@ def lstm_scan(
     def scan(w_x, b, w_h, carry, xs):
         return _recurrence(_LSTM, w_x, b, w_h, carry, xs, mask, reverse, unroll)
 
-    def kernel(w_x, b, w_h, carry, xs):
-        x_proj = cells.add_bias(jnp.einsum("btf,fg->tbg", xs, w_x), b)
-        lengths = None if seq_lengths is None else jnp.asarray(seq_lengths)
-        carry, hs = lstm_sequence.lstm_sequence(x_proj, w_h, carry, lengths, reverse=reverse)
-        return carry, jnp.swapaxes(hs, 0, 1)
+    def kernel(recurrence):
+        def run(w_x, b, w_h, carry, xs):
+            x_proj = cells.add_bias(jnp.einsum("btf,fg->tbg", xs, w_x), b)
+            carry, hs = recurrence(x_proj, w_h, *(c.astype(xs.dtype) for c in carry), lengths)
+            return carry, jnp.swapaxes(hs, 0, 1)
 
-    if impl == "scan" or (impl == "auto" and not lstm_sequence.supports(hidden, xs.dtype)):
+        return run
+
+    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else jnp.asarray(seq_lengths, jnp.int32)
+    persistent = lambda backend: lstm_sequence.sequence_kernel(backend, hidden, xs.dtype, reverse)
+
+    def pallas(backend):  # the persistent kernel where w_h fits on chip, else one kernel per step
+        return kernel(persistent(backend) or lstm_stepwise.stepwise_kernel(backend, reverse))
+
+    def auto(backend):  # the persistent kernel where w_h fits on chip, else the scan
+        recurrence = persistent(backend) if backend != "interpret" else None
+        return kernel(recurrence) if recurrence is not None else scan
+
+    if impl == "pallas" and (xs.dtype not in KERNEL_DTYPES or jnp.result_type(*params.values()) != xs.dtype):
+        raise TypeError(
+            f"expected xs and params of one dtype, float32 or bfloat16, for impl='pallas', got xs "
+            f"{xs.dtype} and params {sorted({str(jnp.result_type(p)) for p in params.values()})}"
+        )
+    if impl == "scan" or (impl == "auto" and jnp.dtype(xs.dtype) not in KERNEL_DTYPES):
         carry, hs = scan(*args)
-    elif impl == "pallas":
-        carry, hs = kernel(*args)
     else:
-        carry, hs = lax.platform_dependent(*args, default=scan, cuda=kernel, rocm=kernel, tpu=kernel)
+        carry, hs = on_platforms(pallas if impl == "pallas" else auto, None, *args)
     return tuple(carry), hs
 
 

@@ -3,16 +3,18 @@
 A kernel runs interpreted on CPU (``interpret=True``, for tests; never timed) and compiled on GPU
 (Triton) and TPU (Mosaic). The choice is made per *lowering* platform with
 ``lax.platform_dependent``, so one jitted function runs here and still lowers for "cuda" and "tpu".
+How much a kernel may keep on chip depends on the device compiled for: ``gpu_shared_memory`` and
+``tpu_vmem`` read it from the trace's target device.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
 Array = jax.Array
@@ -53,6 +55,18 @@ def dot_f32(a: Array, b: Array, upcast: bool) -> Array:
 def sigmoid(x: Array) -> Array:
     """σ(x) = 0.5·tanh(x/2) + 0.5: one tanh, no exp or division (as jaxmodels.cells.sigmoid)."""
     return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
+def lstm_gate_gradients(dh: Array, dc_next: Array, acts, c_in: Array):
+    """The LSTM step's backward from its saved activations, all float32 [batch, hidden]: dh and
+    dc_next the gradients reaching h_t and C_t, acts the activated gates (i, f, g, o), c_in = C_{t-1}.
+    Returns ([δpre_i, δpre_f, δpre_g, δpre_o], δC_{t-1}) with, for tc = tanh(C_t),
+    δC = dc_next + dh·o·(1 - tc²), δpre_i = δC·g·i(1-i), δpre_f = δC·C_{t-1}·f(1-f),
+    δpre_g = δC·i·(1-g²), δpre_o = dh·tc·o(1-o), δC_{t-1} = δC·f."""
+    i, f, g, o = acts
+    tc = jnp.tanh(f * c_in + i * g)
+    dc = dc_next + dh * o * (1 - tc * tc)
+    return [dc * g * i * (1 - i), dc * c_in * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], dc * f
 
 
 ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
@@ -98,18 +112,90 @@ def check_lstm_operands(x_proj: Array, w_h: Array, carry: tuple[Array, Array], c
     return hidden
 
 
-def run_on_platform(call: Callable[..., Array], interpret: bool | None, *args: Array):
-    """Run ``call(*args, interpret=..., compiler_params=...)`` as the platform requires.
+# How a kernel runs: interpreted (CPU, tests), compiled by Triton (NVIDIA and AMD GPUs) or by Mosaic
+# (TPU). Kernels take the backend as a static argument; ``on_platforms`` picks it per lowering platform.
+BACKENDS = ("interpret", "triton", "mosaic")
+
+
+def on_platforms(branch: Callable[[str], Callable], interpret: bool | None, *args):
+    """Run ``branch(backend)(*args)`` with the backend of the platform being lowered for.
 
     ``interpret=True`` interprets everywhere; ``None`` (default) interprets on CPU and compiles
-    with Triton on GPU and with Mosaic on TPU, chosen per lowering platform.
+    with Triton on GPU and with Mosaic on TPU, chosen per lowering platform by
+    ``lax.platform_dependent``, so that one jitted function runs here and lowers for each.
     """
     if interpret:
-        return call(*args, interpret=True, compiler_params=None)
+        return branch("interpret")(*args)
+    triton = branch("triton")
     return jax.lax.platform_dependent(
-        *args,
-        cpu=functools.partial(call, interpret=True, compiler_params=None),
-        cuda=functools.partial(call, interpret=False, compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2)),
-        rocm=functools.partial(call, interpret=False, compiler_params=pl_triton.CompilerParams(num_warps=4, num_stages=2)),
-        tpu=functools.partial(call, interpret=False, compiler_params=None),
+        *args, cpu=branch("interpret"), cuda=triton, rocm=triton, tpu=branch("mosaic")
     )
+
+
+def compiler_params(backend: str, *, num_warps: int = 4, num_stages: int = 2, vmem_limit_bytes: int | None = None):
+    """The ``pallas_call`` compiler parameters of ``backend`` (None when interpreted)."""
+    if backend == "triton":
+        return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    if backend == "mosaic":
+        return pltpu.CompilerParams(vmem_limit_bytes=vmem_limit_bytes)
+    return None
+
+
+def target_platform() -> str:
+    """The backend of the device being compiled for ("triton", "mosaic" or "interpret")."""
+    kind = target_device_kind()
+    if kind.startswith("TPU"):
+        return "mosaic"
+    if kind.startswith(("NVIDIA", "AMD", "Tesla")) or kind.startswith("gfx"):
+        return "triton"
+    return "interpret"
+
+
+def check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths) -> tuple[int, int, int]:
+    """Validate the operands of a whole-sequence kernel; return (time, batch, hidden)."""
+    check_float("x_proj", x_proj)
+    if x_proj.ndim != 3 or x_proj.shape[-1] % 4:
+        raise ValueError(f"expected x_proj of rank 3 [time, batch, 4*hidden], got shape {x_proj.shape}")
+    time, batch, _ = x_proj.shape
+    hidden = check_lstm_operands(x_proj, w_h, initial_carry, "initial carry")
+    if seq_lengths is not None and jnp.shape(seq_lengths) != (batch,):
+        raise ValueError(f"expected seq_lengths of shape [batch]=({batch},), got {jnp.shape(seq_lengths)}")
+    return time, batch, hidden
+
+
+# ---------------------------------------------------------------------------------------------
+# On-chip memory of the device being compiled for
+
+
+def target_device_kind() -> str:
+    """``device_kind`` of the device a trace is for: the abstract mesh's device when one is set
+    (ahead-of-time compiles, see ``jaxmodels.targets``), else JAX's default device."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    return abstract.device_kind if abstract is not None else jax.devices()[0].device_kind
+
+
+# Shared memory one Triton program may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes), by
+# device kind; XLA's target descriptions of these GPUs give the same figures.
+GPU_SHARED_MEMORY = {"H100": 232448, "H200": 232448, "GH200": 232448, "A100": 166912, "A30": 166912}
+UNKNOWN_GPU_SHARED_MEMORY = 101376  # sm_86/sm_89 (RTX 30/40, L4, A10): the smallest current figure
+UNKNOWN_TPU_VMEM = 16 * 2**20  # Mosaic's scoped-VMEM default, which every TPU generation has
+
+
+def gpu_shared_memory() -> int:
+    """Shared memory per Triton program of the GPU being compiled for (bytes); the smallest of
+    current NVIDIA GPUs when the trace is not for a GPU known here."""
+    kind = target_device_kind()
+    for name, size in GPU_SHARED_MEMORY.items():
+        if kind.startswith(f"NVIDIA {name}") or kind == name:
+            return size
+    return UNKNOWN_GPU_SHARED_MEMORY
+
+
+def tpu_vmem() -> int:
+    """VMEM per TensorCore of the TPU being compiled for (bytes), from JAX's table of TPU
+    generations (v5e and v6e: 128 MiB, v5p and v7: 64 MiB); the scoped default of 16 MiB when the
+    trace is not for a TPU."""
+    try:
+        return pltpu.get_tpu_info().vmem_capacity_bytes
+    except (ValueError, RuntimeError):
+        return UNKNOWN_TPU_VMEM

@@ -23,7 +23,8 @@ from jaxmodels.kernels.common import (
     dot_f32,
     pad_to,
     round_up,
-    run_on_platform,
+    compiler_params,
+    on_platforms,
 )
 
 Array = jax.Array
@@ -73,11 +74,14 @@ def dense(
         b = jnp.zeros((w.shape[1],), x.dtype)
     if b.shape != (w.shape[1],):
         raise ValueError(f"expected b of shape [out]=({w.shape[1]},), got {b.shape}")
-    return _dense(x, w, b.astype(x.dtype), activation, block_sizes or BlockSizes(), interpret)
+    block_sizes = block_sizes or BlockSizes()
+    branch = lambda backend: functools.partial(_dense, activation=activation, block_sizes=block_sizes, backend=backend)
+    return on_platforms(branch, interpret, x, w, b.astype(x.dtype))
 
 
-def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, interpret):
-    """The forward kernel call on padded operands: x [rows, K], w [K, out], b [out] -> [rows, out]."""
+def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, backend: str):
+    """The kernel on ``backend`` (see ``common.BACKENDS``): x [rows, K], w [K, out], b [out] ->
+    f(x w + b) [rows, out], operands zero-padded to whole blocks inside."""
     rows, features = x.shape
     out = w.shape[1]
     bm, bn, bk = block_sizes.block_rows, block_sizes.block_cols, block_sizes.block_reduce
@@ -86,39 +90,38 @@ def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, interpret):
     wp = pad_to(w, padded[1:])
     bp = pad_to(b, padded[2:]).reshape(1, padded[2])
 
-    def call(xp, wp, bp, *, interpret, compiler_params):
-        return pl.pallas_call(
-            functools.partial(_dense_kernel, activation=activation, block_reduce=bk, upcast=interpret),
-            grid=(padded[0] // bm, padded[2] // bn),
-            in_specs=[
-                pl.BlockSpec((bm, padded[1]), lambda i, j: (i, 0)),
-                pl.BlockSpec((padded[1], bn), lambda i, j: (0, j)),
-                pl.BlockSpec((1, bn), lambda i, j: (0, j)),
-            ],
-            out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            out_shape=jax.ShapeDtypeStruct((padded[0], padded[2]), x.dtype),
-            interpret=interpret,
-            compiler_params=compiler_params,
-        )(xp, wp, bp)
+    interpret = backend == "interpret"
+    return pl.pallas_call(
+        functools.partial(_dense_kernel, activation=activation, block_reduce=bk, upcast=interpret),
+        grid=(padded[0] // bm, padded[2] // bn),
+        in_specs=[
+            pl.BlockSpec((bm, padded[1]), lambda i, j: (i, 0)),
+            pl.BlockSpec((padded[1], bn), lambda i, j: (0, j)),
+            pl.BlockSpec((1, bn), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((padded[0], padded[2]), x.dtype),
+        interpret=interpret,
+        compiler_params=compiler_params(backend),
+    )(xp, wp, bp)[:rows, :out]
 
-    return run_on_platform(call, interpret, xp, wp, bp)[:rows, :out]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _dense(x, w, b, activation, block_sizes, interpret):
-    return matmul_bias_act(x, w, b, activation, block_sizes, interpret)
+def _dense(x, w, b, activation, block_sizes, backend):
+    return matmul_bias_act(x, w, b, activation, block_sizes, backend)
 
 
-def _dense_fwd(x, w, b, activation, block_sizes, interpret):
-    y = matmul_bias_act(x, w, b, activation, block_sizes, interpret)
+def _dense_fwd(x, w, b, activation, block_sizes, backend):
+    y = matmul_bias_act(x, w, b, activation, block_sizes, backend)
     return y, (x, w, y)
 
 
-def _dense_bwd(activation, block_sizes, interpret, saved, dy):
+def _dense_bwd(activation, block_sizes, backend, saved, dy):
     x, w, y = saved
     dpre = (dy.astype(jnp.float32) * ACTIVATIONS[activation][1](y.astype(jnp.float32))).astype(x.dtype)
-    dx = matmul_bias_act(dpre, w.T, jnp.zeros((w.shape[0],), x.dtype), "identity", block_sizes, interpret)
-    dw = matmul_bias_act(x.T, dpre, jnp.zeros((w.shape[1],), x.dtype), "identity", block_sizes, interpret)
+    dx = matmul_bias_act(dpre, w.T, jnp.zeros((w.shape[0],), x.dtype), "identity", block_sizes, backend)
+    dw = matmul_bias_act(x.T, dpre, jnp.zeros((w.shape[1],), x.dtype), "identity", block_sizes, backend)
     db = jnp.sum(dpre.astype(jnp.float32), axis=0).astype(x.dtype)
     return dx, dw, db
 

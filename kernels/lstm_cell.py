@@ -1,13 +1,18 @@
 """One fused LSTM step: recurrent matmul, precomputed input projection, gate nonlinearities and
-the cell and hidden updates in one kernel, blocked over batch and hidden.
+the cell and hidden updates in one kernel, blocked over batch, hidden and the contraction.
 
 Gate-major layout inside: x_proj and w_h are viewed as [4, ..., hidden] so that program (b, j)
 reads gate k's columns of hidden block j as ``ref[k]``::
 
-    pre_k = x_proj[k][b, j] + h[b, :] w_h[k][:, j]          k = i, f, g, o
+    pre_k = x_proj[k][b, j] + Σ_r h[b, r] w_h[k][r, j]      k = i, f, g, o; r over slices of hidden
     C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)       h_t = σ(pre_o) ⊙ tanh(C_t)
 
-Backward: δgates from the saved activations (elementwise), then δh_{t-1} = δgates w_hᵀ and
+The contraction runs over slices of ``block_reduce`` rows of w_h, so a program holds
+4·block_reduce·block_cols weights at a time whatever the hidden size: on GPU that keeps shared
+memory and registers bounded (``GPU_BLOCKS``); on TPU one slice spans all of hidden, whose
+[4, hidden, block_cols] weight block sits in VMEM.
+
+Backward: δgates from the saved activations (``common.lstm_gate_gradients``), then δh_{t-1} = δgates w_hᵀ and
 δw_h = h_{t-1}ᵀ δgates with the fused dense kernel's matmul; δx_proj = δgates.
 """
 
@@ -17,28 +22,46 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxmodels.kernels.common import (
     BlockSizes,
     check_float,
     check_lstm_operands,
+    compiler_params,
     dot_f32,
+    lstm_gate_gradients,
+    on_platforms,
     pad_to,
     round_up,
-    run_on_platform,
     sigmoid,
 )
 from jaxmodels.kernels.dense import matmul_bias_act
 
 Array = jax.Array
 
+# Blocks on GPU: 16 batch rows x 64 hidden columns per program, the contraction in slices of 64
+# rows of w_h (4 x 64 x 64 weights per slice). Compiled without register spills or shared-memory
+# overflow for hidden 64 to 2048 on H100 and A100 (tests/test_compile.py); slices of 32 spilled
+# registers in bfloat16 at hidden 768 on H100.
+GPU_BLOCKS = BlockSizes(block_rows=16, block_cols=64, block_reduce=64)
 
-def _lstm_cell_kernel(xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref, *, upcast: bool):
+
+def _lstm_cell_kernel(xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref, *, block_reduce: int, upcast: bool):
     """xp_ref [4, rows, cols], h_ref [rows, H], c_ref [rows, cols], w_ref [4, H, cols] ->
     h_out, c_out [rows, cols] and the activated gates acts [4, rows, cols] (float32)."""
-    h = h_ref[...].astype(w_ref.dtype)
-    pre = [xp_ref[k].astype(jnp.float32) + dot_f32(h, w_ref[k], upcast) for k in range(4)]
+    hidden = h_ref.shape[1]
+
+    def accumulate(r, acc):
+        h = h_ref[:, pl.ds(r * block_reduce, block_reduce)].astype(w_ref.dtype)
+        return [a + dot_f32(h, w_ref[k, pl.ds(r * block_reduce, block_reduce), :], upcast) for k, a in enumerate(acc)]
+
+    pre = [xp_ref[k].astype(jnp.float32) for k in range(4)]
+    if block_reduce >= hidden:
+        pre = accumulate(0, pre)
+    else:
+        pre = lax.fori_loop(0, hidden // block_reduce, accumulate, pre)
     i, f, g, o = sigmoid(pre[0]), sigmoid(pre[1]), jnp.tanh(pre[2]), sigmoid(pre[3])
     c = f * c_ref[...].astype(jnp.float32) + i * g
     c_out_ref[...] = c.astype(c_out_ref.dtype)
@@ -61,7 +84,9 @@ def lstm_cell(
       x_proj: [batch, 4*hidden], x_t W_x + b (gates i, f, g, o), float32 or bfloat16.
       w_h: [hidden, 4*hidden], same dtype.
       carry: (h, c), each [batch, hidden].
-      block_sizes: block_rows (batch) and block_cols (hidden) per program; other sizes are padded.
+      block_sizes: block_rows (batch) and block_cols (hidden) per program and block_reduce (the
+        contraction's slice); other sizes are padded. Default: ``GPU_BLOCKS`` on GPU; on TPU and
+        when interpreted 16 x 128 with the whole contraction at once.
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       (h_t, c_t), each [batch, hidden] in x_proj's dtype (gate math in float32).
@@ -71,65 +96,78 @@ def lstm_cell(
         raise ValueError(f"expected x_proj of rank 2 [batch, 4*hidden], got shape {x_proj.shape}")
     check_lstm_operands(x_proj, w_h, carry, "carry")
     h, c = (a.astype(x_proj.dtype) for a in carry)
-    return _lstm_cell(x_proj, w_h, h, c, block_sizes or BlockSizes(), interpret)
+    branch = lambda backend: functools.partial(
+        _lstm_cell, block_sizes=block_sizes or default_blocks(backend), backend=backend
+    )
+    return on_platforms(branch, interpret, x_proj, w_h, h, c)
 
 
-def _forward(x_proj, w_h, h, c, block_sizes, interpret):
+def default_blocks(backend: str) -> BlockSizes:
+    """``GPU_BLOCKS`` for Triton; 16 x 128 with the whole contraction at once for Mosaic (a
+    [4, hidden, 128] weight block fits VMEM up to hidden 4096 in float32) and the interpreter."""
+    return GPU_BLOCKS if backend == "triton" else BlockSizes(block_rows=16, block_cols=128, block_reduce=2**20)
+
+
+def padded_hidden(hidden: int, block_sizes: BlockSizes) -> int:
+    """hidden padded to whole column blocks and whole contraction slices."""
+    hidden_p = round_up(hidden, block_sizes.block_cols)
+    return hidden_p if block_sizes.block_reduce >= hidden_p else round_up(hidden_p, block_sizes.block_reduce)
+
+
+def forward(x_proj, w_h, h, c, block_sizes: BlockSizes, backend: str):
+    """The kernel on ``backend``: (h_t in x_proj's dtype, c_t in c's dtype, activated gates
+    [4, batch, hidden] in float32). A float32 c keeps the cell state unrounded across steps."""
     batch, gates = x_proj.shape
     hidden = gates // 4
     rows, cols = block_sizes.block_rows, block_sizes.block_cols
-    batch_p, hidden_p = round_up(batch, rows), round_up(hidden, cols)
+    batch_p, hidden_p = round_up(batch, rows), padded_hidden(hidden, block_sizes)
     xp = pad_to(x_proj.reshape(batch, 4, hidden).transpose(1, 0, 2), (4, batch_p, hidden_p))
     w = pad_to(w_h.reshape(hidden, 4, hidden).transpose(1, 0, 2), (4, hidden_p, hidden_p))
     hp, cp = pad_to(h, (batch_p, hidden_p)), pad_to(c, (batch_p, hidden_p))
     block = pl.BlockSpec((rows, cols), lambda b, j: (b, j))
     by_gate = pl.BlockSpec((4, rows, cols), lambda b, j: (0, b, j))
-
-    def call(xp, hp, cp, w, *, interpret, compiler_params):
-        return pl.pallas_call(
-            functools.partial(_lstm_cell_kernel, upcast=interpret),
-            grid=(batch_p // rows, hidden_p // cols),
-            in_specs=[by_gate, pl.BlockSpec((rows, hidden_p), lambda b, j: (b, 0)), block,
-                      pl.BlockSpec((4, hidden_p, cols), lambda b, j: (0, 0, j))],
-            out_specs=[block, block, by_gate],
-            out_shape=[
-                jax.ShapeDtypeStruct((batch_p, hidden_p), x_proj.dtype),
-                jax.ShapeDtypeStruct((batch_p, hidden_p), x_proj.dtype),
-                jax.ShapeDtypeStruct((4, batch_p, hidden_p), jnp.float32),
-            ],
-            interpret=interpret,
-            compiler_params=compiler_params,
-        )(xp, hp, cp, w)
-
-    h_new, c_new, acts = run_on_platform(call, interpret, xp, hp, cp, w)
+    interpret = backend == "interpret"
+    h_new, c_new, acts = pl.pallas_call(
+        functools.partial(
+            _lstm_cell_kernel, block_reduce=min(block_sizes.block_reduce, hidden_p), upcast=interpret
+        ),
+        grid=(batch_p // rows, hidden_p // cols),
+        in_specs=[by_gate, pl.BlockSpec((rows, hidden_p), lambda b, j: (b, 0)), block,
+                  pl.BlockSpec((4, hidden_p, cols), lambda b, j: (0, 0, j))],
+        out_specs=[block, block, by_gate],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch_p, hidden_p), x_proj.dtype),
+            jax.ShapeDtypeStruct((batch_p, hidden_p), c.dtype),
+            jax.ShapeDtypeStruct((4, batch_p, hidden_p), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=compiler_params(backend),
+    )(xp, hp, cp, w)
     return h_new[:batch, :hidden], c_new[:batch, :hidden], acts[:, :batch, :hidden]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _lstm_cell(x_proj, w_h, h, c, block_sizes, interpret):
-    h_new, c_new, _ = _forward(x_proj, w_h, h, c, block_sizes, interpret)
+def _lstm_cell(x_proj, w_h, h, c, block_sizes, backend):
+    h_new, c_new, _ = forward(x_proj, w_h, h, c, block_sizes, backend)
     return h_new, c_new
 
 
-def _lstm_cell_fwd(x_proj, w_h, h, c, block_sizes, interpret):
-    h_new, c_new, acts = _forward(x_proj, w_h, h, c, block_sizes, interpret)
+def _lstm_cell_fwd(x_proj, w_h, h, c, block_sizes, backend):
+    h_new, c_new, acts = forward(x_proj, w_h, h, c, block_sizes, backend)
     return (h_new, c_new), (w_h, h, c, acts)
 
 
-def _lstm_cell_bwd(block_sizes, interpret, saved, cotangents):
-    w_h, h, c, (i, f, g, o) = saved
+def _lstm_cell_bwd(block_sizes, backend, saved, cotangents):
+    w_h, h, c, acts = saved
     dh, dc_next = (a.astype(jnp.float32) for a in cotangents)
-    c_in = c.astype(jnp.float32)
-    tc = jnp.tanh(f * c_in + i * g)
-    dc = dc_next + dh * o * (1 - tc * tc)
+    dpre, dc_prev = lstm_gate_gradients(dh, dc_next, acts, c.astype(jnp.float32))
     dtype = w_h.dtype
-    dgates = jnp.concatenate(
-        [dc * g * i * (1 - i), dc * c_in * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1
-    ).astype(dtype)
+    dgates = jnp.concatenate(dpre, axis=-1).astype(dtype)
     hidden = w_h.shape[0]
-    dh_prev = matmul_bias_act(dgates, w_h.T, jnp.zeros((hidden,), dtype), "identity", block_sizes, interpret)
-    dw_h = matmul_bias_act(h.T, dgates, jnp.zeros((4 * hidden,), dtype), "identity", block_sizes, interpret)
-    return dgates, dw_h, dh_prev, (dc * f).astype(dtype)
+    dense_blocks = BlockSizes()  # the dense kernel's own tiles; only its padding changes with them
+    dh_prev = matmul_bias_act(dgates, w_h.T, jnp.zeros((hidden,), dtype), "identity", dense_blocks, backend)
+    dw_h = matmul_bias_act(h.T, dgates, jnp.zeros((4 * hidden,), dtype), "identity", dense_blocks, backend)
+    return dgates, dw_h, dh_prev, dc_prev.astype(dtype)
 
 
 _lstm_cell.defvjp(_lstm_cell_fwd, _lstm_cell_bwd)

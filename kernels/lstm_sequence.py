@@ -18,34 +18,105 @@ blocks in order (backwards for ``reverse``) and h and c pass from one block to t
 kernel's float32 carry outputs, which stay on chip between consecutive grid steps on TPU. Triton
 runs a grid's programs concurrently, so on GPU one block spans all of time and each step reads
 its projection straight from global memory.
+
+Whether w_h fits on chip depends on the device compiled for, and ``plan`` decides it the way
+the compilers do (tests/test_compile.py checks both sides of each limit): on GPU all of w_h sits
+in one program's shared memory (hidden padded to a power of two, 56 KiB more for the backward
+kernel's other operands), so float32 takes hidden <= 64 and bfloat16 hidden <= 128 on H100; on
+TPU the VMEM budget is the chip's (128 MiB on v5e and v6e), set explicitly as
+``vmem_limit_bytes``, with w_h single-buffered and ``block_time`` shortened until the blocks fit.
+Beyond that, ``lstm_stepwise`` runs the recurrence one blocked kernel per step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 
 from jaxmodels.kernels.common import (
     BlockSizes,
-    check_float,
-    check_lstm_operands,
+    check_sequence_operands,
+    compiler_params,
     dot_f32,
+    gpu_shared_memory,
+    lstm_gate_gradients,
+    on_platforms,
     pad_to,
     round_up,
-    run_on_platform,
     sigmoid,
+    target_device_kind,
+    target_platform,
+    tpu_vmem,
 )
+from jaxmodels.kernels import lstm_stepwise
 
 Array = jax.Array
 
-# On-chip budget for the four gate blocks of w_h (bytes). A GPU SM has ~228 KiB of shared memory
-# and a TPU core 16+ MiB of VMEM; the recurrence needs all of w_h resident in every program.
-MAX_ON_CHIP_WEIGHT_BYTES = 16 * 2**20
+# Triton: shared memory the kernels use beside w_h (bytes; measured by compiling for H100 and A100:
+# the forward asks for w_h + 16 KiB, the backward for w_h + 52 KiB), and their warps per program
+# (4 warps spilled registers in bfloat16 at hidden 128).
+GPU_EXTRA_SHARED_MEMORY = 56 * 2**10
+GPU_NUM_WARPS = 8
+# Mosaic: the share of VMEM the blocks may fill; the rest is left to the compiler's own scratch.
+TPU_VMEM_SHARE = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the kernels run for one shape on one backend: batch rows per program, hidden padded to
+    ``hidden_p``, ``block_time`` steps per grid step, and (Mosaic) the VMEM limit to compile with."""
+
+    backend: str
+    block_rows: int
+    hidden_p: int
+    block_time: int
+    vmem_limit_bytes: int | None = None
+
+
+def _tpu_bytes(plan_rows: int, hidden_p: int, block_time: int, itemsize: int) -> int:
+    """VMEM of the larger of the two kernels (forward with residuals, backward): each streamed
+    block twice (double-buffered), w_h once."""
+    seq = block_time * plan_rows * hidden_p  # elements of one [block_time, rows, hidden] block
+    state = plan_rows * hidden_p
+    forward = 4 * seq * itemsize + seq * itemsize + 4 * seq * 4 + 2 * seq * 4 + 2 * state * (itemsize + 4)
+    backward = seq * itemsize + 4 * seq * 4 + seq * 4 + 4 * seq * 4 + 2 * state * (itemsize + 4)
+    lengths = plan_rows * 128 * 4
+    return 2 * (max(forward, backward) + lengths) + 4 * hidden_p * hidden_p * itemsize
+
+
+def plan(hidden: int, dtype, backend: str, block_sizes: BlockSizes | None = None) -> Plan | None:
+    """The kernels' plan for ``hidden`` and ``dtype`` on ``backend`` ("interpret", "triton",
+    "mosaic"), for the device being compiled for; None where w_h does not fit on chip.
+
+    Triton: hidden padded to a power of two, fits when 4·hidden_p²·itemsize plus
+    ``GPU_EXTRA_SHARED_MEMORY`` is within the GPU's shared memory per program
+    (``common.gpu_shared_memory``). Mosaic: hidden padded to a multiple of 128, the longest
+    ``block_time`` (up to block_sizes.block_time) whose blocks fill at most ``TPU_VMEM_SHARE`` of
+    the TPU's VMEM (``common.tpu_vmem``); the limit is set to that share. Interpreted: always.
+    """
+    block_sizes = block_sizes or BlockSizes()
+    itemsize = jnp.dtype(dtype).itemsize
+    if backend == "interpret":
+        return Plan(backend, block_sizes.block_rows, round_up(hidden, block_sizes.block_cols), block_sizes.block_time)
+    if backend == "triton":
+        hidden_p = max(16, 1 << (hidden - 1).bit_length())
+        if 4 * hidden_p * hidden_p * itemsize + GPU_EXTRA_SHARED_MEMORY > gpu_shared_memory():
+            return None
+        return Plan(backend, block_sizes.block_rows, hidden_p, 0)
+    rows = max(block_sizes.block_rows, 8 * 4 // itemsize)  # whole (8, 128) tiles, (16, 128) for bfloat16
+    hidden_p = round_up(hidden, 128)
+    budget = int(TPU_VMEM_SHARE * tpu_vmem())
+    block_time = block_sizes.block_time
+    while block_time >= 1:
+        if _tpu_bytes(rows, hidden_p, block_time, itemsize) <= budget:
+            return Plan(backend, rows, hidden_p, block_time, budget)
+        block_time //= 2
+    return None
 
 
 def _gate(ref, t, k, hidden):
@@ -61,17 +132,32 @@ def _time_block(reverse: bool):
     return block, step
 
 
+def _weights(ref, hidden, hoist: bool, by_rows: bool):
+    """The four gate blocks of w_h (columns k*hidden.., by_rows=False) or of w_hᵀ (rows): loaded
+    once before the time loop (``hoist``, Triton: kept in registers and shared memory) or, as
+    functions, read from the ref at each step (Mosaic: the MXU reads VMEM directly, and a hoisted
+    copy would double w_h's VMEM)."""
+    read = [
+        (lambda k=k: ref[pl.ds(k * hidden, hidden), :]) if by_rows else (lambda k=k: ref[:, pl.ds(k * hidden, hidden)])
+        for k in range(4)
+    ]
+    if hoist:
+        loaded = [r() for r in read]
+        return [lambda a=a: a for a in loaded]
+    return read
+
+
 def _lstm_forward_kernel(
     xp_ref, w_ref, h0_ref, c0_ref, len_ref,  # inputs
     hs_ref, h_ref, c_ref, acts_ref, hprev_ref, cprev_ref,  # outputs
-    *, reverse: bool, save_residuals: bool, upcast: bool,
+    *, reverse: bool, save_residuals: bool, upcast: bool, hoist: bool,
 ):
     """One block of time: xp_ref [block_time, rows, 4H], w_ref [H, 4H], h0/c0 [rows, H],
     len_ref [rows, 1] -> hs [block_time, rows, H]; h/c [rows, H] (float32) hold the carry from one
     time block to the next and end as the final carry; with save_residuals also the activated gates
     acts [block_time, rows, 4H] and the carries entering each step hprev/cprev (float32)."""
     time, _, hidden = hs_ref.shape
-    w = [w_ref[:, pl.ds(k * hidden, hidden)] for k in range(4)]  # loaded once, on chip
+    w = _weights(w_ref, hidden, hoist, by_rows=False)
     lengths = len_ref[...]
     block, step_index = _time_block(reverse)
     first = step_index == 0  # the carry starts from h0/c0 (no write-then-read of h_ref needed)
@@ -79,8 +165,8 @@ def _lstm_forward_kernel(
     def step(s, carry):
         h, c = carry
         t = time - 1 - s if reverse else s
-        hw = h.astype(w[0].dtype)
-        pre = [_gate(xp_ref, t, k, hidden) + dot_f32(hw, w[k], upcast) for k in range(4)]
+        hw = h.astype(w_ref.dtype)
+        pre = [_gate(xp_ref, t, k, hidden) + dot_f32(hw, w[k](), upcast) for k in range(4)]
         i, f, g, o = sigmoid(pre[0]), sigmoid(pre[1]), jnp.tanh(pre[2]), sigmoid(pre[3])
         new_c = f * c + i * g
         new_h = o * jnp.tanh(new_c)
@@ -105,7 +191,7 @@ def _lstm_forward_kernel(
 def _lstm_backward_kernel(
     dhs_ref, dh_ref, dc_ref, acts_ref, cprev_ref, wt_ref, len_ref,  # inputs
     dgates_ref, dh0_ref, dc0_ref,  # outputs
-    *, reverse: bool, upcast: bool,
+    *, reverse: bool, upcast: bool, hoist: bool,
 ):
     """One block of the reverse-time recurrence: dhs [block_time, rows, H], dh/dc [rows, H]
     (gradients of the outputs and final carry), acts [block_time, rows, 4H], cprev [block_time,
@@ -113,7 +199,7 @@ def _lstm_backward_kernel(
     carry the gradient between time blocks and end as the initial-carry gradients. ``reverse``
     is the forward pass's direction; this pass walks the other way."""
     time, _, hidden = dhs_ref.shape
-    wt = [wt_ref[pl.ds(k * hidden, hidden), :] for k in range(4)]  # w_hᵀ loaded once, on chip
+    wt = _weights(wt_ref, hidden, hoist, by_rows=True)
     lengths = len_ref[...]
     block, step_index = _time_block(not reverse)
     first = step_index == 0
@@ -121,23 +207,15 @@ def _lstm_backward_kernel(
     def step(s, carry):
         dh_next, dc_next = carry
         t = s if reverse else time - 1 - s
-        i, f, g, o = (_gate(acts_ref, t, k, hidden) for k in range(4))
-        c_in = cprev_ref[t]
-        tc = jnp.tanh(f * c_in + i * g)
+        acts = [_gate(acts_ref, t, k, hidden) for k in range(4)]
         dh = dhs_ref[t].astype(jnp.float32) + dh_next
-        dc = dc_next + dh * o * (1 - tc * tc)
+        dgates, dc_prev = lstm_gate_gradients(dh, dc_next, acts, cprev_ref[t])
         keep = block * time + t < lengths
-        dgates = [
-            dc * g * i * (1 - i),
-            dc * c_in * f * (1 - f),
-            dc * i * (1 - g * g),
-            dh * tc * o * (1 - o),
-        ]
         dgates = [jnp.where(keep, d, 0) for d in dgates]
-        dh_prev = sum(dot_f32(d.astype(wt[k].dtype), wt[k], upcast) for k, d in enumerate(dgates))
+        dh_prev = sum(dot_f32(d.astype(wt_ref.dtype), wt[k](), upcast) for k, d in enumerate(dgates))
         for k, d in enumerate(dgates):
             dgates_ref[t, :, pl.ds(k * hidden, hidden)] = d
-        return jnp.where(keep, dh_prev, dh_next), jnp.where(keep, dc * f, dc_next)
+        return jnp.where(keep, dh_prev, dh_next), jnp.where(keep, dc_prev, dc_next)
 
     carry = (
         jnp.where(first, dh_ref[...].astype(jnp.float32), dh0_ref[...]),
@@ -146,17 +224,6 @@ def _lstm_backward_kernel(
     dh0, dc0 = lax.fori_loop(0, time, step, carry)
     dh0_ref[...] = dh0
     dc0_ref[...] = dc0
-
-
-def fits_on_chip(hidden: int, dtype, block_sizes: BlockSizes | None = None) -> bool:
-    """Whether w_h [hidden, 4*hidden] of ``dtype``, padded, fits the on-chip budget of this kernel."""
-    hidden_p = round_up(hidden, (block_sizes or BlockSizes()).block_cols)
-    return 4 * hidden_p * hidden_p * jnp.dtype(dtype).itemsize <= MAX_ON_CHIP_WEIGHT_BYTES
-
-
-def supports(hidden: int, dtype) -> bool:
-    """Whether ``lstm_sequence`` takes this hidden size and dtype with default block sizes."""
-    return jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and fits_on_chip(hidden, dtype)
 
 
 def lstm_sequence(
@@ -177,33 +244,53 @@ def lstm_sequence(
       initial_carry: (h_0, c_0), each [batch, hidden].
       seq_lengths: [batch] integers in [0, time], or None for full length.
       reverse: walk time from the last step to the first.
-      block_sizes: block_rows (batch per program), block_cols (hidden padding multiple) and
-        block_time (time steps per grid step on TPU and when interpreted; time is padded to a
-        multiple, the padded steps masked).
+      block_sizes: block_rows (batch per program), block_cols (hidden padding multiple when
+        interpreted) and block_time (the most time steps per grid step on TPU and when
+        interpreted; time is padded to a multiple, the padded steps masked).
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [time, batch, hidden], in x_proj's dtype.
+    Raises:
+      ValueError when w_h does not fit on chip on the device being compiled for (``plan``);
+      ``lstm_stepwise`` takes every hidden size.
     """
-    check_float("x_proj", x_proj)
-    if x_proj.ndim != 3 or x_proj.shape[-1] % 4:
-        raise ValueError(f"expected x_proj of rank 3 [time, batch, 4*hidden], got shape {x_proj.shape}")
-    time, batch, _ = x_proj.shape
-    hidden = check_lstm_operands(x_proj, w_h, initial_carry, "initial carry")
+    time, batch, hidden = check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths)
     block_sizes = block_sizes or BlockSizes()
-    if not fits_on_chip(hidden, x_proj.dtype, block_sizes):
+    platform = target_platform()
+    if not interpret and platform in ("triton", "mosaic") and plan(hidden, x_proj.dtype, platform, block_sizes) is None:
         raise ValueError(
-            f"expected hidden small enough for w_h to stay on chip (4*hidden_padded^2*{x_proj.dtype.itemsize} "
-            f"bytes <= {MAX_ON_CHIP_WEIGHT_BYTES}), got hidden={hidden}; use lstm_scan(impl='scan')"
+            f"expected w_h [hidden, 4*hidden] to fit on chip for the persistent kernel on "
+            f"{target_device_kind()} ({_limit_text(platform, x_proj.dtype)}), got hidden={hidden} in "
+            f"{x_proj.dtype}; use lstm_stepwise, or lstm_scan(impl='pallas'), which picks it"
         )
     if seq_lengths is None:
         seq_lengths = jnp.full((batch,), time, jnp.int32)
-    if seq_lengths.shape != (batch,):
-        raise ValueError(f"expected seq_lengths of shape [batch]=({batch},), got {seq_lengths.shape}")
-    h0, c0 = initial_carry
-    return _lstm_sequence(
-        x_proj, w_h, h0.astype(x_proj.dtype), c0.astype(x_proj.dtype), seq_lengths.astype(jnp.int32),
-        reverse, block_sizes, interpret,
-    )
+    h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
+    args = (x_proj, w_h, h0, c0, seq_lengths.astype(jnp.int32))
+
+    def branch(backend):  # the check above covers the target platform; another one's branch (when
+        # lowering for several) falls back to the stepwise kernels where w_h does not fit there
+        return sequence_kernel(backend, hidden, x_proj.dtype, reverse, block_sizes) or lstm_stepwise.stepwise_kernel(
+            backend, reverse
+        )
+
+    return on_platforms(branch, interpret, *args)
+
+
+def sequence_kernel(backend: str, hidden: int, dtype, reverse: bool, block_sizes: BlockSizes | None = None):
+    """The persistent kernels on ``backend`` as one differentiable function (x_proj, w_h, h0, c0,
+    lengths) -> ((h_T, c_T), hs), or None where w_h does not fit on chip (``plan``)."""
+    kernel_plan = plan(hidden, dtype, backend, block_sizes)
+    if kernel_plan is None:
+        return None
+    return functools.partial(_lstm_sequence, reverse=reverse, plan=kernel_plan)
+
+
+def _limit_text(backend: str, dtype) -> str:
+    if backend == "triton":
+        return (f"4*hidden_p^2*{jnp.dtype(dtype).itemsize} bytes + {GPU_EXTRA_SHARED_MEMORY} <= "
+                f"{gpu_shared_memory()} bytes of shared memory, hidden_p the next power of two")
+    return f"the blocks within {TPU_VMEM_SHARE:.0%} of {tpu_vmem()} bytes of VMEM"
 
 
 def _pad_gates(a: Array, hidden_p: int) -> Array:
@@ -213,44 +300,42 @@ def _pad_gates(a: Array, hidden_p: int) -> Array:
     return pad_to(a, (*lead, 4, hidden_p)).reshape(*lead, 4 * hidden_p)
 
 
-def _unpad_gates(a: Array, hidden: int) -> Array:
+def un_pad_gates(a: Array, hidden: int) -> Array:
     lead, hidden_p = a.shape[:-1], a.shape[-1] // 4
     return a.reshape(*lead, 4, hidden_p)[..., :hidden].reshape(*lead, 4 * hidden)
 
 
-def _grid(time_p: int, rows: int, batch_p: int, block_time: int, compiler_params, reverse: bool):
-    """(grid, BlockSpec maker for [time, batch, width] arrays, BlockSpec of [batch, width] state).
+def _layout(time: int, batch: int, plan: Plan):
+    """(time_p, batch_p, block_time) of the padded operands. Triton runs a grid's programs
+    concurrently, so there one time block spans all of time (grid axis 1 must run in order)."""
+    block_time = time if plan.backend == "triton" else min(plan.block_time, time)
+    return round_up(time, block_time), round_up(batch, plan.block_rows), block_time
 
-    Grid axis 1 walks blocks of time in order, carrying h and c from one block to the next. That
-    needs programs along it to run one after another: true for Mosaic (TPU) and the interpreter,
-    not for Triton, which runs a grid's programs concurrently; there one block spans all of time
-    and each step reads straight from global memory.
-    """
-    if isinstance(compiler_params, pl_triton.CompilerParams):
-        block_time = time_p
+
+def _specs(time_p: int, batch_p: int, block_time: int, plan: Plan, reverse: bool):
+    """(grid, BlockSpec maker for [time, batch, width] arrays, for [batch, width] state, for w_h).
+    Grid axis 1 walks blocks of time in order, carrying h and c from one block to the next."""
+    rows = plan.block_rows
     blocks = time_p // block_time
     time_block = (lambda t: blocks - 1 - t) if reverse else (lambda t: t)
-    grid = (batch_p // rows, blocks)
     seq = lambda width: pl.BlockSpec((block_time, rows, width), lambda b, t: (time_block(t), b, 0))
     state = lambda width: pl.BlockSpec((rows, width), lambda b, t: (b, 0))
-    return grid, seq, state
+    once = {"pipeline_mode": pl.Buffered(1)} if plan.backend == "mosaic" else {}  # its block never changes
+
+    def weights(shape):
+        return pl.BlockSpec(shape, lambda b, t: (0, 0), **once)
+
+    return (batch_p // rows, blocks), seq, state, weights
 
 
-def _padded_sizes(time, batch, hidden, block_sizes):
-    block_time = min(block_sizes.block_time, time)
-    return (
-        round_up(time, block_time),
-        round_up(batch, block_sizes.block_rows),
-        round_up(hidden, block_sizes.block_cols),
-        block_time,
-    )
+def _compiler_params(plan: Plan):
+    return compiler_params(plan.backend, num_warps=GPU_NUM_WARPS, vmem_limit_bytes=plan.vmem_limit_bytes)
 
 
-def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save_residuals):
+def _forward(x_proj, w_h, h0, c0, lengths, reverse, plan: Plan, save_residuals):
     time, batch, gates = x_proj.shape
-    hidden = gates // 4
-    rows = block_sizes.block_rows
-    time_p, batch_p, hidden_p, block_time = _padded_sizes(time, batch, hidden, block_sizes)
+    hidden, hidden_p = gates // 4, plan.hidden_p
+    time_p, batch_p, block_time = _layout(time, batch, plan)
     xp = pad_to(_pad_gates(x_proj, hidden_p), (time_p, batch_p, 4 * hidden_p))
     w = _pad_gates(pad_to(w_h, (hidden_p, gates)), hidden_p)
     h0p, c0p = pad_to(h0, (batch_p, hidden_p)), pad_to(c0, (batch_p, hidden_p))
@@ -261,40 +346,31 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save
         jax.ShapeDtypeStruct((batch_p, hidden_p), f32),
         jax.ShapeDtypeStruct((batch_p, hidden_p), f32),
     ]
+    grid, seq, state, weights = _specs(time_p, batch_p, block_time, plan, reverse)
+    interpret = plan.backend == "interpret"
+    kernel = functools.partial(
+        _lstm_forward_kernel, reverse=reverse, save_residuals=save_residuals, upcast=interpret,
+        hoist=plan.backend != "mosaic",
+    )
+    out_specs = [seq(hidden_p), state(hidden_p), state(hidden_p)]
     if save_residuals:
         out_shape += [
             jax.ShapeDtypeStruct((time_p, batch_p, 4 * hidden_p), f32),
             jax.ShapeDtypeStruct((time_p, batch_p, hidden_p), f32),
             jax.ShapeDtypeStruct((time_p, batch_p, hidden_p), f32),
         ]
-
-    def call(xp, w, h0p, c0p, lens, *, interpret, compiler_params):
-        grid, seq, state = _grid(time_p, rows, batch_p, block_time, compiler_params, reverse)
-        kernel = functools.partial(
-            _lstm_forward_kernel, reverse=reverse, save_residuals=save_residuals, upcast=interpret
-        )
-        out_specs = [seq(hidden_p), state(hidden_p), state(hidden_p)]
-        if save_residuals:
-            out_specs += [seq(4 * hidden_p), seq(hidden_p), seq(hidden_p)]
-        else:  # the kernel's residual refs are then absent
-            kernel = functools.partial(_drop_residual_refs, kernel)
-        return pl.pallas_call(
-            kernel,
-            grid=grid,
-            in_specs=[
-                seq(4 * hidden_p),
-                pl.BlockSpec((hidden_p, 4 * hidden_p), lambda b, t: (0, 0)),
-                state(hidden_p),
-                state(hidden_p),
-                state(1),
-            ],
-            out_specs=out_specs,
-            out_shape=out_shape,
-            interpret=interpret,
-            compiler_params=compiler_params,
-        )(xp, w, h0p, c0p, lens)
-
-    outs = run_on_platform(call, interpret, xp, w, h0p, c0p, lens)
+        out_specs += [seq(4 * hidden_p), seq(hidden_p), seq(hidden_p)]
+    else:  # the kernel's residual refs are then absent
+        kernel = functools.partial(_drop_residual_refs, kernel)
+    outs = pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[seq(4 * hidden_p), weights((hidden_p, 4 * hidden_p)), state(hidden_p), state(hidden_p), state(1)],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=_compiler_params(plan),
+    )(xp, w, h0p, c0p, lens)
     hs = outs[0][:time, :batch, :hidden]
     h, c = (a[:batch, :hidden].astype(x_proj.dtype) for a in outs[1:3])
     return (h, c), hs, outs[3:]
@@ -304,52 +380,48 @@ def _drop_residual_refs(kernel, xp_ref, w_ref, h0_ref, c0_ref, len_ref, hs_ref, 
     kernel(xp_ref, w_ref, h0_ref, c0_ref, len_ref, hs_ref, h_ref, c_ref, None, None, None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _lstm_sequence(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret):
-    carry, hs, _ = _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save_residuals=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _lstm_sequence(x_proj, w_h, h0, c0, lengths, reverse, plan):
+    carry, hs, _ = _forward(x_proj, w_h, h0, c0, lengths, reverse, plan, save_residuals=False)
     return carry, hs
 
 
-def _lstm_sequence_fwd(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret):
-    carry, hs, residuals = _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, interpret, save_residuals=True)
+def _lstm_sequence_fwd(x_proj, w_h, h0, c0, lengths, reverse, plan):
+    carry, hs, residuals = _forward(x_proj, w_h, h0, c0, lengths, reverse, plan, save_residuals=True)
     return (carry, hs), (w_h, lengths, residuals)
 
 
-def _lstm_sequence_bwd(reverse, block_sizes, interpret, saved, cotangents):
+def _lstm_sequence_bwd(reverse, plan, saved, cotangents):
     w_h, lengths, (acts, hprev, cprev) = saved
     (dh_T, dc_T), dhs = cotangents
     time, batch, hidden = dhs.shape
-    rows = block_sizes.block_rows
-    time_p, batch_p, hidden_p, block_time = _padded_sizes(time, batch, hidden, block_sizes)
+    hidden_p = plan.hidden_p
+    time_p, batch_p, block_time = _layout(time, batch, plan)
     wt = _pad_gates(pad_to(w_h, (hidden_p, w_h.shape[1])), hidden_p).T  # [4*hidden_p, hidden_p]
     dhs_p = pad_to(dhs, (time_p, batch_p, hidden_p))
     dh_p, dc_p = pad_to(dh_T, (batch_p, hidden_p)), pad_to(dc_T, (batch_p, hidden_p))
     lens = pad_to(lengths, (batch_p,)).reshape(batch_p, 1)
-
-    def call(dhs_p, dh_p, dc_p, acts, cprev, wt, lens, *, interpret, compiler_params):
-        grid, seq, state = _grid(time_p, rows, batch_p, block_time, compiler_params, not reverse)
-        return pl.pallas_call(
-            functools.partial(_lstm_backward_kernel, reverse=reverse, upcast=interpret),
-            grid=grid,
-            in_specs=[
-                seq(hidden_p), state(hidden_p), state(hidden_p), seq(4 * hidden_p), seq(hidden_p),
-                pl.BlockSpec((4 * hidden_p, hidden_p), lambda b, t: (0, 0)),
-                state(1),
-            ],
-            out_specs=[seq(4 * hidden_p), state(hidden_p), state(hidden_p)],
-            out_shape=[
-                jax.ShapeDtypeStruct((time_p, batch_p, 4 * hidden_p), jnp.float32),
-                jax.ShapeDtypeStruct((batch_p, hidden_p), jnp.float32),
-                jax.ShapeDtypeStruct((batch_p, hidden_p), jnp.float32),
-            ],
-            interpret=interpret,
-            compiler_params=compiler_params,
-        )(dhs_p, dh_p, dc_p, acts, cprev, wt, lens)
-
-    dgates_p, dh0, dc0 = run_on_platform(call, interpret, dhs_p, dh_p, dc_p, acts, cprev, wt, lens)
+    grid, seq, state, weights = _specs(time_p, batch_p, block_time, plan, not reverse)
+    interpret = plan.backend == "interpret"
+    dgates_p, dh0, dc0 = pl.pallas_call(
+        functools.partial(_lstm_backward_kernel, reverse=reverse, upcast=interpret, hoist=plan.backend != "mosaic"),
+        grid=grid,
+        in_specs=[
+            seq(hidden_p), state(hidden_p), state(hidden_p), seq(4 * hidden_p), seq(hidden_p),
+            weights((4 * hidden_p, hidden_p)), state(1),
+        ],
+        out_specs=[seq(4 * hidden_p), state(hidden_p), state(hidden_p)],
+        out_shape=[
+            jax.ShapeDtypeStruct((time_p, batch_p, 4 * hidden_p), jnp.float32),
+            jax.ShapeDtypeStruct((batch_p, hidden_p), jnp.float32),
+            jax.ShapeDtypeStruct((batch_p, hidden_p), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=_compiler_params(plan),
+    )(dhs_p, dh_p, dc_p, acts, cprev, wt, lens)
     dtype = w_h.dtype
-    dw_h = _unpad_gates(jnp.einsum("tbh,tbg->hg", hprev, dgates_p)[:hidden], hidden).astype(dtype)
-    dgates = _unpad_gates(dgates_p[:time, :batch], hidden).astype(dtype)
+    dw_h = un_pad_gates(jnp.einsum("tbh,tbg->hg", hprev, dgates_p)[:hidden], hidden).astype(dtype)
+    dgates = un_pad_gates(dgates_p[:time, :batch], hidden).astype(dtype)
     return dgates, dw_h, dh0[:batch, :hidden].astype(dtype), dc0[:batch, :hidden].astype(dtype), None
 
 

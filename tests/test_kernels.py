@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from jax.sharding import AbstractDevice, AbstractMesh
 
 import jaxmodels
 from jaxmodels.kernels.common import BlockSizes
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
 from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference
+from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
 
 # Largest allowed |kernel - reference| per dtype (values are O(1)); the bfloat16 gradients differ by
 # roundings of intermediate products to bfloat16 on either side.
@@ -129,21 +131,25 @@ def test_lstm_cell_rejects_bad_input():
 # whole-sequence LSTM
 
 
+@pytest.mark.parametrize("recurrence", [lstm_sequence, lstm_stepwise])
 @pytest.mark.parametrize(
     "dtype,time,batch,hidden,lengths,reverse",
     [
         (jnp.float32, 7, 5, 6, [7, 3, 0, 5, 1], False),
         (jnp.float32, 5, 9, 12, None, True),
         (jnp.bfloat16, 6, 3, 8, [2, 6, 4], True),
+        (jnp.bfloat16, 9, 2, 20, [9, 4], False),
     ],
 )
-def test_lstm_sequence_matches_reference(dtype, time, batch, hidden, lengths, reverse):
+def test_lstm_sequence_matches_reference(recurrence, dtype, time, batch, hidden, lengths, reverse):
+    """The persistent kernel and the stepwise one (SMALL_BLOCKS: several programs, time blocks and
+    contraction slices, and padding) against the reference, forward and gradients."""
     ks = jax.random.split(jax.random.key(time * batch), 4)
     x_proj = random(ks[0], (time, batch, 4 * hidden), dtype)
     w_h = random(ks[1], (hidden, 4 * hidden), dtype, 0.4)
     carry = (random(ks[2], (batch, hidden), dtype), random(ks[3], (batch, hidden), dtype))
     lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
-    kernel = jax.jit(lambda x, w, carry: lstm_sequence(x, w, carry, lengths, reverse=reverse, block_sizes=SMALL_BLOCKS))
+    kernel = jax.jit(lambda x, w, carry: recurrence(x, w, carry, lengths, reverse=reverse, block_sizes=SMALL_BLOCKS))
     reference = lambda x, w, carry: lstm_sequence_reference(x, w, carry, lengths, reverse=reverse)
     tol = TOLERANCE[dtype]
     (h, c), hs = kernel(x_proj, w_h, carry)
@@ -153,17 +159,17 @@ def test_lstm_sequence_matches_reference(dtype, time, batch, hidden, lengths, re
     assert max_error(grads, jax.grad(sin_loss(reference), (0, 1, 2))(x_proj, w_h, carry)) <= tol["gradient"]
 
 
-def test_lstm_sequence_rejects_bad_input():
+@pytest.mark.parametrize("recurrence", [lstm_sequence, lstm_stepwise])
+def test_lstm_sequence_rejects_bad_input(recurrence):
     x_proj, w_h, carry = jnp.ones((3, 2, 8)), jnp.ones((2, 8)), (jnp.ones((2, 2)), jnp.ones((2, 2)))
     with pytest.raises(ValueError, match=r"\[time, batch, 4\*hidden\]"):
-        lstm_sequence(jnp.ones((2, 8)), w_h, carry)
+        recurrence(jnp.ones((2, 8)), w_h, carry)
     with pytest.raises(ValueError, match=r"w_h \[hidden, 4\*hidden\]=\(2, 8\)"):
-        lstm_sequence(x_proj, jnp.ones((3, 8)), carry)
+        recurrence(x_proj, jnp.ones((3, 8)), carry)
     with pytest.raises(ValueError, match=r"seq_lengths of shape \[batch\]=\(2,\)"):
-        lstm_sequence(x_proj, w_h, carry, jnp.array([1, 2, 3]))
-    big = 2048
-    with pytest.raises(ValueError, match="on chip"):
-        lstm_sequence(jnp.ones((1, 1, 4 * big)), jnp.ones((big, 4 * big)), (jnp.ones((1, big)),) * 2)
+        recurrence(x_proj, w_h, carry, jnp.array([1, 2, 3]))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        recurrence(x_proj.astype(jnp.float16), w_h.astype(jnp.float16), carry)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +198,22 @@ def test_rnn_scan_rejects_pallas():
 # lowering for accelerators (runs on this CPU machine: lowering needs no device)
 
 
+# The device each lowering is for: the Triton lowering asks which GPU (jax >= 0.12 refuses to guess
+# without one attached), and the kernels' on-chip budgets depend on it.
+TARGET_DEVICE = {
+    "cuda": AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
+    "tpu": AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
+}
+
+
 def lowered_module(fn, platform, *args):
-    exported = export.export(
-        jax.jit(fn),
-        platforms=[platform],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(*args)
+    mesh = AbstractMesh((1,), ("device",), abstract_device=TARGET_DEVICE[platform])
+    with jax.sharding.use_abstract_mesh(mesh):
+        exported = export.export(
+            jax.jit(fn),
+            platforms=[platform],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
     return exported.mlir_module()
 
 
@@ -206,8 +222,8 @@ KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 def lowering_cases():
     x, w, b = jnp.ones((20, 70)), jnp.ones((70, 130)), jnp.ones(130)
-    x_proj, w_h = jnp.ones((5, 20, 4 * 130)), jnp.ones((130, 4 * 130))
-    carry = (jnp.ones((20, 130)), jnp.ones((20, 130)))
+    x_proj, w_h = jnp.ones((5, 20, 4 * 60)), jnp.ones((60, 4 * 60))
+    carry = (jnp.ones((20, 60)), jnp.ones((20, 60)))
     lengths = jnp.full((20,), 5, jnp.int32)
     return {
         # name: (function whose forward and backward both run kernels, arguments, kernel calls expected)
@@ -218,11 +234,16 @@ def lowering_cases():
             (x_proj, w_h, carry),
             2,
         ),
+        "lstm_stepwise": (
+            jax.grad(sin_loss(lambda x, w, c: lstm_stepwise(x, w, c, lengths)), (0, 1, 2)),
+            (x_proj, w_h, carry),
+            1,
+        ),
     }
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
-@pytest.mark.parametrize("name", ["dense", "lstm_cell", "lstm_sequence"])
+@pytest.mark.parametrize("name", ["dense", "lstm_cell", "lstm_sequence", "lstm_stepwise"])
 def test_kernels_lower_for_accelerators(name, platform):
     fn, args, calls = lowering_cases()[name]
     assert lowered_module(fn, platform, *args).count(KERNEL_CALL[platform]) >= calls

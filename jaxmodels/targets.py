@@ -1,0 +1,88 @@
+"""Compile targets without the hardware: devices of real GPUs and TPUs for ahead-of-time compiles.
+
+``device("h100")`` returns a ``jax.Device`` of an NVIDIA H100 that exists only as a description;
+``jax.jit(f).lower(spec).compile()`` with inputs placed on it (``abstract(shape, dtype, device)``)
+runs the target's real compiler here: ptxas for GPUs (shared memory, registers), Mosaic and
+XLA:TPU for TPUs (VMEM). That needs the compilers installed (``pip install "jax[tpu]==<jax>"
+"jax-cuda12-plugin==<jax>" nvidia-cuda-nvcc-cu12``) and ``JAX_PLATFORMS=cpu``, so that the CUDA
+plugin does not look for a GPU. GPU descriptions are XLA's ``GpuTargetConfigProto`` of each card,
+kept in ``gpu_targets/``; TPUs come from libtpu's topologies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+
+import jax
+import numpy as np
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A compile target: ``platform`` "cuda" or "tpu"; ``spec`` the GPU target file in
+    gpu_targets/ or the TPU topology name; peak dense FLOP/s per dtype and memory bandwidth (bytes/s)
+    from the vendors' data sheets (dense, no sparsity), for roofline estimates."""
+
+    name: str
+    platform: str
+    spec: str
+    peak_flops: dict[str, float]
+    bandwidth: float
+
+
+TARGETS = {
+    t.name: t
+    for t in (
+        Target("h100", "cuda", "h100_sxm.txtpb", {"float32": 67e12, "bfloat16": 989e12}, 3.35e12),
+        Target("a100", "cuda", "a100_sxm_80.txtpb", {"float32": 19.5e12, "bfloat16": 312e12}, 2.04e12),
+        Target("v5e", "tpu", "v5e:2x2", {"float32": 197e12, "bfloat16": 197e12}, 0.82e12),
+        Target("v6e", "tpu", "v6e:2x2", {"float32": 918e12, "bfloat16": 918e12}, 1.64e12),
+    )
+}
+
+
+def _gpu_config(spec: str) -> str:
+    return (pathlib.Path(__file__).parent / "gpu_targets" / spec).read_text()
+
+
+@functools.cache
+def device(name: str) -> jax.Device:
+    """A device of target ``name`` (one of ``TARGETS``) for ahead-of-time compilation.
+
+    Raises RuntimeError naming the missing compiler when this jaxlib cannot target it."""
+    if name not in TARGETS:
+        raise ValueError(f"expected a target in {sorted(TARGETS)}, got {name!r}")
+    target = TARGETS[name]
+    try:
+        if target.platform == "tpu":
+            topology = topologies.get_topology_desc(target.spec, "tpu")
+        else:
+            topology = topologies.get_topology_desc(
+                "", "cuda", target_config=_gpu_config(target.spec), topology="1x1x1"
+            )
+    except Exception as e:  # noqa: BLE001 - the plugin's own error says which piece is missing
+        raise RuntimeError(
+            f"cannot compile for {name} here ({type(e).__name__}: {str(e).splitlines()[0]}); install "
+            f'"jax[tpu]=={jax.__version__}" "jax-cuda12-plugin=={jax.__version__}" nvidia-cuda-nvcc-cu12 '
+            "and run with JAX_PLATFORMS=cpu"
+        ) from e
+    return topology.devices[0]
+
+
+def abstract(shape, dtype, target: str) -> jax.ShapeDtypeStruct:
+    """An input of ``shape`` and ``dtype`` placed on a device of ``target``."""
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(device(target)))
+
+
+def compile(fn, *args, target: str, **jit_kwargs):
+    """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` for ``target``, with ``args`` made by
+    ``abstract``. The lowering runs under an abstract mesh of the target's device, which tells the
+    Pallas GPU lowering which GPU it compiles for (jax >= 0.12 asks for that when no GPU is
+    attached)."""
+    mesh = jax.sharding.Mesh(np.array([device(target)]), ("device",))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return jax.jit(fn, **jit_kwargs).lower(*args).compile()

@@ -1,0 +1,119 @@
+"""The LSTM recurrence as one ``lstm_cell`` kernel per step inside a ``lax.scan``: for recurrent
+weights too large to stay on chip in one program (see ``lstm_sequence.plan``).
+
+Each step's kernel is blocked over batch, hidden and the contraction (``lstm_cell``), so it fits
+any hidden size; w_h streams from device memory (L2 on GPU) at every step. The cell state c is
+carried in float32 between steps, as in the persistent kernel. Steps at t >= seq_lengths[b]
+leave the carry unchanged and output zeros (packed-sequence semantics).
+
+Backward (a ``custom_vjp`` over the whole sequence, not per step): a reverse-time ``lax.scan`` of
+the gate gradients (``common.lstm_gate_gradients``) and δh_{t-1} = δpre_t w_hᵀ, one matmul a step
+left to XLA (cuBLAS / the MXU); then δw_h = Σ_t h_{t-1}ᵀ δpre_t as one matmul over all steps, and
+δx_proj = δpre.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmodels.kernels import lstm_cell
+from jaxmodels.kernels.common import BlockSizes, check_sequence_operands, lstm_gate_gradients, on_platforms
+
+Array = jax.Array
+
+
+def lstm_stepwise(
+    x_proj: Array,
+    w_h: Array,
+    initial_carry: tuple[Array, Array],
+    seq_lengths: Array | None = None,
+    *,
+    reverse: bool = False,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> tuple[tuple[Array, Array], Array]:
+    """Run the LSTM recurrence with one fused kernel per step; arguments and results as
+    ``lstm_sequence.lstm_sequence``, for any hidden size.
+
+    Args:
+      x_proj: [time, batch, 4*hidden], x_t W_x + b for every step (gates i, f, g, o), float32 or bfloat16.
+      w_h: [hidden, 4*hidden], same dtype.
+      initial_carry: (h_0, c_0), each [batch, hidden].
+      seq_lengths: [batch] integers in [0, time], or None for full length.
+      reverse: walk time from the last step to the first.
+      block_sizes: the step kernel's tiles (``lstm_cell.default_blocks`` per backend when None).
+      interpret: True to interpret everywhere; None interprets on CPU only.
+    Returns:
+      ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [time, batch, hidden], in x_proj's dtype.
+    """
+    time, batch, _ = check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths)
+    if seq_lengths is None:
+        seq_lengths = jnp.full((batch,), time, jnp.int32)
+    h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
+    args = (x_proj, w_h, h0, c0, seq_lengths.astype(jnp.int32))
+    return on_platforms(lambda backend: stepwise_kernel(backend, reverse, block_sizes), interpret, *args)
+
+
+def stepwise_kernel(backend: str, reverse: bool, block_sizes: BlockSizes | None = None):
+    """The stepwise recurrence on ``backend`` as one differentiable function (x_proj, w_h, h0,
+    c0, lengths) -> ((h_T, c_T), hs)."""
+    return functools.partial(
+        _lstm_stepwise, reverse=reverse, block_sizes=block_sizes or lstm_cell.default_blocks(backend), backend=backend
+    )
+
+
+def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
+    """The scan. Returns ((h_T, c_T), hs [time, batch, hidden], residuals): per step the
+    activated gates [4, batch, hidden], and h and c entering the step."""
+    time = x_proj.shape[0]
+    mask = jnp.arange(time)[:, None] < lengths[None, :]  # [time, batch]
+
+    def step(carry, inputs):
+        h, c = carry
+        x_t, m_t = inputs
+        h_new, c_new, acts = lstm_cell.forward(x_t, w_h, h, c, block_sizes, backend)
+        keep = m_t[:, None]
+        return (jnp.where(keep, h_new, h), jnp.where(keep, c_new, c)), (jnp.where(keep, h_new, 0), acts, h, c)
+
+    (h, c), (hs, acts, h_in, c_in) = lax.scan(step, (h0, c0.astype(jnp.float32)), (x_proj, mask), reverse=reverse)
+    return (h, c.astype(x_proj.dtype)), hs, (mask, acts, h_in, c_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lstm_stepwise(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
+    carry, hs, _ = _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend)
+    return carry, hs
+
+
+def _lstm_stepwise_fwd(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
+    carry, hs, residuals = _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend)
+    return (carry, hs), (w_h, lengths, residuals)
+
+
+def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
+    w_h, lengths, (mask, acts, h_in, c_in) = saved
+    (dh_T, dc_T), dhs = cotangents
+    w_t = w_h.T
+
+    def step(carry, inputs):
+        dh_next, dc_next = carry
+        dh_out, acts_t, c_in_t, m_t = inputs
+        dh = dh_out.astype(jnp.float32) + dh_next
+        dpre, dc_prev = lstm_gate_gradients(dh, dc_next, list(acts_t), c_in_t)
+        keep = m_t[:, None]
+        dpre = jnp.where(keep, jnp.concatenate(dpre, axis=-1), 0)
+        dh_prev = jnp.dot(dpre.astype(w_h.dtype), w_t, preferred_element_type=jnp.float32)
+        return (jnp.where(keep, dh_prev, dh_next), jnp.where(keep, dc_prev, dc_next)), dpre
+
+    carry = (dh_T.astype(jnp.float32), dc_T.astype(jnp.float32))
+    (dh0, dc0), dpre = lax.scan(step, carry, (dhs, acts, c_in, mask), reverse=not reverse)
+    dtype = w_h.dtype
+    dw_h = jnp.einsum("tbh,tbg->hg", h_in, dpre.astype(dtype), preferred_element_type=jnp.float32)
+    return dpre.astype(dtype), dw_h.astype(dtype), dh0.astype(dtype), dc0.astype(dtype), None
+
+
+_lstm_stepwise.defvjp(_lstm_stepwise_fwd, _lstm_stepwise_bwd)
