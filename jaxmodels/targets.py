@@ -78,11 +78,18 @@ def abstract(shape, dtype, target: str) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(device(target)))
 
 
+def on_device(target: str):
+    """A context in which traces are for ``target``'s device: an abstract mesh of it. It tells the
+    Pallas GPU lowering which GPU it compiles for (jax >= 0.12 asks when no GPU is attached) and
+    the kernels which on-chip budgets to plan with (``jaxmodels.kernels.common``)."""
+    mesh = jax.sharding.Mesh(np.array([device(target)]), ("device",))
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def compile(fn, *args, target: str, **jit_kwargs):
     """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` for ``target``, with ``args`` made by
-    ``abstract``. The lowering runs under an abstract mesh of the target's device, which tells the
-    Pallas GPU lowering which GPU it compiles for (jax >= 0.12 asks for that when no GPU is
-    attached)."""
-    mesh = jax.sharding.Mesh(np.array([device(target)]), ("device",))
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-        return jax.jit(fn, **jit_kwargs).lower(*args).compile()
+    ``abstract``, traced ``on_device(target)``. On GPUs a register spill fails the compile
+    (``xla_gpu_fail_ptx_compilation_on_register_spilling``): a spilling kernel is a slow one."""
+    options = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True} if TARGETS[target].platform == "cuda" else {}
+    with on_device(target):
+        return jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options=options)

@@ -78,8 +78,13 @@ def test_seq_pixels_and_a_fixed_permutation(digits):
 def test_seq_mnist_on_the_real_test_split():
     ds = get_dataset("seq-mnist", data_dir=SHARED)
     mnist = load_mnist(SHARED)
-    assert ds.x_train is None and ds.x_test.shape == (10_000, 28, 28) and ds.x_test.dtype == np.float32
+    assert ds.x_test.shape == (10_000, 28, 28) and ds.x_test.dtype == np.float32
     np.testing.assert_array_equal(ds.x_test, mnist.x_test[..., 0])
+    if mnist.x_train is None:  # only the test split is there
+        assert ds.x_train is None
+    else:  # the whole distribution: the training split read the same way
+        assert ds.x_train.shape == (60_000, 28, 28)
+        np.testing.assert_array_equal(ds.x_train, mnist.x_train[..., 0])
     assert list(ds.y_test[:10]) == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
 
 
