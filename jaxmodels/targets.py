@@ -45,6 +45,22 @@ TARGETS = {
 }
 
 
+# The shapes (hidden, batch, time) every LSTM path is compiled at for every target, in tests and in
+# benchmarks/compile_matrix.py: hidden 64-2048, batch 1-256, time 1-1024, each extreme met with others.
+COMPILE_GRID = (
+    (64, 1, 1),
+    (64, 256, 1024),
+    (128, 16, 150),
+    (256, 64, 150),
+    (512, 1, 1024),
+    (768, 16, 1024),
+    (1024, 64, 25),
+    (1024, 256, 1),
+    (2048, 256, 100),
+    (2048, 1, 1024),
+)
+
+
 def _gpu_config(spec: str) -> str:
     return (pathlib.Path(__file__).parent / "gpu_targets" / spec).read_text()
 

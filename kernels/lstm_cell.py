@@ -114,35 +114,59 @@ def padded_hidden(hidden: int, block_sizes: BlockSizes) -> int:
     return hidden_p if block_sizes.block_reduce >= hidden_p else round_up(hidden_p, block_sizes.block_reduce)
 
 
-def forward(x_proj, w_h, h, c, block_sizes: BlockSizes, backend: str):
-    """The kernel on ``backend``: (h_t in x_proj's dtype, c_t in c's dtype, activated gates
-    [4, batch, hidden] in float32). A float32 c keeps the cell state unrounded across steps."""
-    batch, gates = x_proj.shape
+def gate_major(a: Array, rows: int, hidden_p: int) -> Array:
+    """[..., rows, 4*hidden] -> [..., 4, rows_p, hidden_p]: gate k's columns as [k], zero-padded
+    to ``rows`` rows (rounded up by the caller) and ``hidden_p`` columns."""
+    *lead, n, gates = a.shape
     hidden = gates // 4
+    a = jnp.moveaxis(a.reshape(*lead, n, 4, hidden), -2, -3)
+    return pad_to(a, (*lead, 4, rows, hidden_p))
+
+
+def padded_shapes(batch: int, hidden: int, block_sizes: BlockSizes) -> tuple[int, int]:
+    """(batch_p, hidden_p) of the kernel's operands."""
+    return round_up(batch, block_sizes.block_rows), padded_hidden(hidden, block_sizes)
+
+
+def step(xp, h, c, w, block_sizes: BlockSizes, backend: str):
+    """The kernel on padded gate-major operands: xp [4, batch_p, hidden_p] (``gate_major`` of
+    x_proj), h [batch_p, hidden_p] in w's dtype, c [batch_p, hidden_p], w [4, hidden_p, hidden_p]
+    (``gate_major`` of w_h) -> (h_t in xp's dtype, c_t in c's dtype, activated gates
+    [4, batch_p, hidden_p] in float32). Padded rows and columns stay zero."""
+    _, batch_p, hidden_p = xp.shape
     rows, cols = block_sizes.block_rows, block_sizes.block_cols
-    batch_p, hidden_p = round_up(batch, rows), padded_hidden(hidden, block_sizes)
-    xp = pad_to(x_proj.reshape(batch, 4, hidden).transpose(1, 0, 2), (4, batch_p, hidden_p))
-    w = pad_to(w_h.reshape(hidden, 4, hidden).transpose(1, 0, 2), (4, hidden_p, hidden_p))
-    hp, cp = pad_to(h, (batch_p, hidden_p)), pad_to(c, (batch_p, hidden_p))
     block = pl.BlockSpec((rows, cols), lambda b, j: (b, j))
     by_gate = pl.BlockSpec((4, rows, cols), lambda b, j: (0, b, j))
     interpret = backend == "interpret"
-    h_new, c_new, acts = pl.pallas_call(
-        functools.partial(
-            _lstm_cell_kernel, block_reduce=min(block_sizes.block_reduce, hidden_p), upcast=interpret
-        ),
+    return pl.pallas_call(
+        functools.partial(_lstm_cell_kernel, block_reduce=min(block_sizes.block_reduce, hidden_p), upcast=interpret),
         grid=(batch_p // rows, hidden_p // cols),
         in_specs=[by_gate, pl.BlockSpec((rows, hidden_p), lambda b, j: (b, 0)), block,
                   pl.BlockSpec((4, hidden_p, cols), lambda b, j: (0, 0, j))],
         out_specs=[block, block, by_gate],
         out_shape=[
-            jax.ShapeDtypeStruct((batch_p, hidden_p), x_proj.dtype),
+            jax.ShapeDtypeStruct((batch_p, hidden_p), xp.dtype),
             jax.ShapeDtypeStruct((batch_p, hidden_p), c.dtype),
             jax.ShapeDtypeStruct((4, batch_p, hidden_p), jnp.float32),
         ],
         interpret=interpret,
         compiler_params=compiler_params(backend),
-    )(xp, hp, cp, w)
+    )(xp, h, c, w)
+
+
+def forward(x_proj, w_h, h, c, block_sizes: BlockSizes, backend: str):
+    """One step on unpadded operands: (h_t, c_t, activated gates [4, batch, hidden] in float32)."""
+    batch, gates = x_proj.shape
+    hidden = gates // 4
+    batch_p, hidden_p = padded_shapes(batch, hidden, block_sizes)
+    h_new, c_new, acts = step(
+        gate_major(x_proj, batch_p, hidden_p),
+        pad_to(h, (batch_p, hidden_p)),
+        pad_to(c, (batch_p, hidden_p)),
+        gate_major(w_h, hidden_p, hidden_p),
+        block_sizes,
+        backend,
+    )
     return h_new[:batch, :hidden], c_new[:batch, :hidden], acts[:, :batch, :hidden]
 
 

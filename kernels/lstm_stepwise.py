@@ -2,8 +2,9 @@
 weights too large to stay on chip in one program (see ``lstm_sequence.plan``).
 
 Each step's kernel is blocked over batch, hidden and the contraction (``lstm_cell``), so it fits
-any hidden size; w_h streams from device memory (L2 on GPU) at every step. The cell state c is
-carried in float32 between steps, as in the persistent kernel. Steps at t >= seq_lengths[b]
+any hidden size; w_h streams from device memory (L2 on GPU) at every step. w_h and x_proj are laid
+out for the kernel (gate-major, padded) once, before the loop, and the carry stays in that layout
+from step to step; the cell state c is carried in float32, as in the persistent kernel. Steps at t >= seq_lengths[b]
 leave the carry unchanged and output zeros (packed-sequence semantics).
 
 Backward (a ``custom_vjp`` over the whole sequence, not per step): a reverse-time ``lax.scan`` of
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmodels.kernels import lstm_cell
-from jaxmodels.kernels.common import BlockSizes, check_sequence_operands, lstm_gate_gradients, on_platforms
+from jaxmodels.kernels.common import BlockSizes, check_sequence_operands, lstm_gate_gradients, on_platforms, pad_to
 
 Array = jax.Array
 
@@ -67,20 +68,28 @@ def stepwise_kernel(backend: str, reverse: bool, block_sizes: BlockSizes | None 
 
 
 def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
-    """The scan. Returns ((h_T, c_T), hs [time, batch, hidden], residuals): per step the
-    activated gates [4, batch, hidden], and h and c entering the step."""
-    time = x_proj.shape[0]
-    mask = jnp.arange(time)[:, None] < lengths[None, :]  # [time, batch]
+    """The scan, on operands laid out once for the kernel (gate-major, padded; the carry stays
+    padded, its padding zero). Returns ((h_T, c_T), hs [time, batch, hidden], residuals): the
+    mask, and per step the activated gates [4, batch_p, hidden_p] and the padded h and c
+    entering it."""
+    time, batch, gates = x_proj.shape
+    hidden = gates // 4
+    batch_p, hidden_p = lstm_cell.padded_shapes(batch, hidden, block_sizes)
+    xp = lstm_cell.gate_major(x_proj, batch_p, hidden_p)  # [time, 4, batch_p, hidden_p]
+    w = lstm_cell.gate_major(w_h, hidden_p, hidden_p)
+    mask = jnp.arange(time)[:, None] < pad_to(lengths, (batch_p,))[None, :]  # [time, batch_p]
 
     def step(carry, inputs):
         h, c = carry
-        x_t, m_t = inputs
-        h_new, c_new, acts = lstm_cell.forward(x_t, w_h, h, c, block_sizes, backend)
+        xp_t, m_t = inputs
+        h_new, c_new, acts = lstm_cell.step(xp_t, h, c, w, block_sizes, backend)
         keep = m_t[:, None]
         return (jnp.where(keep, h_new, h), jnp.where(keep, c_new, c)), (jnp.where(keep, h_new, 0), acts, h, c)
 
-    (h, c), (hs, acts, h_in, c_in) = lax.scan(step, (h0, c0.astype(jnp.float32)), (x_proj, mask), reverse=reverse)
-    return (h, c.astype(x_proj.dtype)), hs, (mask, acts, h_in, c_in)
+    carry = (pad_to(h0, (batch_p, hidden_p)), pad_to(c0.astype(jnp.float32), (batch_p, hidden_p)))
+    (h, c), (hs, acts, h_in, c_in) = lax.scan(step, carry, (xp, mask), reverse=reverse)
+    final = (h[:batch, :hidden], c[:batch, :hidden].astype(x_proj.dtype))
+    return final, hs[:, :batch, :hidden], (mask, acts, h_in, c_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -91,13 +100,16 @@ def _lstm_stepwise(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
 
 def _lstm_stepwise_fwd(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
     carry, hs, residuals = _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend)
-    return (carry, hs), (w_h, lengths, residuals)
+    return (carry, hs), (w_h, residuals)
 
 
 def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
-    w_h, lengths, (mask, acts, h_in, c_in) = saved
+    """In the padded layout of the forward: gradients of padded rows and columns are zero."""
+    w_h, (mask, acts, h_in, c_in) = saved
     (dh_T, dc_T), dhs = cotangents
-    w_t = w_h.T
+    time, batch, hidden = dhs.shape
+    batch_p, hidden_p = h_in.shape[1:]
+    w_t = lstm_cell.gate_major(w_h, hidden_p, hidden_p).transpose(0, 2, 1).reshape(4 * hidden_p, hidden_p)
 
     def step(carry, inputs):
         dh_next, dc_next = carry
@@ -105,15 +117,19 @@ def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
         dh = dh_out.astype(jnp.float32) + dh_next
         dpre, dc_prev = lstm_gate_gradients(dh, dc_next, list(acts_t), c_in_t)
         keep = m_t[:, None]
-        dpre = jnp.where(keep, jnp.concatenate(dpre, axis=-1), 0)
+        dpre = jnp.where(keep, jnp.concatenate(dpre, axis=-1), 0)  # [batch_p, 4*hidden_p]
         dh_prev = jnp.dot(dpre.astype(w_h.dtype), w_t, preferred_element_type=jnp.float32)
         return (jnp.where(keep, dh_prev, dh_next), jnp.where(keep, dc_prev, dc_next)), dpre
 
-    carry = (dh_T.astype(jnp.float32), dc_T.astype(jnp.float32))
-    (dh0, dc0), dpre = lax.scan(step, carry, (dhs, acts, c_in, mask), reverse=not reverse)
+    padded = lambda a: pad_to(a.astype(jnp.float32), (*a.shape[:-2], batch_p, hidden_p))
+    carry = (padded(dh_T), padded(dc_T))
+    (dh0, dc0), dpre = lax.scan(step, carry, (padded(dhs), acts, c_in, mask), reverse=not reverse)
     dtype = w_h.dtype
-    dw_h = jnp.einsum("tbh,tbg->hg", h_in, dpre.astype(dtype), preferred_element_type=jnp.float32)
-    return dpre.astype(dtype), dw_h.astype(dtype), dh0.astype(dtype), dc0.astype(dtype), None
+    dpre = dpre.astype(dtype).reshape(time, batch_p, 4, hidden_p)[:, :, :, :hidden]  # [time, batch_p, 4, hidden]
+    dw_h = jnp.einsum("tbh,tbkg->hkg", h_in[:, :, :hidden], dpre, preferred_element_type=jnp.float32)
+    dx_proj = dpre[:, :batch].reshape(time, batch, 4 * hidden)
+    unpad = lambda a: a[:batch, :hidden].astype(dtype)
+    return dx_proj, dw_h.reshape(hidden, 4 * hidden).astype(dtype), unpad(dh0), unpad(dc0), None
 
 
 _lstm_stepwise.defvjp(_lstm_stepwise_fwd, _lstm_stepwise_bwd)

@@ -28,19 +28,6 @@ TARGETS = ("h100", "a100", "v5e", "v6e")
 COMPILE_SECONDS = 60  # the slowest compile measured here took a few seconds
 KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
-# (hidden, batch, time): hidden 64-2048, batch 1-256, time 1-1024, each extreme met with others.
-SHAPES = [
-    (64, 1, 1),
-    (64, 256, 1024),
-    (128, 16, 150),
-    (256, 64, 150),
-    (512, 1, 1024),
-    (768, 16, 1024),
-    (1024, 64, 25),
-    (1024, 256, 1),
-    (2048, 256, 100),
-    (2048, 1, 1024),
-]
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -88,7 +75,7 @@ def persistent_fits(target, hidden, dtype) -> bool:
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("impl", ["auto", "pallas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("hidden,batch,time", SHAPES)
+@pytest.mark.parametrize("hidden,batch,time", targets.COMPILE_GRID)
 def test_lstm_scan_compiles(target, impl, dtype, hidden, batch, time):
     require(target)
     params, xs = lstm_operands(target, hidden, batch, time, dtype)
