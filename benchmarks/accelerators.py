@@ -12,10 +12,11 @@ What it does, in order:
    the date and the git commit.
 2. Correctness on the device: every Pallas kernel (``dense``, ``lstm_cell``, ``lstm_sequence``,
    ``lstm_stepwise``, and ``lstm_scan(impl="pallas")``) against its jnp reference (``lstm_scan``'s
-   is ``impl="scan"``), forward and the gradient of sum(sin(outputs)) with respect to every float
-   input, in float32 and bfloat16. Error = max |kernel - reference| / max(1, max |reference|) per
-   output or gradient array (absolute for values of order 1), the largest over the arrays, against a
-   per-dtype tolerance (``TOLERANCES``). Matmuls run at full float32 precision here
+   is ``impl="scan"``; ``lstm_sequence`` is skipped where its w_h does not fit on chip), forward
+   and the gradient of sum(sin(outputs)) with respect to every float input, in float32 and
+   bfloat16. Error = max |kernel - reference| / max(1, max |reference|) per output or gradient
+   array (absolute for values of order 1), the largest over the arrays, against a per-dtype
+   tolerance (``TOLERANCES``). Matmuls run at full float32 precision here
    (``jax.default_matmul_precision("highest")``): at JAX's default, GPUs use TF32 for float32 dots,
    in the kernels and in XLA alike.
 3. Timings of one LSTM layer (input features = hidden) at ``TIMING_SHAPES``: the forward pass and
@@ -92,11 +93,13 @@ CORRECTNESS_SHAPES = {
 }
 
 # Timing shapes (hidden, batch, time, dtype): DeepBench's (1024, 64, 25) and (256, 64, 150), FlashRNN's
-# (768, 16, 1024); the dry run's one tiny shape.
+# (768, 16, 1024); small hidden sizes where the persistent kernel fits a GPU (float32 <= 64, bfloat16
+# <= 128 on H100/H200); the dry run's one tiny shape.
 TIMING_SHAPES = {
     False: [
         (1024, 64, 25, "float32"), (256, 64, 150, "float32"), (768, 16, 1024, "bfloat16"),
         (1024, 64, 25, "bfloat16"), (256, 64, 150, "bfloat16"),
+        (64, 64, 150, "float32"), (128, 64, 150, "bfloat16"),
     ],
     True: [(32, 2, 3, "float32")],
 }
@@ -193,9 +196,9 @@ def sin_loss(fn: Callable) -> Callable:
     return lambda *args: sum(jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args)))
 
 
-def _lengths(batch: int, time: int) -> jax.Array:
-    """seq_lengths spread over [0, time], both ends included."""
-    return jnp.array([time - (time * k) // max(batch - 1, 1) for k in range(batch)], jnp.int32)
+def _lengths(batch: int, steps: int) -> jax.Array:
+    """seq_lengths spread over [0, steps], both ends included."""
+    return jnp.array([steps - (steps * k) // max(batch - 1, 1) for k in range(batch)], jnp.int32)
 
 
 def correctness_cases(dry_run: bool, dtype):
@@ -236,16 +239,22 @@ def correctness_cases(dry_run: bool, dtype):
         params = jaxmodels.init_lstm(next(keys), features, hidden, forget_bias=1.0, dtype=dtype)
         params["b"] = params["b"] + rand((4 * hidden,), 0.1)
         lengths = _lengths(batch, time_) if with_lengths else None
-        run = lambda impl, n=lengths, r=reverse: lambda p, x: jaxmodels.lstm_scan(
-            p, x, seq_lengths=n, reverse=r, impl=impl)
         yield (
             "lstm_scan(pallas) vs (scan)",
             f"features {features}, " + _sequence_text(time_, batch, hidden, with_lengths, reverse),
-            run("pallas"), run("scan"), (params, rand((batch, time_, features))), None,
+            functools.partial(_lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="pallas"),
+            functools.partial(_lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="scan"),
+            (params, rand((batch, time_, features))), None,
         )
 
 
+def _lstm_scan_outputs(params, xs, *, seq_lengths, reverse, impl):
+    """``jaxmodels.lstm_scan``'s ((h_T, c_T), hs) with the given options."""
+    return jaxmodels.lstm_scan(params, xs, seq_lengths=seq_lengths, reverse=reverse, impl=impl)
+
+
 def _sequence_text(time_: int, batch: int, hidden: int, with_lengths: bool, reverse: bool) -> str:
+    """The shape column of a sequence case."""
     text = f"time {time_}, batch {batch}, hidden {hidden}"
     return text + (", seq_lengths" if with_lengths else "") + (", reverse" if reverse else "")
 
@@ -458,6 +467,7 @@ def run_timing(dry_run: bool, repeats: int, progress: Callable[[str], None], on_
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
+    """value to ``digits`` significant digits; empty for None."""
     return "" if value is None else f"{value:.{digits}g}"
 
 
@@ -472,13 +482,11 @@ def markdown(result: dict) -> str:
                   "skipped: this checks the pipeline, not the device.", ""]
     lines += [f"`{result['command']}`, {env['date']}, commit {env['git_commit'] or 'unknown'}"
               + (" with local changes" if env["git_dirty_files"] else "") + ".", ""]
-    if not result.get("complete", True):
-        lines += ["**Incomplete: the run stopped after the last section below.**", ""]
+    if not result["complete"]:
+        lines += ["**Incomplete**: written part-way through the run; a run that ended here stopped early.", ""]
     cases = result["correctness"]
     failed = sum(c["status"] == "FAIL" for c in cases)
-    lines += [
-        "## Correctness",
-        "",
+    lines += ["## Correctness", ""] + (["Not run yet."] if "passed" not in result else [
         f"{len(cases)} cases, {failed} failed. Error = max |kernel - reference| / max(1, max |reference|) per array "
         "of the outputs (forward) or of the gradients of sum(sin(outputs)) wrt every float input (gradient), the "
         "largest over the arrays; scale = max |reference| over them. Matmuls at full float32 precision "
@@ -486,7 +494,7 @@ def markdown(result: dict) -> str:
         "",
         "| kernel | dtype | shape | forward error | tol | gradient error | tol | scale fwd / grad | status |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
+    ])
     for c in cases:
         note = c.get("error") or c.get("reason") or ""
         scales = f"{_fmt(c.get('forward_scale'))} / {_fmt(c.get('gradient_scale'))}" if "forward_scale" in c else ""
@@ -505,8 +513,8 @@ def markdown(result: dict) -> str:
             + f"{result['repeats']} rounds, one call per contender per round in shuffled order, after compile "
             "and 2 warm-up calls. Forward: the outputs [batch, time, hidden]; forward+backward: the gradients of "
             "sum(outputs) wrt weights and inputs. Input features = hidden. x cuDNN = jax.experimental.rnn's median / "
-            "this median (above 1 is faster). JAX's default matmul precision (TF32 for float32 on recent NVIDIA "
-            "GPUs, in XLA, the kernels and cuDNN alike).",
+            "this median (above 1 is faster). JAX's default matmul precision: float32 matmuls may use TF32 on "
+            "NVIDIA GPUs (XLA, the kernels and cuDNN alike) and bfloat16 passes on TPU.",
             "",
             "| (H, B, T) | dtype | pass | contender | path | median ms | min-max ms | x cuDNN | compile s | note |",
             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
@@ -529,14 +537,16 @@ def markdown(result: dict) -> str:
             "",
         ]
     lines += ["## Environment", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {', '.join(v) if isinstance(v, list) else v} |" if v else f"| {k} | - |" for k, v in env.items()]
+    for key, value in env.items():
+        lines.append(f"| {key} | {(', '.join(value) if isinstance(value, list) else value) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def write_results(result: dict, out: Path) -> tuple[Path, Path]:
     """Write the JSON and markdown files; return their paths."""
     env = result["environment"]
-    stem = f"accelerators-{slug(env['platform'])}-{slug(env['device_kind'])}" + ("-dry-run" if result["dry_run"] else "")
+    stem = f"accelerators-{slug(env['platform'])}-{slug(env['device_kind'])}"
+    stem += "-dry-run" if result["dry_run"] else ""
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     json_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -549,6 +559,7 @@ def write_results(result: dict, out: Path) -> tuple[Path, Path]:
 
 
 def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -559,6 +570,7 @@ def _positive_int(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (``sys.argv[1:]`` when argv is None); a bad one exits 2 with argparse's error."""
     parser = argparse.ArgumentParser(
         description="Kernel correctness on the device and LSTM timings against cuDNN and PyTorch (GPU/TPU)."
     )
@@ -571,6 +583,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the check; the exit status: 0, 1 when a correctness case failed, 2 on CPU without --dry-run."""
     args = parse_args(argv)
     if not args.dry_run and jax.default_backend() == "cpu":
         print("accelerators.py: JAX's default backend is cpu; this script is for a GPU or TPU machine "
@@ -590,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         "published": PUBLISHED,
         "complete": False,
     }
+    write_results(result, args.out)  # the environment, even if what follows crashes the process
     result["correctness"] = run_correctness(args.dry_run, progress)
     result["passed"] = all(c["status"] != "FAIL" for c in result["correctness"])
     write_results(result, args.out)

@@ -102,10 +102,20 @@ def on_device(target: str):
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+# XLA options of GPU compiles. A register spill fails the compile: a spilling kernel is a slow one.
+# XLA's own Triton GEMM fusions are left out (cuBLAS instead): on a GPU, XLA autotunes them and
+# drops configurations that spill, but a deviceless compile cannot autotune and takes a default
+# one, which spilled in bfloat16 on A100 (the input-projection gradients of lstm_scan). Pallas
+# kernels are compiled by Triton either way, and these options do not touch them.
+GPU_COMPILER_OPTIONS = {
+    "xla_gpu_fail_ptx_compilation_on_register_spilling": True,
+    "xla_gpu_enable_triton_gemm": False,
+}
+
+
 def compile(fn, *args, target: str, **jit_kwargs):
     """``jax.jit(fn, **jit_kwargs).lower(*args).compile()`` for ``target``, with ``args`` made by
-    ``abstract``, traced ``on_device(target)``. On GPUs a register spill fails the compile
-    (``xla_gpu_fail_ptx_compilation_on_register_spilling``): a spilling kernel is a slow one."""
-    options = {"xla_gpu_fail_ptx_compilation_on_register_spilling": True} if TARGETS[target].platform == "cuda" else {}
+    ``abstract``, traced ``on_device(target)``, with ``GPU_COMPILER_OPTIONS`` on GPUs."""
+    options = GPU_COMPILER_OPTIONS if TARGETS[target].platform == "cuda" else {}
     with on_device(target):
         return jax.jit(fn, **jit_kwargs).lower(*args).compile(compiler_options=options)

@@ -17,6 +17,7 @@ from jax.experimental import pallas as pl
 
 from jaxmodels.kernels.common import (
     ACTIVATIONS,
+    GPU_DENSE_BLOCKS,
     BlockSizes,
     check_activation,
     check_float,
@@ -59,7 +60,7 @@ def dense(
       b: [out] or None (no bias).
       activation: "identity", "relu", "tanh" or "sigmoid".
       block_sizes: tiles (block_rows, block_cols, block_reduce); shapes that are not multiples are
-        zero-padded inside.
+        zero-padded inside. Default: ``default_blocks`` of the backend.
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       y [rows, out] in x's dtype, accumulated in float32.
@@ -74,9 +75,15 @@ def dense(
         b = jnp.zeros((w.shape[1],), x.dtype)
     if b.shape != (w.shape[1],):
         raise ValueError(f"expected b of shape [out]=({w.shape[1]},), got {b.shape}")
-    block_sizes = block_sizes or BlockSizes()
-    branch = lambda backend: functools.partial(_dense, activation=activation, block_sizes=block_sizes, backend=backend)
+    branch = lambda backend: functools.partial(
+        _dense, activation=activation, block_sizes=block_sizes or default_blocks(backend), backend=backend
+    )
     return on_platforms(branch, interpret, x, w, b.astype(x.dtype))
+
+
+def default_blocks(backend: str) -> BlockSizes:
+    """``common.GPU_DENSE_BLOCKS`` for Triton, 16 x 128 tiles with slices of 128 elsewhere."""
+    return GPU_DENSE_BLOCKS if backend == "triton" else BlockSizes()
 
 
 def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, backend: str):

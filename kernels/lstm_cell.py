@@ -9,8 +9,8 @@ reads gate k's columns of hidden block j as ``ref[k]``::
 
 The contraction runs over slices of ``block_reduce`` rows of w_h, so a program holds
 4·block_reduce·block_cols weights at a time whatever the hidden size: on GPU that keeps shared
-memory and registers bounded (``GPU_BLOCKS``); on TPU one slice spans all of hidden, whose
-[4, hidden, block_cols] weight block sits in VMEM.
+memory and registers bounded (``common.GPU_CELL_BLOCKS``: 4 x 64 x 64 weights a slice); on TPU
+one slice spans all of hidden, whose [4, hidden, block_cols] weight block sits in VMEM.
 
 Backward: δgates from the saved activations (``common.lstm_gate_gradients``), then δh_{t-1} = δgates w_hᵀ and
 δw_h = h_{t-1}ᵀ δgates with the fused dense kernel's matmul; δx_proj = δgates.
@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxmodels.kernels.common import (
+    GPU_CELL_BLOCKS,
     BlockSizes,
     check_float,
     check_lstm_operands,
@@ -37,16 +38,9 @@ from jaxmodels.kernels.common import (
     round_up,
     sigmoid,
 )
-from jaxmodels.kernels.dense import matmul_bias_act
+from jaxmodels.kernels import dense
 
 Array = jax.Array
-
-# Blocks on GPU: 16 batch rows x 64 hidden columns per program, the contraction in slices of 64
-# rows of w_h (4 x 64 x 64 weights per slice). Compiled without register spills or shared-memory
-# overflow for hidden 64 to 2048 on H100 and A100 (tests/test_compile.py); slices of 32 spilled
-# registers in bfloat16 at hidden 768 on H100.
-GPU_BLOCKS = BlockSizes(block_rows=16, block_cols=64, block_reduce=64)
-
 
 def _lstm_cell_kernel(xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref, *, block_reduce: int, upcast: bool):
     """xp_ref [4, rows, cols], h_ref [rows, H], c_ref [rows, cols], w_ref [4, H, cols] ->
@@ -85,8 +79,7 @@ def lstm_cell(
       w_h: [hidden, 4*hidden], same dtype.
       carry: (h, c), each [batch, hidden].
       block_sizes: block_rows (batch) and block_cols (hidden) per program and block_reduce (the
-        contraction's slice); other sizes are padded. Default: ``GPU_BLOCKS`` on GPU; on TPU and
-        when interpreted 16 x 128 with the whole contraction at once.
+        contraction's slice); other sizes are padded. Default: ``default_blocks`` of the backend.
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       (h_t, c_t), each [batch, hidden] in x_proj's dtype (gate math in float32).
@@ -103,9 +96,12 @@ def lstm_cell(
 
 
 def default_blocks(backend: str) -> BlockSizes:
-    """``GPU_BLOCKS`` for Triton; 16 x 128 with the whole contraction at once for Mosaic (a
-    [4, hidden, 128] weight block fits VMEM up to hidden 4096 in float32) and the interpreter."""
-    return GPU_BLOCKS if backend == "triton" else BlockSizes(block_rows=16, block_cols=128, block_reduce=2**20)
+    """``common.GPU_CELL_BLOCKS`` for Triton; 16 x 128 with the whole contraction at once for
+    Mosaic (a [4, hidden, 128] weight block fits VMEM up to hidden 4096 in float32) and the
+    interpreter."""
+    if backend == "triton":
+        return GPU_CELL_BLOCKS
+    return BlockSizes(block_rows=16, block_cols=128, block_reduce=2**20)
 
 
 def padded_hidden(hidden: int, block_sizes: BlockSizes) -> int:
@@ -188,9 +184,9 @@ def _lstm_cell_bwd(block_sizes, backend, saved, cotangents):
     dtype = w_h.dtype
     dgates = jnp.concatenate(dpre, axis=-1).astype(dtype)
     hidden = w_h.shape[0]
-    dense_blocks = BlockSizes()  # the dense kernel's own tiles; only its padding changes with them
-    dh_prev = matmul_bias_act(dgates, w_h.T, jnp.zeros((hidden,), dtype), "identity", dense_blocks, backend)
-    dw_h = matmul_bias_act(h.T, dgates, jnp.zeros((4 * hidden,), dtype), "identity", dense_blocks, backend)
+    dense_blocks = dense.default_blocks(backend)
+    dh_prev = dense.matmul_bias_act(dgates, w_h.T, jnp.zeros((hidden,), dtype), "identity", dense_blocks, backend)
+    dw_h = dense.matmul_bias_act(h.T, dgates, jnp.zeros((4 * hidden,), dtype), "identity", dense_blocks, backend)
     return dgates, dw_h, dh_prev, dc_prev.astype(dtype)
 
 

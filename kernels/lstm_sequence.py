@@ -310,8 +310,10 @@ def un_pad_gates(a: Array, hidden: int) -> Array:
 
 def _layout(time: int, batch: int, plan: Plan):
     """(time_p, batch_p, block_time) of the padded operands. Triton runs a grid's programs
-    concurrently, so there one time block spans all of time (grid axis 1 must run in order)."""
-    block_time = time if plan.backend == "triton" else min(plan.block_time, time)
+    concurrently, so there one time block spans all of time (grid axis 1 must run in order), at
+    least two steps long: with a one-step loop, Triton keeps the whole unrolled step live and
+    the residual-saving kernels spilled registers at hidden 64 on H100 (the extra step is masked)."""
+    block_time = max(time, 2) if plan.backend == "triton" else min(plan.block_time, time)
     return round_up(time, block_time), round_up(batch, plan.block_rows), block_time
 
 

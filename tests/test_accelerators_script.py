@@ -66,7 +66,9 @@ def test_dry_run_timings_and_skipped_contenders(dry_run):
     rows = result["timing"]
     assert result["repeats"] == 2
     for pass_name in ("forward", "forward+backward"):
-        at_shape = {r["name"]: r for r in rows if r["pass"] == pass_name and all(r[k] == v for k, v in DRY_SHAPE.items())}
+        at_shape = {
+            r["name"]: r for r in rows if r["pass"] == pass_name and all(r[k] == v for k, v in DRY_SHAPE.items())
+        }
         for impl in ("scan", "pallas", "auto"):
             row = at_shape[f"jaxmodels lstm_scan({impl})"]
             assert row["status"] == "ok", row
