@@ -40,17 +40,12 @@ exits with status 2. The exit status is 1 when a correctness case fails (after w
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import json
-import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -58,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxmodels
+from jaxmodels import bench
 from jaxmodels.kernels.common import target_platform
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
@@ -122,42 +118,13 @@ DRY_RUN_NOTE = "interpret mode on CPU: not a speed"
 # Environment
 
 
-def _git(*args: str) -> str | None:
-    """Output of ``git args`` in the script's folder, or None where git or the repository is missing."""
-    try:
-        out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.rstrip() if out.returncode == 0 else None
-
-
-def _version(package: str) -> str | None:
-    """The installed version of ``package`` (None when not installed), without importing it."""
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> dict:
-    """Versions, platform and devices, XLA_FLAGS, date and git commit."""
+    """``jaxmodels.bench.environment()`` (versions, devices, XLA flags, git state) and the device
+    under test."""
     device = jax.devices()[0]
-    dirty = _git("status", "--porcelain", "--", ":/jaxmodels", ":/kernels")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "jax": jax.__version__,
-        "jaxlib": _version("jaxlib"),
-        "torch": _version("torch"),
-        "python": sys.version.split()[0],
-        "platform": device.platform,
-        "platform_version": device.client.platform_version,
-        "device_kind": device.device_kind,
-        "device_count": jax.device_count(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty_files": dirty.splitlines() if dirty else [],
+    return bench.environment() | {
+        "device": {"platform": device.platform, "kind": device.device_kind,
+                   "platform_version": device.client.platform_version},
     }
 
 
@@ -366,10 +333,10 @@ def _torch_skip(cuda: bool) -> str | None:
     after JAX has initialised its GPU backend."""
     if not cuda:
         return "no CUDA GPU for PyTorch here (JAX's default backend is not a CUDA GPU)"
-    if _version("torch") is None:
-        return "torch is not installed"
     try:
         import torch
+    except ModuleNotFoundError:
+        return "torch is not installed"
     except Exception as err:
         return f"torch does not import: {first_line(err)}"
     return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
@@ -475,7 +442,7 @@ def markdown(result: dict) -> str:
     """The result as markdown: a dry-run banner where it applies, the correctness table, the timing
     table with the published cuDNN figure for context, and the environment."""
     env = result["environment"]
-    title = f"# Accelerator check: {env['device_kind']} ({env['platform']})"
+    title = f"# Accelerator check: {env['device']['kind']} ({env['device']['platform']})"
     lines = [title + (" - DRY RUN" if result["dry_run"] else ""), ""]
     if result["dry_run"]:
         lines += [f"**Dry run ({DRY_RUN_NOTE}).** Tiny shapes, kernels interpreted, cuDNN and PyTorch "
@@ -538,35 +505,24 @@ def markdown(result: dict) -> str:
         ]
     lines += ["## Environment", "", "| | |", "| --- | --- |"]
     for key, value in env.items():
-        lines.append(f"| {key} | {(', '.join(value) if isinstance(value, list) else value) or '-'} |")
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, list):
+            value = ", ".join(value)
+        lines.append(f"| {key} | {value or '-'} |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(result: dict, out: Path) -> tuple[Path, Path]:
-    """Write the JSON and markdown files; return their paths."""
+def write_results(result: dict, out: Path) -> list[Path]:
+    """Write the JSON and markdown files (``jaxmodels.bench.write_results``); return their paths."""
     env = result["environment"]
-    stem = f"accelerators-{slug(env['platform'])}-{slug(env['device_kind'])}"
+    stem = f"accelerators-{slug(env['device']['platform'])}-{slug(env['device']['kind'])}"
     stem += "-dry-run" if result["dry_run"] else ""
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(markdown(result))
-    return json_path, md_path
+    return bench.write_results(result, out, stem, render_markdown=markdown, render_png=None)
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -575,7 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Kernel correctness on the device and LSTM timings against cuDNN and PyTorch (GPU/TPU)."
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the results (default {RESULTS})")
-    parser.add_argument("--repeats", type=_positive_int, default=None,
+    parser.add_argument("--repeats", type=bench.positive_int, default=None,
                         help="timing rounds (default 20; 2 with --dry-run)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU check of the pipeline: tiny shapes, kernels interpreted, no speed measured")

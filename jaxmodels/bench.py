@@ -892,7 +892,7 @@ def run(
     return results
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     import argparse
 
     try:
@@ -906,11 +906,11 @@ def _positive_int(text: str) -> int:
 
 def add_arguments(parser) -> None:
     """The options of ``jaxmodels bench`` and of the benchmarks/ scripts (after SUITE)."""
-    parser.add_argument("--repeats", type=_positive_int, default=10, help="rounds over the contenders (default: 10)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="rounds over the contenders (default: 10)")
     parser.add_argument("--shapes", default="full", choices=SHAPE_SETS,
                         help="full: the standard shapes; small: tiny ones, a smoke run (default: full)")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    parser.add_argument("--torch-threads", type=_positive_int, default=None,
+    parser.add_argument("--torch-threads", type=positive_int, default=None,
                         help="PyTorch's intra-op threads (default: the CPU count)")
 
 

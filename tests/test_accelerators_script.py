@@ -57,7 +57,7 @@ def test_dry_run_correctness_covers_every_kernel_and_passes(dry_run):
         assert case["forward_error"] <= case["forward_tolerance"]
         assert case["gradient_error"] <= case["gradient_tolerance"]
     env = result["environment"]
-    assert env["platform"] == "cpu" and env["jax"] and "xla_flags" in env and "git_commit" in env
+    assert env["device"]["platform"] == "cpu" and env["versions"]["jax"] and "xla_flags" in env and "git_commit" in env
 
 
 def test_dry_run_timings_and_skipped_contenders(dry_run):
