@@ -64,8 +64,8 @@ def lstm_scan(
       impl: "scan" (``lax.scan``); "pallas": the Pallas kernels, interpreted on CPU and compiled on
         GPU and TPU: the persistent ``kernels.lstm_sequence`` where w_h fits on chip of the device
         compiled for (``lstm_sequence.plan``), else ``kernels.lstm_stepwise`` (one kernel a step);
-        "auto": the persistent kernel where it fits and the dtype is float32 or bfloat16, the
-        scan otherwise (on CPU always the scan).
+        "auto": the persistent kernel where it fits and xs and params are all float32 or all
+        bfloat16, the scan otherwise (on CPU always the scan).
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [batch, time, hidden].
     """
@@ -103,12 +103,14 @@ def lstm_scan(
         recurrence = persistent(backend) if backend != "interpret" else None
         return kernel(recurrence) if recurrence is not None else scan
 
-    if impl == "pallas" and (xs.dtype not in KERNEL_DTYPES or jnp.result_type(*params.values()) != xs.dtype):
+    param_dtypes = {jnp.result_type(p) for p in params.values()}
+    kernel_dtypes = xs.dtype in KERNEL_DTYPES and param_dtypes == {xs.dtype}
+    if impl == "pallas" and not kernel_dtypes:
         raise TypeError(
             f"expected xs and params of one dtype, float32 or bfloat16, for impl='pallas', got xs "
-            f"{xs.dtype} and params {sorted({str(jnp.result_type(p)) for p in params.values()})}"
+            f"{xs.dtype} and params {sorted(map(str, param_dtypes))}"
         )
-    if impl == "scan" or (impl == "auto" and jnp.dtype(xs.dtype) not in KERNEL_DTYPES):
+    if impl == "scan" or (impl == "auto" and not kernel_dtypes):
         carry, hs = scan(*args)
     else:
         carry, hs = on_platforms(pallas if impl == "pallas" else auto, None, *args)

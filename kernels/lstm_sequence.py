@@ -10,8 +10,9 @@ The backward pass is a kernel too: the reverse-time recurrence that turns output
 gradients into gate gradients δgates [time, batch, 4*hidden], again with w_hᵀ on chip. The weight
 gradient is then one large matmul outside, δw_h = Σ_t h_{t-1}ᵀ δgates_t, and δ(x_proj) = δgates.
 
-Shapes handed to the kernels are padded: batch to a multiple of ``block_rows``, hidden to a
-multiple of ``block_cols`` (zero weights keep padded units at exactly zero).
+Shapes handed to the kernels are padded (``plan``): batch to a multiple of ``block_rows``, hidden
+to a power of two on GPU (Triton's block shapes), a multiple of 128 on TPU, a multiple of
+``block_cols`` when interpreted; zero weights keep padded units at exactly zero.
 
 The input projections stream in by blocks of ``block_time`` steps: grid axis 1 walks the time
 blocks in order (backwards for ``reverse``) and h and c pass from one block to the next in the
@@ -269,7 +270,7 @@ def lstm_sequence(
     if seq_lengths is None:
         seq_lengths = jnp.full((batch,), time, jnp.int32)
     h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
-    args = (x_proj, w_h, h0, c0, seq_lengths.astype(jnp.int32))
+    args = (x_proj, w_h, h0, c0, jnp.asarray(seq_lengths, jnp.int32))
 
     def branch(backend):  # the check above covers the target platform; another one's branch (when
         # lowering for several) falls back to the stepwise kernels where w_h does not fit there

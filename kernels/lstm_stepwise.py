@@ -37,25 +37,16 @@ def lstm_stepwise(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> tuple[tuple[Array, Array], Array]:
-    """Run the LSTM recurrence with one fused kernel per step; arguments and results as
-    ``lstm_sequence.lstm_sequence``, for any hidden size.
-
-    Args:
-      x_proj: [time, batch, 4*hidden], x_t W_x + b for every step (gates i, f, g, o), float32 or bfloat16.
-      w_h: [hidden, 4*hidden], same dtype.
-      initial_carry: (h_0, c_0), each [batch, hidden].
-      seq_lengths: [batch] integers in [0, time], or None for full length.
-      reverse: walk time from the last step to the first.
-      block_sizes: the step kernel's tiles (``lstm_cell.default_blocks`` per backend when None).
-      interpret: True to interpret everywhere; None interprets on CPU only.
-    Returns:
-      ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [time, batch, hidden], in x_proj's dtype.
+    """Run the LSTM recurrence with one fused kernel per step, for any hidden size. Arguments and
+    results as ``lstm_sequence.lstm_sequence`` (x_proj [time, batch, 4*hidden], w_h [hidden,
+    4*hidden], carry (h_0, c_0) [batch, hidden] -> ((h_T, c_T), hs [time, batch, hidden])), except
+    ``block_sizes``: the step kernel's tiles, ``lstm_cell.default_blocks`` of the backend when None.
     """
     time, batch, _ = check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths)
     if seq_lengths is None:
         seq_lengths = jnp.full((batch,), time, jnp.int32)
     h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
-    args = (x_proj, w_h, h0, c0, seq_lengths.astype(jnp.int32))
+    args = (x_proj, w_h, h0, c0, jnp.asarray(seq_lengths, jnp.int32))
     return on_platforms(lambda backend: stepwise_kernel(backend, reverse, block_sizes), interpret, *args)
 
 

@@ -188,6 +188,14 @@ def test_lstm_module_pallas_equals_scan():
     assert max_error(grads, jax.grad(loss(scan), (0, 1))(variables, xs)) <= 1e-4
 
 
+def test_lstm_scan_pallas_wants_one_kernel_dtype():
+    params = jaxmodels.init_lstm(jax.random.key(0), 3, 4)
+    with pytest.raises(TypeError, match=r"xs and params of one dtype, float32 or bfloat16.*bfloat16"):
+        jaxmodels.lstm_scan(params, jnp.ones((1, 2, 3), jnp.bfloat16), impl="pallas")
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        jaxmodels.lstm_scan(jax.tree.map(lambda p: p.astype(jnp.float16), params), jnp.ones((1, 2, 3), jnp.float16), impl="pallas")
+
+
 def test_rnn_scan_rejects_pallas():
     params = jaxmodels.init_rnn(jax.random.key(0), 3, 4)
     with pytest.raises(ValueError, match="impl to be one of"):
