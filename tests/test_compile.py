@@ -132,7 +132,9 @@ def module_cases():
     # name: (module, input shape); bfloat16 cases compute in bfloat16 with float32 parameters
     return {
         "LSTM-2x-bidirectional": (jaxmodels.LSTM(256, num_layers=2, bidirectional=True), (16, 100, 64)),
-        "LSTM-bf16-pallas": (jaxmodels.LSTM(512, impl="pallas", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), (64, 150, 512)),
+        "LSTM-bf16-pallas": (
+            jaxmodels.LSTM(512, impl="pallas", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), (64, 150, 512)
+        ),
         "SimpleRNN": (jaxmodels.SimpleRNN(128, num_layers=2), (16, 100, 32)),
         "CNN": (jaxmodels.CNN(), (128, 28, 28, 1)),
         "CNN-xla": (jaxmodels.CNN(conv_impl="xla"), (128, 28, 28, 1)),
@@ -241,6 +243,9 @@ def sequence_operands(target, hidden, dtype, batch=16, time=20):
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
 def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
+    """Just inside the plan's limit the persistent kernel compiles (and impl="auto" takes it);
+    just outside, the kernel refuses with an error naming the limit (and impl="auto" takes the
+    scan); on GPU the compiler refuses the kernel forced past the limit too."""
     require(target)
     inside = largest_fitting_hidden(target, dtype)
     fn = lambda x, w, c: lstm_sequence(x, w, c)
@@ -249,6 +254,11 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
     outside = inside + 1
     with pytest.raises(ValueError, match=r"fit on chip .* got hidden=%d" % outside):
         compile_for(target, fn, *sequence_operands(target, outside, dtype))
+    # lstm_scan(impl="auto") takes the kernel just inside and the scan just outside.
+    for hidden, kernel_expected in ((inside, True), (outside, False)):
+        params, xs = lstm_operands(target, hidden, 16, 20, dtype)
+        auto = jax.grad(loss_of(lambda p, x: jaxmodels.lstm_scan(p, x, impl="auto")), argnums=(0, 1))
+        assert (kernel_calls(target, compile_for(target, auto, params, xs)[0]) >= 1) == kernel_expected
     if targets.TARGETS[target].platform == "cuda":
         # The compiler refuses it too: the kernels (forward and backward) forced past the plan
         # overflow shared memory.
@@ -256,7 +266,8 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
         forced = persistent.Plan("triton", 16, hidden_p, 0)
         kernel = lambda x, w, c: persistent._lstm_sequence(x, w, *c, jnp.full((16,), 20, jnp.int32), False, forced)
         with pytest.raises(Exception, match="Shared memory size limit exceeded|register spilling"):
-            compile_for(target, jax.grad(loss_of(kernel), argnums=(0, 1, 2)), *sequence_operands(target, outside, dtype))
+            gradient = jax.grad(loss_of(kernel), argnums=(0, 1, 2))
+            compile_for(target, gradient, *sequence_operands(target, outside, dtype))
 
 
 @pytest.mark.parametrize("target", TARGETS)
