@@ -131,7 +131,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Compile matrix: lstm_scan for real accelerators",
         "",
-        f"jax {env.get('jax')}, jaxlib {env.get('jaxlib')}, commit {env.get('git_commit')}; "
+        f"jax {env['versions']['jax']}, jaxlib {env['versions']['jaxlib']}, commit {env['git_commit']}; "
         "regenerate with `python benchmarks/compile_matrix.py`.",
         "",
         "## Totals",
@@ -171,7 +171,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['target']} | {r['hidden']} | {r['batch']} | {r['time']} | {r['dtype']} | {r['pass']} | "
             f"{r['impl']} | {r['path']} | {status} | {r['compile_s']:.1f} | {args_mib} | {temp_mib} | "
-            f"{r['roofline_estimate_ms']:.3f} | {gflop} |"
+            f"{r['roofline_estimate_ms']:.3g} | {gflop} |"
         )
     return "\n".join(lines) + "\n"
 
