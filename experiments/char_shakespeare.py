@@ -15,7 +15,7 @@ per character over windows of 64 characters each read from a zero state, but ove
 validation split (1,742 adjacent windows) instead of 20 random batches. Each model of the longest
 budget (first seed) writes a sample.
 
-    python experiments/char_shakespeare.py --data-file ../shared/data/tinyshakespeare/input.txt
+    python experiments/char_shakespeare.py --data-file tinyshakespeare/input.txt
     JAXMODELS_TEXT=input.txt python experiments/char_shakespeare.py --steps 2000 --seeds 0
 
 Writes OUT/char_shakespeare.json (config, environment, references, per-run metrics and curves,

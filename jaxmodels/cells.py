@@ -1,7 +1,7 @@
 """Pure step functions of the seed's equations, and their initialisers.
 
 Shapes use one vocabulary: batch, time, features (input size), hidden. Parameters are plain dicts
-in the pinned layout (see DESIGN.md), gate blocks along the last axis in the order i, f, g, o::
+in the pinned layout (README, "The math"), gate blocks along the last axis in the order i, f, g, o::
 
     dense:  {"w": [features, out],       "b": [out]}
     rnn:    {"w_x": [features, hidden],   "w_h": [hidden, hidden],   "b": [hidden]}
