@@ -235,21 +235,18 @@ def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
     """
     batch, time, _ = xs.shape
     args = (w_x, b, w_h, carry, xs, mask)
-    run = functools.partial(_recurrence_vjp, cell, reverse=reverse, unroll=unroll)
+
+    def run(chunks):  # chunks: (forward chunk length, backward chunk length), each dividing time
+        return lambda *args: _recurrence_core(cell, *args, reverse, unroll, chunks)
+
     cpu_forward_chunk = time if batch == 1 else 1
     cpu_backward_chunk = chunk_length(time, max(1, CPU_BACKWARD_ROWS // batch))
-    cpu = functools.partial(run, chunks=(cpu_forward_chunk, cpu_backward_chunk))
-    return lax.platform_dependent(*args, cpu=cpu, default=functools.partial(run, chunks=(time, time)))
+    return lax.platform_dependent(*args, cpu=run((cpu_forward_chunk, cpu_backward_chunk)), default=run((time, time)))
 
 
 def chunk_length(time: int, most: int) -> int:
     """The largest divisor of ``time`` that is at most ``most`` (1 for a prime time > most)."""
     return max(k for k in range(1, min(time, most) + 1) if time % k == 0) if time else 1
-
-
-def _recurrence_vjp(cell, w_x, b, w_h, carry, xs, mask, *, reverse, unroll, chunks):
-    """chunks: (forward chunk length, backward chunk length), each dividing time."""
-    return _recurrence_core(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7, 8, 9))

@@ -514,9 +514,7 @@ def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
 
     def loss(chunks):
         def f(p, xs, carry):
-            final, hs = recurrent._recurrence_vjp(
-                step, p["w_x"], p["b"], p["w_h"], carry, xs, mask, reverse=reverse, unroll=1, chunks=chunks
-            )
+            final, hs = recurrent._recurrence_core(step, p["w_x"], p["b"], p["w_h"], carry, xs, mask, reverse, 1, chunks)
             return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(jnp.cos(c)) for c in final)
         return jax.jit(jax.value_and_grad(f, (0, 1, 2)))
 
