@@ -11,6 +11,7 @@ fits the outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -152,8 +153,9 @@ def generate(model: Model, variables: dict, prompt: Array, length: int, key: Arr
 
     prompt: [batch, p] integer tokens, p >= 1. The prompt is read in one call; then each token is
     drawn from softmax(logits / temperature) (the most likely one when temperature is 0) and fed
-    back for one step, the recurrent carry passed along (``lax.scan``, compiled once). Returns
-    [batch, length] int32 tokens.
+    back for one step, the recurrent carry passed along (``lax.scan``). Compiled once per model,
+    length, temperature and prompt shape, and reused by later calls. Returns [batch, length] int32
+    tokens.
     """
     if model.task != "language_model":
         raise ValueError(f"expected a language model (task 'language_model'), got {model.name!r} ({model.task!r})")
@@ -164,6 +166,13 @@ def generate(model: Model, variables: dict, prompt: Array, length: int, key: Arr
         raise ValueError(f"expected a positive integer length, got {length!r}")
     if not temperature >= 0:
         raise ValueError(f"expected temperature >= 0, got {temperature}")
+
+    return _sampler(model, length, float(temperature))(variables, prompt, key)
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(model: Model, length: int, temperature: float):
+    """generate's jitted sampling loop for one model, length and temperature."""
 
     def draw(logits: Array, key: Array) -> Array:
         if temperature == 0:
@@ -183,4 +192,4 @@ def generate(model: Model, variables: dict, prompt: Array, length: int, key: Arr
         _, tokens = jax.lax.scan(step, (carry, logits[:, -1]), jax.random.split(key, length))
         return tokens.T
 
-    return run(variables, prompt, key)
+    return run

@@ -277,6 +277,23 @@ def test_generate_samples_by_key_and_checks_its_arguments():
         generate(model, variables, prompt, 3, jax.random.key(0), temperature=-1.0)
 
 
+def test_generate_compiles_once_per_model_and_length(monkeypatch):
+    """A second call with the same model, length, temperature and prompt shape reuses the compiled
+    sampler: the model is not traced again."""
+    model, variables, _ = _built("char-rnn")
+    prompt = _example("char-rnn")[:, :2]
+    traced = []
+    apply = Model.apply
+    monkeypatch.setattr(Model, "apply", lambda self, *a, **k: (traced.append(1), apply(self, *a, **k))[1])
+    generate(model, variables, prompt, 5, jax.random.key(0))
+    first = len(traced)
+    assert first > 0
+    generate(model, variables, prompt, 5, jax.random.key(1))
+    assert len(traced) == first
+    generate(model, variables, prompt, 6, jax.random.key(1))  # another length: a new sampler
+    assert len(traced) > first
+
+
 def test_char_lstm_rejects_float_tokens():
     model, variables, _ = _built("char-lstm")
     with pytest.raises(ValueError, match=r"integer tokens.*\[batch, time\]"):
