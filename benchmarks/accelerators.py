@@ -46,19 +46,19 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
-import jaxmodels
-from jaxmodels import bench
 from jaxmodels.kernels.common import target_platform
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
 from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference, plan
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
+
+import jaxmodels
+from jaxmodels import bench, records
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -93,9 +93,13 @@ CORRECTNESS_SHAPES = {
 # <= 128 on H100/H200); the dry run's one tiny shape.
 TIMING_SHAPES = {
     False: [
-        (1024, 64, 25, "float32"), (256, 64, 150, "float32"), (768, 16, 1024, "bfloat16"),
-        (1024, 64, 25, "bfloat16"), (256, 64, 150, "bfloat16"),
-        (64, 64, 150, "float32"), (128, 64, 150, "bfloat16"),
+        (1024, 64, 25, "float32"),
+        (256, 64, 150, "float32"),
+        (768, 16, 1024, "bfloat16"),
+        (1024, 64, 25, "bfloat16"),
+        (256, 64, 150, "bfloat16"),
+        (64, 64, 150, "float32"),
+        (128, 64, 150, "bfloat16"),
     ],
     True: [(32, 2, 3, "float32")],
 }
@@ -119,12 +123,15 @@ DRY_RUN_NOTE = "interpret mode on CPU: not a speed"
 
 
 def environment() -> dict:
-    """``jaxmodels.bench.environment()`` (versions, devices, XLA flags, git state) and the device
+    """``jaxmodels.records.environment()`` (versions, devices, XLA flags, git state) and the device
     under test."""
     device = jax.devices()[0]
-    return bench.environment() | {
-        "device": {"platform": device.platform, "kind": device.device_kind,
-                   "platform_version": device.client.platform_version},
+    return records.environment() | {
+        "device": {
+            "platform": device.platform,
+            "kind": device.device_kind,
+            "platform_version": device.client.platform_version,
+        },
     }
 
 
@@ -153,14 +160,17 @@ def scaled_error(a, b) -> float:
     over the leaves, in float32: the absolute error for values of order 1, relative for larger ones
     (a bias gradient sums over batch x time and reaches 100s, where a bfloat16 ulp is 1)."""
     return max(
-        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) / max(1.0, max_abs(y))
+        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))))
+        / max(1.0, max_abs(y))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
 
 
 def sin_loss(fn: Callable) -> Callable:
     """sum(sin(outputs)) of fn, in float32: a loss whose cotangents differ from element to element."""
-    return lambda *args: sum(jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args)))
+    return lambda *args: sum(
+        jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args))
+    )
 
 
 def _lengths(batch: int, steps: int) -> jax.Array:
@@ -179,28 +189,52 @@ def correctness_cases(dry_run: bool, dtype):
     for rows, features, out, activation in shapes["dense"]:
         args = (rand((rows, features)), rand((features, out), features**-0.5), rand((out,), 0.1))
         yield (
-            "dense", f"x [{rows}, {features}], w [{features}, {out}], {activation}",
-            functools.partial(dense, activation=activation), functools.partial(dense_reference, activation=activation),
-            args, None,
+            "dense",
+            f"x [{rows}, {features}], w [{features}, {out}], {activation}",
+            functools.partial(dense, activation=activation),
+            functools.partial(dense_reference, activation=activation),
+            args,
+            None,
         )
     for batch, hidden in shapes["lstm_cell"]:
-        args = (rand((batch, 4 * hidden)), rand((hidden, 4 * hidden), hidden**-0.5),
-                (rand((batch, hidden), 0.5), rand((batch, hidden), 0.5)))
-        yield "lstm_cell", f"batch {batch}, hidden {hidden}", lstm_cell, lstm_cell_reference, args, None
+        args = (
+            rand((batch, 4 * hidden)),
+            rand((hidden, 4 * hidden), hidden**-0.5),
+            (rand((batch, hidden), 0.5), rand((batch, hidden), 0.5)),
+        )
+        yield (
+            "lstm_cell",
+            f"batch {batch}, hidden {hidden}",
+            lstm_cell,
+            lstm_cell_reference,
+            args,
+            None,
+        )
     platform = target_platform()
     for name, kernel in (("lstm_sequence", lstm_sequence), ("lstm_stepwise", lstm_stepwise)):
         for time_, batch, hidden, with_lengths, reverse in shapes[name]:
             lengths = _lengths(batch, time_) if with_lengths else None
-            args = (rand((time_, batch, 4 * hidden)), rand((hidden, 4 * hidden), hidden**-0.5),
-                    (rand((batch, hidden), 0.5), rand((batch, hidden), 0.5)))
+            args = (
+                rand((time_, batch, 4 * hidden)),
+                rand((hidden, 4 * hidden), hidden**-0.5),
+                (rand((batch, hidden), 0.5), rand((batch, hidden), 0.5)),
+            )
             skip = None
-            if name == "lstm_sequence" and platform != "interpret" and plan(hidden, dtype, platform) is None:
+            if (
+                name == "lstm_sequence"
+                and platform != "interpret"
+                and plan(hidden, dtype, platform) is None
+            ):
                 skip = f"w_h does not fit on chip of {jax.devices()[0].device_kind} (lstm_sequence.plan)"
             yield (
-                name, _sequence_text(time_, batch, hidden, with_lengths, reverse),
+                name,
+                _sequence_text(time_, batch, hidden, with_lengths, reverse),
                 lambda x, w, c, f=kernel, n=lengths, r=reverse: f(x, w, c, n, reverse=r),
-                lambda x, w, c, n=lengths, r=reverse: lstm_sequence_reference(x, w, c, n, reverse=r),
-                args, skip,
+                lambda x, w, c, n=lengths, r=reverse: lstm_sequence_reference(
+                    x, w, c, n, reverse=r
+                ),
+                args,
+                skip,
             )
     for batch, time_, features, hidden, with_lengths, reverse in shapes["lstm_scan"]:
         params = jaxmodels.init_lstm(next(keys), features, hidden, forget_bias=1.0, dtype=dtype)
@@ -209,9 +243,14 @@ def correctness_cases(dry_run: bool, dtype):
         yield (
             "lstm_scan(pallas) vs (scan)",
             f"features {features}, " + _sequence_text(time_, batch, hidden, with_lengths, reverse),
-            functools.partial(_lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="pallas"),
-            functools.partial(_lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="scan"),
-            (params, rand((batch, time_, features))), None,
+            functools.partial(
+                _lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="pallas"
+            ),
+            functools.partial(
+                _lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="scan"
+            ),
+            (params, rand((batch, time_, features))),
+            None,
         )
 
 
@@ -249,14 +288,22 @@ def run_correctness(dry_run: bool, progress: Callable[[str], None]) -> list[dict
             dtype_name = jnp.dtype(dtype).name
             forward_tol, gradient_tol = TOLERANCES[dtype_name]
             for name, shape, kernel, reference, args, skip in correctness_cases(dry_run, dtype):
-                record = {"kernel": name, "dtype": dtype_name, "shape": shape,
-                          "forward_tolerance": forward_tol, "gradient_tolerance": gradient_tol}
+                record = {
+                    "kernel": name,
+                    "dtype": dtype_name,
+                    "shape": shape,
+                    "forward_tolerance": forward_tol,
+                    "gradient_tolerance": gradient_tol,
+                }
                 if skip:
                     record.update(status="skipped", reason=skip)
                 else:
                     try:
                         record.update(check_case(kernel, reference, args))
-                        ok = record["forward_error"] <= forward_tol and record["gradient_error"] <= gradient_tol
+                        ok = (
+                            record["forward_error"] <= forward_tol
+                            and record["gradient_error"] <= gradient_tol
+                        )
                         record["status"] = "pass" if ok else "FAIL"
                     except Exception as err:  # recorded as a failure; the other cases still run
                         record.update(status="FAIL", error=first_line(err))
@@ -295,7 +342,9 @@ def jax_step(f: Callable, weights, xs, train: bool) -> Callable[[], object]:
     return lambda: jax.block_until_ready(fn(weights, xs))
 
 
-def lstm_contenders(hidden: int, batch: int, time_: int, dtype_name: str, train: bool, dry_run: bool) -> list[dict]:
+def lstm_contenders(
+    hidden: int, batch: int, time_: int, dtype_name: str, train: bool, dry_run: bool
+) -> list[dict]:
     """The contenders of one workload: {name, path, setup (-> step) or skip reason}. Inputs are
     xs [batch, time, hidden] (features = hidden) from N(0, 1), in ``dtype_name``."""
     dtype = jnp.dtype(dtype_name)
@@ -317,14 +366,33 @@ def lstm_contenders(hidden: int, batch: int, time_: int, dtype_name: str, train:
         f = lambda w, x: rnn.lstm(x, zeros, zeros, w, lengths, hidden, hidden, 1, 0.0, False)[0]
         return jax_step(f, weights, xs, train)
 
-    contenders = [{"name": f"jaxmodels lstm_scan({impl})", "impl": impl, "path": pallas_path(impl, hidden, dtype),
-                   "setup": ours(impl)} for impl in IMPLS]
+    contenders = [
+        {
+            "name": f"jaxmodels lstm_scan({impl})",
+            "impl": impl,
+            "path": pallas_path(impl, hidden, dtype),
+            "setup": ours(impl),
+        }
+        for impl in IMPLS
+    ]
     cuda = is_cuda()
-    contenders.append({"name": CUDNN, "setup": cudnn} if cuda else {
-        "name": CUDNN, "skip": "dry run on CPU: cuDNN needs a CUDA GPU" if dry_run else "not a CUDA GPU"})
+    contenders.append(
+        {"name": CUDNN, "setup": cudnn}
+        if cuda
+        else {
+            "name": CUDNN,
+            "skip": "dry run on CPU: cuDNN needs a CUDA GPU" if dry_run else "not a CUDA GPU",
+        }
+    )
     torch_skip = _torch_skip(cuda)
-    contenders.append({"name": TORCH, "skip": torch_skip} if torch_skip else {
-        "name": TORCH, "setup": functools.partial(_torch_setup, hidden, batch, time_, dtype_name, train)})
+    contenders.append(
+        {"name": TORCH, "skip": torch_skip}
+        if torch_skip
+        else {
+            "name": TORCH,
+            "setup": functools.partial(_torch_setup, hidden, batch, time_, dtype_name, train),
+        }
+    )
     return contenders
 
 
@@ -342,7 +410,9 @@ def _torch_skip(cuda: bool) -> str | None:
     return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
 
 
-def _torch_setup(hidden: int, batch: int, time_: int, dtype_name: str, train: bool) -> Callable[[], object]:
+def _torch_setup(
+    hidden: int, batch: int, time_: int, dtype_name: str, train: bool
+) -> Callable[[], object]:
     """``nn.LSTM(batch_first=True)`` on cuda: forward under no_grad, or the gradients of sum(outputs)
     wrt the parameters and the inputs (returned, not accumulated); each call synchronises."""
     import torch
@@ -403,22 +473,37 @@ def time_contenders(contenders: list[dict], repeats: int, warmup: int = 2) -> li
     for record in records:
         if record["status"] == "ok":
             samples = record["samples_ms"]
-            record.update(median_ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples))
+            record.update(
+                median_ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples)
+            )
         else:
             record.pop("samples_ms", None)
     return records
 
 
-def run_timing(dry_run: bool, repeats: int, progress: Callable[[str], None], on_workload: Callable[[list], None]):
+def run_timing(
+    dry_run: bool,
+    repeats: int,
+    progress: Callable[[str], None],
+    on_workload: Callable[[list], None],
+):
     """Time every workload of ``TIMING_SHAPES`` x ``PASSES``; ``on_workload(rows so far)`` after each.
     Rows: the workload (hidden, batch, time, dtype, pass), the contender's record, and x_cudnn =
     cuDNN's median / this median where cuDNN ran."""
     rows = []
     for hidden, batch, time_, dtype_name in TIMING_SHAPES[dry_run]:
         for pass_name in PASSES:
-            workload = {"hidden": hidden, "batch": batch, "time": time_, "dtype": dtype_name, "pass": pass_name}
+            workload = {
+                "hidden": hidden,
+                "batch": batch,
+                "time": time_,
+                "dtype": dtype_name,
+                "pass": pass_name,
+            }
             progress(f"timing {workload}")
-            contenders = lstm_contenders(hidden, batch, time_, dtype_name, pass_name != "forward", dry_run)
+            contenders = lstm_contenders(
+                hidden, batch, time_, dtype_name, pass_name != "forward", dry_run
+            )
             records = time_contenders(contenders, repeats)
             cudnn = next((r for r in records if r["name"] == CUDNN and r["status"] == "ok"), None)
             for record in records:
@@ -445,26 +530,45 @@ def markdown(result: dict) -> str:
     title = f"# Accelerator check: {env['device']['kind']} ({env['device']['platform']})"
     lines = [title + (" - DRY RUN" if result["dry_run"] else ""), ""]
     if result["dry_run"]:
-        lines += [f"**Dry run ({DRY_RUN_NOTE}).** Tiny shapes, kernels interpreted, cuDNN and PyTorch "
-                  "skipped: this checks the pipeline, not the device.", ""]
-    lines += [f"`{result['command']}`, {env['date']}, commit {env['git_commit'] or 'unknown'}"
-              + (" with local changes" if env["git_dirty_files"] else "") + ".", ""]
+        lines += [
+            f"**Dry run ({DRY_RUN_NOTE}).** Tiny shapes, kernels interpreted, cuDNN and PyTorch "
+            "skipped: this checks the pipeline, not the device.",
+            "",
+        ]
+    lines += [
+        f"`{result['command']}`, {env['date']}, commit {env['git_commit'] or 'unknown'}"
+        + (" with local changes" if env["git_dirty_files"] else "")
+        + ".",
+        "",
+    ]
     if not result["complete"]:
-        lines += ["**Incomplete**: written part-way through the run; a run that ended here stopped early.", ""]
+        lines += [
+            "**Incomplete**: written part-way through the run; a run that ended here stopped early.",
+            "",
+        ]
     cases = result["correctness"]
     failed = sum(c["status"] == "FAIL" for c in cases)
-    lines += ["## Correctness", ""] + (["Not run yet."] if "passed" not in result else [
-        f"{len(cases)} cases, {failed} failed. Error = max |kernel - reference| / max(1, max |reference|) per array "
-        "of the outputs (forward) or of the gradients of sum(sin(outputs)) wrt every float input (gradient), the "
-        "largest over the arrays; scale = max |reference| over them. Matmuls at full float32 precision "
-        "(`jax.default_matmul_precision(\"highest\")`).",
-        "",
-        "| kernel | dtype | shape | forward error | tol | gradient error | tol | scale fwd / grad | status |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ])
+    lines += ["## Correctness", ""] + (
+        ["Not run yet."]
+        if "passed" not in result
+        else [
+            f"{len(cases)} cases, {failed} failed. "
+            "Error = max |kernel - reference| / max(1, max |reference|) per array "
+            "of the outputs (forward) or of the gradients of sum(sin(outputs)) wrt every float input (gradient), the "
+            "largest over the arrays; scale = max |reference| over them. Matmuls at full float32 precision "
+            '(`jax.default_matmul_precision("highest")`).',
+            "",
+            "| kernel | dtype | shape | forward error | tol | gradient error | tol | scale fwd / grad | status |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+    )
     for c in cases:
         note = c.get("error") or c.get("reason") or ""
-        scales = f"{_fmt(c.get('forward_scale'))} / {_fmt(c.get('gradient_scale'))}" if "forward_scale" in c else ""
+        scales = (
+            f"{_fmt(c.get('forward_scale'))} / {_fmt(c.get('gradient_scale'))}"
+            if "forward_scale" in c
+            else ""
+        )
         lines.append(
             f"| {c['kernel']} | {c['dtype']} | {c['shape']} | {_fmt(c.get('forward_error'))} | "
             f"{c['forward_tolerance']:g} | {_fmt(c.get('gradient_error'))} | {c['gradient_tolerance']:g} | "
@@ -514,11 +618,11 @@ def markdown(result: dict) -> str:
 
 
 def write_results(result: dict, out: Path) -> list[Path]:
-    """Write the JSON and markdown files (``jaxmodels.bench.write_results``); return their paths."""
+    """Write the JSON and markdown files (``jaxmodels.records.write_results``); return their paths."""
     env = result["environment"]
     stem = f"accelerators-{slug(env['device']['platform'])}-{slug(env['device']['kind'])}"
     stem += "-dry-run" if result["dry_run"] else ""
-    return bench.write_results(result, out, stem, render_markdown=markdown, render_png=None)
+    return records.write_results(result, out, stem, render_markdown=markdown, render_png=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,11 +634,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Kernel correctness on the device and LSTM timings against cuDNN and PyTorch (GPU/TPU)."
     )
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the results (default {RESULTS})")
-    parser.add_argument("--repeats", type=bench.positive_int, default=None,
-                        help="timing rounds (default 20; 2 with --dry-run)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="CPU check of the pipeline: tiny shapes, kernels interpreted, no speed measured")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"folder for the results (default {RESULTS})"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=bench.positive_int,
+        default=None,
+        help="timing rounds (default 20; 2 with --dry-run)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU check of the pipeline: tiny shapes, kernels interpreted, no speed measured",
+    )
     return parser.parse_args(argv)
 
 
@@ -542,15 +655,20 @@ def main(argv: list[str] | None = None) -> int:
     """Run the check; the exit status: 0, 1 when a correctness case failed, 2 on CPU without --dry-run."""
     args = parse_args(argv)
     if not args.dry_run and jax.default_backend() == "cpu":
-        print("accelerators.py: JAX's default backend is cpu; this script is for a GPU or TPU machine "
-              "(pass --dry-run to check the pipeline on CPU)", file=sys.stderr)
+        print(
+            "accelerators.py: JAX's default backend is cpu; this script is for a GPU or TPU machine "
+            "(pass --dry-run to check the pipeline on CPU)",
+            file=sys.stderr,
+        )
         return 2
     repeats = args.repeats or (2 if args.dry_run else 20)
     progress = lambda text: print(text, file=sys.stderr, flush=True)
     result = {
         "dry_run": args.dry_run,
         "label": "dry-run: " + DRY_RUN_NOTE if args.dry_run else "device run",
-        "command": " ".join(["python benchmarks/accelerators.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(
+            ["python benchmarks/accelerators.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "environment": environment(),
         "repeats": repeats,
         "tolerances": {k: {"forward": f, "gradient": g} for k, (f, g) in TOLERANCES.items()},

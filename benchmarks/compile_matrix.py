@@ -23,12 +23,12 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jaxmodels.kernels import lstm_sequence
 
-import jaxmodels  # noqa: E402
-from jaxmodels import bench, targets  # noqa: E402
-from jaxmodels.kernels import lstm_sequence  # noqa: E402
+import jaxmodels
+from jaxmodels import bench, records, targets
 
 DTYPES = ("float32", "bfloat16")
 PASSES = ("forward", "gradient")
@@ -58,27 +58,43 @@ def traffic_bytes(hidden: int, batch: int, time_: int, itemsize: int, gradient: 
     return float(traffic)
 
 
-def compile_case(target: str, hidden: int, batch: int, time_: int, dtype: str, gradient: bool, impl: str) -> dict:
+def compile_case(
+    target: str, hidden: int, batch: int, time_: int, dtype: str, gradient: bool, impl: str
+) -> dict:
     params = jax.eval_shape(lambda: jaxmodels.init_lstm(jax.random.key(0), hidden, hidden))
     params = jax.tree.map(lambda a: targets.abstract(a.shape, jnp.dtype(dtype), target), params)
     xs = targets.abstract((batch, time_, hidden), jnp.dtype(dtype), target)
     forward = lambda p, x: jaxmodels.lstm_scan(p, x, impl=impl)[1]
-    fn = jax.grad(lambda p, x: jnp.sum(forward(p, x).astype(jnp.float32)), argnums=(0, 1)) if gradient else forward
+    fn = (
+        jax.grad(lambda p, x: jnp.sum(forward(p, x).astype(jnp.float32)), argnums=(0, 1))
+        if gradient
+        else forward
+    )
     spec = targets.TARGETS[target]
     flops = bench.lstm_flops(hidden, batch, time_, train=gradient)
     traffic = traffic_bytes(hidden, batch, time_, jnp.dtype(dtype).itemsize, gradient)
     record = {
-        "target": target, "hidden": hidden, "batch": batch, "time": time_, "dtype": dtype,
-        "pass": "gradient" if gradient else "forward", "impl": impl,
+        "target": target,
+        "hidden": hidden,
+        "batch": batch,
+        "time": time_,
+        "dtype": dtype,
+        "pass": "gradient" if gradient else "forward",
+        "impl": impl,
         "path": path_taken(target, hidden, dtype, impl),
-        "flops": flops, "traffic_bytes": traffic,
+        "flops": flops,
+        "traffic_bytes": traffic,
         "roofline_estimate_ms": 1e3 * max(flops / spec.peak_flops[dtype], traffic / spec.bandwidth),
     }
     start = time.perf_counter()
     try:
         compiled = targets.compile(fn, params, xs, target=target)
-    except Exception as e:  # noqa: BLE001 - a failed compile is a result of this matrix
-        record.update(compiled=False, error=str(e).splitlines()[0][:300], compile_s=time.perf_counter() - start)
+    except Exception as e:
+        record.update(
+            compiled=False,
+            error=str(e).splitlines()[0][:300],
+            compile_s=time.perf_counter() - start,
+        )
         return record
     record.update(compiled=True, compile_s=time.perf_counter() - start)
     memory = compiled.memory_analysis()
@@ -111,11 +127,17 @@ def run(target_names: list[str]) -> dict:
                         row = compile_case(target, hidden, batch, time_, dtype, gradient, impl)
                         rows.append(row)
                         status = "ok" if row["compiled"] else "FAILED " + row["error"]
-                        print(f"{target} {hidden}x{batch}x{time_} {dtype} {row['pass']} {impl}: "
-                              f"{row['path']}, {row['compile_s']:.1f} s, {status}", file=sys.stderr, flush=True)
+                        print(
+                            f"{target} {hidden}x{batch}x{time_} {dtype} {row['pass']} {impl}: "
+                            f"{row['path']}, {row['compile_s']:.1f} s, {status}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
     return {
-        "environment": bench.environment(),
-        "targets": {name: vars(targets.TARGETS[name]) for name in target_names if name not in skipped},
+        "environment": records.environment(),
+        "targets": {
+            name: vars(targets.TARGETS[name]) for name in target_names if name not in skipped
+        },
         "skipped": skipped,
         "rows": rows,
     }
@@ -165,7 +187,9 @@ def markdown(result: dict) -> str:
     for r in rows:
         memory = r.get("memory")
         cost = r.get("compiler_cost", {})
-        args_mib, temp_mib = (_mib(memory["argument"]), _mib(memory["temp"])) if memory else ("", "")
+        args_mib, temp_mib = (
+            (_mib(memory["argument"]), _mib(memory["temp"])) if memory else ("", "")
+        )
         gflop = f"{cost['flops'] / 1e9:.2f}" if "flops" in cost else ""
         status = "yes" if r["compiled"] else "NO: " + r["error"]
         lines.append(
@@ -178,15 +202,21 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
-    parser.add_argument("--targets", default=",".join(targets.TARGETS), help="comma-separated targets")
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results"), help="output folder"
+    )
+    parser.add_argument(
+        "--targets", default=",".join(targets.TARGETS), help="comma-separated targets"
+    )
     args = parser.parse_args(argv)
     names = [t for t in args.targets.split(",") if t]
     unknown = sorted(set(names) - set(targets.TARGETS))
     if unknown:
         parser.error(f"expected targets from {sorted(targets.TARGETS)}, got {unknown}")
     result = run(names)
-    for path in bench.write_results(result, args.out, "compile_matrix", render_markdown=markdown, render_png=None):
+    for path in records.write_results(
+        result, args.out, "compile_matrix", render_markdown=markdown, render_png=None
+    ):
         print(path)
     failed = [r for r in result["rows"] if not r["compiled"]]
     return 1 if failed or not result["rows"] else 0

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-
 from jaxmodels.kernels.common import BlockSizes
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
@@ -28,14 +27,18 @@ SEQUENCE = [(7, 5, 6, [7, 3, 0, 5, 1], False), (5, 9, 12, None, True), (12, 20, 
 
 def relative_error(a, b) -> float:
     return max(
-        float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
-              / jnp.maximum(jnp.max(jnp.abs(y.astype(jnp.float32))), 1e-30))
+        float(
+            jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))
+            / jnp.maximum(jnp.max(jnp.abs(y.astype(jnp.float32))), 1e-30)
+        )
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
     )
 
 
 def sin_loss(fn):
-    return lambda *args: sum(jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args)))
+    return lambda *args: sum(
+        jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args))
+    )
 
 
 def compare(kernel, reference, args):
@@ -50,21 +53,36 @@ def cases(dtype, blocks):
     keys = jax.random.split(jax.random.key(1), 4)
     rand = lambda k, shape, scale=1.0: (scale * jax.random.normal(k, shape)).astype(dtype)
     for rows, features, out, act in DENSE:
-        args = (rand(keys[0], (rows, features)), rand(keys[1], (features, out), 0.3), rand(keys[2], (out,)))
+        args = (
+            rand(keys[0], (rows, features)),
+            rand(keys[1], (features, out), 0.3),
+            rand(keys[2], (out,)),
+        )
         kernel = functools.partial(dense, activation=act, block_sizes=blocks)
         yield "dense", kernel, functools.partial(dense_reference, activation=act), args
     for batch, hidden in CELL:
         carry = (rand(keys[2], (batch, hidden)), rand(keys[3], (batch, hidden)))
         args = (rand(keys[0], (batch, 4 * hidden)), rand(keys[1], (hidden, 4 * hidden), 0.4), carry)
-        yield "lstm_cell", functools.partial(lstm_cell, block_sizes=blocks), lstm_cell_reference, args
+        yield (
+            "lstm_cell",
+            functools.partial(lstm_cell, block_sizes=blocks),
+            lstm_cell_reference,
+            args,
+        )
     for time, batch, hidden, lengths, reverse in SEQUENCE:
         carry = (rand(keys[2], (batch, hidden)), rand(keys[3], (batch, hidden)))
-        args = (rand(keys[0], (time, batch, 4 * hidden)), rand(keys[1], (hidden, 4 * hidden), 0.4), carry)
+        args = (
+            rand(keys[0], (time, batch, 4 * hidden)),
+            rand(keys[1], (hidden, 4 * hidden), 0.4),
+            carry,
+        )
         lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
         kernel = lambda x, w, c, lengths=lengths, reverse=reverse: lstm_sequence(
-            x, w, c, lengths, reverse=reverse, block_sizes=blocks)
+            x, w, c, lengths, reverse=reverse, block_sizes=blocks
+        )
         reference = lambda x, w, c, lengths=lengths, reverse=reverse: lstm_sequence_reference(
-            x, w, c, lengths, reverse=reverse)
+            x, w, c, lengths, reverse=reverse
+        )
         yield "lstm_sequence", kernel, reference, args
 
 
@@ -74,13 +92,20 @@ def main():
         for blocks in BLOCKS:
             for name, kernel, reference, args in cases(dtype, blocks):
                 forward, gradient = compare(kernel, reference, args)
-                row = results.setdefault(f"{name} {jnp.dtype(dtype).name}", {"forward": 0.0, "gradient": 0.0, "cases": 0})
-                row["forward"], row["gradient"] = max(row["forward"], forward), max(row["gradient"], gradient)
+                row = results.setdefault(
+                    f"{name} {jnp.dtype(dtype).name}", {"forward": 0.0, "gradient": 0.0, "cases": 0}
+                )
+                row["forward"], row["gradient"] = (
+                    max(row["forward"], forward),
+                    max(row["gradient"], gradient),
+                )
                 row["cases"] += 1
     meta = {"backend": jax.default_backend(), "jax": jax.__version__}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "kernel_accuracy.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    (out / "kernel_accuracy.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=2)
+    )
     lines = [
         "# Kernel accuracy against the jnp references",
         "",
@@ -90,7 +115,10 @@ def main():
         "| kernel dtype | forward | gradient | cases |",
         "|---|---:|---:|---:|",
     ]
-    lines += [f"| {k} | {v['forward']:.3g} | {v['gradient']:.3g} | {v['cases']} |" for k, v in results.items()]
+    lines += [
+        f"| {k} | {v['forward']:.3g} | {v['gradient']:.3g} | {v['cases']} |"
+        for k, v in results.items()
+    ]
     (out / "kernel_accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

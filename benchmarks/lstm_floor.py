@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels import bench, cells, recurrent
+from jaxmodels import bench, cells, records, recurrent
 
 DEFAULT_SHAPE = (256, 64, 150)  # (hidden, batch, time): the shape of issue 5's targets
 CONTENDERS = (bench.LSTM_FLAX, bench.LSTM_TORCH, bench.LSTM_SCAN)
@@ -114,20 +114,27 @@ def floor_pieces(hidden: int, batch: int, time: int, *, train: bool) -> list[ben
 
         return lax.scan(step, (dh, jnp.zeros_like(dh)), None, length=time)[0]
 
-    return pieces + [
-        _jax_piece("fresh residuals (5 hidden a step)", fresh((time, batch, 5 * hidden)), jnp.float32(1)),
+    return [
+        *pieces,
+        _jax_piece(
+            "fresh residuals (5 hidden a step)", fresh((time, batch, 5 * hidden)), jnp.float32(1)
+        ),
         _jax_piece("δpre W_hᵀ loop", backward_matmul, w_h.T, pre),
         _jax_piece("backward gate math loop", backward_gate_math, saved, c_in, h0),
         _jax_piece("fresh δxs", fresh((batch, time, features)), jnp.float32(1)),
     ]
 
 
-def floor(medians: dict[str, float], peak_flops: float, hidden: int, batch: int, time: int, *, train: bool) -> dict:
+def floor(
+    medians: dict[str, float], peak_flops: float, hidden: int, batch: int, time: int, *, train: bool
+) -> dict:
     """Seconds: the floor's terms, their sum and the sum without the gate math."""
     features = hidden
     projection = 2.0 * time * batch * features * 4 * hidden / peak_flops
     terms = {
-        "recurrent matmuls": min(medians["x_t W_x + h W_h loop"], medians["h W_h loop"] + projection),
+        "recurrent matmuls": min(
+            medians["x_t W_x + h W_h loop"], medians["h W_h loop"] + projection
+        ),
         "gate math": medians["gate math loop"],
         "fresh hs": medians["fresh hs"],
     }
@@ -147,25 +154,41 @@ def floor(medians: dict[str, float], peak_flops: float, hidden: int, batch: int,
 
 def run(shape: tuple[int, int, int], *, repeats: int, peak_n: int = 2048, log=print) -> dict:
     hidden, batch, time = shape
-    env = bench.environment()
+    env = records.environment()
     peak = bench.measure_peak(peak_n, repeats=repeats)
     log(f"peak {peak['gflops']:.1f} GFLOP/s")
-    result = {"shape": {"hidden": hidden, "batch": batch, "time": time, "features": hidden},
-              "repeats": repeats, "peak": peak, "environment": env, "passes": {}}
+    result = {
+        "shape": {"hidden": hidden, "batch": batch, "time": time, "features": hidden},
+        "repeats": repeats,
+        "peak": peak,
+        "environment": env,
+        "passes": {},
+    }
     for train in (False, True):
-        contenders = [c for c in bench.lstm_contenders(hidden, batch, time, train=train) if c.name in CONTENDERS]
+        contenders = [
+            c
+            for c in bench.lstm_contenders(hidden, batch, time, train=train)
+            if c.name in CONTENDERS
+        ]
         pieces = floor_pieces(hidden, batch, time, train=train)
-        workload = bench.Workload(f"({hidden}, {batch}, {time})", "training step" if train else "forward",
-                                  bench.lstm_flops(hidden, batch, time, train=train), contenders + pieces)
-        records = bench.time_workload(workload, repeats=repeats)
-        failed = [f"{r['name']}: {r['error']}" for r in records if "error" in r]
-        if any(r["name"] not in CONTENDERS for r in records if "error" in r):
+        workload = bench.Workload(
+            f"({hidden}, {batch}, {time})",
+            "training step" if train else "forward",
+            bench.lstm_flops(hidden, batch, time, train=train),
+            contenders + pieces,
+        )
+        timed = bench.time_workload(workload, repeats=repeats)
+        failed = [f"{r['name']}: {r['error']}" for r in timed if "error" in r]
+        if any(r["name"] not in CONTENDERS for r in timed if "error" in r):
             raise RuntimeError("a floor piece failed: " + "; ".join(failed))
-        medians = {r["name"]: r["median_s"] for r in records if "median_s" in r}
+        medians = {r["name"]: r["median_s"] for r in timed if "median_s" in r}
         bound = floor(medians, peak["gflops"] * 1e9, hidden, batch, time, train=train)
-        result["passes"][workload.group] = {"records": records, **bound}
+        result["passes"][workload.group] = {"records": timed, **bound}
         log(f"{workload.group}: " + ", ".join(f"{n} {t * 1e3:.3g} ms" for n, t in medians.items()))
-        log(f"  floor {bound['floor_s'] * 1e3:.1f} ms, without the gate math {bound['floor_without_gate_math_s'] * 1e3:.1f} ms")
+        log(
+            f"  floor {bound['floor_s'] * 1e3:.1f} ms, "
+            f"without the gate math {bound['floor_without_gate_math_s'] * 1e3:.1f} ms"
+        )
     result["peak_after"] = bench.measure_peak(peak_n, repeats=repeats)
     return result
 
@@ -180,38 +203,56 @@ def markdown(result: dict) -> str:
         f"# LSTM floor at (hidden, batch, time) = ({s['hidden']}, {s['batch']}, {s['time']}), float32",
         "",
         f"{env['date']}; {env['backend']}, {env['cpu_count']} CPUs; jax {env['versions']['jax']}, "
-        f"flax {env['versions']['flax']}, torch {env['versions']['torch']}; git {(env['git_commit'] or 'unknown')[:10]}; "
+        f"flax {env['versions']['flax']}, torch {env['versions']['torch']}; "
+        f"git {(env['git_commit'] or 'unknown')[:10]}; "
         f"matmul peak {result['peak']['gflops']:.0f} GFLOP/s before, {result['peak_after']['gflops']:.0f} after "
         f"(the floor uses the first). {result['repeats']} rounds, all rows of a pass interleaved; medians. "
         "Written by `python benchmarks/lstm_floor.py` (its docstring says what each piece is).",
     ]
     for name, p in result["passes"].items():
-        lines += ["", f"## {name}", "", "| measured | median ms | min-max ms |", "| --- | ---: | ---: |"]
+        lines += [
+            "",
+            f"## {name}",
+            "",
+            "| measured | median ms | min-max ms |",
+            "| --- | ---: | ---: |",
+        ]
         for r in p["records"]:
             if "median_s" in r:
-                lines.append(f"| {r['name']} | {_ms(r['median_s'])} | {_ms(r['min_s'])}-{_ms(r['max_s'])} |")
+                lines.append(
+                    f"| {r['name']} | {_ms(r['median_s'])} | {_ms(r['min_s'])}-{_ms(r['max_s'])} |"
+                )
             else:
                 lines.append(f"| {r['name']} | error: {r['error']} | |")
         lines += ["", "| floor term | ms |", "| --- | ---: |"]
         lines += [f"| {k} | {_ms(v)} |" for k, v in p["terms_s"].items()]
-        lines += [f"| **floor** | **{_ms(p['floor_s'])}** |",
-                  f"| floor without the gate math | {_ms(p['floor_without_gate_math_s'])} |", ""]
+        lines += [
+            f"| **floor** | **{_ms(p['floor_s'])}** |",
+            f"| floor without the gate math | {_ms(p['floor_without_gate_math_s'])} |",
+            "",
+        ]
         medians = {r["name"]: r["median_s"] for r in p["records"] if "median_s" in r}
         for contender in CONTENDERS:
             if contender in medians:
-                lines.append(f"- {contender}: {_ms(medians[contender])} ms = {medians[contender] / p['floor_s']:.2f}x "
-                             f"the floor, {medians[contender] / p['floor_without_gate_math_s']:.2f}x the floor "
-                             "without the gate math.")
+                lines.append(
+                    f"- {contender}: {_ms(medians[contender])} ms = {medians[contender] / p['floor_s']:.2f}x "
+                    f"the floor, {medians[contender] / p['floor_without_gate_math_s']:.2f}x the floor "
+                    "without the gate math."
+                )
         if bench.LSTM_FLAX in medians:
-            lines.append(f"- The most any implementation timed this way could gain over Flax: "
-                         f"{medians[bench.LSTM_FLAX] / p['floor_s']:.2f}x (the floor), "
-                         f"{medians[bench.LSTM_FLAX] / p['floor_without_gate_math_s']:.2f}x (without the gate math).")
+            lines.append(
+                f"- The most any implementation timed this way could gain over Flax: "
+                f"{medians[bench.LSTM_FLAX] / p['floor_s']:.2f}x (the floor), "
+                f"{medians[bench.LSTM_FLAX] / p['floor_without_gate_math_s']:.2f}x (without the gate math)."
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default=",".join(map(str, DEFAULT_SHAPE)), help="hidden,batch,time")
+    parser.add_argument(
+        "--shape", default=",".join(map(str, DEFAULT_SHAPE)), help="hidden,batch,time"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--peak-n", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -221,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
-        parser.error(f"expected --shape as three positive integers hidden,batch,time, got {args.shape!r}")
+        parser.error(
+            f"expected --shape as three positive integers hidden,batch,time, got {args.shape!r}"
+        )
     if args.repeats < 1:
         parser.error(f"expected --repeats >= 1, got {args.repeats}")
     result = run(shape, repeats=args.repeats, peak_n=args.peak_n)
     stem = "lstm_floor" if shape == DEFAULT_SHAPE else "lstm_floor-{}x{}x{}".format(*shape)
-    paths = bench.write_results(result, args.out, stem, render_markdown=markdown, render_png=None)
+    paths = records.write_results(result, args.out, stem, render_markdown=markdown, render_png=None)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import bench
+from jaxmodels import records
 from jaxmodels.data import load_text
 from jaxmodels.models import generate, get_model
 from jaxmodels.train import TrainConfig, fit
@@ -49,10 +49,20 @@ MODELS = {"lstm": "char-lstm", "rnn": "char-rnn"}
 HERE = Path(__file__).resolve().parent
 # Published results the runs are compared with: nanoGPT's README and config/train_shakespeare_char.py.
 REFERENCES = [
-    {"name": "nanoGPT CPU run", "val_loss": 1.88, "characters_per_step": 12 * 64, "steps": 2000,
-     "what": "Transformer, 4 layers, 4 heads, 128 channels, context 64, batch 12, 2,000 iterations, dropout 0"},
-    {"name": "nanoGPT GPU run", "val_loss": 1.4697, "characters_per_step": 64 * 256, "steps": 5000,
-     "what": "Transformer, 6 layers, 6 heads, 384 channels, context 256, batch 64, 5,000 iterations, dropout 0.2"},
+    {
+        "name": "nanoGPT CPU run",
+        "val_loss": 1.88,
+        "characters_per_step": 12 * 64,
+        "steps": 2000,
+        "what": "Transformer, 4 layers, 4 heads, 128 channels, context 64, batch 12, 2,000 iterations, dropout 0",
+    },
+    {
+        "name": "nanoGPT GPU run",
+        "val_loss": 1.4697,
+        "characters_per_step": 64 * 256,
+        "steps": 5000,
+        "what": "Transformer, 6 layers, 6 heads, 384 channels, context 256, batch 64, 5,000 iterations, dropout 0.2",
+    },
 ]
 
 
@@ -60,22 +70,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--data-file", type=Path, default=None,
-                   help="Tiny Shakespeare's input.txt (default: $JAXMODELS_TEXT)")
+    p.add_argument(
+        "--data-file",
+        type=Path,
+        default=None,
+        help="Tiny Shakespeare's input.txt (default: $JAXMODELS_TEXT)",
+    )
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--hidden", type=int, default=256, help="hidden size of every recurrent layer")
     p.add_argument("--layers", type=int, default=2, help="recurrent layers")
     p.add_argument("--embed", type=int, default=64, help="character embedding size")
     p.add_argument("--seq-len", type=int, default=64, help="characters per window (context)")
     p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--steps", type=int, nargs="+", default=[2000, 10000], help="training budgets, steps per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of initialisation and batch order")
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[2000, 10000],
+        help="training budgets, steps per run",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of initialisation and batch order",
+    )
     p.add_argument("--lr", type=float, default=2e-3, help="Adam's peak learning rate")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="clip gradients to this global norm")
-    p.add_argument("--sample-chars", type=int, default=400, help="characters sampled from each model")
+    p.add_argument(
+        "--warmup", type=int, default=100, help="linear warm-up steps before the cosine decay"
+    )
+    p.add_argument(
+        "--clip-norm", type=float, default=1.0, help="clip gradients to this global norm"
+    )
+    p.add_argument(
+        "--sample-chars", type=int, default=400, help="characters sampled from each model"
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--workdir", type=Path, default=Path("runs") / STEM, help="folder of the per-run fit outputs")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("runs") / STEM,
+        help="folder of the per-run fit outputs",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder of the result files")
     p.add_argument("--verbose", action="store_true", help="show fit's lines")
     args = p.parse_args(argv)
@@ -97,13 +134,28 @@ def load(args: argparse.Namespace):
 def run_one(args: argparse.Namespace, key: str, ds, steps: int, seed: int):
     """Train one model for ``steps``: (its record: validation metrics, training curve; its variables; the model)."""
     cfg = TrainConfig(
-        epochs=math.ceil(steps / (len(ds.x_train) // args.batch_size)), max_steps=steps,
-        batch_size=args.batch_size, lr=args.lr, optimizer="adam", schedule="warmup-cosine",
-        warmup_steps=args.warmup, clip_norm=args.clip_norm, seed=seed, log_every=max(1, steps // 50),
-        eval_batch_size=256, progress=False, plot=False, checkpoint=False,
+        epochs=math.ceil(steps / (len(ds.x_train) // args.batch_size)),
+        max_steps=steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer="adam",
+        schedule="warmup-cosine",
+        warmup_steps=args.warmup,
+        clip_norm=args.clip_norm,
+        seed=seed,
+        log_every=max(1, steps // 50),
+        eval_batch_size=256,
+        progress=False,
+        plot=False,
+        checkpoint=False,
     )
-    model = get_model(MODELS[key], vocab_size=ds.num_classes, embed_size=args.embed, hidden_size=args.hidden,
-                      num_layers=args.layers)
+    model = get_model(
+        MODELS[key],
+        vocab_size=ds.num_classes,
+        embed_size=args.embed,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+    )
     workdir = args.workdir / f"{key}-{steps}-seed{seed}"
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stdout if args.verbose else io.StringIO()):
@@ -112,12 +164,18 @@ def run_one(args: argparse.Namespace, key: str, ds, steps: int, seed: int):
     trains = [r for r in result.history if r["kind"] == "train"]
     chars_per_step = args.batch_size * args.seq_len
     run = {
-        "model": key, "registry_name": MODELS[key], "steps": steps, "seed": seed,
+        "model": key,
+        "registry_name": MODELS[key],
+        "steps": steps,
+        "seed": seed,
         "params": sum(int(np.size(x)) for x in jax.tree.leaves(result.state.params)),
         "characters_seen": steps * chars_per_step,
-        "val_loss": result.test_metrics["loss"], "val_bits_per_char": result.test_metrics["loss"] / math.log(2),
-        "val_accuracy": result.test_metrics["accuracy"], "final_train_loss": trains[-1]["loss"],
-        "wall_s": wall, "train_curve": [[r["step"] * chars_per_step, r["loss"]] for r in trains],
+        "val_loss": result.test_metrics["loss"],
+        "val_bits_per_char": result.test_metrics["loss"] / math.log(2),
+        "val_accuracy": result.test_metrics["accuracy"],
+        "final_train_loss": trains[-1]["loss"],
+        "wall_s": wall,
+        "train_curve": [[r["step"] * chars_per_step, r["loss"]] for r in trains],
         "workdir": str(workdir),
     }
     return run, {"params": result.state.params}, model
@@ -126,7 +184,9 @@ def run_one(args: argparse.Namespace, key: str, ds, steps: int, seed: int):
 def sample(args: argparse.Namespace, ds, model, variables: dict) -> str:
     """``--sample-chars`` characters after a newline, at ``--temperature``, key 0."""
     prompt = jnp.asarray(ds.encode("\n"))[None, :]
-    tokens = generate(model, variables, prompt, args.sample_chars, jax.random.key(0), temperature=args.temperature)
+    tokens = generate(
+        model, variables, prompt, args.sample_chars, jax.random.key(0), temperature=args.temperature
+    )
     return ds.decode(np.asarray(tokens[0]))
 
 
@@ -138,14 +198,20 @@ def summarise(runs: list[dict]) -> list[dict]:
             mine = [r for r in runs if r["steps"] == steps and r["model"] == key]
             if mine:
                 losses = [r["val_loss"] for r in mine]
-                rows.append({
-                    "steps": steps, "model": key, "params": mine[0]["params"],
-                    "characters_seen": mine[0]["characters_seen"], "seeds": [r["seed"] for r in mine],
-                    "val_loss": losses, "mean_val_loss": float(np.mean(losses)),
-                    "mean_val_bits_per_char": float(np.mean(losses)) / math.log(2),
-                    "mean_val_accuracy": float(np.mean([r["val_accuracy"] for r in mine])),
-                    "mean_wall_s": float(np.mean([r["wall_s"] for r in mine])),
-                })
+                rows.append(
+                    {
+                        "steps": steps,
+                        "model": key,
+                        "params": mine[0]["params"],
+                        "characters_seen": mine[0]["characters_seen"],
+                        "seeds": [r["seed"] for r in mine],
+                        "val_loss": losses,
+                        "mean_val_loss": float(np.mean(losses)),
+                        "mean_val_bits_per_char": float(np.mean(losses)) / math.log(2),
+                        "mean_val_accuracy": float(np.mean([r["val_accuracy"] for r in mine])),
+                        "mean_wall_s": float(np.mean([r["wall_s"] for r in mine])),
+                    }
+                )
     return rows
 
 
@@ -157,7 +223,8 @@ def markdown(result: dict) -> str:
         "",
         f"{env['date']}; {env['backend']} ({env['cpu_count']} CPUs), jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}, python {v['python']}; git {(env['git_commit'] or 'unknown')[:10]}"
-        + (" (with local changes)" if env["git_dirty_files"] else "") + ".",
+        + (" (with local changes)" if env["git_dirty_files"] else "")
+        + ".",
         f"{d['characters']:,} characters, {d['vocab_size']} distinct; training {d['train_characters']:,}, "
         f"validation {d['validation_characters']:,} (the last 10%). {c['layers']} layers of {c['hidden']}, "
         f"embedding {c['embed']}; windows of {c['seq_len']} characters, batch {c['batch_size']}; Adam, peak lr "
@@ -167,7 +234,8 @@ def markdown(result: dict) -> str:
         f"{result['wall_s']:.0f} s, load average {result['loadavg']['start']} at start, "
         f"{result['loadavg']['end']} at end.",
         "",
-        "| steps | characters seen | model | parameters | val loss per seed | mean | bits/char | accuracy | s per run |",
+        "| steps | characters seen | model | parameters | val loss per seed | mean | bits/char "
+        "| accuracy | s per run |",
         "|---:|---:|---|---:|---|---:|---:|---:|---:|",
     ]
     for row in result["summary"]:
@@ -176,13 +244,27 @@ def markdown(result: dict) -> str:
             f"| {', '.join(f'{x:.3f}' for x in row['val_loss'])} | {row['mean_val_loss']:.3f} "
             f"| {row['mean_val_bits_per_char']:.3f} | {row['mean_val_accuracy']:.3f} | {row['mean_wall_s']:.0f} |"
         )
-    lines += ["", "Published references (nanoGPT's README and its config/train_shakespeare_char.py):", "",
-              "| run | val loss | characters seen | what |", "|---|---:|---:|---|"]
+    lines += [
+        "",
+        "Published references (nanoGPT's README and its config/train_shakespeare_char.py):",
+        "",
+        "| run | val loss | characters seen | what |",
+        "|---|---:|---:|---|",
+    ]
     for ref in result["references"]:
-        lines.append(f"| {ref['name']} | {ref['val_loss']} | {ref['characters_per_step'] * ref['steps'] / 1e6:.1f}M "
-                     f"| {ref['what']} |")
+        lines.append(
+            f"| {ref['name']} | {ref['val_loss']} | {ref['characters_per_step'] * ref['steps'] / 1e6:.1f}M "
+            f"| {ref['what']} |"
+        )
     for name, text in result["samples"].items():
-        lines += ["", f"Sample, {name} (after a newline, temperature {c['temperature']}):", "", "```", text, "```"]
+        lines += [
+            "",
+            f"Sample, {name} (after a newline, temperature {c['temperature']}):",
+            "",
+            "```",
+            text,
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -194,16 +276,32 @@ def plot(result: dict, path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.subplots()
     colors = {"lstm": "tab:blue", "rnn": "tab:red"}
-    styles = {s: style for s, style in zip(sorted({r["steps"] for r in result["runs"]}), ["-", ":", "-."] * 4)}
+    styles = {
+        s: style
+        for s, style in zip(sorted({r["steps"] for r in result["runs"]}), ["-", ":", "-."] * 4)
+    }
     for run in result["runs"]:
         chars, loss = zip(*run["train_curve"])
-        label = f"{run['model']}, {run['steps']:,} steps" if run["seed"] == result["config"]["seeds"][0] else None
-        ax.plot(chars, loss, styles[run["steps"]], color=colors[run["model"]], alpha=0.7, label=label)
+        label = (
+            f"{run['model']}, {run['steps']:,} steps"
+            if run["seed"] == result["config"]["seeds"][0]
+            else None
+        )
+        ax.plot(
+            chars, loss, styles[run["steps"]], color=colors[run["model"]], alpha=0.7, label=label
+        )
         ax.plot(run["characters_seen"], run["val_loss"], "o", color=colors[run["model"]])
     for ref, color in zip(result["references"], ("tab:gray", "black")):
-        ax.axhline(ref["val_loss"], color=color, linestyle="--", linewidth=1, label=f"{ref['name']} (val)")
-    ax.set(xscale="log", xlabel="training characters seen", ylabel="loss (nats/char)",
-           title="Tiny Shakespeare: training loss (lines), validation loss (dots)", ylim=(1.0, 4.5))
+        ax.axhline(
+            ref["val_loss"], color=color, linestyle="--", linewidth=1, label=f"{ref['name']} (val)"
+        )
+    ax.set(
+        xscale="log",
+        xlabel="training characters seen",
+        ylabel="loss (nats/char)",
+        title="Tiny Shakespeare: training loss (lines), validation loss (dots)",
+        ylim=(1.0, 4.5),
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
@@ -220,25 +318,40 @@ def main(argv: list[str] | None = None) -> dict:
                 run, variables, model = run_one(args, key, ds, steps, seed)
                 runs.append(run)
                 if steps == max(args.steps) and seed == args.seeds[0]:
-                    samples[f"{key}, {steps:,} steps, seed {seed}"] = sample(args, ds, model, variables)
-                print(f"{key:4s} {steps:6d} steps seed {seed}: val loss {run['val_loss']:.3f} "
-                      f"({run['val_bits_per_char']:.3f} bits/char), {run['wall_s']:.0f} s", flush=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"}
+                    samples[f"{key}, {steps:,} steps, seed {seed}"] = sample(
+                        args, ds, model, variables
+                    )
+                print(
+                    f"{key:4s} {steps:6d} steps seed {seed}: val loss {run['val_loss']:.3f} "
+                    f"({run['val_bits_per_char']:.3f} bits/char), {run['wall_s']:.0f} s",
+                    flush=True,
+                )
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"
+    }
     result = {
         "experiment": STEM,
         "config": config,
-        "environment": bench.environment(),
+        "environment": records.environment(),
         "wall_s": time.perf_counter() - start,
-        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
-        "data": {"path": ds.info["path"], "characters": ds.info["characters"], "vocab_size": ds.num_classes,
-                 "train_characters": ds.info["train_characters"],
-                 "validation_characters": ds.info["validation_characters"], "validation_windows": len(ds.x_test)},
+        "loadavg": {
+            "start": [round(x, 2) for x in load_start],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
+        "data": {
+            "path": ds.info["path"],
+            "characters": ds.info["characters"],
+            "vocab_size": ds.num_classes,
+            "train_characters": ds.info["train_characters"],
+            "validation_characters": ds.info["validation_characters"],
+            "validation_windows": len(ds.x_test),
+        },
         "references": REFERENCES,
         "summary": summarise(runs),
         "runs": runs,
         "samples": samples,
     }
-    paths = bench.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
+    paths = records.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result

@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmodels import bench
+from jaxmodels import records
 from jaxmodels.data import get_dataset
 from jaxmodels.models import get_model
 from jaxmodels.train import TrainConfig, fit
@@ -45,19 +45,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[10, 50, 100], help="sequence lengths T")
+    p.add_argument(
+        "--seq-lens", type=int, nargs="+", default=[10, 50, 100], help="sequence lengths T"
+    )
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--hidden", type=int, default=64, help="hidden size of both models")
     p.add_argument("--steps", type=int, default=5000, help="training steps per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of initialisation and batch order")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds of initialisation and batch order",
+    )
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--schedule", default="constant", help="learning-rate schedule (jaxmodels.train.SCHEDULES)")
-    p.add_argument("--clip-norm", type=float, default=1.0, help="clip gradients to this global norm")
+    p.add_argument(
+        "--schedule", default="constant", help="learning-rate schedule (jaxmodels.train.SCHEDULES)"
+    )
+    p.add_argument(
+        "--clip-norm", type=float, default=1.0, help="clip gradients to this global norm"
+    )
     p.add_argument("--train-size", type=int, default=5000, help="training examples per T")
-    p.add_argument("--test-size", type=int, default=1000, help="test examples per T (evaluated once per epoch)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the data (the same for every run of a T)")
-    p.add_argument("--workdir", type=Path, default=Path("runs") / STEM, help="folder of the per-run fit outputs")
+    p.add_argument(
+        "--test-size", type=int, default=1000, help="test examples per T (evaluated once per epoch)"
+    )
+    p.add_argument(
+        "--data-seed", type=int, default=0, help="seed of the data (the same for every run of a T)"
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("runs") / STEM,
+        help="folder of the per-run fit outputs",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder of the result files")
     p.add_argument("--verbose", action="store_true", help="show fit's per-epoch lines")
     return p.parse_args(argv)
@@ -68,9 +89,18 @@ def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
     seq_len = ds.info["seq_len"]
     steps_per_epoch = len(ds.x_train) // args.batch_size
     cfg = TrainConfig(
-        epochs=math.ceil(args.steps / steps_per_epoch), max_steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, optimizer="adam", schedule=args.schedule, clip_norm=args.clip_norm, seed=seed,
-        log_every=steps_per_epoch, progress=False, plot=False, checkpoint=False,
+        epochs=math.ceil(args.steps / steps_per_epoch),
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer="adam",
+        schedule=args.schedule,
+        clip_norm=args.clip_norm,
+        seed=seed,
+        log_every=steps_per_epoch,
+        progress=False,
+        plot=False,
+        checkpoint=False,
     )
     model = get_model(MODELS[key], hidden_size=args.hidden)
     workdir = args.workdir / f"{key}-T{seq_len}-seed{seed}"
@@ -84,10 +114,19 @@ def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
     solved_at = next((s for s, mse in curve if mse < SOLVED_MSE), None)
     params = sum(int(np.size(x)) for x in jax.tree.leaves(result.state.params))
     return {
-        "model": key, "registry_name": MODELS[key], "seq_len": seq_len, "seed": seed, "params": params,
-        "steps": trains[-1]["step"], "final_test_mse": curve[-1][1], "best_test_mse": min(m for _, m in curve),
-        "final_train_mse": trains[-1]["loss"], "first_step_below_solved_mse": solved_at,
-        "wall_s": wall, "first_step_s": trains[0].get("first_step_s"), "test_curve": curve,
+        "model": key,
+        "registry_name": MODELS[key],
+        "seq_len": seq_len,
+        "seed": seed,
+        "params": params,
+        "steps": trains[-1]["step"],
+        "final_test_mse": curve[-1][1],
+        "best_test_mse": min(m for _, m in curve),
+        "final_train_mse": trains[-1]["loss"],
+        "first_step_below_solved_mse": solved_at,
+        "wall_s": wall,
+        "first_step_s": trains[0].get("first_step_s"),
+        "test_curve": curve,
         "workdir": str(workdir),
     }
 
@@ -101,14 +140,20 @@ def summarise(runs: list[dict], baselines: dict[int, dict]) -> list[dict]:
             if not mine:
                 continue
             finals = [r["final_test_mse"] for r in mine]
-            rows.append({
-                "seq_len": seq_len, "model": key, "seeds": [r["seed"] for r in mine], "final_test_mse": finals,
-                "mean_final_test_mse": float(np.mean(finals)),
-                "mean_over_baseline": float(np.mean(finals)) / baselines[seq_len]["baseline_mse"],
-                "best_test_mse": [r["best_test_mse"] for r in mine],
-                "solved_seeds": sum(f < SOLVED_MSE for f in finals),
-                "first_step_below_solved_mse": [r["first_step_below_solved_mse"] for r in mine],
-            })
+            rows.append(
+                {
+                    "seq_len": seq_len,
+                    "model": key,
+                    "seeds": [r["seed"] for r in mine],
+                    "final_test_mse": finals,
+                    "mean_final_test_mse": float(np.mean(finals)),
+                    "mean_over_baseline": float(np.mean(finals))
+                    / baselines[seq_len]["baseline_mse"],
+                    "best_test_mse": [r["best_test_mse"] for r in mine],
+                    "solved_seeds": sum(f < SOLVED_MSE for f in finals),
+                    "first_step_below_solved_mse": [r["first_step_below_solved_mse"] for r in mine],
+                }
+            )
     return rows
 
 
@@ -121,7 +166,8 @@ def markdown(result: dict) -> str:
         f"{env['date']}; {env['backend']} ({env['cpu_count']} CPUs), jax {v['jax']}, jaxlib {v['jaxlib']}, "
         f"flax {v['flax']}, optax {v['optax']}, numpy {v['numpy']}, python {v['python']}; "
         f"git {(env['git_commit'] or 'unknown')[:10]}"
-        + (" (with local changes)" if env["git_dirty_files"] else "") + ".",
+        + (" (with local changes)" if env["git_dirty_files"] else "")
+        + ".",
         f"Hidden {c['hidden']}, {c['steps']} steps of batch {c['batch_size']}, Adam lr {c['lr']} ({c['schedule']}), "
         f"clip norm {c['clip_norm']}; {c['train_size']} training and {c['test_size']} test examples per T "
         f"(data seed {c['data_seed']}), seeds {c['seeds']}. Wall time {result['wall_s']:.0f} s, "
@@ -159,8 +205,13 @@ def plot(result: dict, path: Path) -> None:
             steps, mse = zip(*run["test_curve"])
             label = run["model"] if run["seed"] == result["config"]["seeds"][0] else None
             ax.plot(steps, mse, color=colors[run["model"]], alpha=0.8, label=label)
-        ax.axhline(result["baselines"][seq_len]["baseline_mse"], color="black", linestyle="--", linewidth=1,
-                   label="predict 1 (1/6)")
+        ax.axhline(
+            result["baselines"][seq_len]["baseline_mse"],
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            label="predict 1 (1/6)",
+        )
         ax.set(yscale="log", xlabel="step", ylabel="test MSE", title=f"adding, T = {seq_len}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
@@ -171,11 +222,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load_start, start = list(os.getloadavg()), time.perf_counter()
     datasets = {
-        t: get_dataset("adding", seq_len=t, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed)
+        t: get_dataset(
+            "adding",
+            seq_len=t,
+            train_size=args.train_size,
+            test_size=args.test_size,
+            seed=args.data_seed,
+        )
         for t in args.seq_lens
     }
     baselines = {
-        t: {"baseline_mse": ds.info["baseline_mse"], "test_mse_predict_1": float(np.mean((ds.y_test - 1.0) ** 2))}
+        t: {
+            "baseline_mse": ds.info["baseline_mse"],
+            "test_mse_predict_1": float(np.mean((ds.y_test - 1.0) ** 2)),
+        }
         for t, ds in datasets.items()
     }
     runs = []
@@ -184,22 +244,30 @@ def main(argv: list[str] | None = None) -> dict:
             for key in args.models:
                 run = run_one(args, key, ds, seed)
                 runs.append(run)
-                print(f"T={t:4d} {key:4s} seed {seed}: final test MSE {run['final_test_mse']:.4f} "
-                      f"(best {run['best_test_mse']:.4f}, baseline {baselines[t]['baseline_mse']:.4f}), "
-                      f"{run['wall_s']:.0f} s", flush=True)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"}
+                print(
+                    f"T={t:4d} {key:4s} seed {seed}: final test MSE {run['final_test_mse']:.4f} "
+                    f"(best {run['best_test_mse']:.4f}, baseline {baselines[t]['baseline_mse']:.4f}), "
+                    f"{run['wall_s']:.0f} s",
+                    flush=True,
+                )
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"
+    }
     config["solved_mse"] = SOLVED_MSE
     result = {
         "experiment": STEM,
         "config": config,
-        "environment": bench.environment(),
+        "environment": records.environment(),
         "wall_s": time.perf_counter() - start,
-        "loadavg": {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
+        "loadavg": {
+            "start": [round(x, 2) for x in load_start],
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
         "baselines": {str(t): b for t, b in baselines.items()},
         "summary": summarise(runs, baselines),
         "runs": runs,
     }
-    paths = bench.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
+    paths = records.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result

@@ -10,7 +10,9 @@ import os as _os
 # folder: let the package's search path reach it there.
 _here = _os.path.dirname(_os.path.abspath(__file__))
 _root = _os.path.dirname(_here)
-if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
+if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
+    _os.path.join(_root, "kernels", "__init__.py")
+):
     __path__.append(_root)
 del _os, _here, _root
 

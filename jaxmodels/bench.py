@@ -34,25 +34,20 @@ commit and the load average are recorded with every result.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import gc
-import json
 import math
-import os
-import platform
 import random
 import statistics
-import subprocess
-import sys
 import time
 import typing
-from importlib import metadata
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from jaxmodels.records import cpu_count, environment, load_average, write_results
 
 SUITES = ("lstm", "cnn")
 SHAPE_SETS = ("small", "full")
@@ -60,7 +55,15 @@ SHAPE_SETS = ("small", "full")
 # (hidden, batch, time), input features = hidden: DeepBench's shapes scaled to a small CPU machine,
 # and the latency shapes (batch 1; small hidden).
 LSTM_SHAPES = {
-    "full": [(256, 16, 150), (256, 64, 150), (512, 16, 25), (512, 64, 25), (1024, 64, 25), (256, 1, 150), (128, 16, 100)],
+    "full": [
+        (256, 16, 150),
+        (256, 64, 150),
+        (512, 16, 25),
+        (512, 64, 25),
+        (1024, 64, 25),
+        (256, 1, 150),
+        (128, 16, 100),
+    ],
     "small": [(16, 2, 5)],
 }
 CNN_BATCHES = {  # (training batches, inference batches)
@@ -71,7 +74,9 @@ PEAK_N = {"full": 2048, "small": 256}  # the peak matmul: [n, n] x [n, n] float3
 
 LSTM_NAIVE = "naive lstm_cell scan"
 LSTM_FLAX = "Flax nn.RNN(OptimizedLSTMCell)"
-LSTM_TORCH = "PyTorch nn.LSTM"  # intra-op threads: the CPU count; "... (1 thread)" is the other variant
+LSTM_TORCH = (
+    "PyTorch nn.LSTM"  # intra-op threads: the CPU count; "... (1 thread)" is the other variant
+)
 LSTM_SCAN = "jaxmodels lstm_scan(scan)"
 LSTM_PALLAS = "jaxmodels lstm_scan(pallas)"
 CNN_TORCH = "PyTorch"
@@ -124,7 +129,9 @@ class Suite:
 # FLOP counts
 
 
-def lstm_flops(hidden: int, batch: int, time: int, features: int | None = None, *, train: bool = False) -> float:
+def lstm_flops(
+    hidden: int, batch: int, time: int, features: int | None = None, *, train: bool = False
+) -> float:
     """FLOPs of one LSTM layer over a sequence: 2·time·batch·(features+hidden)·4·hidden forward
     (the gate matmuls), 3x that for forward + backward. ``features`` defaults to ``hidden``."""
     features = hidden if features is None else features
@@ -136,7 +143,15 @@ def _conv_out(size: int, kernel: int, padding: str) -> int:
     return size - kernel + 1 if padding.upper() == "VALID" else size
 
 
-def cnn_flops(model: Any, batch: int, height: int = 28, width: int = 28, channels: int = 1, *, train: bool = False) -> float:
+def cnn_flops(
+    model: Any,
+    batch: int,
+    height: int = 28,
+    width: int = 28,
+    channels: int = 1,
+    *,
+    train: bool = False,
+) -> float:
     """FLOPs of ``jaxmodels.CNN``-like ``model`` on [batch, height, width, channels], from its
     attributes (features, kernel_size, pool_after, pool_size, padding, dense_features, num_classes):
     convolutions 2·batch·h_out·w_out·c_out·(kh·kw·c_in) and dense layers 2·batch·in·out; pooling
@@ -226,7 +241,9 @@ def time_workload(
         if "error" in record:
             record.pop("samples_s", None)
         elif samples:
-            record.update(median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples))
+            record.update(
+                median_s=statistics.median(samples), min_s=min(samples), max_s=max(samples)
+            )
     return records
 
 
@@ -239,7 +256,9 @@ def measure_peak(n: int, *, repeats: int, min_sample_s: float = 0.05) -> dict:
         matmul = jax.jit(jnp.matmul)
         return lambda: matmul(a, b)
 
-    workload = Workload(f"matmul {n}^3", "peak", 2.0 * n**3, [Contender(f"jnp.matmul float32 {n}x{n}", setup)])
+    workload = Workload(
+        f"matmul {n}^3", "peak", 2.0 * n**3, [Contender(f"jnp.matmul float32 {n}x{n}", setup)]
+    )
     (record,) = time_workload(workload, repeats=repeats, min_sample_s=min_sample_s)
     if "error" in record:
         raise RuntimeError(f"the peak matmul failed: {record['error']}")
@@ -250,66 +269,6 @@ def measure_peak(n: int, *, repeats: int, min_sample_s: float = 0.05) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Environment
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def environment() -> dict:
-    """Versions, backend, devices, CPU count, XLA flags and related variables, git state."""
-    torch_threads = None
-    if _version("torch"):
-        import torch
-
-        torch_threads = torch.get_num_threads()
-    dirty = _git("status", "--porcelain", "--", ":/jaxmodels", ":/kernels")
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            p: _version(p) for p in ("jaxmodels", "jax", "jaxlib", "flax", "optax", "torch", "numpy")
-        } | {"python": sys.version.split()[0]},
-        "backend": jax.default_backend(),
-        "devices": [f"{d.platform} {d.device_kind}" for d in jax.devices()],
-        "cpu_count": _cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "torch_threads": torch_threads,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "env": {
-            k: v for k, v in sorted(os.environ.items())
-            if k.startswith(("XLA_", "JAX_", "TF_CPP", "OMP_", "MKL_", "OPENBLAS_"))
-        },
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty_files": dirty.splitlines() if dirty else [],
-    }
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,17 +286,27 @@ def run_suite(
     """Measure the peak, every workload, the peak again; return the JSON-ready result."""
     log = log or (lambda _: None)
     env = environment()
-    loads = [_loadavg()]
-    log(f"{suite.name}: {len(suite.workloads)} workloads, {repeats} repeats, backend {env['backend']}, "
-        f"{env['cpu_count']} CPUs, load average {loads[0]}")
+    loads = [load_average()]
+    log(
+        f"{suite.name}: {len(suite.workloads)} workloads, {repeats} repeats, backend {env['backend']}, "
+        f"{env['cpu_count']} CPUs, load average {loads[0]}"
+    )
     peaks = [measure_peak(suite.peak_n, repeats=repeats, min_sample_s=min_sample_s)]
     log(f"  peak: {peaks[0]['gflops']:.1f} GFLOP/s ({peaks[0]['name']})")
     workloads = []
     for workload in suite.workloads:
         records = time_workload(workload, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s)
-        loads.append(_loadavg())
-        workloads.append({"name": workload.name, "group": workload.group, "flops": workload.flops,
-                          "info": workload.info, "loadavg_after": loads[-1], "contenders": records})
+        loads.append(load_average())
+        workloads.append(
+            {
+                "name": workload.name,
+                "group": workload.group,
+                "flops": workload.flops,
+                "info": workload.info,
+                "loadavg_after": loads[-1],
+                "contenders": records,
+            }
+        )
         log("  " + _progress_line(workload, records))
     peaks.append(measure_peak(suite.peak_n, repeats=repeats, min_sample_s=min_sample_s))
     log(f"  peak again: {peaks[1]['gflops']:.1f} GFLOP/s")
@@ -361,8 +330,14 @@ def run_suite(
         "warmup": warmup,
         "min_sample_s": min_sample_s,
         "peak": {"gflops": peak, "runs": peaks},
-        "loadavg": {"start": loads[0], "end": _loadavg(), "min_1": min(l[0] for l in loads if l),
-                    "max_1": max(l[0] for l in loads if l)} if loads[0] else None,
+        "loadavg": {
+            "start": loads[0],
+            "end": load_average(),
+            "min_1": min(load[0] for load in loads if load),
+            "max_1": max(load[0] for load in loads if load),
+        }
+        if loads[0]
+        else None,
         "notes": suite.notes,
         "environment": env,
         "workloads": workloads,
@@ -372,7 +347,9 @@ def run_suite(
 def _progress_line(workload: Workload, records: list[dict]) -> str:
     parts = []
     for r in records:
-        parts.append(f"{r['name']} {r['median_s'] * 1e3:.3g} ms" if "median_s" in r else f"{r['name']} ERROR")
+        parts.append(
+            f"{r['name']} {r['median_s'] * 1e3:.3g} ms" if "median_s" in r else f"{r['name']} ERROR"
+        )
     return f"{workload.group} {workload.name}: " + ", ".join(parts)
 
 
@@ -399,8 +376,11 @@ def markdown(result: dict) -> str:
         f"jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax {v['optax']}, torch {v['torch']}, "
         f"numpy {v['numpy']}, python {v['python']}; XLA_FLAGS={env['xla_flags'] or '(unset)'}; "
         f"git {(env['git_commit'] or 'unknown')[:10]}"
-        + (f" with local changes in {', '.join(f.split()[-1] for f in env['git_dirty_files'])}"
-           if env["git_dirty_files"] else ""),
+        + (
+            f" with local changes in {', '.join(f.split()[-1] for f in env['git_dirty_files'])}"
+            if env["git_dirty_files"]
+            else ""
+        ),
         f"Peak: {peak['gflops']:.1f} GFLOP/s, a float32 {peak['runs'][0]['n']}^3 jnp matmul in the same run "
         f"(before: {peak['runs'][0]['gflops']:.1f}, after: {peak['runs'][1]['gflops']:.1f}).",
     ]
@@ -411,7 +391,8 @@ def markdown(result: dict) -> str:
             "contenders are interleaved and the ratios, not the absolute times, are the result."
         )
     lines += [
-        f"{result['repeats']} rounds, contenders in a new random order each round; a sample is >= {result['min_sample_s'] * 1e3:.0f} ms "
+        f"{result['repeats']} rounds, contenders in a new random order each round; "
+        f"a sample is >= {result['min_sample_s'] * 1e3:.0f} ms "
         "of back-to-back calls, each waited on; median and min-max of the per-call time over the rounds; "
         "compile = the first call. `x B` = B's median / this median (above 1: faster than B).",
     ]
@@ -422,19 +403,41 @@ def markdown(result: dict) -> str:
         groups.setdefault(workload["group"], []).append(workload)
     for group, workloads in groups.items():
         lines += ["", f"## {group}", ""]
-        header = ["workload", "contender", "median ms", "min-max ms", "compile s", "GFLOP/s", "% peak"]
+        header = [
+            "workload",
+            "contender",
+            "median ms",
+            "min-max ms",
+            "compile s",
+            "GFLOP/s",
+            "% peak",
+        ]
         header += [f"x {o}" for o in others]
-        lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+        lines += [
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|",
+        ]
         for workload in workloads:
             for r in workload["contenders"]:
                 if "median_s" not in r:
-                    row = [workload["name"], r["name"], f"error: {r.get('error', 'no samples')}"] + [""] * (len(header) - 3)
+                    row = [
+                        workload["name"],
+                        r["name"],
+                        f"error: {r.get('error', 'no samples')}",
+                    ] + [""] * (len(header) - 3)
                 else:
                     row = [
-                        workload["name"], r["name"], _fmt_ms(r["median_s"]),
-                        f"{_fmt_ms(r['min_s'])}-{_fmt_ms(r['max_s'])}", f"{r['compile_s']:.2f}",
-                        f"{r['gflops']:.1f}", f"{100 * r['frac_peak']:.1f}",
-                    ] + ["" if r["speedup"].get(o) is None else f"{r['speedup'][o]:.2f}" for o in others]
+                        workload["name"],
+                        r["name"],
+                        _fmt_ms(r["median_s"]),
+                        f"{_fmt_ms(r['min_s'])}-{_fmt_ms(r['max_s'])}",
+                        f"{r['compile_s']:.2f}",
+                        f"{r['gflops']:.1f}",
+                        f"{100 * r['frac_peak']:.1f}",
+                    ] + [
+                        "" if r["speedup"].get(o) is None else f"{r['speedup'][o]:.2f}"
+                        for o in others
+                    ]
                 lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -453,8 +456,9 @@ def plot(result: dict, path: Path) -> None:
     names = list(dict.fromkeys(r["name"] for w in result["workloads"] for r in w["contenders"]))
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     most = max(len(w) for w in groups.values())
-    fig, axes = plt.subplots(len(groups), 1, figsize=(max(8.0, 1.5 * most + 3), 3.4 * len(groups) + 1.0),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(groups), 1, figsize=(max(8.0, 1.5 * most + 3), 3.4 * len(groups) + 1.0), squeeze=False
+    )
     baseline = result["baseline"]
     width = 0.8 / len(names)
     for ax, (group, workloads) in zip(axes[:, 0], groups.items()):
@@ -468,7 +472,13 @@ def plot(result: dict, path: Path) -> None:
             if xs:
                 ax.bar(xs, [y - 1 for y in ys], width, bottom=1.0, label=name, color=colors[name])
                 for x, y in zip(xs, ys):
-                    ax.annotate(f"{y:.2g}", (x, y), ha="center", va="bottom" if y >= 1 else "top", fontsize=6)
+                    ax.annotate(
+                        f"{y:.2g}",
+                        (x, y),
+                        ha="center",
+                        va="bottom" if y >= 1 else "top",
+                        fontsize=6,
+                    )
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -479,37 +489,22 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{result['suite']}: {group}", fontsize=10)
         ax.grid(axis="y", which="both", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(3, len(names)), fontsize=8, frameon=False)
+    fig.legend(
+        handles, labels, loc="upper center", ncol=min(3, len(names)), fontsize=8, frameon=False
+    )
     env = result["environment"]
-    fig.text(0.01, 0.005, f"baseline: {baseline} (median time of the baseline / median time; higher is faster)\n"
-             f"{env['date']}, {env['backend']}, {env['cpu_count']} CPUs, jax {env['versions']['jax']}, "
-             f"torch {env['versions']['torch']}, peak {result['peak']['gflops']:.0f} GFLOP/s", fontsize=7)
+    fig.text(
+        0.01,
+        0.005,
+        f"baseline: {baseline} (median time of the baseline / median time; higher is faster)\n"
+        f"{env['date']}, {env['backend']}, {env['cpu_count']} CPUs, jax {env['versions']['jax']}, "
+        f"torch {env['versions']['torch']}, peak {result['peak']['gflops']:.0f} GFLOP/s",
+        fontsize=7,
+    )
     rows = math.ceil(len(names) / 3)
     fig.tight_layout(rect=(0, 0.035, 1, 1 - 0.035 * rows * 4 / (3.4 * len(groups) + 1.0)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def write_results(
-    result: dict,
-    out: Path | str,
-    stem: str,
-    *,
-    render_markdown: Callable[[dict], str] = markdown,
-    render_png: Callable[[dict, Path], None] | None = plot,
-) -> list[Path]:
-    """OUT/STEM.json (``result``), .md (``render_markdown(result)``) and .png
-    (``render_png(result, path)``; none when it is None); returns the paths. The defaults render a
-    benchmark suite's result; the experiment scripts pass their own."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1) + "\n")
-    paths[1].write_text(render_markdown(result))
-    if render_png is not None:
-        paths.append(out / f"{stem}.png")
-        render_png(result, paths[2])
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,7 +519,7 @@ def _torch_contenders(name: str, make_setup: Callable, threads: int | None) -> l
         import torch
     except ImportError:
         return []
-    threads = threads or _cpu_count()
+    threads = threads or cpu_count()
     torch.set_num_threads(threads)
 
     def with_threads(n: int) -> Callable:
@@ -548,7 +543,13 @@ def _torch_contenders(name: str, make_setup: Callable, threads: int | None) -> l
 
 
 def lstm_contenders(
-    hidden: int, batch: int, time: int, *, train: bool, backend: str | None = None, torch_threads: int | None = None
+    hidden: int,
+    batch: int,
+    time: int,
+    *,
+    train: bool,
+    backend: str | None = None,
+    torch_threads: int | None = None,
 ) -> list[Contender]:
     """The LSTM contenders on xs [batch, time, hidden] (features = hidden), float32.
 
@@ -584,8 +585,11 @@ def lstm_contenders(
     def naive():
         def f(params, xs):
             zeros = jnp.zeros((batch, hidden), xs.dtype)
-            _, hs = jax.lax.scan(lambda carry, x: jm.lstm_cell(params, carry, x), (zeros, zeros),
-                                 jnp.swapaxes(xs, 0, 1))
+            _, hs = jax.lax.scan(
+                lambda carry, x: jm.lstm_cell(params, carry, x),
+                (zeros, zeros),
+                jnp.swapaxes(xs, 0, 1),
+            )
             return jnp.swapaxes(hs, 0, 1)
 
         return f, jm.init_lstm(key, features, hidden)
@@ -602,15 +606,23 @@ def lstm_contenders(
 
         def f(weights, xs):
             if backend == "gpu":  # cuDNN
-                return jax_rnn.lstm(xs, zeros, zeros, weights, lengths, features, hidden, 1, 0.0, False)[0]
-            w_ih, w_hh, b_ih, b_hh = jax_rnn.unpack_lstm_weights(weights, features, hidden, 1, False)
-            return jax_rnn.lstm_ref(xs, zeros, zeros, w_ih, w_hh, b_ih, b_hh, lengths, features, hidden, 1, 0.0, False)[0]
+                return jax_rnn.lstm(
+                    xs, zeros, zeros, weights, lengths, features, hidden, 1, 0.0, False
+                )[0]
+            w_ih, w_hh, b_ih, b_hh = jax_rnn.unpack_lstm_weights(
+                weights, features, hidden, 1, False
+            )
+            return jax_rnn.lstm_ref(
+                xs, zeros, zeros, w_ih, w_hh, b_ih, b_hh, lengths, features, hidden, 1, 0.0, False
+            )[0]
 
         return f, weights
 
     def ours(impl: str):
         def make():
-            return (lambda p, x: jm.lstm_scan(p, x, impl=impl)[1]), jm.init_lstm(key, features, hidden)
+            return (lambda p, x: jm.lstm_scan(p, x, impl=impl)[1]), jm.init_lstm(
+                key, features, hidden
+            )
 
         return make
 
@@ -621,7 +633,9 @@ def lstm_contenders(
         jax_contender(experimental_name, experimental),
     ]
     contenders += _torch_contenders(
-        LSTM_TORCH, lambda torch: _torch_lstm_setup(torch, hidden, batch, time, features, train), torch_threads
+        LSTM_TORCH,
+        lambda torch: _torch_lstm_setup(torch, hidden, batch, time, features, train),
+        torch_threads,
     )
     contenders.append(jax_contender(LSTM_SCAN, ours("scan")))
     if backend in ("gpu", "tpu"):  # never time the kernel in interpret mode
@@ -636,6 +650,7 @@ def _torch_lstm_setup(torch, hidden, batch, time, features, train):
         lstm = torch.nn.LSTM(features, hidden, batch_first=True).to(device)
         xs = torch.randn(batch, time, features, device=device)
         if not train:
+
             def forward():
                 with torch.no_grad():
                     return lstm(xs)[0]
@@ -652,35 +667,61 @@ def _torch_lstm_setup(torch, hidden, batch, time, features, train):
     return setup
 
 
-def lstm_suite(shapes: str = "full", *, backend: str | None = None, torch_threads: int | None = None) -> Suite:
+def lstm_suite(
+    shapes: str = "full", *, backend: str | None = None, torch_threads: int | None = None
+) -> Suite:
     """Forward and training-step workloads over LSTM_SHAPES[shapes]; baseline Flax, vs PyTorch too."""
     backend = backend or jax.default_backend()
     workloads = []
     for train in (False, True):
-        for hidden, batch, time in LSTM_SHAPES[shapes]:
-            workloads.append(Workload(
-                name=f"({hidden}, {batch}, {time})",
-                group="training step (forward + backward)" if train else "forward",
-                flops=lstm_flops(hidden, batch, time, train=train),
-                contenders=lstm_contenders(hidden, batch, time, train=train, backend=backend,
-                                            torch_threads=torch_threads),
-                info={"hidden": hidden, "batch": batch, "time": time, "features": hidden, "train": train,
-                      "dtype": "float32"},
-            ))
+        for hidden, batch, steps in LSTM_SHAPES[shapes]:
+            workloads.append(
+                Workload(
+                    name=f"({hidden}, {batch}, {steps})",
+                    group="training step (forward + backward)" if train else "forward",
+                    flops=lstm_flops(hidden, batch, steps, train=train),
+                    contenders=lstm_contenders(
+                        hidden,
+                        batch,
+                        steps,
+                        train=train,
+                        backend=backend,
+                        torch_threads=torch_threads,
+                    ),
+                    info={
+                        "hidden": hidden,
+                        "batch": batch,
+                        "time": steps,
+                        "features": hidden,
+                        "train": train,
+                        "dtype": "float32",
+                    },
+                )
+            )
     notes = [
         "Workloads are (hidden, batch, time) with input features = hidden, float32, one layer. Forward: hs "
         "[batch, time, hidden]. Training step: gradients of sum(hs) w.r.t. the parameters and the inputs "
         "(PyTorch: torch.autograd.grad; forward under torch.no_grad). FLOPs: 2·T·B·(F+H)·4H forward, 3x for training.",
         f"`{LSTM_NAIVE}`: lax.scan over jaxmodels.lstm_cell, input projection inside the step, autodiff backward. "
-        f"`{LSTM_SCAN}`: the fused scan and its hand-written backward, time in chunks (CPU: input projection per step, weight and input gradients per chunk of up to 800 rows, steps x batch; GPU/TPU: each one matmul over the sequence).",
+        f"`{LSTM_SCAN}`: the fused scan and its hand-written backward, time in chunks (CPU: input "
+        "projection per step, weight and input gradients per chunk of up to 800 rows, steps x batch; "
+        "GPU/TPU: each one matmul over the sequence).",
     ]
     if backend not in ("gpu", "tpu"):
-        notes.append("jax.experimental.rnn.lstm is cuDNN-only; on this backend its pure-JAX reference "
-                     "(jax.experimental.rnn.lstm_ref, on the same packed weights) runs. The Pallas kernel is "
-                     "timed on GPU and TPU only, never in interpret mode.")
+        notes.append(
+            "jax.experimental.rnn.lstm is cuDNN-only; on this backend its pure-JAX reference "
+            "(jax.experimental.rnn.lstm_ref, on the same packed weights) runs. The Pallas kernel is "
+            "timed on GPU and TPU only, never in interpret mode."
+        )
     notes.append(_torch_note(torch_threads))
-    return Suite("lstm", workloads, baseline=LSTM_FLAX, compare=(LSTM_TORCH, f"{LSTM_TORCH} (1 thread)"),
-                 peak_n=PEAK_N[shapes], notes=notes)
+    return Suite(
+        "lstm",
+        workloads,
+        baseline=LSTM_FLAX,
+        compare=(LSTM_TORCH, f"{LSTM_TORCH} (1 thread)"),
+        peak_n=PEAK_N[shapes],
+        notes=notes,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,8 +735,12 @@ def _plain_cnn():
     class PlainCNN(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.max_pool(nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x)), (2, 2), strides=(2, 2))
-            x = nn.max_pool(nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x)), (2, 2), strides=(2, 2))
+            x = nn.max_pool(
+                nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x)), (2, 2), strides=(2, 2)
+            )
+            x = nn.max_pool(
+                nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x)), (2, 2), strides=(2, 2)
+            )
             x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
             x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
             return nn.Dense(10)(x)
@@ -720,7 +765,9 @@ def cnn_variants() -> list[tuple[str, dict]]:
             annotation = typing.get_type_hints(jm.CNN).get(option)
         except Exception:
             annotation = None
-        values = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        values = (
+            typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        )
     if not values:
         values = (fields[option].default,)
     return [(f"jaxmodels CNN({option}={value!r})", {option: value}) for value in values]
@@ -754,7 +801,9 @@ def cnn_contenders(batch: int, *, train: bool, torch_threads: int | None = None)
                     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
                 loss, grads = jax.value_and_grad(loss_fn)(params)
-                with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+                with jax.numpy_dtype_promotion(
+                    "standard"
+                ):  # optax mixes Python floats and int32 counts
                     updates, opt_state = tx.update(grads, opt_state, params)
                 return optax.apply_updates(params, updates), opt_state, loss
 
@@ -769,7 +818,9 @@ def cnn_contenders(batch: int, *, train: bool, torch_threads: int | None = None)
         return Contender(name, setup)
 
     contenders = [flax_contender(name, jm.CNN(**kwargs)) for name, kwargs in cnn_variants()]
-    contenders += _torch_contenders(CNN_TORCH, lambda torch: _torch_cnn_setup(torch, batch, train), torch_threads)
+    contenders += _torch_contenders(
+        CNN_TORCH, lambda torch: _torch_cnn_setup(torch, batch, train), torch_threads
+    )
     contenders.append(flax_contender(CNN_PLAIN, _plain_cnn()))
     return contenders
 
@@ -780,10 +831,18 @@ def _torch_cnn_setup(torch, batch, train):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.manual_seed(0)
         model = nn.Sequential(
-            nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
-            nn.Linear(3 * 3 * 64, 64), nn.ReLU(), nn.Linear(64, 10),
+            nn.Conv2d(1, 32, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 3 * 64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 10),
         ).to(device)
         x = torch.randn(batch, 1, 28, 28, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
@@ -817,32 +876,48 @@ def cnn_suite(shapes: str = "full", *, torch_threads: int | None = None) -> Suit
     workloads = []
     for train, batches in ((True, train_batches), (False, infer_batches)):
         for batch in batches:
-            workloads.append(Workload(
-                name=f"batch {batch}",
-                group="training step (Adam)" if train else "inference",
-                flops=cnn_flops(jm.CNN(), batch, train=train),
-                contenders=cnn_contenders(batch, train=train, torch_threads=torch_threads),
-                info={"batch": batch, "input": [batch, 28, 28, 1], "train": train, "dtype": "float32"},
-            ))
+            workloads.append(
+                Workload(
+                    name=f"batch {batch}",
+                    group="training step (Adam)" if train else "inference",
+                    flops=cnn_flops(jm.CNN(), batch, train=train),
+                    contenders=cnn_contenders(batch, train=train, torch_threads=torch_threads),
+                    info={
+                        "batch": batch,
+                        "input": [batch, 28, 28, 1],
+                        "train": train,
+                        "dtype": "float32",
+                    },
+                )
+            )
     per_sample = cnn_flops(jm.CNN(), 1)
     notes = [
         f"The seed CNN (Conv32-pool-Conv64-pool-Conv64-Dense64-Dense10, VALID, 93,322 parameters) on 28x28x1, "
         f"float32: {per_sample / 1e6:.2f} MFLOP per image forward (convolutions and dense layers), 3x for a training "
         "step. Training step: softmax cross-entropy, gradients, Adam (lr 1e-3) update; the new state feeds the "
         "next call. PyTorch: the same network in NCHW with torch.optim.Adam; inference under torch.inference_mode.",
-        f"`{CNN_PLAIN}`: the same architecture written in the benchmark the plain way (nn.Conv, nn.max_pool, nn.Dense).",
+        f"`{CNN_PLAIN}`: the same architecture written in the benchmark the plain way "
+        "(nn.Conv, nn.max_pool, nn.Dense).",
     ]
     notes.append(_torch_note(torch_threads))
-    return Suite("cnn", workloads, baseline=CNN_PLAIN, compare=(CNN_TORCH, f"{CNN_TORCH} (1 thread)"),
-                 peak_n=PEAK_N[shapes], notes=notes)
+    return Suite(
+        "cnn",
+        workloads,
+        baseline=CNN_PLAIN,
+        compare=(CNN_TORCH, f"{CNN_TORCH} (1 thread)"),
+        peak_n=PEAK_N[shapes],
+        notes=notes,
+    )
 
 
 def _torch_note(threads: int | None) -> str:
-    threads = threads or _cpu_count()
-    return (f"PyTorch runs with {threads} intra-op thread(s) (torch.set_num_threads; the CPU count unless "
-            "--torch-threads says otherwise) and, as `(1 thread)`, with one: on a machine whose other load "
-            "exceeds its cores, PyTorch's OpenMP fork-join loses far more than XLA's thread pool, and the "
-            "one-thread variant shows PyTorch's speed without that penalty.")
+    threads = threads or cpu_count()
+    return (
+        f"PyTorch runs with {threads} intra-op thread(s) (torch.set_num_threads; the CPU count unless "
+        "--torch-threads says otherwise) and, as `(1 thread)`, with one: on a machine whose other load "
+        "exceeds its cores, PyTorch's OpenMP fork-join loses far more than XLA's thread pool, and the "
+        "one-thread variant shows PyTorch's speed without that penalty."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -884,7 +959,7 @@ def run(
         suite = build_suite(name, shapes, torch_threads=torch_threads)
         result = run_suite(suite, repeats=repeats, min_sample_s=min_sample_s, log=log)
         stem = name if shapes == "full" else f"{name}-{shapes}"
-        paths = write_results(result, out, stem)
+        paths = write_results(result, out, stem, render_markdown=markdown, render_png=plot)
         if log:
             log(markdown(result))
             log("wrote " + ", ".join(str(p) for p in paths))
@@ -906,21 +981,38 @@ def positive_int(text: str) -> int:
 
 def add_arguments(parser) -> None:
     """The options of ``jaxmodels bench`` and of the benchmarks/ scripts (after SUITE)."""
-    parser.add_argument("--repeats", type=positive_int, default=10, help="rounds over the contenders (default: 10)")
-    parser.add_argument("--shapes", default="full", choices=SHAPE_SETS,
-                        help="full: the standard shapes; small: tiny ones, a smoke run (default: full)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=10, help="rounds over the contenders (default: 10)"
+    )
+    parser.add_argument(
+        "--shapes",
+        default="full",
+        choices=SHAPE_SETS,
+        help="full: the standard shapes; small: tiny ones, a smoke run (default: full)",
+    )
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
-    parser.add_argument("--torch-threads", type=positive_int, default=None,
-                        help="PyTorch's intra-op threads (default: the CPU count)")
+    parser.add_argument(
+        "--torch-threads",
+        type=positive_int,
+        default=None,
+        help="PyTorch's intra-op threads (default: the CPU count)",
+    )
 
 
-def script_main(suite: str, argv: Sequence[str] | None = None, default_out: Path | str = "benchmarks/results") -> int:
+def script_main(
+    suite: str, argv: Sequence[str] | None = None, default_out: Path | str = "benchmarks/results"
+) -> int:
     """``benchmarks/SUITE.py``: parse --repeats/--shapes/--out and run one suite."""
     import argparse
 
     parser = argparse.ArgumentParser(description=f"The {suite} benchmark suite (jaxmodels.bench).")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    run([suite], shapes=args.shapes, repeats=args.repeats, out=args.out or default_out,
-        torch_threads=args.torch_threads)
+    run(
+        [suite],
+        shapes=args.shapes,
+        repeats=args.repeats,
+        out=args.out or default_out,
+        torch_threads=args.torch_threads,
+    )
     return 0

@@ -10,7 +10,7 @@ in the pinned layout (README, "The math"), gate blocks along the last axis in th
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,9 @@ def rnn_cell(params: dict, h: Array, x: Array, activation: Activation = jnp.tanh
     return activation(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"])
 
 
-def lstm_cell(params: dict, carry: tuple[Array, Array], x: Array) -> tuple[tuple[Array, Array], Array]:
+def lstm_cell(
+    params: dict, carry: tuple[Array, Array], x: Array
+) -> tuple[tuple[Array, Array], Array]:
     """One LSTM step, the seed's equations with gate order i, f, g, o::
 
         i_t = σ(W_xi x_t + W_hi h_{t-1} + b_i)      f_t = σ(W_xf x_t + W_hf h_{t-1} + b_f)
@@ -74,7 +76,9 @@ def add_bias(y: Array, b: Array) -> Array:
     return y + b.reshape((1,) * (y.ndim - 1) + b.shape)
 
 
-def lstm_update(pre: Array, c: Array) -> tuple[Array, Array, tuple[Array, Array, Array, Array], Array]:
+def lstm_update(
+    pre: Array, c: Array
+) -> tuple[Array, Array, tuple[Array, Array, Array, Array], Array]:
     """The step after the matmuls: fused pre-activations pre [batch, 4*hidden] (blocks i, f, g, o)
     and C_{t-1} [batch, hidden] -> (h_t, C_t, (i, f, g, o) activated, tanh(C_t))."""
     i, f, g, o = jnp.split(pre, 4, axis=-1)
@@ -106,7 +110,9 @@ def orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype=jnp.float32) -
     (made in float32, whose QR every backend has, then cast to ``dtype``)."""
     keys = jax.random.split(key, blocks)
     init = jax.nn.initializers.orthogonal()
-    return jnp.concatenate([init(k, (hidden, hidden), jnp.float32) for k in keys], axis=-1).astype(dtype)
+    return jnp.concatenate([init(k, (hidden, hidden), jnp.float32) for k in keys], axis=-1).astype(
+        dtype
+    )
 
 
 def init_dense(key: Array, features: int, out: int, dtype=jnp.float32) -> dict:
@@ -124,7 +130,9 @@ def init_rnn(key: Array, features: int, hidden: int, dtype=jnp.float32) -> dict:
     }
 
 
-def init_lstm(key: Array, features: int, hidden: int, *, forget_bias: float = 0.0, dtype=jnp.float32) -> dict:
+def init_lstm(
+    key: Array, features: int, hidden: int, *, forget_bias: float = 0.0, dtype=jnp.float32
+) -> dict:
     """LSTM layer: Glorot-uniform w_x over all 4 gates, an orthogonal block per gate in w_h, zero b
     except the forget block, which is ``forget_bias`` (1.0 is the common choice of Jozefowicz et al.)."""
     kx, kh = jax.random.split(key)

@@ -31,16 +31,17 @@ This module imports no training code; ``jaxmodels.train.fit`` and ``jaxmodels ev
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxmodels.data import Position
+from jaxmodels.records import to_json
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE, META = "state", "meta"
@@ -50,8 +51,16 @@ STATE, META = "state", "meta"
 # stream. A difference in PREFERRED only changes the trajectory (e.g. the learning-rate schedule),
 # so it is reported with a warning.
 REQUIRED = (
-    "model", "task", "dataset", "model_config", "train.optimizer", "train.batch_size", "train.seed",
-    "train.remainder", "train.clip_norm", "train.weight_decay",
+    "model",
+    "task",
+    "dataset",
+    "model_config",
+    "train.optimizer",
+    "train.batch_size",
+    "train.seed",
+    "train.remainder",
+    "train.clip_norm",
+    "train.weight_decay",
 )
 PREFERRED = ("train.lr", "train.schedule", "train.warmup_steps", "total_steps")
 # What evaluating a checkpoint needs: the same model.
@@ -88,18 +97,6 @@ def checkpoint_dir(workdir: str | Path) -> Path:
     return Path(workdir) / CHECKPOINT_SUBDIR
 
 
-def _json_default(value: Any) -> Any:
-    try:
-        return np.dtype(value).name
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def _to_json(tree: Any) -> Any:
-    """A JSON round trip: dtypes become names, tuples lists, anything else its str()."""
-    return json.loads(json.dumps(tree, default=_json_default))
-
-
 def _lookup(config: dict, dotted: str) -> Any:
     value: Any = config
     for key in dotted.split("."):
@@ -119,7 +116,7 @@ def check_compatible(
 ) -> None:
     """Raise ``IncompatibleCheckpointError`` naming every ``required`` entry (a dotted path into
     the run config) that differs between ``saved`` and ``current``; warn for ``preferred`` ones."""
-    saved, current = _to_json(saved), _to_json(current)
+    saved, current = to_json(saved), to_json(current)
     diffs = [(k, _lookup(saved, k), _lookup(current, k)) for k in required]
     diffs = [d for d in diffs if d[1] != d[2]]
     if diffs:
@@ -161,7 +158,9 @@ def check_structure(saved_metadata: Any, target: Any, where: str) -> None:
             parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
         for n, (s_shape, s_dtype), (w_shape, w_dtype) in differ[:5]:
             parts.append(f"{n}: saved {s_dtype}{list(s_shape)}, expected {w_dtype}{list(w_shape)}")
-        raise IncompatibleCheckpointError(f"{where} does not match the state being restored: {'; '.join(parts)}")
+        raise IncompatibleCheckpointError(
+            f"{where} does not match the state being restored: {'; '.join(parts)}"
+        )
 
 
 def _host_copy(state: Any) -> Any:
@@ -219,7 +218,10 @@ class Checkpoints:
         self._manager = ocp.CheckpointManager(
             self.directory,
             item_names=(STATE, META),
-            item_handlers={STATE: ocp.StandardCheckpointHandler(), META: ocp.JsonCheckpointHandler()},
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                META: ocp.JsonCheckpointHandler(),
+            },
             options=options,
         )
 
@@ -239,8 +241,14 @@ class Checkpoints:
 
     # ------------------------------------------------------------------------------------ save
 
-    def save(self, step: int, state: Any, *, position: Position | Sequence[int] | None = None,
-             config: dict | None = None) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        position: Position | Sequence[int] | None = None,
+        config: dict | None = None,
+    ) -> bool:
         """Save ``state`` (any pytree of arrays; copied to the host before this returns) as step
         ``step`` with the iterator ``position`` (the next batch) and the run ``config``.
 
@@ -261,8 +269,11 @@ class Checkpoints:
                 f"(the last good checkpoint is {self._describe_latest()})"
             )
         epoch, next_step = position if position is not None else (0, 0)
-        meta = {"step": int(step), "position": {"epoch": int(epoch), "step": int(next_step)},
-                "config": _to_json(config or {})}
+        meta = {
+            "step": int(step),
+            "position": {"epoch": int(epoch), "step": int(next_step)},
+            "config": to_json(config or {}),
+        }
         args = self._ocp.args.Composite(
             **{STATE: self._ocp.args.StandardSave(host), META: self._ocp.args.JsonSave(meta)}
         )
@@ -270,7 +281,11 @@ class Checkpoints:
 
     def _describe_latest(self) -> str:
         latest = self.latest_step()
-        return f"step {latest} in {self.directory}" if latest is not None else f"none in {self.directory}"
+        return (
+            f"step {latest} in {self.directory}"
+            if latest is not None
+            else f"none in {self.directory}"
+        )
 
     # --------------------------------------------------------------------------------- restore
 
@@ -303,7 +318,9 @@ class Checkpoints:
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         if step is not None and step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}")
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}"
+            )
         candidates = [step] if step is not None else steps[::-1]
         failures: list[tuple[int, str]] = []
         for s in candidates:
@@ -311,23 +328,32 @@ class Checkpoints:
             try:
                 meta = self._read(s, META)
                 position = Position(int(meta["position"]["epoch"]), int(meta["position"]["step"]))
-            except Exception as err:  # noqa: BLE001 -- any failure to read is a corrupt checkpoint
+            except Exception as err:
                 failures.append((s, self._reason(err)))
             else:
                 if config is not None:  # a different run is an error, not a reason to fall back
-                    check_compatible(meta.get("config", {}), config, required=required, preferred=preferred,
-                                     where=where)
+                    check_compatible(
+                        meta.get("config", {}),
+                        config,
+                        required=required,
+                        preferred=preferred,
+                        where=where,
+                    )
                 try:
                     state = self._read_state(s, target, where)
                 except IncompatibleCheckpointError:
                     raise
-                except Exception as err:  # noqa: BLE001
+                except Exception as err:
                     failures.append((s, self._reason(err)))
                 else:
                     self._set_aside([f for f, _ in failures])
-                    return Restored(s, state, position, meta.get("config", {}), self.directory / str(s))
+                    return Restored(
+                        s, state, position, meta.get("config", {}), self.directory / str(s)
+                    )
             s_failed, reason = failures[-1]
-            message = f"checkpoint step {s_failed} in {self.directory} is corrupt or incomplete: {reason}"
+            message = (
+                f"checkpoint step {s_failed} in {self.directory} is corrupt or incomplete: {reason}"
+            )
             if step is not None:
                 raise CorruptCheckpointError(message)
             if s_failed != candidates[-1]:
@@ -371,7 +397,11 @@ class Checkpoints:
                 while dest.exists():
                     dest, n = bad / f"{s}-{n}", n + 1
                 shutil.move(str(self.directory / str(s)), dest)
-                warnings.warn(f"moved unreadable checkpoint step {s} to {dest}", CheckpointWarning, stacklevel=3)
+                warnings.warn(
+                    f"moved unreadable checkpoint step {s} to {dest}",
+                    CheckpointWarning,
+                    stacklevel=3,
+                )
         if jax.process_count() > 1:  # every process lists the steps only once they are moved
             from jax.experimental import multihost_utils
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Sequence
 
 from jaxmodels.data import list_datasets
 from jaxmodels.models import list_models
@@ -54,65 +54,124 @@ def _positive_float(text: str) -> float:
 
 def _add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
     """MODEL and the options that choose the data set and the model config (train and eval)."""
-    parser.add_argument("model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}")
-    parser.add_argument("--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)")
-    parser.add_argument("--data-dir", default=None, help="data folder (mnist, seq-mnist; default: $JAXMODELS_DATA)")
-    parser.add_argument("--download", action="store_true", help="fetch missing MNIST files into the data folder")
-    parser.add_argument("--data-file", default=None, help="UTF-8 text file (text; default: $JAXMODELS_TEXT)")
-    parser.add_argument("--seq-len", type=_positive_int, default=None, help="the delay T (adding, copy); window (text)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)")
+    parser.add_argument(
+        "model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}"
+    )
+    parser.add_argument(
+        "--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="data folder (mnist, seq-mnist; default: $JAXMODELS_DATA)"
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="fetch missing MNIST files into the data folder"
+    )
+    parser.add_argument(
+        "--data-file", default=None, help="UTF-8 text file (text; default: $JAXMODELS_TEXT)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        default=None,
+        help="the delay T (adding, copy); window (text)",
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxmodels", description="Train and inspect jaxmodels models.")
+    parser = argparse.ArgumentParser(
+        prog="jaxmodels", description="Train and inspect jaxmodels models."
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a model on a data set", description="Train a model on a data set.")
+    train = commands.add_parser(
+        "train", help="train a model on a data set", description="Train a model on a data set."
+    )
     _add_model_and_data_options(train)
     train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs)
     train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size)
-    train.add_argument("--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate")
+    train.add_argument(
+        "--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate"
+    )
     train.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS)
     train.add_argument("--schedule", default=_DEFAULTS.schedule, choices=SCHEDULES)
     train.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
-    train.add_argument("--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm")
+    train.add_argument(
+        "--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm"
+    )
     train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     train.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    train.add_argument("--max-steps", type=_positive_int, default=None, help="stop after this many steps")
-    train.add_argument("--log-every", type=_positive_int, default=_DEFAULTS.log_every, help="steps per metrics row")
-    train.add_argument("--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="N",
-                       help="save a checkpoint every N steps (always after the last step)")
-    train.add_argument("--keep", type=_positive_int, default=_DEFAULTS.keep, metavar="K",
-                       help=f"keep the latest K checkpoints (default: {_DEFAULTS.keep})")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the latest checkpoint in --workdir (none yet: start afresh)")
     train.add_argument(
-        "--strategy", default=None, choices=STRATEGIES,
+        "--max-steps", type=_positive_int, default=None, help="stop after this many steps"
+    )
+    train.add_argument(
+        "--log-every", type=_positive_int, default=_DEFAULTS.log_every, help="steps per metrics row"
+    )
+    train.add_argument(
+        "--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)"
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="save a checkpoint every N steps (always after the last step)",
+    )
+    train.add_argument(
+        "--keep",
+        type=_positive_int,
+        default=_DEFAULTS.keep,
+        metavar="K",
+        help=f"keep the latest K checkpoints (default: {_DEFAULTS.keep})",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest checkpoint in --workdir (none yet: start afresh)",
+    )
+    train.add_argument(
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
         help="how steps use the devices (default: sharded with more than one device, else single)",
     )
     hosts = train.add_argument_group(
-        "multi-host", "start jax.distributed (default: from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
+        "multi-host",
+        "start jax.distributed (default: from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
         "$JAX_PROCESS_ID; none set: one process)",
     )
-    hosts.add_argument("--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address")
+    hosts.add_argument(
+        "--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address"
+    )
     hosts.add_argument("--num-processes", type=_positive_int, default=None)
-    hosts.add_argument("--process-id", type=int, default=None, help="this process, 0 .. num-processes - 1")
+    hosts.add_argument(
+        "--process-id", type=int, default=None, help="this process, 0 .. num-processes - 1"
+    )
 
     evaluate = commands.add_parser(
-        "eval", help="test metrics of a run's latest checkpoint",
+        "eval",
+        help="test metrics of a run's latest checkpoint",
         description="Restore the latest checkpoint in --workdir and print its test metrics as JSON "
         "(also written to WORKDIR/eval.json).",
     )
     _add_model_and_data_options(evaluate)
-    evaluate.add_argument("--workdir", default=None, help="the run's folder (default: runs/MODEL-DATASET)")
-    evaluate.add_argument("--step", type=_positive_int, default=None, help="this checkpoint instead of the latest")
+    evaluate.add_argument(
+        "--workdir", default=None, help="the run's folder (default: runs/MODEL-DATASET)"
+    )
+    evaluate.add_argument(
+        "--step", type=_positive_int, default=None, help="this checkpoint instead of the latest"
+    )
     evaluate.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.eval_batch_size)
-    evaluate.add_argument("--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)")
+    evaluate.add_argument(
+        "--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)"
+    )
 
     bench = commands.add_parser(
-        "bench", help="time models side by side with their peers",
+        "bench",
+        help="time models side by side with their peers",
         description="Run benchmark suites (jaxmodels.bench): contenders interleaved, medians, ratios to a "
         "baseline, GFLOP/s; writes OUT/SUITE.json, .md and .png.",
     )
@@ -134,7 +193,12 @@ def _model_and_dataset(args: argparse.Namespace):
     from jaxmodels.models import get_model
 
     try:  # a bad option (e.g. --data-dir for a built-in data set) is a usage error, not a bug
-        given = dict(data_dir=args.data_dir, download=args.download or None, path=args.data_file, seq_len=args.seq_len)
+        given = dict(
+            data_dir=args.data_dir,
+            download=args.download or None,
+            path=args.data_file,
+            seq_len=args.seq_len,
+        )
         dataset = get_dataset(args.dataset, **{k: v for k, v in given.items() if v is not None})
         model_config = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
         task = get_model(args.model).task
@@ -155,7 +219,9 @@ def _train(args: argparse.Namespace) -> int:
     from jaxmodels.train import fit
 
     start = time.perf_counter()
-    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)  # before any JAX work
+    initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id
+    )  # before any JAX work
     model, dataset = _model_and_dataset(args)
     config = TrainConfig(
         epochs=args.epochs,
@@ -174,7 +240,9 @@ def _train(args: argparse.Namespace) -> int:
         keep=args.keep,
     )
     workdir = args.workdir or f"runs/{args.model}-{args.dataset}"
-    result = fit(model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume)
+    result = fit(
+        model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume
+    )
     elapsed = time.perf_counter() - start
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
     steps = int(result.state.step)
@@ -193,8 +261,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     model, dataset = _model_and_dataset(args)
     workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset}")
-    step, metrics = evaluate_checkpoint(model, dataset, workdir, step=args.step, batch_size=args.batch_size)
-    result = {"model": args.model, "dataset": dataset.name, "workdir": str(workdir), "step": step, "test": metrics}
+    step, metrics = evaluate_checkpoint(
+        model, dataset, workdir, step=args.step, batch_size=args.batch_size
+    )
+    result = {
+        "model": args.model,
+        "dataset": dataset.name,
+        "workdir": str(workdir),
+        "step": step,
+        "test": metrics,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if jax.process_index() == 0:
@@ -206,15 +282,29 @@ def _bench(args: argparse.Namespace) -> int:
     from jaxmodels import bench
 
     suites = bench.SUITES if args.suite == "all" else (args.suite,)
-    bench.run(suites, shapes=args.shapes, repeats=args.repeats, out=args.out or "benchmarks/results",
-              torch_threads=args.torch_threads)
+    bench.run(
+        suites,
+        shapes=args.shapes,
+        repeats=args.repeats,
+        out=args.out or "benchmarks/results",
+        torch_threads=args.torch_threads,
+    )
     return 0
 
 
 def _info() -> int:
     import jax
 
-    for package in ("jaxmodels", "jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy"):
+    for package in (
+        "jaxmodels",
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "chex",
+        "orbax-checkpoint",
+        "numpy",
+    ):
         try:
             version = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -225,7 +315,9 @@ def _info() -> int:
     print(f"{'processes':18} {jax.process_count()} (this is process {jax.process_index()})")
     print(f"{'devices':18} {jax.device_count()} ({jax.local_device_count()} local)")
     for device in jax.devices():
-        print(f"  {device.id}: {device.platform} {device.device_kind} (process {device.process_index})")
+        print(
+            f"  {device.id}: {device.platform} {device.device_kind} (process {device.process_index})"
+        )
     return 0
 
 
@@ -234,14 +326,18 @@ def _raised_here(err: BaseException) -> bool:
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+        _PACKAGE
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "bench": _bench}.get(args.command, lambda _: _info())(args)
+        return {"train": _train, "eval": _eval, "bench": _bench}.get(
+            args.command, lambda _: _info()
+        )(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if not _raised_here(err):
             raise  # an error inside jax, flax or numpy is a bug to see in full, not a usage error

@@ -50,8 +50,9 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 # Public functions
 
 
-def conv_relu_pool(x: Array, kernel: Array, bias: Array, *, pool: tuple[int, int] = (1, 1),
-                   padding: str = "VALID") -> Array:
+def conv_relu_pool(
+    x: Array, kernel: Array, bias: Array, *, pool: tuple[int, int] = (1, 1), padding: str = "VALID"
+) -> Array:
     """maxpool(relu(conv(x, kernel) + bias)), differentiated through patch matmuls.
 
     Args:
@@ -72,8 +73,9 @@ def conv_relu_pool(x: Array, kernel: Array, bias: Array, *, pool: tuple[int, int
     return _conv_relu_pool(x, kernel, bias, (tuple(x.shape), tuple(kernel.shape), pool))
 
 
-def conv_relu_pool_reference(x: Array, kernel: Array, bias: Array, *, pool: tuple[int, int] = (1, 1),
-                             padding: str = "VALID") -> Array:
+def conv_relu_pool_reference(
+    x: Array, kernel: Array, bias: Array, *, pool: tuple[int, int] = (1, 1), padding: str = "VALID"
+) -> Array:
     """The spec: XLA's convolution, ReLU and ``reduce_window`` max, differentiated by JAX."""
     x, pool = _check(x, kernel, bias, pool, padding)
     return _reference(_pad(x, kernel.shape, padding), kernel, bias, pool)
@@ -87,7 +89,9 @@ def _check(x, kernel, bias, pool, padding):
     if padding not in PADDINGS:
         raise ValueError(f"expected padding in {PADDINGS}, got {padding!r}")
     if jnp.ndim(x) != 4:
-        raise ValueError(f"expected x of rank 4 [batch, height, width, channels], got shape {jnp.shape(x)}")
+        raise ValueError(
+            f"expected x of rank 4 [batch, height, width, channels], got shape {jnp.shape(x)}"
+        )
     if jnp.ndim(kernel) != 4 or kernel.shape[2] != x.shape[3]:
         raise ValueError(
             f"expected kernel [kh, kw, channels={x.shape[3]}, features], got shape {jnp.shape(kernel)}"
@@ -101,7 +105,11 @@ def _check(x, kernel, bias, pool, padding):
     pool = tuple(int(p) for p in pool)
     if len(pool) != 2 or min(pool) < 1:
         raise ValueError(f"expected pool (ph, pw) of positive integers, got {pool}")
-    out = x.shape[1:3] if padding == "SAME" else (x.shape[1] - kernel.shape[0] + 1, x.shape[2] - kernel.shape[1] + 1)
+    out = (
+        x.shape[1:3]
+        if padding == "SAME"
+        else (x.shape[1] - kernel.shape[0] + 1, x.shape[2] - kernel.shape[1] + 1)
+    )
     if out[0] < pool[0] or out[1] < pool[1]:
         raise ValueError(
             f"expected x [batch, height, width, channels] large enough for a {kernel.shape[0]}x{kernel.shape[1]} "
@@ -150,7 +158,7 @@ class _Geometry:
         return self.ph * (self.P + self.A - 1), self.pw * (self.Q + self.B - 1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _placement(kh, kw, ph, pw, A, B) -> np.ndarray:
     """E[a, b, r, s, d, e, i, j] = 1 where input pixel (ph·a + r, pw·b + s) of a window's blocks
     meets kernel tap (i, j) for the window's output (d, e): ph·a + r = d + i, pw·b + s = e + j."""
@@ -179,8 +187,10 @@ def _patches(x, g: _Geometry) -> Array:
     z = x
     if g.windows > 1:
         z = x.reshape(g.batch, rows // g.ph, g.ph, cols // g.pw, g.pw, g.channels)
-        z = z.transpose(0, 1, 3, 2, 4, 5).reshape(g.batch, rows // g.ph, cols // g.pw, g.windows * g.channels)
-    blocks = [z[:, a:a + g.P, b:b + g.Q, :] for a in range(g.A) for b in range(g.B)]
+        z = z.transpose(0, 1, 3, 2, 4, 5).reshape(
+            g.batch, rows // g.ph, cols // g.pw, g.windows * g.channels
+        )
+    blocks = [z[:, a : a + g.P, b : b + g.Q, :] for a in range(g.A) for b in range(g.B)]
     patches = blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
     return patches.reshape(g.batch * g.P * g.Q, -1)
 
@@ -192,12 +202,14 @@ def _col2im(d_patches, g: _Geometry) -> Array:
     dz = None
     for a in range(g.A):
         for b in range(g.B):
-            part = jnp.pad(d[:, :, :, a, b, :], ((0, 0), (a, g.A - 1 - a), (b, g.B - 1 - b), (0, 0)))
+            part = jnp.pad(
+                d[:, :, :, a, b, :], ((0, 0), (a, g.A - 1 - a), (b, g.B - 1 - b), (0, 0))
+            )
             dz = part if dz is None else dz + part
     if g.windows > 1:
         dz = dz.reshape(g.batch, rows // g.ph, cols // g.pw, g.ph, g.pw, g.channels)
         dz = dz.transpose(0, 1, 3, 2, 4, 5).reshape(g.batch, rows, cols, g.channels)
-    dz = dz[:, :g.height, :g.width]
+    dz = dz[:, : g.height, : g.width]
     return jnp.pad(dz, ((0, 0), (0, g.height - dz.shape[1]), (0, g.width - dz.shape[2]), (0, 0)))
 
 
@@ -239,7 +251,9 @@ def _backward(geometry, residuals, d_out):
         d_y = jnp.stack(parts, axis=1).reshape(-1, g.windows * g.features)
     else:
         d_y = d_pooled
-    d_big = jnp.dot(patches.T, d_y).reshape(g.A, g.B, g.ph, g.pw, g.channels, g.ph, g.pw, g.features)
+    d_big = jnp.dot(patches.T, d_y).reshape(
+        g.A, g.B, g.ph, g.pw, g.channels, g.ph, g.pw, g.features
+    )
     E = jnp.asarray(_placement(g.kh, g.kw, g.ph, g.pw, g.A, g.B), kernel.dtype)
     d_kernel = jnp.einsum("abrsdeij,abrscdeo->ijco", E, d_big)
     d_x = _col2im(jnp.dot(d_y, _big_kernel(kernel, g).T), g)

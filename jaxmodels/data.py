@@ -24,8 +24,9 @@ import math
 import os
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -79,9 +80,13 @@ class Dataset:
             raise ValueError(f"dataset {self.name!r} has no vocabulary")
         ids = np.asarray(tokens)
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"expected integer tokens of rank 1 [time], got shape {ids.shape} dtype {ids.dtype}")
+            raise ValueError(
+                f"expected integer tokens of rank 1 [time], got shape {ids.shape} dtype {ids.dtype}"
+            )
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.vocab)):
-            raise ValueError(f"expected token ids in [0, {len(self.vocab)}), got {ids.min()}..{ids.max()}")
+            raise ValueError(
+                f"expected token ids in [0, {len(self.vocab)}), got {ids.min()}..{ids.max()}"
+            )
         return "".join(self.vocab[i] for i in ids.tolist())
 
     def __repr__(self) -> str:
@@ -110,11 +115,17 @@ def upsample_digits(images: np.ndarray, size: int = 20, canvas: int = 28) -> np.
     import jax.numpy as jnp
 
     if not 0 < size <= canvas or (canvas - size) % 2:
-        raise ValueError(f"expected 0 < size <= canvas with an even margin, got size={size} canvas={canvas}")
+        raise ValueError(
+            f"expected 0 < size <= canvas with an even margin, got size={size} canvas={canvas}"
+        )
     if images.ndim != 3:
-        raise ValueError(f"expected images of rank 3 [examples, height, width], got shape {images.shape}")
+        raise ValueError(
+            f"expected images of rank 3 [examples, height, width], got shape {images.shape}"
+        )
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        resized = jax.image.resize(jnp.asarray(images, jnp.float32), (len(images), size, size), method="linear")
+        resized = jax.image.resize(
+            jnp.asarray(images, jnp.float32), (len(images), size, size), method="linear"
+        )
         resized = np.clip(np.asarray(resized), 0.0, 1.0)
     margin = (canvas - size) // 2
     out = np.zeros((len(images), canvas, canvas, 1), np.float32)
@@ -122,7 +133,9 @@ def upsample_digits(images: np.ndarray, size: int = 20, canvas: int = 28) -> np.
     return out
 
 
-def load_digits(*, test_size: int = 360, seed: int = 0, size: int = 20, canvas: int = 28) -> Dataset:
+def load_digits(
+    *, test_size: int = 360, seed: int = 0, size: int = 20, canvas: int = 28
+) -> Dataset:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no network), shaped like MNIST.
 
     Each 8x8 image (counts 0..16 of set pixels in 4x4 blocks of a 32x32 bitmap) is divided by 16
@@ -137,8 +150,12 @@ def load_digits(*, test_size: int = 360, seed: int = 0, size: int = 20, canvas: 
     bunch = sk_load_digits()
     x = upsample_digits(np.asarray(bunch.images, np.float32) / np.float32(16.0), size, canvas)
     y = np.asarray(bunch.target, np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
-    return Dataset("digits", "classification", x_train, y_train, x_test, y_test, (canvas, canvas, 1), 10)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=test_size, random_state=seed, stratify=y
+    )
+    return Dataset(
+        "digits", "classification", x_train, y_train, x_test, y_test, (canvas, canvas, 1), 10
+    )
 
 
 # ---------------------------------------------------------------------------------------- MNIST
@@ -159,14 +176,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file: expected magic 00 00 <dtype> <rank>, got {raw[:4].hex(' ')}")
+        raise ValueError(
+            f"{path} is not an IDX file: expected magic 00 00 <dtype> <rank>, got {raw[:4].hex(' ')}"
+        )
     rank = raw[3]
     header = 4 + 4 * rank
     shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=rank, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
-        raise ValueError(f"{path}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes")
+        raise ValueError(
+            f"{path}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes"
+        )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -183,7 +204,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, subdir: str) -> Path:
     if data_dir is None:
         data_dir = os.environ.get(DATA_ENV)
         if not data_dir:
-            raise FileNotFoundError(f"no data folder given: pass data_dir (--data-dir) or set {DATA_ENV}")
+            raise FileNotFoundError(
+                f"no data folder given: pass data_dir (--data-dir) or set {DATA_ENV}"
+            )
     folder = Path(data_dir).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist")
@@ -209,7 +232,9 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = Fa
             continue
         if images_path is None or labels_path is None:
             missing = images_name if images_path is None else labels_name
-            raise FileNotFoundError(f"MNIST {split} split in {folder} is incomplete: missing {missing}[.gz]")
+            raise FileNotFoundError(
+                f"MNIST {split} split in {folder} is incomplete: missing {missing}[.gz]"
+            )
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
@@ -311,7 +336,9 @@ def download_mnist(
     if data_dir is None:
         data_dir = os.environ.get(DATA_ENV)
         if not data_dir:
-            raise FileNotFoundError(f"no data folder to download MNIST into: pass data_dir or set {DATA_ENV}")
+            raise FileNotFoundError(
+                f"no data folder to download MNIST into: pass data_dir or set {DATA_ENV}"
+            )
     unknown = [s for s in splits if s not in MNIST_FILES]
     if unknown or not splits:
         raise ValueError(f"expected splits among {tuple(MNIST_FILES)}, got {tuple(splits)}")
@@ -333,7 +360,10 @@ def download_mnist(
                 url = mirror.rstrip("/") + "/" + name + ".gz"
                 try:
                     fetched = _fetch(url, timeout)
-                except (OSError, ValueError) as err:  # URLError, timeouts, refused connections are OSErrors
+                except (
+                    OSError,
+                    ValueError,
+                ) as err:  # URLError, timeouts, refused connections are OSErrors
                     failures.append(f"{url}: {getattr(err, 'reason', err)}")
                     continue
                 ok, digest = _mnist_digest_matches(name, fetched)
@@ -374,7 +404,9 @@ def _as_sequences(ds: Dataset, name: str, steps: str, permute: int | None) -> Da
         raise ValueError(f"expected steps to be one of {SEQUENCE_STEPS}, got {steps!r}")
     height, width, channels = ds.input_shape
     if channels != 1:
-        raise ValueError(f"expected images [examples, height, width, 1], got input shape {ds.input_shape}")
+        raise ValueError(
+            f"expected images [examples, height, width, 1], got input shape {ds.input_shape}"
+        )
     shape = (height, width) if steps == "rows" else (height * width, 1)
     order = None if permute is None else np.random.default_rng(permute).permutation(shape[0])
 
@@ -386,7 +418,12 @@ def _as_sequences(ds: Dataset, name: str, steps: str, permute: int | None) -> Da
 
     info = {"source": ds.name, "steps": steps, "permute": permute}
     return dataclasses.replace(
-        ds, name=name, x_train=convert(ds.x_train), x_test=convert(ds.x_test), input_shape=shape, info=info
+        ds,
+        name=name,
+        x_train=convert(ds.x_train),
+        x_test=convert(ds.x_test),
+        input_shape=shape,
+        info=info,
     )
 
 
@@ -408,7 +445,9 @@ def load_seq_mnist(
     return _as_sequences(load_mnist(data_dir, download=download), "seq-mnist", steps, permute)
 
 
-def load_seq_digits(*, steps: str = "rows", permute: int | None = None, **digits_options) -> Dataset:
+def load_seq_digits(
+    *, steps: str = "rows", permute: int | None = None, **digits_options
+) -> Dataset:
     """Sequential digits: ``load_digits`` (bundled, no network) read as sequences exactly like
     ``load_seq_mnist``: x [examples, 28, 28] float32 (rows as time steps), y [examples] int32.
     ``digits_options`` go to ``load_digits`` (test_size, seed, size, canvas)."""
@@ -422,13 +461,19 @@ def load_seq_digits(*, steps: str = "rows", permute: int | None = None, **digits
 
 
 def _check_sizes(seq_len: int, train_size: int, test_size: int, min_len: int) -> None:
-    checks = (("seq_len", seq_len, min_len), ("train_size", train_size, 1), ("test_size", test_size, 0))
+    checks = (
+        ("seq_len", seq_len, min_len),
+        ("train_size", train_size, 1),
+        ("test_size", test_size, 0),
+    )
     for label, value, least in checks:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"expected an integer {label} >= {least}, got {value!r}")
 
 
-def adding_problem(num: int, seq_len: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def adding_problem(
+    num: int, seq_len: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """``num`` examples of the adding problem (Hochreiter & Schmidhuber 1997, in the form of Le et al.
     2015 and Arjovsky et al. 2016).
 
@@ -437,7 +482,9 @@ def adding_problem(num: int, seq_len: int, rng: np.random.Generator) -> tuple[np
     ``[seq_len // 2, seq_len)``, else 0. y [num, 1] float32: the sum of the two marked values,
     ``sum_t x[:, t, 0] * x[:, t, 1]``. Predicting the mean, 1, scores MSE 1/6 (the variance of the sum).
     """
-    values_rng, first_rng, second_rng = rng.spawn(3)  # one stream each: more examples extend, not reshuffle
+    values_rng, first_rng, second_rng = rng.spawn(
+        3
+    )  # one stream each: more examples extend, not reshuffle
     values = values_rng.random((num, seq_len), dtype=np.float32)
     half = seq_len // 2
     first, second = first_rng.integers(0, half, num), second_rng.integers(half, seq_len, num)
@@ -449,7 +496,9 @@ def adding_problem(num: int, seq_len: int, rng: np.random.Generator) -> tuple[np
     return np.stack([values, markers], axis=-1), targets
 
 
-def load_adding(*, seq_len: int = 100, train_size: int = 10_000, test_size: int = 1_000, seed: int = 0) -> Dataset:
+def load_adding(
+    *, seq_len: int = 100, train_size: int = 10_000, test_size: int = 1_000, seed: int = 0
+) -> Dataset:
     """The adding problem for the lstm-/rnn-regressor models (task "regression"), generated from
     ``seed``: x [examples, seq_len, 2] float32, y [examples, 1] float32 (see ``adding_problem``).
     ``info["baseline_mse"]`` is 1/6, the MSE of always answering 1; a model beats it only by
@@ -458,7 +507,9 @@ def load_adding(*, seq_len: int = 100, train_size: int = 10_000, test_size: int 
     x_train, y_train = adding_problem(train_size, seq_len, np.random.default_rng([seed, 0]))
     x_test, y_test = adding_problem(test_size, seq_len, np.random.default_rng([seed, 1]))
     info = {"seq_len": seq_len, "seed": seed, "baseline_mse": 1.0 / 6.0}
-    return Dataset("adding", "regression", x_train, y_train, x_test, y_test, (seq_len, 2), None, info=info)
+    return Dataset(
+        "adding", "regression", x_train, y_train, x_test, y_test, (seq_len, 2), None, info=info
+    )
 
 
 COPY_BLANK = 0  # token ids of the copy task: 0 blank, 1..alphabet symbols, alphabet + 1 delimiter
@@ -521,7 +572,18 @@ def load_copy(
         "baseline_loss": memory * math.log(alphabet) / (seq_len + 2 * memory),
     }
     time = seq_len + 2 * memory
-    return Dataset("copy", "language_model", x_train, y_train, x_test, y_test, (time,), alphabet + 2, vocab, info)
+    return Dataset(
+        "copy",
+        "language_model",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        (time,),
+        alphabet + 2,
+        vocab,
+        info,
+    )
 
 
 # ---------------------------------------------------------------------- character-level text
@@ -530,7 +592,11 @@ TEXT_ENV = "JAXMODELS_TEXT"
 
 
 def load_text(
-    path: str | os.PathLike | None = None, *, seq_len: int = 100, stride: int | None = None, val_fraction: float = 0.1
+    path: str | os.PathLike | None = None,
+    *,
+    seq_len: int = 100,
+    stride: int | None = None,
+    val_fraction: float = 0.1,
 ) -> Dataset:
     """Character-level language modelling over a UTF-8 file (``path``, else ``$JAXMODELS_TEXT``),
     for ``char-lstm``.
@@ -547,7 +613,9 @@ def load_text(
     if path is None:
         path = os.environ.get(TEXT_ENV)
         if not path:
-            raise FileNotFoundError(f"no text file given: pass path (--data-file) or set {TEXT_ENV}")
+            raise FileNotFoundError(
+                f"no text file given: pass path (--data-file) or set {TEXT_ENV}"
+            )
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
@@ -564,7 +632,7 @@ def load_text(
     codes = np.frombuffer(text.encode("utf-32-le"), "<u4")
     alphabet, tokens = np.unique(codes, return_inverse=True)
     tokens = tokens.astype(np.int32).reshape(-1)
-    num_val = int(round(len(tokens) * val_fraction))
+    num_val = round(len(tokens) * val_fraction)
     train_tokens, val_tokens = tokens[: len(tokens) - num_val], tokens[len(tokens) - num_val :]
 
     def windows(part: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -587,7 +655,18 @@ def load_text(
         "train_characters": len(train_tokens),
         "validation_characters": num_val,
     }
-    return Dataset("text", "language_model", x_train, y_train, x_test, y_test, (seq_len,), len(vocab), vocab, info)
+    return Dataset(
+        "text",
+        "language_model",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        (seq_len,),
+        len(vocab),
+        vocab,
+        info,
+    )
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -654,10 +733,18 @@ class BatchIterator:
     ):
         x, y = arrays
         if len(x) != len(y):
-            raise ValueError(f"expected x and y with the same number of examples, got {len(x)} and {len(y)}")
+            raise ValueError(
+                f"expected x and y with the same number of examples, got {len(x)} and {len(y)}"
+            )
         if remainder not in REMAINDERS:
-            raise ValueError(f"unknown remainder policy {remainder!r}; expected one of {REMAINDERS}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(
+                f"unknown remainder policy {remainder!r}; expected one of {REMAINDERS}"
+            )
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, (int, np.integer))
+            or batch_size <= 0
+        ):
             raise ValueError(f"expected a positive integer batch size, got {batch_size!r}")
         if len(x) == 0:
             raise ValueError("expected at least one example, got an empty split")
@@ -686,9 +773,13 @@ class BatchIterator:
 
     def restore(self, position: Position | Sequence[int] | dict) -> None:
         """Continue from a saved ``position`` (a Position, an (epoch, step) pair or a dict)."""
-        epoch, step = (position["epoch"], position["step"]) if isinstance(position, dict) else position
+        epoch, step = (
+            (position["epoch"], position["step"]) if isinstance(position, dict) else position
+        )
         if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
-            raise ValueError(f"expected epoch >= 0 and 0 <= step <= {self.steps_per_epoch}, got ({epoch}, {step})")
+            raise ValueError(
+                f"expected epoch >= 0 and 0 <= step <= {self.steps_per_epoch}, got ({epoch}, {step})"
+            )
         self._position = Position(int(epoch), int(step))
         if step == self.steps_per_epoch:
             self._position = Position(int(epoch) + 1, 0)
@@ -716,7 +807,9 @@ class BatchIterator:
         steps = self.steps_per_epoch
         for step in range(start, steps):
             batch = self._batch(order, step)
-            self._position = Position(epoch, step + 1) if step + 1 < steps else Position(epoch + 1, 0)
+            self._position = (
+                Position(epoch, step + 1) if step + 1 < steps else Position(epoch + 1, 0)
+            )
             yield batch
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:

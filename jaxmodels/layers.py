@@ -7,7 +7,8 @@ Recurrent parameters: one subtree per layer and direction, named ``layer_{k}`` (
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -35,8 +36,12 @@ class _ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", nn.linear.default_kernel_init,
-                            (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+        kernel = self.param(
+            "kernel",
+            nn.linear.default_kernel_init,
+            (*self.kernel_size, x.shape[-1], self.features),
+            self.param_dtype,
+        )
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv.conv_relu_pool(x, kernel, bias, pool=self.pool, padding=self.padding)
@@ -91,18 +96,37 @@ class CNN(nn.Module):
                 f"got {len(self.pool_after)}"
             )
         if x.ndim != 4:
-            raise ValueError(f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}")
+            raise ValueError(
+                f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}"
+            )
         if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}")
+            raise TypeError(
+                f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}"
+            )
         if self.conv_impl == "patches" and self.padding not in conv.PADDINGS:
-            raise ValueError(f"expected padding in {conv.PADDINGS} with conv_impl='patches', got {self.padding!r}")
+            raise ValueError(
+                f"expected padding in {conv.PADDINGS} with conv_impl='patches', got {self.padding!r}"
+            )
         for k, (width, pool) in enumerate(zip(self.features, self.pool_after)):
             if self.conv_impl == "patches":
-                x = _ConvBlock(width, tuple(self.kernel_size), tuple(self.pool_size) if pool else (1, 1),
-                               self.padding, self.dtype, self.param_dtype, name=f"Conv_{k}")(x)
+                x = _ConvBlock(
+                    width,
+                    tuple(self.kernel_size),
+                    tuple(self.pool_size) if pool else (1, 1),
+                    self.padding,
+                    self.dtype,
+                    self.param_dtype,
+                    name=f"Conv_{k}",
+                )(x)
                 continue
-            x = nn.Conv(width, self.kernel_size, padding=self.padding, dtype=self.dtype,
-                        param_dtype=self.param_dtype, name=f"Conv_{k}")(x)
+            x = nn.Conv(
+                width,
+                self.kernel_size,
+                padding=self.padding,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name=f"Conv_{k}",
+            )(x)
             x = nn.relu(x)
             if pool:
                 x = nn.max_pool(x, self.pool_size, strides=self.pool_size)
@@ -154,9 +178,13 @@ class _Recurrent(nn.Module):
                 f"expected num_layers >= 1 and hidden_size >= 1, got {self.num_layers} and {self.hidden_size}"
             )
         if jnp.ndim(xs) != 3:
-            raise ValueError(f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}")
+            raise ValueError(
+                f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}"
+            )
         if not jnp.issubdtype(xs.dtype, jnp.floating):
-            raise TypeError(f"expected floating-point xs [batch, time, features], got dtype {xs.dtype}")
+            raise TypeError(
+                f"expected floating-point xs [batch, time, features], got dtype {xs.dtype}"
+            )
         dtype = self.dtype or jnp.promote_types(xs.dtype, self.param_dtype)
         directions = 2 if self.bidirectional else 1
         finals = []
@@ -169,8 +197,14 @@ class _Recurrent(nn.Module):
                 params = self.param(name, self._init_layer, xs.shape[-1])
                 params = jax.tree.map(lambda p: p.astype(dtype), params)
                 index = layer * directions + direction
-                carry = None if initial_carry is None else jax.tree.map(lambda a: a[index].astype(dtype), initial_carry)
-                final, hs = self._scan(params, xs.astype(dtype), carry, seq_lengths, reverse=bool(direction))
+                carry = (
+                    None
+                    if initial_carry is None
+                    else jax.tree.map(lambda a: a[index].astype(dtype), initial_carry)
+                )
+                final, hs = self._scan(
+                    params, xs.astype(dtype), carry, seq_lengths, reverse=bool(direction)
+                )
                 finals.append(final)
                 outs.append(hs)
             xs = outs[0] if directions == 1 else jnp.concatenate(outs, axis=-1)
@@ -191,8 +225,14 @@ class SimpleRNN(_Recurrent):
 
     def _scan(self, params, xs, carry, seq_lengths, reverse):
         return recurrent.rnn_scan(
-            params, xs, carry, seq_lengths=seq_lengths, reverse=reverse, unroll=self.unroll,
-            impl=self.impl, activation=self.activation,
+            params,
+            xs,
+            carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            unroll=self.unroll,
+            impl=self.impl,
+            activation=self.activation,
         )
 
 
@@ -200,16 +240,24 @@ class LSTM(_Recurrent):
     """LSTM (gates i, f, g, o) over ``recurrent.lstm_scan``; carry (h, c).
 
     Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
-    ("auto", "scan" or "pallas"; see ``lstm_scan``), unroll, dtype (computation), param_dtype, forget_bias (initial forget-gate
-    bias, 1.0 by default).
+    ("auto", "scan" or "pallas"; see ``lstm_scan``), unroll, dtype (computation), param_dtype,
+    forget_bias (initial forget-gate bias, 1.0 by default).
     """
 
     forget_bias: float = 1.0
 
     def _init_layer(self, key, features):
-        return cells.init_lstm(key, features, self.hidden_size, forget_bias=self.forget_bias, dtype=self.param_dtype)
+        return cells.init_lstm(
+            key, features, self.hidden_size, forget_bias=self.forget_bias, dtype=self.param_dtype
+        )
 
     def _scan(self, params, xs, carry, seq_lengths, reverse):
         return recurrent.lstm_scan(
-            params, xs, carry, seq_lengths=seq_lengths, reverse=reverse, unroll=self.unroll, impl=self.impl
+            params,
+            xs,
+            carry,
+            seq_lengths=seq_lengths,
+            reverse=reverse,
+            unroll=self.unroll,
+            impl=self.impl,
         )

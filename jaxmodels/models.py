@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,9 +44,16 @@ class SequenceModel(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, xs: Array, seq_lengths: Array | None = None, *, train: bool = False) -> Array:
+    def __call__(
+        self, xs: Array, seq_lengths: Array | None = None, *, train: bool = False
+    ) -> Array:
         encoder = _recurrent(self.cell)(
-            self.hidden_size, self.num_layers, self.bidirectional, self.dropout_rate, self.impl, dtype=self.dtype
+            self.hidden_size,
+            self.num_layers,
+            self.bidirectional,
+            self.dropout_rate,
+            self.impl,
+            dtype=self.dtype,
         )
         _, final = encoder(xs, seq_lengths, train=train)
         h_n = final[0] if self.cell == "lstm" else final  # [layers*directions, batch, hidden]
@@ -74,14 +82,25 @@ class CharLM(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, tokens: Array, initial_carry: Any = None, *, train: bool = False, return_carry: bool = False):
+    def __call__(
+        self,
+        tokens: Array,
+        initial_carry: Any = None,
+        *,
+        train: bool = False,
+        return_carry: bool = False,
+    ):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"expected integer tokens of rank 2 [batch, time], got shape {tokens.shape} dtype {tokens.dtype}"
             )
         xs = nn.Embed(self.vocab_size, self.embed_size, dtype=self.dtype)(tokens)
         recurrent = _recurrent(self.cell)(
-            self.hidden_size, self.num_layers, dropout_rate=self.dropout_rate, impl=self.impl, dtype=self.dtype
+            self.hidden_size,
+            self.num_layers,
+            dropout_rate=self.dropout_rate,
+            impl=self.impl,
+            dtype=self.dtype,
         )
         hs, carry = recurrent(xs, None, initial_carry, train=train)
         hs = nn.Dropout(self.dropout_rate, deterministic=not train)(hs)
@@ -113,17 +132,31 @@ class Model:
         params_key, dropout_key = jax.random.split(key)
         return self.module.init({"params": params_key, "dropout": dropout_key}, example, **kwargs)
 
-    def apply(self, variables: dict, x: Array, *, train: bool = False, rng: Array | None = None, **kwargs) -> Array:
+    def apply(
+        self, variables: dict, x: Array, *, train: bool = False, rng: Array | None = None, **kwargs
+    ) -> Array:
         rngs = {"dropout": rng} if rng is not None else {}
         return self.module.apply(variables, x, train=train, rngs=rngs, **kwargs)
 
 
 _REGISTRY: dict[str, tuple[str, Callable[..., nn.Module]]] = {
     "cnn": ("classification", CNN),
-    "lstm-classifier": ("classification", lambda num_classes=10, **kw: SequenceModel(num_classes, cell="lstm", **kw)),
-    "rnn-classifier": ("classification", lambda num_classes=10, **kw: SequenceModel(num_classes, cell="rnn", **kw)),
-    "lstm-regressor": ("regression", lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="lstm", **kw)),
-    "rnn-regressor": ("regression", lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="rnn", **kw)),
+    "lstm-classifier": (
+        "classification",
+        lambda num_classes=10, **kw: SequenceModel(num_classes, cell="lstm", **kw),
+    ),
+    "rnn-classifier": (
+        "classification",
+        lambda num_classes=10, **kw: SequenceModel(num_classes, cell="rnn", **kw),
+    ),
+    "lstm-regressor": (
+        "regression",
+        lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="lstm", **kw),
+    ),
+    "rnn-regressor": (
+        "regression",
+        lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="rnn", **kw),
+    ),
     "char-lstm": ("language_model", lambda vocab_size, **kw: CharLM(vocab_size, cell="lstm", **kw)),
     "char-rnn": ("language_model", lambda vocab_size, **kw: CharLM(vocab_size, cell="rnn", **kw)),
 }
@@ -147,7 +180,15 @@ def get_model(name: str, **config) -> Model:
     return Model(name, task, module)
 
 
-def generate(model: Model, variables: dict, prompt: Array, length: int, key: Array, *, temperature: float = 1.0) -> Array:
+def generate(
+    model: Model,
+    variables: dict,
+    prompt: Array,
+    length: int,
+    key: Array,
+    *,
+    temperature: float = 1.0,
+) -> Array:
     """Sample ``length`` tokens that follow ``prompt`` from a character language model
     (``char-lstm``, ``char-rnn``).
 
@@ -158,10 +199,14 @@ def generate(model: Model, variables: dict, prompt: Array, length: int, key: Arr
     tokens.
     """
     if model.task != "language_model":
-        raise ValueError(f"expected a language model (task 'language_model'), got {model.name!r} ({model.task!r})")
+        raise ValueError(
+            f"expected a language model (task 'language_model'), got {model.name!r} ({model.task!r})"
+        )
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"expected an integer prompt [batch, p] with p >= 1, got shape {prompt.shape} dtype {prompt.dtype}")
+        raise ValueError(
+            f"expected an integer prompt [batch, p] with p >= 1, got shape {prompt.shape} dtype {prompt.dtype}"
+        )
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"expected a positive integer length, got {length!r}")
     if not temperature >= 0:
@@ -177,7 +222,9 @@ def _sampler(model: Model, length: int, temperature: float):
     def draw(logits: Array, key: Array) -> Array:
         if temperature == 0:
             return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(key, logits.astype(jnp.float32) / temperature).astype(jnp.int32)
+        return jax.random.categorical(key, logits.astype(jnp.float32) / temperature).astype(
+            jnp.int32
+        )
 
     @jax.jit
     def run(variables, prompt, key):
@@ -186,7 +233,9 @@ def _sampler(model: Model, length: int, temperature: float):
         def step(state, key):
             carry, logits = state
             token = draw(logits, key)
-            logits, carry = model.apply(variables, token[:, None], initial_carry=carry, return_carry=True)
+            logits, carry = model.apply(
+                variables, token[:, None], initial_carry=carry, return_carry=True
+            )
             return (carry, logits[:, 0]), token
 
         _, tokens = jax.lax.scan(step, (carry, logits[:, -1]), jax.random.split(key, length))

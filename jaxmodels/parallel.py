@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -73,7 +74,9 @@ def initialize_distributed(
     if coordinator_address is None and num_processes is None and process_id is None:
         return False
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"expected 0 <= process id < number of processes, got {process_id} and {num_processes}")
+        raise ValueError(
+            f"expected 0 <= process id < number of processes, got {process_id} and {num_processes}"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
@@ -95,7 +98,9 @@ def _env_int(name: str) -> int | None:
 def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:
     """A one-axis mesh named ``"data"`` over ``devices`` (default: all devices of all processes),
     ordered by (process, id) so that each process owns a contiguous block of rows of a batch."""
-    devices = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = sorted(
+        devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id)
+    )
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
@@ -111,7 +116,9 @@ def check_divisible(batch_size: int, num_devices: int) -> None:
 def _batch_size(batch: dict[str, np.ndarray]) -> int:
     sizes = {len(v) for v in jax.tree.leaves(batch)}
     if len(sizes) != 1:
-        raise ValueError(f"expected every array of a batch to have the same leading [batch] size, got {sorted(sizes)}")
+        raise ValueError(
+            f"expected every array of a batch to have the same leading [batch] size, got {sorted(sizes)}"
+        )
     return sizes.pop()
 
 
@@ -124,7 +131,9 @@ def process_rows(sharding: NamedSharding, global_batch: int) -> slice:
     start, stop = min(starts), max(stops)
     rows = sum(b - a for a, b in set(zip(starts, stops)))
     if rows != stop - start:
-        raise ValueError(f"this process's rows of the batch are not contiguous: {sorted(set(zip(starts, stops)))}")
+        raise ValueError(
+            f"this process's rows of the batch are not contiguous: {sorted(set(zip(starts, stops)))}"
+        )
     return slice(start, stop)
 
 
@@ -173,7 +182,12 @@ class PmapStrategy:
         return NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
 
     def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
-        return jax.pmap(fn, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=(0,) if donate_state else ())
+        return jax.pmap(
+            fn,
+            axis_name=PMAP_AXIS,
+            devices=self.devices,
+            donate_argnums=(0,) if donate_state else (),
+        )
 
     def put_state(self, state: Any) -> Any:
         n = self.num_devices
@@ -188,7 +202,9 @@ class PmapStrategy:
 
     def fetch(self, tree: Any) -> Any:
         """Host numpy of the first replica (the values are the same on every device)."""
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0] if isinstance(x, jax.Array) else x, tree)
+        return jax.tree.map(
+            lambda x: np.asarray(x.addressable_data(0))[0] if isinstance(x, jax.Array) else x, tree
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +221,9 @@ class ShardedStrategy:
         if self.mesh is None:
             object.__setattr__(self, "mesh", make_mesh())
         if DATA_AXIS not in self.mesh.axis_names:
-            raise ValueError(f"expected a mesh with a {DATA_AXIS!r} axis, got axes {self.mesh.axis_names}")
+            raise ValueError(
+                f"expected a mesh with a {DATA_AXIS!r} axis, got axes {self.mesh.axis_names}"
+            )
 
     @property
     def num_devices(self) -> int:
@@ -221,7 +239,9 @@ class ShardedStrategy:
 
     def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
         # Replicated outputs keep the state's sharding fixed from step to step (no recompilation).
-        return jax.jit(fn, out_shardings=self.replicated, donate_argnums=(0,) if donate_state else ())
+        return jax.jit(
+            fn, out_shardings=self.replicated, donate_argnums=(0,) if donate_state else ()
+        )
 
     def put_state(self, state: Any) -> Any:
         sharding = self.replicated
@@ -242,7 +262,10 @@ class ShardedStrategy:
             return jax.device_put(batch, sharding)
         rows = process_rows(sharding, size)
         return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x[rows]), np.shape(x)), batch
+            lambda x: jax.make_array_from_process_local_data(
+                sharding, np.asarray(x[rows]), np.shape(x)
+            ),
+            batch,
         )
 
     def fetch(self, tree: Any) -> Any:
@@ -250,7 +273,7 @@ class ShardedStrategy:
 
 
 def default_strategy_name() -> str:
-    """"sharded" when there is more than one device (of all processes), else "single"."""
+    """ "sharded" when there is more than one device (of all processes), else "single"."""
     return "sharded" if jax.device_count() > 1 else "single"
 
 
@@ -260,7 +283,9 @@ def get_strategy(name: str | None = None) -> Strategy:
     name = name or default_strategy_name()
     if name == "single":
         if jax.process_count() > 1:
-            raise ValueError(f"the single strategy runs in one process, this run has {jax.process_count()}; use 'sharded'")
+            raise ValueError(
+                f"the single strategy runs in one process, this run has {jax.process_count()}; use 'sharded'"
+            )
         return SingleDevice()
     if name == "pmap":
         return PmapStrategy()

@@ -21,7 +21,8 @@ last real step; with ``reverse=True`` each sequence is read from its own last re
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,9 @@ def lstm_scan(
         initial_carry = (zeros, zeros)
     elif not (isinstance(initial_carry, (tuple, list)) and len(initial_carry) == 2):
         raise ValueError("expected initial_carry to be a pair (h, c), each [batch, hidden]")
-    initial_carry = tuple(_check_carry(c, batch, hidden, name) for c, name in zip(initial_carry, "hc"))
+    initial_carry = tuple(
+        _check_carry(c, batch, hidden, name) for c, name in zip(initial_carry, "hc")
+    )
     mask = _time_mask(seq_lengths, batch, time)
     xs = _zero_padding(xs, mask)
     args = (params["w_x"], params["b"], params["w_h"], initial_carry, xs)
@@ -93,7 +96,11 @@ def lstm_scan(
 
         return run
 
-    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else jnp.asarray(seq_lengths, jnp.int32)
+    lengths = (
+        jnp.full((batch,), time, jnp.int32)
+        if seq_lengths is None
+        else jnp.asarray(seq_lengths, jnp.int32)
+    )
     persistent = lambda backend: lstm_sequence.sequence_kernel(backend, hidden, xs.dtype, reverse)
 
     def pallas(backend):  # the persistent kernel where w_h fits on chip, else one kernel per step
@@ -149,7 +156,15 @@ def rnn_scan(
     mask = _time_mask(seq_lengths, batch, time)
     xs = _zero_padding(xs, mask)
     (h,), hs = _recurrence(
-        _rnn(activation), params["w_x"], params["b"], params["w_h"], (initial_carry,), xs, mask, reverse, unroll
+        _rnn(activation),
+        params["w_x"],
+        params["b"],
+        params["w_h"],
+        (initial_carry,),
+        xs,
+        mask,
+        reverse,
+        unroll,
     )
     return h, hs
 
@@ -181,7 +196,13 @@ def _lstm_backward_step(dh, drest, saved, rest_in):
     i, f, g, o, tc = jnp.split(saved, 5, axis=-1)
     dc = dc_next + dh * o * (1 - tc * tc)
     dpre = jnp.concatenate(
-        [dc * g * i * (1 - i), dc * c_in * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], axis=-1
+        [
+            dc * g * i * (1 - i),
+            dc * c_in * f * (1 - f),
+            dc * i * (1 - g * g),
+            dh * tc * o * (1 - o),
+        ],
+        axis=-1,
     )
     return dpre, (dc * f,)
 
@@ -204,7 +225,9 @@ def _rnn(activation: Callable[[Array], Array]) -> _Cell:
 # The recurrence, with a hand-written backward pass
 
 
-CPU_BACKWARD_ROWS = 800  # backward chunks on CPU: at most this many rows (steps x batch); see _recurrence
+CPU_BACKWARD_ROWS = (
+    800  # backward chunks on CPU: at most this many rows (steps x batch); see _recurrence
+)
 
 
 def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
@@ -241,7 +264,9 @@ def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
 
     cpu_forward_chunk = time if batch == 1 else 1
     cpu_backward_chunk = chunk_length(time, max(1, CPU_BACKWARD_ROWS // batch))
-    return lax.platform_dependent(*args, cpu=run((cpu_forward_chunk, cpu_backward_chunk)), default=run((time, time)))
+    return lax.platform_dependent(
+        *args, cpu=run((cpu_forward_chunk, cpu_backward_chunk)), default=run((time, time))
+    )
 
 
 def chunk_length(time: int, most: int) -> int:
@@ -286,10 +311,14 @@ def _forward(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunk):
         start, m_c = inputs  # m_c: [chunk, batch]
         x_c = lax.dynamic_slice_in_dim(xs, start, chunk, axis=1)
         pre_x = cells.add_bias(jnp.einsum("btf,fg->tbg", x_c, w_x), b)
-        return lax.scan(step, carry, (start + jnp.arange(chunk), pre_x, m_c), reverse=reverse, unroll=unroll)
+        return lax.scan(
+            step, carry, (start + jnp.arange(chunk), pre_x, m_c), reverse=reverse, unroll=unroll
+        )
 
     if chunk == 1:
-        carry, per_step = lax.scan(step, tuple(carry), (jnp.arange(time), None, mask), reverse=reverse, unroll=unroll)
+        carry, per_step = lax.scan(
+            step, tuple(carry), (jnp.arange(time), None, mask), reverse=reverse, unroll=unroll
+        )
     else:
         chunks = (_chunk_starts(time, chunk), _in_chunks(mask, chunk))
         carry, per_step = lax.scan(run_chunk, tuple(carry), chunks, reverse=reverse)
@@ -299,7 +328,9 @@ def _forward(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunk):
 
 
 def _recurrence_fwd(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks):
-    carry_out, hs, residuals = _forward(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks[0])
+    carry_out, hs, residuals = _forward(
+        cell, w_x, b, w_h, carry, xs, mask, reverse, unroll, chunks[0]
+    )
     return (carry_out, jnp.swapaxes(hs, 0, 1)), (w_x, w_h, carry[0], xs, mask, hs, residuals)
 
 
@@ -351,7 +382,9 @@ def _recurrence_bwd(cell, reverse, unroll, chunks, saved_values, cotangents):
 _recurrence_core.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _entering(hs: Array, h0: Array, start: Array, length: int, reverse: bool, mask: Array | None) -> Array:
+def _entering(
+    hs: Array, h0: Array, start: Array, length: int, reverse: bool, mask: Array | None
+) -> Array:
     """h entering the steps start .. start+length-1, [length, batch, hidden], from the outputs hs
     [time, batch, hidden]: the neighbour's output (t-1, or t+1 when reverse), h0 at the first
     step. With ``mask``, a step whose neighbour is masked starts from h0: read backwards, that is
@@ -368,7 +401,9 @@ def _entering(hs: Array, h0: Array, start: Array, length: int, reverse: bool, ma
     before = jnp.concatenate([lax.dynamic_slice_in_dim(hs, start + 1, length - 1), last])
     if mask is None:
         return before
-    neighbour_real = lax.dynamic_slice_in_dim(jnp.concatenate([mask[1:], jnp.zeros_like(mask[:1])]), start, length)
+    neighbour_real = lax.dynamic_slice_in_dim(
+        jnp.concatenate([mask[1:], jnp.zeros_like(mask[:1])]), start, length
+    )
     return jnp.where(neighbour_real[:, :, None], before, h0[None])
 
 
@@ -389,9 +424,13 @@ def _time_mask(seq_lengths: Array | None, batch: int, time: int) -> Array | None
         return None
     seq_lengths = jnp.asarray(seq_lengths)
     if seq_lengths.shape != (batch,):
-        raise ValueError(f"expected seq_lengths of shape [batch]=({batch},), got shape {seq_lengths.shape}")
+        raise ValueError(
+            f"expected seq_lengths of shape [batch]=({batch},), got shape {seq_lengths.shape}"
+        )
     if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
-        raise TypeError(f"expected integer seq_lengths of shape [batch]=({batch},), got dtype {seq_lengths.dtype}")
+        raise TypeError(
+            f"expected integer seq_lengths of shape [batch]=({batch},), got dtype {seq_lengths.dtype}"
+        )
     if not isinstance(seq_lengths, jax.core.Tracer):
         lengths = np.asarray(seq_lengths)
         if lengths.min() < 0 or lengths.max() > time:
@@ -421,7 +460,9 @@ def _check_params(params: dict, xs: Array, *, blocks: int, cell: str) -> int:
             f"got w_x {w_x}, w_h {w_h}, b {b}"
         )
     if jnp.ndim(xs) != 3:
-        raise ValueError(f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}")
+        raise ValueError(
+            f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}"
+        )
     if not jnp.issubdtype(xs.dtype, jnp.floating):
         raise TypeError(f"expected floating-point xs [batch, time, features], got dtype {xs.dtype}")
     if xs.shape[-1] != w_x[0]:

@@ -38,7 +38,9 @@ TARGETS = {
     t.name: t
     for t in (
         Target("h100", "cuda", "h100_sxm.txtpb", {"float32": 67e12, "bfloat16": 989e12}, 3.35e12),
-        Target("a100", "cuda", "a100_sxm_80.txtpb", {"float32": 19.5e12, "bfloat16": 312e12}, 2.04e12),
+        Target(
+            "a100", "cuda", "a100_sxm_80.txtpb", {"float32": 19.5e12, "bfloat16": 312e12}, 2.04e12
+        ),
         Target("v5e", "tpu", "v5e:2x2", {"float32": 197e12, "bfloat16": 197e12}, 0.82e12),
         Target("v6e", "tpu", "v6e:2x2", {"float32": 918e12, "bfloat16": 918e12}, 1.64e12),
     )
@@ -80,7 +82,7 @@ def device(name: str) -> jax.Device:
             topology = topologies.get_topology_desc(
                 "", "cuda", target_config=_gpu_config(target.spec), topology="1x1x1"
             )
-    except Exception as e:  # noqa: BLE001 - the plugin's own error says which piece is missing
+    except Exception as e:
         raise RuntimeError(
             f"cannot compile for {name} here ({type(e).__name__}: {str(e).splitlines()[0]}); install "
             f'"jax[tpu]=={jax.__version__}" "jax-cuda12-plugin=={jax.__version__}" nvidia-cuda-nvcc-cu12 '

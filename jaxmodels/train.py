@@ -17,8 +17,9 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -28,6 +29,7 @@ import optax
 
 from jaxmodels.data import BatchIterator, Dataset
 from jaxmodels.models import Model
+from jaxmodels.records import json_default
 
 Array = jax.Array
 Batch = dict[str, Array]  # {"x": [batch, ...], "y": [batch, ...], "mask": [batch]}
@@ -57,7 +59,9 @@ class TrainState:
     collections: dict = flax.struct.field(default_factory=dict)
 
 
-def create_train_state(model: Model, tx: optax.GradientTransformation, example_x: Array, seed: int) -> TrainState:
+def create_train_state(
+    model: Model, tx: optax.GradientTransformation, example_x: Array, seed: int
+) -> TrainState:
     """Initialise ``model`` on ``example_x`` [batch, ...] and ``tx`` on its parameters."""
     init_key, train_key = jax.random.split(jax.random.key(seed))
     variables = dict(model.init(init_key, example_x))
@@ -97,12 +101,16 @@ def make_schedule(
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     if lr <= 0 or warmup_steps < 0:
-        raise ValueError(f"expected lr > 0 and warmup_steps >= 0, got lr={lr} warmup_steps={warmup_steps}")
+        raise ValueError(
+            f"expected lr > 0 and warmup_steps >= 0, got lr={lr} warmup_steps={warmup_steps}"
+        )
     if schedule == "constant":
         if warmup_steps == 0:
             return _standard_promotion(optax.constant_schedule(lr))
         warmup = optax.linear_schedule(0.0, lr, warmup_steps)
-        return _standard_promotion(optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps]))
+        return _standard_promotion(
+            optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps])
+        )
     if total_steps is None or total_steps <= warmup_steps:
         raise ValueError(
             f"schedule {schedule!r} needs total_steps > warmup_steps, got total_steps={total_steps} "
@@ -110,7 +118,9 @@ def make_schedule(
         )
     if schedule == "cosine":
         return _standard_promotion(optax.cosine_decay_schedule(lr, total_steps))
-    return _standard_promotion(optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps))
+    return _standard_promotion(
+        optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps)
+    )
 
 
 def make_optimizer(
@@ -128,7 +138,9 @@ def make_optimizer(
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     if weight_decay < 0 or (clip_norm is not None and clip_norm <= 0):
-        raise ValueError(f"expected weight_decay >= 0 and clip_norm > 0, got {weight_decay} and {clip_norm}")
+        raise ValueError(
+            f"expected weight_decay >= 0 and clip_norm > 0, got {weight_decay} and {clip_norm}"
+        )
     lr_fn = make_schedule(lr, schedule, warmup_steps, total_steps)
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
     if name == "adamw":
@@ -144,7 +156,9 @@ def make_optimizer(
             }[name]()
         )
     tx = optax.chain(*parts)
-    return optax.GradientTransformation(_standard_promotion(tx.init), _standard_promotion(tx.update))
+    return optax.GradientTransformation(
+        _standard_promotion(tx.init), _standard_promotion(tx.update)
+    )
 
 
 # --------------------------------------------------------------------------------------- losses
@@ -155,7 +169,9 @@ def make_optimizer(
 def classification_loss(logits: Array, labels: Array) -> dict[str, Array]:
     """Softmax cross-entropy. logits [batch, classes], labels [batch] integers -> [batch] each."""
     if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"expected logits [batch, classes] and labels [batch], got {logits.shape} and {labels.shape}")
+        raise ValueError(
+            f"expected logits [batch, classes] and labels [batch], got {logits.shape} and {labels.shape}"
+        )
     logits, labels = logits.astype(jnp.float32), labels.astype(jnp.int32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
@@ -233,13 +249,20 @@ def make_train_step(
         def loss_of(params):
             variables = {"params": params, **state.collections}
             if mutable:
-                outputs, new_collections = model.apply(variables, batch["x"], train=True, rng=rng, mutable=mutable)
+                outputs, new_collections = model.apply(
+                    variables, batch["x"], train=True, rng=rng, mutable=mutable
+                )
             else:
-                outputs, new_collections = model.apply(variables, batch["x"], train=True, rng=rng), {}
+                outputs, new_collections = (
+                    model.apply(variables, batch["x"], train=True, rng=rng),
+                    {},
+                )
             per_example = loss_fn(outputs, batch["y"])
             return mean(per_example["loss"]), (per_example, new_collections)
 
-        (loss, (per_example, collections)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (loss, (per_example, collections)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params
+        )
         metrics = {k: mean(v) for k, v in per_example.items() if k != "loss"}
         metrics["loss"] = loss
         if axis_name is not None:
@@ -268,7 +291,9 @@ def make_eval_step(
     loss_fn = loss_fn or LOSSES[model.task]
 
     def step(state: TrainState, batch: Batch) -> dict[str, Array]:
-        outputs = model.apply({"params": state.params, **state.collections}, batch["x"], train=False)
+        outputs = model.apply(
+            {"params": state.params, **state.collections}, batch["x"], train=False
+        )
         sums = {k: jnp.sum(v * batch["mask"]) for k, v in loss_fn(outputs, batch["y"]).items()}
         sums["count"] = jnp.sum(batch["mask"])
         return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
@@ -320,7 +345,9 @@ class SingleDevice:
         return jax.device_get(tree)
 
 
-def evaluate(eval_step: Callable, state: TrainState, iterator: BatchIterator, strategy: Strategy) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable, state: TrainState, iterator: BatchIterator, strategy: Strategy
+) -> dict[str, float]:
     """Mean loss (and accuracy) of ``state`` over one pass of ``iterator``; sums stay on device
     until the end."""
     total = None
@@ -373,17 +400,13 @@ class FitResult:
     test_metrics: dict[str, float]
 
 
-def _jsonable(value: Any) -> Any:
-    """JSON stand-in for values json cannot write: a dtype's name, else str()."""
-    try:
-        return np.dtype(value).name
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def _module_config(model: Model) -> dict:
     module = model.module
-    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+    return {
+        f.name: getattr(module, f.name)
+        for f in dataclasses.fields(module)
+        if f.name not in ("parent", "name")
+    }
 
 
 def fit(
@@ -421,19 +444,29 @@ def fit(
     if dataset.x_train is None:
         raise ValueError(f"dataset {dataset.name!r} has no train split")
     if cfg.epochs < 1 or cfg.log_every < 1:
-        raise ValueError(f"expected epochs >= 1 and log_every >= 1, got {cfg.epochs} and {cfg.log_every}")
-    train_it = BatchIterator((dataset.x_train, dataset.y_train), cfg.batch_size, seed=cfg.seed, remainder=cfg.remainder)
+        raise ValueError(
+            f"expected epochs >= 1 and log_every >= 1, got {cfg.epochs} and {cfg.log_every}"
+        )
+    train_it = BatchIterator(
+        (dataset.x_train, dataset.y_train), cfg.batch_size, seed=cfg.seed, remainder=cfg.remainder
+    )
     test_it = None
     if dataset.x_test is not None:
         eval_bs = min(cfg.eval_batch_size, len(dataset.x_test))
-        eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices  # padded, so splits evenly
-        test_it = BatchIterator((dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad")
+        eval_bs = (
+            -(-eval_bs // strategy.num_devices) * strategy.num_devices
+        )  # padded, so splits evenly
+        test_it = BatchIterator(
+            (dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad"
+        )
     total_steps = cfg.epochs * train_it.steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
     opt_args = (cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps)
-    tx = make_optimizer(cfg.optimizer, *opt_args, clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay)
+    tx = make_optimizer(
+        cfg.optimizer, *opt_args, clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay
+    )
     schedule = make_schedule(*opt_args)
     state = create_train_state(model, tx, dataset.x_train[: cfg.batch_size], cfg.seed)
     train_step = make_train_step(model, tx, schedule=schedule, axis_name=strategy.axis_name)
@@ -478,15 +511,25 @@ def fit(
                     progress.update(task, completed=step, loss=f"{row['loss']:.4f}")
                 if cfg.checkpoint and checkpoints.should_save(step, final=step == total_steps):
                     window.check_finite(strategy.fetch, step)  # never save a diverged state
-                    checkpoints.save(step, strategy.fetch(state), position=train_it.position, config=run_config)
+                    checkpoints.save(
+                        step, strategy.fetch(state), position=train_it.position, config=run_config
+                    )
                 if step == total_steps:
                     break
             if test_it is not None:
                 start = time.perf_counter()
                 test_metrics = evaluate(eval_step, state, test_it, strategy)
                 now = time.perf_counter()
-                writer.log({"kind": "eval", "epoch": epoch, "step": step, **test_metrics,
-                            "time_s": now - t0, "eval_time_s": now - start})
+                writer.log(
+                    {
+                        "kind": "eval",
+                        "epoch": epoch,
+                        "step": step,
+                        **test_metrics,
+                        "time_s": now - t0,
+                        "eval_time_s": now - start,
+                    }
+                )
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items())
                 if lead:
                     progress.console.print(f"epoch {epoch}/{cfg.epochs}  step {step}  test {shown}")
@@ -524,23 +567,42 @@ def evaluate_checkpoint(
         raise ValueError(
             f"model {model.name!r} does the task {model.task!r}, dataset {dataset.name!r} {dataset.task!r}"
         )
-    config = {"model": model.name, "task": model.task, "dataset": dataset.name, "model_config": _module_config(model)}
+    config = {
+        "model": model.name,
+        "task": model.task,
+        "dataset": dataset.name,
+        "model_config": _module_config(model),
+    }
     with Checkpoints(checkpoint_dir(workdir), read_only=True) as checkpoints:
-        restored = checkpoints.restore(step=step, config=config, required=REQUIRED_FOR_EVAL, preferred=("dataset",))
+        restored = checkpoints.restore(
+            step=step, config=config, required=REQUIRED_FOR_EVAL, preferred=("dataset",)
+        )
     variables = dict(jax.eval_shape(model.init, jax.random.key(0), dataset.x_test[:1]))
-    saved = {"params": restored.state["params"], "collections": restored.state.get("collections") or {}}
+    saved = {
+        "params": restored.state["params"],
+        "collections": restored.state.get("collections") or {},
+    }
     target = {"params": variables.pop("params"), "collections": variables}
     check_structure(saved, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
-    state = TrainState(jnp.asarray(restored.step, jnp.int32), saved["params"], None,
-                       restored.state["rng"], saved["collections"])
+    state = TrainState(
+        jnp.asarray(restored.step, jnp.int32),
+        saved["params"],
+        None,
+        restored.state["rng"],
+        saved["collections"],
+    )
     eval_bs = min(batch_size, len(dataset.x_test))
     eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices
-    test_it = BatchIterator((dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad")
+    test_it = BatchIterator(
+        (dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad"
+    )
     eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
     return restored.step, evaluate(eval_step, strategy.put_state(state), test_it, strategy)
 
 
-def _open_checkpoints(cfg: TrainConfig, workdir, resume: bool, template: TrainState, run_config: dict):
+def _open_checkpoints(
+    cfg: TrainConfig, workdir, resume: bool, template: TrainState, run_config: dict
+):
     """The run's ``Checkpoints`` (None when it neither saves nor resumes) and, with ``resume``, the
     latest readable checkpoint restored as host arrays in ``template``'s structure (None when there
     is none yet); the caller places it with its strategy's ``put_state``, on however many devices."""
@@ -581,7 +643,12 @@ class _Window:
     (which compiles) is timed apart, as first_step_s, and left out of the throughput."""
 
     def __init__(self):
-        self.metrics, self.examples, self.start, self.first_step_s = [], 0, time.perf_counter(), None
+        self.metrics, self.examples, self.start, self.first_step_s = (
+            [],
+            0,
+            time.perf_counter(),
+            None,
+        )
 
     def __len__(self) -> int:
         return len(self.metrics)
@@ -602,7 +669,9 @@ class _Window:
 
     def row(self, fetch: Callable, epoch: int, step: int, t0: float) -> dict:
         """The "train" row of this window (``t0``: the run's start); empties the window."""
-        means = _summarise(fetch(self.metrics), step - len(self.metrics) + 1)  # fetch waits for the steps
+        means = _summarise(
+            fetch(self.metrics), step - len(self.metrics) + 1
+        )  # fetch waits for the steps
         now = time.perf_counter()
         row = {"kind": "train", "epoch": epoch, "step": step, **means, "time_s": now - t0}
         if self.examples:
@@ -618,18 +687,30 @@ def _summarise(window: list[dict], first_step: int) -> dict:
     losses = np.array([m["loss"] for m in window])
     bad = np.flatnonzero(~np.isfinite(losses))
     if bad.size:
-        raise FloatingPointError(f"loss is {losses[bad[0]]} at step {first_step + int(bad[0])}; stopping")
+        raise FloatingPointError(
+            f"loss is {losses[bad[0]]} at step {first_step + int(bad[0])}; stopping"
+        )
     return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
 
 
 def _progress(enabled: bool):
     from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
     )
 
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
     )
 
 
@@ -648,7 +729,9 @@ class _RunWriter:
 
     def save_config(self, config: dict) -> None:
         if self.enabled:
-            (self.workdir / "config.json").write_text(json.dumps(config, indent=2, default=_jsonable) + "\n")
+            (self.workdir / "config.json").write_text(
+                json.dumps(config, indent=2, default=json_default) + "\n"
+            )
 
     def log(self, row: dict) -> None:
         self.history.append(row)
@@ -668,7 +751,9 @@ class _RunWriter:
             for kind, style, label in (("train", "-", "train"), ("eval", "o-", "test")):
                 rows = [r for r in self.history if r["kind"] == kind and name in r]
                 ax.plot([r["step"] for r in rows], [r[name] for r in rows], style, label=label)
-            ax.set(xlabel="step", ylabel=name, title=name, yscale="log" if name == "loss" else "linear")
+            ax.set(
+                xlabel="step", ylabel=name, title=name, yscale="log" if name == "loss" else "linear"
+            )
             ax.grid(alpha=0.3)
             ax.legend()
         fig.savefig(self.workdir / "learning_curves.png", dpi=100)

@@ -10,7 +10,7 @@ How much a kernel may keep on chip depends on the device compiled for: ``gpu_sha
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,9 @@ class BlockSizes:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, int) or value < 1 or value & (value - 1):
-                raise ValueError(f"expected {field.name} to be a positive power of two, got {value!r}")
+                raise ValueError(
+                    f"expected {field.name} to be a positive power of two, got {value!r}"
+                )
 
 
 # Tiles of the Triton kernels, chosen by compiling every shape of tests/test_compile.py for H100
@@ -75,7 +77,12 @@ def lstm_gate_gradients(dh: Array, dc_next: Array, acts, c_in: Array):
     i, f, g, o = acts
     tc = jnp.tanh(f * c_in + i * g)
     dc = dc_next + dh * o * (1 - tc * tc)
-    return [dc * g * i * (1 - i), dc * c_in * f * (1 - f), dc * i * (1 - g * g), dh * tc * o * (1 - o)], dc * f
+    return [
+        dc * g * i * (1 - i),
+        dc * c_in * f * (1 - f),
+        dc * i * (1 - g * g),
+        dh * tc * o * (1 - o),
+    ], dc * f
 
 
 ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
@@ -106,7 +113,9 @@ def check_float(name: str, x: Array) -> None:
         raise TypeError(f"expected {name} of dtype float32 or bfloat16, got {x.dtype}")
 
 
-def check_lstm_operands(x_proj: Array, w_h: Array, carry: tuple[Array, Array], carry_name: str) -> int:
+def check_lstm_operands(
+    x_proj: Array, w_h: Array, carry: tuple[Array, Array], carry_name: str
+) -> int:
     """Validate x_proj [..., batch, 4*hidden], w_h [hidden, 4*hidden] of x_proj's dtype and the
     carry (h, c), each [batch, hidden]; return hidden."""
     batch, gates = x_proj.shape[-2:]
@@ -117,7 +126,9 @@ def check_lstm_operands(x_proj: Array, w_h: Array, carry: tuple[Array, Array], c
         )
     for name, a in zip("hc", carry):
         if a.shape != (batch, hidden):
-            raise ValueError(f"expected {carry_name} {name} [batch, hidden]=({batch}, {hidden}), got {a.shape}")
+            raise ValueError(
+                f"expected {carry_name} {name} [batch, hidden]=({batch}, {hidden}), got {a.shape}"
+            )
     return hidden
 
 
@@ -141,7 +152,9 @@ def on_platforms(branch: Callable[[str], Callable], interpret: bool | None, *arg
     )
 
 
-def compiler_params(backend: str, *, num_warps: int = 4, num_stages: int = 2, vmem_limit_bytes: int | None = None):
+def compiler_params(
+    backend: str, *, num_warps: int = 4, num_stages: int = 2, vmem_limit_bytes: int | None = None
+):
     """The ``pallas_call`` compiler parameters of ``backend`` (None when interpreted)."""
     if backend == "triton":
         return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -164,11 +177,15 @@ def check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths) -> tuple[in
     """Validate the operands of a whole-sequence kernel; return (time, batch, hidden)."""
     check_float("x_proj", x_proj)
     if x_proj.ndim != 3 or x_proj.shape[-1] % 4:
-        raise ValueError(f"expected x_proj of rank 3 [time, batch, 4*hidden], got shape {x_proj.shape}")
+        raise ValueError(
+            f"expected x_proj of rank 3 [time, batch, 4*hidden], got shape {x_proj.shape}"
+        )
     time, batch, _ = x_proj.shape
     hidden = check_lstm_operands(x_proj, w_h, initial_carry, "initial carry")
     if seq_lengths is not None and jnp.shape(seq_lengths) != (batch,):
-        raise ValueError(f"expected seq_lengths of shape [batch]=({batch},), got {jnp.shape(seq_lengths)}")
+        raise ValueError(
+            f"expected seq_lengths of shape [batch]=({batch},), got {jnp.shape(seq_lengths)}"
+        )
     return time, batch, hidden
 
 

@@ -14,18 +14,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-
 from jaxmodels.kernels.common import (
     ACTIVATIONS,
     GPU_DENSE_BLOCKS,
     BlockSizes,
     check_activation,
     check_float,
+    compiler_params,
     dot_f32,
+    on_platforms,
     pad_to,
     round_up,
-    compiler_params,
-    on_platforms,
 )
 
 Array = jax.Array
@@ -39,8 +38,12 @@ def _dense_kernel(x_ref, w_ref, b_ref, y_ref, *, activation: str, block_reduce: 
         w = w_ref[pl.ds(k * block_reduce, block_reduce), :]
         return acc + dot_f32(x, w, upcast)
 
-    acc = lax.fori_loop(0, x_ref.shape[1] // block_reduce, accumulate, jnp.zeros(y_ref.shape, jnp.float32))
-    y_ref[...] = ACTIVATIONS[activation][0](acc + b_ref[...].astype(jnp.float32)).astype(y_ref.dtype)
+    acc = lax.fori_loop(
+        0, x_ref.shape[1] // block_reduce, accumulate, jnp.zeros(y_ref.shape, jnp.float32)
+    )
+    y_ref[...] = ACTIVATIONS[activation][0](acc + b_ref[...].astype(jnp.float32)).astype(
+        y_ref.dtype
+    )
 
 
 def dense(
@@ -68,7 +71,9 @@ def dense(
     check_activation(activation)
     check_float("x", x)
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"expected x [rows, features] and w [features, out], got x {x.shape} and w {w.shape}")
+        raise ValueError(
+            f"expected x [rows, features] and w [features, out], got x {x.shape} and w {w.shape}"
+        )
     if w.dtype != x.dtype:
         raise TypeError(f"expected w of x's dtype {x.dtype}, got {w.dtype}")
     if b is None:
@@ -76,7 +81,10 @@ def dense(
     if b.shape != (w.shape[1],):
         raise ValueError(f"expected b of shape [out]=({w.shape[1]},), got {b.shape}")
     branch = lambda backend: functools.partial(
-        _dense, activation=activation, block_sizes=block_sizes or default_blocks(backend), backend=backend
+        _dense,
+        activation=activation,
+        block_sizes=block_sizes or default_blocks(backend),
+        backend=backend,
     )
     return on_platforms(branch, interpret, x, w, b.astype(x.dtype))
 
@@ -113,7 +121,6 @@ def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, backend: str):
     )(xp, wp, bp)[:rows, :out]
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _dense(x, w, b, activation, block_sizes, backend):
     return matmul_bias_act(x, w, b, activation, block_sizes, backend)
@@ -126,9 +133,15 @@ def _dense_fwd(x, w, b, activation, block_sizes, backend):
 
 def _dense_bwd(activation, block_sizes, backend, saved, dy):
     x, w, y = saved
-    dpre = (dy.astype(jnp.float32) * ACTIVATIONS[activation][1](y.astype(jnp.float32))).astype(x.dtype)
-    dx = matmul_bias_act(dpre, w.T, jnp.zeros((w.shape[0],), x.dtype), "identity", block_sizes, backend)
-    dw = matmul_bias_act(x.T, dpre, jnp.zeros((w.shape[1],), x.dtype), "identity", block_sizes, backend)
+    dpre = (dy.astype(jnp.float32) * ACTIVATIONS[activation][1](y.astype(jnp.float32))).astype(
+        x.dtype
+    )
+    dx = matmul_bias_act(
+        dpre, w.T, jnp.zeros((w.shape[0],), x.dtype), "identity", block_sizes, backend
+    )
+    dw = matmul_bias_act(
+        x.T, dpre, jnp.zeros((w.shape[1],), x.dtype), "identity", block_sizes, backend
+    )
     db = jnp.sum(dpre.astype(jnp.float32), axis=0).astype(x.dtype)
     return dx, dw, db
 
@@ -136,7 +149,9 @@ def _dense_bwd(activation, block_sizes, backend, saved, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def dense_reference(x: Array, w: Array, b: Array | None = None, activation: str = "identity") -> Array:
+def dense_reference(
+    x: Array, w: Array, b: Array | None = None, activation: str = "identity"
+) -> Array:
     """The specification in plain jnp: f(x W + b) accumulated in float32, returned in x's dtype."""
     check_activation(activation)
     pre = dot_f32(x, w, upcast=True)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-
+from jaxmodels.kernels import dense
 from jaxmodels.kernels.common import (
     GPU_CELL_BLOCKS,
     BlockSizes,
@@ -38,18 +38,23 @@ from jaxmodels.kernels.common import (
     round_up,
     sigmoid,
 )
-from jaxmodels.kernels import dense
 
 Array = jax.Array
 
-def _lstm_cell_kernel(xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref, *, block_reduce: int, upcast: bool):
+
+def _lstm_cell_kernel(
+    xp_ref, h_ref, c_ref, w_ref, h_out_ref, c_out_ref, acts_ref, *, block_reduce: int, upcast: bool
+):
     """xp_ref [4, rows, cols], h_ref [rows, H], c_ref [rows, cols], w_ref [4, H, cols] ->
     h_out, c_out [rows, cols] and the activated gates acts [4, rows, cols] (float32)."""
     hidden = h_ref.shape[1]
 
     def accumulate(r, acc):
         h = h_ref[:, pl.ds(r * block_reduce, block_reduce)].astype(w_ref.dtype)
-        return [a + dot_f32(h, w_ref[k, pl.ds(r * block_reduce, block_reduce), :], upcast) for k, a in enumerate(acc)]
+        return [
+            a + dot_f32(h, w_ref[k, pl.ds(r * block_reduce, block_reduce), :], upcast)
+            for k, a in enumerate(acc)
+        ]
 
     pre = [xp_ref[k].astype(jnp.float32) for k in range(4)]
     if block_reduce >= hidden:
@@ -107,7 +112,11 @@ def default_blocks(backend: str) -> BlockSizes:
 def padded_hidden(hidden: int, block_sizes: BlockSizes) -> int:
     """hidden padded to whole column blocks and whole contraction slices."""
     hidden_p = round_up(hidden, block_sizes.block_cols)
-    return hidden_p if block_sizes.block_reduce >= hidden_p else round_up(hidden_p, block_sizes.block_reduce)
+    return (
+        hidden_p
+        if block_sizes.block_reduce >= hidden_p
+        else round_up(hidden_p, block_sizes.block_reduce)
+    )
 
 
 def gate_major(a: Array, rows: int, hidden_p: int) -> Array:
@@ -135,10 +144,18 @@ def step(xp, h, c, w, block_sizes: BlockSizes, backend: str):
     by_gate = pl.BlockSpec((4, rows, cols), lambda b, j: (0, b, j))
     interpret = backend == "interpret"
     return pl.pallas_call(
-        functools.partial(_lstm_cell_kernel, block_reduce=min(block_sizes.block_reduce, hidden_p), upcast=interpret),
+        functools.partial(
+            _lstm_cell_kernel,
+            block_reduce=min(block_sizes.block_reduce, hidden_p),
+            upcast=interpret,
+        ),
         grid=(batch_p // rows, hidden_p // cols),
-        in_specs=[by_gate, pl.BlockSpec((rows, hidden_p), lambda b, j: (b, 0)), block,
-                  pl.BlockSpec((4, hidden_p, cols), lambda b, j: (0, 0, j))],
+        in_specs=[
+            by_gate,
+            pl.BlockSpec((rows, hidden_p), lambda b, j: (b, 0)),
+            block,
+            pl.BlockSpec((4, hidden_p, cols), lambda b, j: (0, 0, j)),
+        ],
         out_specs=[block, block, by_gate],
         out_shape=[
             jax.ShapeDtypeStruct((batch_p, hidden_p), xp.dtype),
@@ -185,15 +202,21 @@ def _lstm_cell_bwd(block_sizes, backend, saved, cotangents):
     dgates = jnp.concatenate(dpre, axis=-1).astype(dtype)
     hidden = w_h.shape[0]
     dense_blocks = dense.default_blocks(backend)
-    dh_prev = dense.matmul_bias_act(dgates, w_h.T, jnp.zeros((hidden,), dtype), "identity", dense_blocks, backend)
-    dw_h = dense.matmul_bias_act(h.T, dgates, jnp.zeros((4 * hidden,), dtype), "identity", dense_blocks, backend)
+    dh_prev = dense.matmul_bias_act(
+        dgates, w_h.T, jnp.zeros((hidden,), dtype), "identity", dense_blocks, backend
+    )
+    dw_h = dense.matmul_bias_act(
+        h.T, dgates, jnp.zeros((4 * hidden,), dtype), "identity", dense_blocks, backend
+    )
     return dgates, dw_h, dh_prev, dc_prev.astype(dtype)
 
 
 _lstm_cell.defvjp(_lstm_cell_fwd, _lstm_cell_bwd)
 
 
-def lstm_cell_reference(x_proj: Array, w_h: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
+def lstm_cell_reference(
+    x_proj: Array, w_h: Array, carry: tuple[Array, Array]
+) -> tuple[Array, Array]:
     """The specification in plain jnp (same arguments and results as ``lstm_cell``)."""
     h, c = carry
     pre = x_proj.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-
+from jaxmodels.kernels import lstm_stepwise
 from jaxmodels.kernels.common import (
     BlockSizes,
     check_sequence_operands,
@@ -54,7 +54,6 @@ from jaxmodels.kernels.common import (
     target_platform,
     tpu_vmem,
 )
-from jaxmodels.kernels import lstm_stepwise
 
 Array = jax.Array
 
@@ -86,10 +85,16 @@ def _tpu_bytes(plan_rows: int, hidden_p: int, block_time: int, itemsize: int) ->
     block twice (double-buffered), w_h once, and the compiler's scratch."""
     seq = block_time * plan_rows * hidden_p  # elements of one [block_time, rows, hidden] block
     state = plan_rows * hidden_p
-    forward = 4 * seq * itemsize + seq * itemsize + 4 * seq * 4 + 2 * seq * 4 + 2 * state * (itemsize + 4)
+    forward = (
+        4 * seq * itemsize + seq * itemsize + 4 * seq * 4 + 2 * seq * 4 + 2 * state * (itemsize + 4)
+    )
     backward = seq * itemsize + 4 * seq * 4 + seq * 4 + 4 * seq * 4 + 2 * state * (itemsize + 4)
     lengths = plan_rows * 128 * 4
-    return 2 * (max(forward, backward) + lengths) + 4 * hidden_p * hidden_p * itemsize + TPU_COMPILER_SCRATCH
+    return (
+        2 * (max(forward, backward) + lengths)
+        + 4 * hidden_p * hidden_p * itemsize
+        + TPU_COMPILER_SCRATCH
+    )
 
 
 def plan(hidden: int, dtype, backend: str, block_sizes: BlockSizes | None = None) -> Plan | None:
@@ -106,13 +111,20 @@ def plan(hidden: int, dtype, backend: str, block_sizes: BlockSizes | None = None
     block_sizes = block_sizes or BlockSizes()
     itemsize = jnp.dtype(dtype).itemsize
     if backend == "interpret":
-        return Plan(backend, block_sizes.block_rows, round_up(hidden, block_sizes.block_cols), block_sizes.block_time)
+        return Plan(
+            backend,
+            block_sizes.block_rows,
+            round_up(hidden, block_sizes.block_cols),
+            block_sizes.block_time,
+        )
     if backend == "triton":
         hidden_p = max(16, 1 << (hidden - 1).bit_length())
         if 4 * hidden_p * hidden_p * itemsize + GPU_EXTRA_SHARED_MEMORY > gpu_shared_memory():
             return None
         return Plan(backend, block_sizes.block_rows, hidden_p, 0)
-    rows = max(block_sizes.block_rows, 8 * 4 // itemsize)  # whole (8, 128) tiles, (16, 128) for bfloat16
+    rows = max(
+        block_sizes.block_rows, 8 * 4 // itemsize
+    )  # whole (8, 128) tiles, (16, 128) for bfloat16
     hidden_p = round_up(hidden, 128)
     budget = int(TPU_VMEM_SHARE * tpu_vmem())
     block_time = block_sizes.block_time
@@ -142,7 +154,9 @@ def _weights(ref, hidden, hoist: bool, by_rows: bool):
     functions, read from the ref at each step (Mosaic: the MXU reads VMEM directly, and a hoisted
     copy would double w_h's VMEM)."""
     read = [
-        (lambda k=k: ref[pl.ds(k * hidden, hidden), :]) if by_rows else (lambda k=k: ref[:, pl.ds(k * hidden, hidden)])
+        (lambda k=k: ref[pl.ds(k * hidden, hidden), :])
+        if by_rows
+        else (lambda k=k: ref[:, pl.ds(k * hidden, hidden)])
         for k in range(4)
     ]
     if hoist:
@@ -152,9 +166,22 @@ def _weights(ref, hidden, hoist: bool, by_rows: bool):
 
 
 def _lstm_forward_kernel(
-    xp_ref, w_ref, h0_ref, c0_ref, len_ref,  # inputs
-    hs_ref, h_ref, c_ref, acts_ref, hprev_ref, cprev_ref,  # outputs
-    *, reverse: bool, save_residuals: bool, upcast: bool, hoist: bool,
+    xp_ref,
+    w_ref,
+    h0_ref,
+    c0_ref,
+    len_ref,  # inputs
+    hs_ref,
+    h_ref,
+    c_ref,
+    acts_ref,
+    hprev_ref,
+    cprev_ref,  # outputs
+    *,
+    reverse: bool,
+    save_residuals: bool,
+    upcast: bool,
+    hoist: bool,
 ):
     """One block of time: xp_ref [block_time, rows, 4H], w_ref [H, 4H], h0/c0 [rows, H],
     len_ref [rows, 1] -> hs [block_time, rows, H]; h/c [rows, H] (float32) hold the carry from one
@@ -193,9 +220,20 @@ def _lstm_forward_kernel(
 
 
 def _lstm_backward_kernel(
-    dhs_ref, dh_ref, dc_ref, acts_ref, cprev_ref, wt_ref, len_ref,  # inputs
-    dgates_ref, dh0_ref, dc0_ref,  # outputs
-    *, reverse: bool, upcast: bool, hoist: bool,
+    dhs_ref,
+    dh_ref,
+    dc_ref,
+    acts_ref,
+    cprev_ref,
+    wt_ref,
+    len_ref,  # inputs
+    dgates_ref,
+    dh0_ref,
+    dc0_ref,  # outputs
+    *,
+    reverse: bool,
+    upcast: bool,
+    hoist: bool,
 ):
     """One block of the reverse-time recurrence: dhs [block_time, rows, H], dh/dc [rows, H]
     (gradients of the outputs and final carry), acts [block_time, rows, 4H], cprev [block_time,
@@ -216,7 +254,9 @@ def _lstm_backward_kernel(
         dgates, dc_prev = lstm_gate_gradients(dh, dc_next, acts, cprev_ref[t])
         keep = block * time + t < lengths
         dgates = [jnp.where(keep, d, 0) for d in dgates]
-        dh_prev = sum(dot_f32(d.astype(wt_ref.dtype), wt[k](), upcast) for k, d in enumerate(dgates))
+        dh_prev = sum(
+            dot_f32(d.astype(wt_ref.dtype), wt[k](), upcast) for k, d in enumerate(dgates)
+        )
         for k, d in enumerate(dgates):
             dgates_ref[t, :, pl.ds(k * hidden, hidden)] = d
         return jnp.where(keep, dh_prev, dh_next), jnp.where(keep, dc_prev, dc_next)
@@ -261,7 +301,11 @@ def lstm_sequence(
     time, batch, hidden = check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths)
     block_sizes = block_sizes or BlockSizes()
     platform = target_platform()
-    if not interpret and platform in ("triton", "mosaic") and plan(hidden, x_proj.dtype, platform, block_sizes) is None:
+    if (
+        not interpret
+        and platform in ("triton", "mosaic")
+        and plan(hidden, x_proj.dtype, platform, block_sizes) is None
+    ):
         raise ValueError(
             f"expected w_h [hidden, 4*hidden] to fit on chip for the persistent kernel on "
             f"{target_device_kind()} ({_limit_text(platform, x_proj.dtype)}), got hidden={hidden} in "
@@ -274,14 +318,16 @@ def lstm_sequence(
 
     def branch(backend):  # the check above covers the target platform; another one's branch (when
         # lowering for several) falls back to the stepwise kernels where w_h does not fit there
-        return sequence_kernel(backend, hidden, x_proj.dtype, reverse, block_sizes) or lstm_stepwise.stepwise_kernel(
-            backend, reverse
-        )
+        return sequence_kernel(
+            backend, hidden, x_proj.dtype, reverse, block_sizes
+        ) or lstm_stepwise.stepwise_kernel(backend, reverse)
 
     return on_platforms(branch, interpret, *args)
 
 
-def sequence_kernel(backend: str, hidden: int, dtype, reverse: bool, block_sizes: BlockSizes | None = None):
+def sequence_kernel(
+    backend: str, hidden: int, dtype, reverse: bool, block_sizes: BlockSizes | None = None
+):
     """The persistent kernels on ``backend`` as one differentiable function (x_proj, w_h, h0, c0,
     lengths) -> ((h_T, c_T), hs), or None where w_h does not fit on chip (``plan``)."""
     kernel_plan = plan(hidden, dtype, backend, block_sizes)
@@ -292,8 +338,10 @@ def sequence_kernel(backend: str, hidden: int, dtype, reverse: bool, block_sizes
 
 def _limit_text(backend: str, dtype) -> str:
     if backend == "triton":
-        return (f"4*hidden_p^2*{jnp.dtype(dtype).itemsize} bytes + {GPU_EXTRA_SHARED_MEMORY} <= "
-                f"{gpu_shared_memory()} bytes of shared memory, hidden_p the next power of two")
+        return (
+            f"4*hidden_p^2*{jnp.dtype(dtype).itemsize} bytes + {GPU_EXTRA_SHARED_MEMORY} <= "
+            f"{gpu_shared_memory()} bytes of shared memory, hidden_p the next power of two"
+        )
     return f"the blocks within {TPU_VMEM_SHARE:.0%} of {tpu_vmem()} bytes of VMEM"
 
 
@@ -326,7 +374,9 @@ def _specs(time_p: int, batch_p: int, block_time: int, plan: Plan, reverse: bool
     time_block = (lambda t: blocks - 1 - t) if reverse else (lambda t: t)
     seq = lambda width: pl.BlockSpec((block_time, rows, width), lambda b, t: (time_block(t), b, 0))
     state = lambda width: pl.BlockSpec((rows, width), lambda b, t: (b, 0))
-    once = {"pipeline_mode": pl.Buffered(1)} if plan.backend == "mosaic" else {}  # its block never changes
+    once = (
+        {"pipeline_mode": pl.Buffered(1)} if plan.backend == "mosaic" else {}
+    )  # its block never changes
 
     def weights(shape):
         return pl.BlockSpec(shape, lambda b, t: (0, 0), **once)
@@ -335,7 +385,9 @@ def _specs(time_p: int, batch_p: int, block_time: int, plan: Plan, reverse: bool
 
 
 def _compiler_params(plan: Plan):
-    return compiler_params(plan.backend, num_warps=GPU_NUM_WARPS, vmem_limit_bytes=plan.vmem_limit_bytes)
+    return compiler_params(
+        plan.backend, num_warps=GPU_NUM_WARPS, vmem_limit_bytes=plan.vmem_limit_bytes
+    )
 
 
 def _forward(x_proj, w_h, h0, c0, lengths, reverse, plan: Plan, save_residuals):
@@ -355,7 +407,10 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, plan: Plan, save_residuals):
     grid, seq, state, weights = _specs(time_p, batch_p, block_time, plan, reverse)
     interpret = plan.backend == "interpret"
     kernel = functools.partial(
-        _lstm_forward_kernel, reverse=reverse, save_residuals=save_residuals, upcast=interpret,
+        _lstm_forward_kernel,
+        reverse=reverse,
+        save_residuals=save_residuals,
+        upcast=interpret,
         hoist=plan.backend != "mosaic",
     )
     out_specs = [seq(hidden_p), state(hidden_p), state(hidden_p)]
@@ -371,7 +426,13 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, plan: Plan, save_residuals):
     outs = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[seq(4 * hidden_p), weights((hidden_p, 4 * hidden_p)), state(hidden_p), state(hidden_p), state(1)],
+        in_specs=[
+            seq(4 * hidden_p),
+            weights((hidden_p, 4 * hidden_p)),
+            state(hidden_p),
+            state(hidden_p),
+            state(1),
+        ],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
@@ -393,7 +454,9 @@ def _lstm_sequence(x_proj, w_h, h0, c0, lengths, reverse, plan):
 
 
 def _lstm_sequence_fwd(x_proj, w_h, h0, c0, lengths, reverse, plan):
-    carry, hs, residuals = _forward(x_proj, w_h, h0, c0, lengths, reverse, plan, save_residuals=True)
+    carry, hs, residuals = _forward(
+        x_proj, w_h, h0, c0, lengths, reverse, plan, save_residuals=True
+    )
     return (carry, hs), (w_h, lengths, residuals)
 
 
@@ -410,11 +473,18 @@ def _lstm_sequence_bwd(reverse, plan, saved, cotangents):
     grid, seq, state, weights = _specs(time_p, batch_p, block_time, plan, not reverse)
     interpret = plan.backend == "interpret"
     dgates_p, dh0, dc0 = pl.pallas_call(
-        functools.partial(_lstm_backward_kernel, reverse=reverse, upcast=interpret, hoist=plan.backend != "mosaic"),
+        functools.partial(
+            _lstm_backward_kernel, reverse=reverse, upcast=interpret, hoist=plan.backend != "mosaic"
+        ),
         grid=grid,
         in_specs=[
-            seq(hidden_p), state(hidden_p), state(hidden_p), seq(4 * hidden_p), seq(hidden_p),
-            weights((4 * hidden_p, hidden_p)), state(1),
+            seq(hidden_p),
+            state(hidden_p),
+            state(hidden_p),
+            seq(4 * hidden_p),
+            seq(hidden_p),
+            weights((4 * hidden_p, hidden_p)),
+            state(1),
         ],
         out_specs=[seq(4 * hidden_p), state(hidden_p), state(hidden_p)],
         out_shape=[
@@ -428,7 +498,13 @@ def _lstm_sequence_bwd(reverse, plan, saved, cotangents):
     dtype = w_h.dtype
     dw_h = un_pad_gates(jnp.einsum("tbh,tbg->hg", hprev, dgates_p)[:hidden], hidden).astype(dtype)
     dgates = un_pad_gates(dgates_p[:time, :batch], hidden).astype(dtype)
-    return dgates, dw_h, dh0[:batch, :hidden].astype(dtype), dc0[:batch, :hidden].astype(dtype), None
+    return (
+        dgates,
+        dw_h,
+        dh0[:batch, :hidden].astype(dtype),
+        dc0[:batch, :hidden].astype(dtype),
+        None,
+    )
 
 
 _lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
@@ -452,11 +528,13 @@ def lstm_sequence_reference(
         h, c = carry
         x_t, t = inputs
         pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
-        i, f, g, o = (pre[:, k * hidden:(k + 1) * hidden] for k in range(4))
+        i, f, g, o = (pre[:, k * hidden : (k + 1) * hidden] for k in range(4))
         new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
         new_h = sigmoid(o) * jnp.tanh(new_c)
         keep = (t < lengths)[:, None]
-        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), jnp.where(keep, new_h, 0).astype(x_proj.dtype)
+        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), jnp.where(
+            keep, new_h, 0
+        ).astype(x_proj.dtype)
 
     h0, c0 = (a.astype(jnp.float32) for a in initial_carry)
     (h, c), hs = lax.scan(step, (h0, c0), (x_proj, jnp.arange(time)), reverse=reverse)

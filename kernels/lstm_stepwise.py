@@ -20,9 +20,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-
 from jaxmodels.kernels import lstm_cell
-from jaxmodels.kernels.common import BlockSizes, check_sequence_operands, lstm_gate_gradients, on_platforms, pad_to
+from jaxmodels.kernels.common import (
+    BlockSizes,
+    check_sequence_operands,
+    lstm_gate_gradients,
+    on_platforms,
+    pad_to,
+)
 
 Array = jax.Array
 
@@ -47,14 +52,19 @@ def lstm_stepwise(
         seq_lengths = jnp.full((batch,), time, jnp.int32)
     h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
     args = (x_proj, w_h, h0, c0, jnp.asarray(seq_lengths, jnp.int32))
-    return on_platforms(lambda backend: stepwise_kernel(backend, reverse, block_sizes), interpret, *args)
+    return on_platforms(
+        lambda backend: stepwise_kernel(backend, reverse, block_sizes), interpret, *args
+    )
 
 
 def stepwise_kernel(backend: str, reverse: bool, block_sizes: BlockSizes | None = None):
     """The stepwise recurrence on ``backend`` as one differentiable function (x_proj, w_h, h0,
     c0, lengths) -> ((h_T, c_T), hs)."""
     return functools.partial(
-        _lstm_stepwise, reverse=reverse, block_sizes=block_sizes or lstm_cell.default_blocks(backend), backend=backend
+        _lstm_stepwise,
+        reverse=reverse,
+        block_sizes=block_sizes or lstm_cell.default_blocks(backend),
+        backend=backend,
     )
 
 
@@ -75,7 +85,12 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, block_sizes, backend):
         xp_t, m_t = inputs
         h_new, c_new, acts = lstm_cell.step(xp_t, h, c, w, block_sizes, backend)
         keep = m_t[:, None]
-        return (jnp.where(keep, h_new, h), jnp.where(keep, c_new, c)), (jnp.where(keep, h_new, 0), acts, h, c)
+        return (jnp.where(keep, h_new, h), jnp.where(keep, c_new, c)), (
+            jnp.where(keep, h_new, 0),
+            acts,
+            h,
+            c,
+        )
 
     carry = (pad_to(h0, (batch_p, hidden_p)), pad_to(c0.astype(jnp.float32), (batch_p, hidden_p)))
     (h, c), (hs, acts, h_in, c_in) = lax.scan(step, carry, (xp, mask), reverse=reverse)
@@ -100,7 +115,11 @@ def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
     (dh_T, dc_T), dhs = cotangents
     time, batch, hidden = dhs.shape
     batch_p, hidden_p = h_in.shape[1:]
-    w_t = lstm_cell.gate_major(w_h, hidden_p, hidden_p).transpose(0, 2, 1).reshape(4 * hidden_p, hidden_p)
+    w_t = (
+        lstm_cell.gate_major(w_h, hidden_p, hidden_p)
+        .transpose(0, 2, 1)
+        .reshape(4 * hidden_p, hidden_p)
+    )
 
     def step(carry, inputs):
         dh_next, dc_next = carry
@@ -116,8 +135,12 @@ def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
     carry = (padded(dh_T), padded(dc_T))
     (dh0, dc0), dpre = lax.scan(step, carry, (padded(dhs), acts, c_in, mask), reverse=not reverse)
     dtype = w_h.dtype
-    dpre = dpre.astype(dtype).reshape(time, batch_p, 4, hidden_p)[:, :, :, :hidden]  # [time, batch_p, 4, hidden]
-    dw_h = jnp.einsum("tbh,tbkg->hkg", h_in[:, :, :hidden], dpre, preferred_element_type=jnp.float32)
+    dpre = dpre.astype(dtype).reshape(time, batch_p, 4, hidden_p)[
+        :, :, :, :hidden
+    ]  # [time, batch_p, 4, hidden]
+    dw_h = jnp.einsum(
+        "tbh,tbkg->hkg", h_in[:, :, :hidden], dpre, preferred_element_type=jnp.float32
+    )
     dx_proj = dpre[:, :batch].reshape(time, batch, 4 * hidden)
     unpad = lambda a: a[:batch, :hidden].astype(dtype)
     return dx_proj, dw_h.reshape(hidden, 4 * hidden).astype(dtype), unpad(dh0), unpad(dc0), None

@@ -12,8 +12,12 @@ class DiffLog:
     def assert_close(self, case: str, quantity: str, ours, theirs, atol: float) -> None:
         """Record max |ours - theirs| under (case, quantity), then assert it is within atol."""
         ours, theirs = np.asarray(ours), np.asarray(theirs)
-        assert ours.shape == theirs.shape, f"{case} {quantity}: shape {ours.shape} != {theirs.shape}"
-        assert ours.dtype == theirs.dtype, f"{case} {quantity}: dtype {ours.dtype} != {theirs.dtype}"
+        assert ours.shape == theirs.shape, (
+            f"{case} {quantity}: shape {ours.shape} != {theirs.shape}"
+        )
+        assert ours.dtype == theirs.dtype, (
+            f"{case} {quantity}: dtype {ours.dtype} != {theirs.dtype}"
+        )
         diff = float(np.max(np.abs(ours - theirs))) if ours.size else 0.0
         self.largest[(case, quantity)] = max(self.largest.get((case, quantity), 0.0), diff)
         np.testing.assert_allclose(ours, theirs, rtol=0, atol=atol, err_msg=f"{case}: {quantity}")

@@ -33,7 +33,9 @@ def main(config: dict) -> None:
     from jaxmodels import parallel
 
     if "coordinator" in config:
-        parallel.initialize_distributed(config["coordinator"], config["num_processes"], config["process_id"])
+        parallel.initialize_distributed(
+            config["coordinator"], config["num_processes"], config["process_id"]
+        )
     # No JAX computation may run before initialize: everything below comes after it.
     import numpy as np
 
@@ -43,14 +45,26 @@ def main(config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model, ds, cfg = setup()
     cfg = dataclasses.replace(cfg, checkpoint_every=config.get("checkpoint_every"))
-    result = {"devices": jax.device_count(), "local_devices": jax.local_device_count(),
-              "process_index": jax.process_index(), "process_count": jax.process_count(),
-              "default": parallel.get_strategy().name, "runs": {}}
+    result = {
+        "devices": jax.device_count(),
+        "local_devices": jax.local_device_count(),
+        "process_index": jax.process_index(),
+        "process_count": jax.process_count(),
+        "default": parallel.get_strategy().name,
+        "runs": {},
+    }
     for name in config.get("runs", []):
         start = time.perf_counter()
         # one folder for all processes, as on a shared file system
         workdir = Path(config["workdir"]) if "workdir" in config else out / f"run-{name}"
-        fitted = fit(model, ds, cfg, workdir, strategy=parallel.get_strategy(name), resume=config.get("resume", False))
+        fitted = fit(
+            model,
+            ds,
+            cfg,
+            workdir,
+            strategy=parallel.get_strategy(name),
+            resume=config.get("resume", False),
+        )
         leaves = [np.asarray(x) for x in jax.tree.leaves(fitted.state)]
         np.savez(out / f"{name}-p{jax.process_index()}.npz", *leaves)
         result["runs"][name] = {
@@ -71,10 +85,29 @@ def main(config: dict) -> None:
         from jaxmodels.cli import main as cli_main
 
         workdir = out / "cli"
-        code = cli_main(["train", "cnn", "--strategy", "pmap", "--epochs", "1", "--max-steps", "3",
-                         "--batch-size", "32", "--no-progress", "--workdir", str(workdir)])
+        code = cli_main(
+            [
+                "train",
+                "cnn",
+                "--strategy",
+                "pmap",
+                "--epochs",
+                "1",
+                "--max-steps",
+                "3",
+                "--batch-size",
+                "32",
+                "--no-progress",
+                "--workdir",
+                str(workdir),
+            ]
+        )
         rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-        result["cli"] = {"code": code, "rows": rows, "strategy": json.loads((workdir / "config.json").read_text())["strategy"]}
+        result["cli"] = {
+            "code": code,
+            "rows": rows,
+            "strategy": json.loads((workdir / "config.json").read_text())["strategy"],
+        }
     (out / f"result-p{jax.process_index()}.json").write_text(json.dumps(result))
 
 
@@ -87,11 +120,25 @@ def setup():
     from jaxmodels.train import TrainConfig
 
     ds = get_dataset("digits")
-    ds = dataclasses.replace(ds, x_train=ds.x_train[:136], y_train=ds.y_train[:136],
-                             x_test=ds.x_test[:100], y_test=ds.y_test[:100])
+    ds = dataclasses.replace(
+        ds,
+        x_train=ds.x_train[:136],
+        y_train=ds.y_train[:136],
+        x_test=ds.x_test[:100],
+        y_test=ds.y_test[:100],
+    )
     model = get_model("cnn", features=(8, 16), pool_after=(True, True), dense_features=(32,))
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, schedule="constant", remainder="pad", log_every=1,
-                      progress=False, plot=False, seed=0)
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=32,
+        lr=3e-3,
+        schedule="constant",
+        remainder="pad",
+        log_every=1,
+        progress=False,
+        plot=False,
+        seed=0,
+    )
     return model, ds, cfg
 
 
@@ -106,7 +153,9 @@ def uneven_padding_steps(model, ds) -> dict:
 
     tx = make_optimizer("adam", 3e-3)
     x, y = ds.x_train[:32], ds.y_train[:32]
-    masks = [np.r_[np.ones(real, np.float32), np.zeros(32 - real, np.float32)] for real in (5, 32, 12)]
+    masks = [
+        np.r_[np.ones(real, np.float32), np.zeros(32 - real, np.float32)] for real in (5, 32, 12)
+    ]
     out = {}
     for name in parallel.STRATEGIES:
         strategy = parallel.get_strategy(name)
@@ -117,7 +166,10 @@ def uneven_padding_steps(model, ds) -> dict:
             state, metrics = step(state, strategy.put_batch({"x": x, "y": y, "mask": mask}))
             losses.append(float(strategy.fetch(metrics)["loss"]))
         params = strategy.fetch(state.params)
-        out[name] = {"losses": losses, "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(params)]}
+        out[name] = {
+            "losses": losses,
+            "params": [np.asarray(p).ravel().tolist() for p in jax.tree.leaves(params)],
+        }
     return out
 
 

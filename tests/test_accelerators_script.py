@@ -23,7 +23,12 @@ PLUGIN_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog
 def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(SCRIPT), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -38,7 +43,8 @@ def test_dry_run_exits_0_and_writes_dry_run_files(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
-        "accelerators-cpu-cpu-dry-run.json", "accelerators-cpu-cpu-dry-run.md"
+        "accelerators-cpu-cpu-dry-run.json",
+        "accelerators-cpu-cpu-dry-run.md",
     ]
     markdown = (out / "accelerators-cpu-cpu-dry-run.md").read_text()
     assert "DRY RUN" in markdown and "interpret mode on CPU: not a speed" in markdown
@@ -46,42 +52,57 @@ def test_dry_run_exits_0_and_writes_dry_run_files(dry_run):
 
 
 def test_dry_run_correctness_covers_every_kernel_and_passes(dry_run):
-    proc, out = dry_run
+    _proc, out = dry_run
     result = json.loads((out / "accelerators-cpu-cpu-dry-run.json").read_text())
     assert result["dry_run"] is True and "dry-run" in result["label"]
     assert result["complete"] is True and result["passed"] is True
     cases = result["correctness"]
-    assert {(c["kernel"], c["dtype"]) for c in cases} == {(k, d) for k in KERNELS for d in ("float32", "bfloat16")}
+    assert {(c["kernel"], c["dtype"]) for c in cases} == {
+        (k, d) for k in KERNELS for d in ("float32", "bfloat16")
+    }
     for case in cases:
         assert case["status"] == "pass", case
         assert case["forward_error"] <= case["forward_tolerance"]
         assert case["gradient_error"] <= case["gradient_tolerance"]
     env = result["environment"]
-    assert env["device"]["platform"] == "cpu" and env["versions"]["jax"] and "xla_flags" in env and "git_commit" in env
+    assert (
+        env["device"]["platform"] == "cpu"
+        and env["versions"]["jax"]
+        and "xla_flags" in env
+        and "git_commit" in env
+    )
 
 
 def test_dry_run_timings_and_skipped_contenders(dry_run):
-    proc, out = dry_run
+    _proc, out = dry_run
     result = json.loads((out / "accelerators-cpu-cpu-dry-run.json").read_text())
     rows = result["timing"]
     assert result["repeats"] == 2
     for pass_name in ("forward", "forward+backward"):
         at_shape = {
-            r["name"]: r for r in rows if r["pass"] == pass_name and all(r[k] == v for k, v in DRY_SHAPE.items())
+            r["name"]: r
+            for r in rows
+            if r["pass"] == pass_name and all(r[k] == v for k, v in DRY_SHAPE.items())
         }
         for impl in ("scan", "pallas", "auto"):
             row = at_shape[f"jaxmodels lstm_scan({impl})"]
             assert row["status"] == "ok", row
-            assert len(row["samples_ms"]) == 2 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+            assert (
+                len(row["samples_ms"]) == 2 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+            )
         for name in ("jax.experimental.rnn (cuDNN)", "PyTorch nn.LSTM (cuDNN)"):
-            assert at_shape[name]["status"] == "skipped" and at_shape[name]["reason"], at_shape[name]
+            assert at_shape[name]["status"] == "skipped" and at_shape[name]["reason"], at_shape[
+                name
+            ]
 
 
 def test_without_dry_run_on_cpu_exits_2_with_one_line():
     proc = run_script(timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not PLUGIN_LOG.match(line)]
+    lines = [
+        line for line in proc.stderr.splitlines() if line.strip() and not PLUGIN_LOG.match(line)
+    ]
     assert len(lines) == 1 and "--dry-run" in lines[0] and "GPU or TPU" in lines[0], proc.stderr
     assert proc.stdout == ""
 

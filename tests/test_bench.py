@@ -19,7 +19,9 @@ def test_lstm_flops_formula():
 
 def test_cnn_flops_of_the_seed_cnn():
     # conv 26x26x32 (k=3x3x1), pool 13, conv 11x11x64 (3x3x32), pool 5, conv 3x3x64 (3x3x64), dense 576-64-10
-    per_image = 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 9 * 32 + 3 * 3 * 64 * 9 * 64 + 576 * 64 + 64 * 10)
+    per_image = 2 * (
+        26 * 26 * 32 * 9 + 11 * 11 * 64 * 9 * 32 + 3 * 3 * 64 * 9 * 64 + 576 * 64 + 64 * 10
+    )
     assert bench.cnn_flops(jm.CNN(), 1) == per_image
     assert bench.cnn_flops(jm.CNN(), 128, train=True) == 3 * 128 * per_image
 
@@ -35,23 +37,31 @@ def test_time_workload_interleaves_and_reports_errors():
 
         return bench.Contender(name, setup)
 
-    workload = bench.Workload("w", "g", 1.0, [contender("a"), contender("b"), contender("c", fail=True)])
+    workload = bench.Workload(
+        "w", "g", 1.0, [contender("a"), contender("b"), contender("c", fail=True)]
+    )
     records = bench.time_workload(workload, repeats=3, warmup=1, min_sample_s=0.0)
     assert [r["name"] for r in records] == ["a", "b", "c"]
     assert records[2]["error"] == "RuntimeError: no such backend" and "median_s" not in records[2]
     for r in records[:2]:
-        assert r["number"] == 1 and len(r["samples_s"]) == 3 and r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert (
+            r["number"] == 1
+            and len(r["samples_s"]) == 3
+            and r["min_s"] <= r["median_s"] <= r["max_s"]
+        )
     # first call + 1 warm-up each, then rounds: each contender once per round
     assert calls[:4] == ["a", "a", "b", "b"]
-    assert [sorted(calls[i:i + 2]) for i in range(4, 10, 2)] == [["a", "b"]] * 3
+    assert [sorted(calls[i : i + 2]) for i in range(4, 10, 2)] == [["a", "b"]] * 3
 
 
 def test_time_workload_varies_who_runs_after_whom():
     calls = []
     names = "abcd"
-    contenders = [bench.Contender(n, lambda n=n: (lambda: calls.append(n))) for n in names]
-    bench.time_workload(bench.Workload("w", "g", 1.0, contenders), repeats=8, warmup=0, min_sample_s=0.0)
-    rounds = [calls[i:i + 4] for i in range(4, len(calls), 4)]
+    contenders = [bench.Contender(n, lambda n=n: lambda: calls.append(n)) for n in names]
+    bench.time_workload(
+        bench.Workload("w", "g", 1.0, contenders), repeats=8, warmup=0, min_sample_s=0.0
+    )
+    rounds = [calls[i : i + 4] for i in range(4, len(calls), 4)]
     assert len(rounds) == 8 and all(sorted(r) == list(names) for r in rounds)
     for n in names:  # a fixed cyclic order would give each one predecessor within rounds
         predecessors = {r[r.index(n) - 1] for r in rounds if r.index(n) > 0}
@@ -61,7 +71,20 @@ def test_time_workload_varies_who_runs_after_whom():
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    status = cli.main(["bench", "all", "--shapes", "small", "--repeats", "2", "--torch-threads", "1", "--out", str(out)])
+    status = cli.main(
+        [
+            "bench",
+            "all",
+            "--shapes",
+            "small",
+            "--repeats",
+            "2",
+            "--torch-threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     return status, out
 
 
@@ -73,7 +96,12 @@ def test_smoke_run_writes_consistent_results(smoke, suite):
         assert (out / f"{suite}-small.{ext}").stat().st_size > 0
     result = json.loads((out / f"{suite}-small.json").read_text())
     env = result["environment"]
-    assert env["versions"]["jax"] and env["versions"]["jaxlib"] and "xla_flags" in env and env["cpu_count"] >= 1
+    assert (
+        env["versions"]["jax"]
+        and env["versions"]["jaxlib"]
+        and "xla_flags" in env
+        and env["cpu_count"] >= 1
+    )
     assert result["peak"]["gflops"] > 0 and len(result["peak"]["runs"]) == 2
     assert result["workloads"], "no workloads"
     baseline = result["baseline"]
@@ -119,7 +147,9 @@ def test_cnn_variants_follow_a_conv_impl_option(monkeypatch):
     from jaxmodels import layers
 
     # the library's option: one contender per value of layers.CONV_IMPLS
-    assert bench.cnn_variants() == [(f"jaxmodels CNN(conv_impl={v!r})", {"conv_impl": v}) for v in layers.CONV_IMPLS]
+    assert bench.cnn_variants() == [
+        (f"jaxmodels CNN(conv_impl={v!r})", {"conv_impl": v}) for v in layers.CONV_IMPLS
+    ]
 
     # without a CONV_IMPLS list, the values come from a Literal annotation
     class CNNWithImpl(jm.CNN):

@@ -55,9 +55,9 @@ def np_rnn(w_x, w_h, b, h, x, activation=np.tanh):
 def np_lstm(w_x, w_h, b, h, c, x):
     """The seed's LSTM step with every gate's weights sliced out of the pinned layout."""
     H = w_h.shape[0]
-    W_xi, W_xf, W_xc, W_xo = (w_x[:, k * H:(k + 1) * H] for k in range(4))
-    W_hi, W_hf, W_hc, W_ho = (w_h[:, k * H:(k + 1) * H] for k in range(4))
-    b_i, b_f, b_c, b_o = (b[k * H:(k + 1) * H] for k in range(4))
+    W_xi, W_xf, W_xc, W_xo = (w_x[:, k * H : (k + 1) * H] for k in range(4))
+    W_hi, W_hf, W_hc, W_ho = (w_h[:, k * H : (k + 1) * H] for k in range(4))
+    b_i, b_f, b_c, b_o = (b[k * H : (k + 1) * H] for k in range(4))
     i_t = np_sigmoid(x @ W_xi + h @ W_hi + b_i)
     f_t = np_sigmoid(x @ W_xf + h @ W_hf + b_f)
     o_t = np_sigmoid(x @ W_xo + h @ W_ho + b_o)
@@ -107,7 +107,9 @@ def _rnn_inputs(seed, batch, features, hidden):
 
 def _assert_close(actual, expected, dtype):
     assert actual.dtype == jnp.dtype(dtype), (actual.dtype, dtype)
-    np.testing.assert_allclose(np.asarray(actual.astype(jnp.float32), np.float64), expected, **TOL[dtype])
+    np.testing.assert_allclose(
+        np.asarray(actual.astype(jnp.float32), np.float64), expected, **TOL[dtype]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,12 +134,18 @@ def test_lstm_cell_gate_order():
     hidden, batch = 3, 2
     zeros_h = jnp.zeros((batch, hidden), jnp.float32)
     c0 = jnp.full((batch, hidden), 0.5, jnp.float32)
-    params = {"w_x": jnp.zeros((2, 4 * hidden), jnp.float32), "w_h": jnp.zeros((hidden, 4 * hidden), jnp.float32)}
+    params = {
+        "w_x": jnp.zeros((2, 4 * hidden), jnp.float32),
+        "w_h": jnp.zeros((hidden, 4 * hidden), jnp.float32),
+    }
     x = jnp.zeros((batch, 2), jnp.float32)
     big = 30.0
 
     def run(b_blocks):
-        p = dict(params, b=jnp.asarray(np.concatenate([np.full(hidden, v) for v in b_blocks]), jnp.float32))
+        p = dict(
+            params,
+            b=jnp.asarray(np.concatenate([np.full(hidden, v) for v in b_blocks]), jnp.float32),
+        )
         (h, c), _ = jaxmodels.lstm_cell(p, (zeros_h, c0), x)
         return np.asarray(h), np.asarray(c)
 
@@ -158,7 +166,9 @@ def test_lstm_cell_gate_order():
 @pytest.mark.parametrize(
     "batch,features,hidden,dtype,activation",
     [pytest.param(*c.values, "tanh", id=c.id + "-tanh") for c in CASES]
-    + [pytest.param(2, 3, 5, jnp.float32, a, id=f"(2, 3, 5)-f32-{a}") for a in ("relu", "identity")],
+    + [
+        pytest.param(2, 3, 5, jnp.float32, a, id=f"(2, 3, 5)-f32-{a}") for a in ("relu", "identity")
+    ],
 )
 def test_rnn_cell_matches_numpy(batch, features, hidden, dtype, activation):
     jax_act, np_act = {
@@ -189,10 +199,10 @@ def test_rnn_cell_matches_numpy(batch, features, hidden, dtype, activation):
 def test_dense_matches_numpy(lead, features, out, dtype):
     rng = np.random.default_rng(2)
     params = {"w": _rand(rng, (features, out)), "b": _rand(rng, (out,))}
-    x = _rand(rng, lead + (features,))
+    x = _rand(rng, (*lead, features))
     (params, x), (p64, x64) = zip(*[_cast(t, dtype) for t in (params, x)])
     y = jax.jit(jaxmodels.dense)(params, x)  # identity by default
-    assert y.shape == lead + (out,)
+    assert y.shape == (*lead, out)
     _assert_close(y, np_dense(p64["w"], p64["b"], x64, lambda v: v), dtype)
     y = jax.jit(functools.partial(jaxmodels.dense, activation=jnp.tanh))(params, x)
     _assert_close(y, np_dense(p64["w"], p64["b"], x64, np.tanh), dtype)
@@ -202,7 +212,10 @@ def test_sigmoid_matches_logistic():
     """cells.sigmoid (0.5·tanh(x/2) + 0.5) is σ(x) = 1 / (1 + e^-x), including far in the tails."""
     x = np.linspace(-40.0, 40.0, 801)
     np.testing.assert_allclose(
-        np.asarray(cells.sigmoid(jnp.asarray(x, jnp.float32)), np.float64), np_sigmoid(x), rtol=1e-6, atol=2e-7
+        np.asarray(cells.sigmoid(jnp.asarray(x, jnp.float32)), np.float64),
+        np_sigmoid(x),
+        rtol=1e-6,
+        atol=2e-7,
     )
 
 
@@ -232,7 +245,12 @@ def test_dense_check_grads():
     x = _rand(rng, (2, 3))
     with jax.enable_x64(True):
         params, x = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), (params, x))
-        check_grads(jax.jit(lambda p, v: jaxmodels.dense(p, v, jnp.tanh)), (params, x), order=1, modes=["fwd", "rev"])
+        check_grads(
+            jax.jit(lambda p, v: jaxmodels.dense(p, v, jnp.tanh)),
+            (params, x),
+            order=1,
+            modes=["fwd", "rev"],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,14 +329,18 @@ def test_init_lstm(features, hidden, dtype):
     for v in params.values():
         assert v.dtype == jnp.dtype(dtype)
     _assert_glorot_uniform(params["w_x"], features, 4 * hidden)
-    blocks = [params["w_h"][:, k * hidden:(k + 1) * hidden] for k in range(4)]
+    blocks = [params["w_h"][:, k * hidden : (k + 1) * hidden] for k in range(4)]
     for block in blocks:
         _assert_orthogonal(block, ORTH_ATOL[dtype])
     if hidden > 1:  # independent blocks, not one matrix repeated
         for a in range(4):
             for b in range(a + 1, 4):
-                assert not np.allclose(np.asarray(blocks[a], np.float32), np.asarray(blocks[b], np.float32))
-    np.testing.assert_array_equal(np.asarray(params["b"], np.float32), 0.0)  # forget_bias defaults to 0
+                assert not np.allclose(
+                    np.asarray(blocks[a], np.float32), np.asarray(blocks[b], np.float32)
+                )
+    np.testing.assert_array_equal(
+        np.asarray(params["b"], np.float32), 0.0
+    )  # forget_bias defaults to 0
 
 
 @pytest.mark.parametrize("forget_bias", [1.0, -2.5])
@@ -339,7 +361,9 @@ def test_init_lstm_forget_bias_opens_forget_gate():
     the f block, checked through lstm_cell rather than through an index)."""
     params = jaxmodels.init_lstm(jax.random.key(2), 3, 5, forget_bias=20.0)
     c0 = jnp.full((2, 5), 0.75, jnp.float32)
-    (_, c1), _ = jaxmodels.lstm_cell(params, (jnp.zeros((2, 5), jnp.float32), c0), jnp.zeros((2, 3), jnp.float32))
+    (_, c1), _ = jaxmodels.lstm_cell(
+        params, (jnp.zeros((2, 5), jnp.float32), c0), jnp.zeros((2, 3), jnp.float32)
+    )
     # i = σ(0) = 0.5, g = tanh(0) = 0, f ≈ 1 -> C_1 ≈ C_0
     np.testing.assert_allclose(np.asarray(c1), 0.75, rtol=1e-6)
 
@@ -385,7 +409,12 @@ def test_init_dense(features, out, dtype):
 
 
 @pytest.mark.parametrize(
-    "init", [lambda k: jaxmodels.init_lstm(k, 3, 5), lambda k: jaxmodels.init_rnn(k, 3, 5), lambda k: jaxmodels.init_dense(k, 3, 5)],
+    "init",
+    [
+        lambda k: jaxmodels.init_lstm(k, 3, 5),
+        lambda k: jaxmodels.init_rnn(k, 3, 5),
+        lambda k: jaxmodels.init_dense(k, 3, 5),
+    ],
     ids=["lstm", "rnn", "dense"],
 )
 def test_init_deterministic_per_key(init):
@@ -403,7 +432,9 @@ def test_init_params_run_through_cells():
     """The initialisers' output is accepted by the steps (pinned layout end to end)."""
     key = jax.random.key(12)
     x = jnp.ones((2, 3), jnp.float32)
-    (h, c), _ = jaxmodels.lstm_cell(jaxmodels.init_lstm(key, 3, 5), (jnp.zeros((2, 5)), jnp.zeros((2, 5))), x)
+    (h, c), _ = jaxmodels.lstm_cell(
+        jaxmodels.init_lstm(key, 3, 5), (jnp.zeros((2, 5)), jnp.zeros((2, 5))), x
+    )
     assert h.shape == c.shape == (2, 5)
     assert jaxmodels.rnn_cell(jaxmodels.init_rnn(key, 3, 5), jnp.zeros((2, 5)), x).shape == (2, 5)
     assert jaxmodels.dense(jaxmodels.init_dense(key, 3, 5), x).shape == (2, 5)

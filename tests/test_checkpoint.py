@@ -22,8 +22,8 @@ import pytest
 
 from jaxmodels import get_model
 from jaxmodels.checkpoint import (
-    CheckpointWarning,
     Checkpoints,
+    CheckpointWarning,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     checkpoint_dir,
@@ -39,8 +39,13 @@ REPO = Path(__file__).resolve().parents[1]
 def small():
     """256 train / 64 test digits: 8 steps per epoch at batch 32."""
     ds = get_dataset("digits")
-    return dataclasses.replace(ds, x_train=ds.x_train[:256], y_train=ds.y_train[:256],
-                               x_test=ds.x_test[:64], y_test=ds.y_test[:64])
+    return dataclasses.replace(
+        ds,
+        x_train=ds.x_train[:256],
+        y_train=ds.y_train[:256],
+        x_test=ds.x_test[:64],
+        y_test=ds.y_test[:64],
+    )
 
 
 def _quiet(**kw):
@@ -50,7 +55,9 @@ def _quiet(**kw):
 @functools.cache
 def _base_state() -> TrainState:
     tx = make_optimizer("adam", 1e-3, "cosine", total_steps=100)
-    return jax.device_get(create_train_state(get_model("cnn"), tx, np.zeros((2, 28, 28, 1), np.float32), 0))
+    return jax.device_get(
+        create_train_state(get_model("cnn"), tx, np.zeros((2, 28, 28, 1), np.float32), 0)
+    )
 
 
 def _state(seed=0) -> TrainState:
@@ -68,8 +75,25 @@ def _assert_bitwise(a, b):
 
 
 def _cli(workdir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "jaxmodels.cli", "train", "cnn", "--workdir", str(workdir), "--max-steps", "50",
-            "--batch-size", "16", "--checkpoint-every", "20", "--log-every", "10", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "jaxmodels.cli",
+        "train",
+        "cnn",
+        "--workdir",
+        str(workdir),
+        "--max-steps",
+        "50",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "20",
+        "--log-every",
+        "10",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _env():
@@ -123,7 +147,9 @@ def test_should_save_and_argument_errors(tmp_path):
 
 
 def test_fit_saves_every_n_and_at_the_end_and_resumes_a_finished_run(small, tmp_path):
-    config = _quiet(epochs=2, checkpoint_every=5, keep=2, log_every=4, clip_norm=1.0)  # EmptyState too
+    config = _quiet(
+        epochs=2, checkpoint_every=5, keep=2, log_every=4, clip_norm=1.0
+    )  # EmptyState too
     result = fit(get_model("cnn"), small, config, tmp_path)
     with Checkpoints(checkpoint_dir(tmp_path), read_only=True) as ckpt:
         assert ckpt.all_steps() == [15, 16]  # 5, 10, 15 and the final 16; the latest 2 kept
@@ -145,7 +171,9 @@ def uninterrupted(tmp_path_factory):
     """`jaxmodels train cnn` for 50 steps, checkpoints every 20: started in the background so it
     overlaps the run that gets killed."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    proc = subprocess.Popen(_cli(workdir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cli(workdir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     yield workdir, proc
     if proc.poll() is None:
         proc.kill()
@@ -161,14 +189,22 @@ def _finish(proc, timeout=240):
 def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path):
     full_dir, full_proc = uninterrupted
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckdir, deadline = checkpoint_dir(workdir), time.monotonic() + 180
     try:
         # Kill once step 20 is saved and a metrics row past it is written (so the resumed run must
         # drop rows newer than its checkpoint), before the run can finish.
         while time.monotonic() < deadline and proc.poll() is None:
-            rows = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
-            if (ckdir / "20").is_dir() and any(json.loads(r)["step"] >= 30 for r in rows if r.endswith("}")):
+            rows = (
+                (workdir / "metrics.jsonl").read_text().splitlines()
+                if (workdir / "metrics.jsonl").exists()
+                else []
+            )
+            if (ckdir / "20").is_dir() and any(
+                json.loads(r)["step"] >= 30 for r in rows if r.endswith("}")
+            ):
                 break
             time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -181,11 +217,16 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(uninterrupted, tmp_path
     assert saved and max(saved) < 50, saved
     assert proc.returncode == -signal.SIGKILL
 
-    resumed = subprocess.run(_cli(workdir, "--resume"), env=_env(), capture_output=True, text=True, timeout=240)
+    resumed = subprocess.run(
+        _cli(workdir, "--resume"), env=_env(), capture_output=True, text=True, timeout=240
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     _finish(full_proc)
 
-    with Checkpoints(checkpoint_dir(full_dir), read_only=True) as a, Checkpoints(ckdir, read_only=True) as b:
+    with (
+        Checkpoints(checkpoint_dir(full_dir), read_only=True) as a,
+        Checkpoints(ckdir, read_only=True) as b,
+    ):
         full, again = a.restore(), b.restore()
     assert full.step == again.step == 50
     _assert_bitwise(again.state, full.state)  # params, optimizer state, step and RNG, bit for bit
@@ -244,8 +285,13 @@ def test_resume_on_eight_devices_from_a_one_device_checkpoint(small, tmp_path):
     expected = tmp_path / "expected.npz"
     np.savez(expected, **{f"p{i}": x for i, x in enumerate(jax.tree.leaves(full.state.params))})
     env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    out = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path / "one"), str(expected)],
-                         env=env, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", _EIGHT_DEVICES, str(tmp_path / "one"), str(expected)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     diffs = json.loads(out.stdout.strip().splitlines()[-1])
     print("max |params - uninterrupted| after resuming on 8 devices:", diffs)
@@ -265,7 +311,7 @@ def _truncate_arrays(step_dir: Path):
 CORRUPTIONS = {
     "truncated arrays": _truncate_arrays,
     "missing meta": lambda d: os.remove(d / "meta" / "metadata"),
-    "truncated array metadata": lambda d: open(d / "state" / "_METADATA", "r+b").truncate(10),
+    "truncated array metadata": lambda d: os.truncate(d / "state" / "_METADATA", 10),
     "missing state": lambda d: shutil.rmtree(d / "state"),
 }
 
@@ -280,7 +326,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, corrup
             ckpt.save(step, state, position=(0, step))
     CORRUPTIONS[corruption](tmp_path / "ck" / "30")
     with Checkpoints(tmp_path / "ck") as ckpt:
-        with pytest.warns(CheckpointWarning, match=r"step 30 in .* is corrupt or incomplete: .*falling back"):
+        with pytest.warns(
+            CheckpointWarning, match=r"step 30 in .* is corrupt or incomplete: .*falling back"
+        ):
             restored = ckpt.restore(states[0])
         assert restored.step == 20
         _assert_bitwise(restored.state, states[1])
@@ -295,10 +343,14 @@ def test_no_readable_checkpoint_is_a_clear_error(tmp_path):
     for step in (1, 2):
         os.remove(tmp_path / "ck" / str(step) / "meta" / "metadata")
     with Checkpoints(tmp_path / "ck", read_only=True) as ckpt:
-        with pytest.warns(CheckpointWarning, match="step 2"):
-            with pytest.raises(CorruptCheckpointError, match=r"no readable checkpoint .*step 2: .*step 1: "):
-                ckpt.restore(_state())
-        with pytest.raises(CorruptCheckpointError, match="step 1 .* is corrupt"):
+        with (
+            pytest.warns(CheckpointWarning, match="step 2"),
+            pytest.raises(
+                CorruptCheckpointError, match=r"no readable checkpoint .*step 2: .*step 1: "
+            ),
+        ):
+            ckpt.restore(_state())
+        with pytest.raises(CorruptCheckpointError, match=r"step 1 .* is corrupt"):
             ckpt.restore(_state(), step=1)
     assert (tmp_path / "ck" / "2").is_dir()  # read-only: nothing moved
 
@@ -322,24 +374,52 @@ def test_resume_past_a_corrupt_checkpoint_matches_the_uninterrupted_run(small, t
 
 def test_incompatible_resume_is_a_clear_error(small, tmp_path, capsys):
     fit(get_model("cnn"), small, _quiet(max_steps=2), tmp_path)
-    with pytest.raises(IncompatibleCheckpointError, match=r"train.optimizer: saved 'adam', now 'sgd'"):
+    with pytest.raises(
+        IncompatibleCheckpointError, match=r"train.optimizer: saved 'adam', now 'sgd'"
+    ):
         fit(get_model("cnn"), small, _quiet(max_steps=2, optimizer="sgd"), tmp_path, resume=True)
-    with pytest.raises(IncompatibleCheckpointError, match=r"model_config: saved .*'num_classes': 10.*12"):
+    with pytest.raises(
+        IncompatibleCheckpointError, match=r"model_config: saved .*'num_classes': 10.*12"
+    ):
         fit(get_model("cnn", num_classes=12), small, _quiet(max_steps=2), tmp_path, resume=True)
-    with pytest.warns(CheckpointWarning, match="train.lr was 0.001, now 0.01"):  # allowed, with a warning
+    with pytest.warns(
+        CheckpointWarning, match="train.lr was 0.001, now 0.01"
+    ):  # allowed, with a warning
         fit(get_model("cnn"), small, _quiet(max_steps=3, lr=1e-2), tmp_path, resume=True)
 
     with Checkpoints(checkpoint_dir(tmp_path)) as ckpt:  # a target of another shape
         wrong = _state()
-        wrong = wrong.replace(params={**wrong.params, "Dense_1": {"bias": np.zeros(12, np.float32),
-                                                                  "kernel": np.zeros((64, 12), np.float32)}})
-        with pytest.raises(IncompatibleCheckpointError, match=r"params.Dense_1.bias: saved float32\[10\], expected "
-                                                                  r"float32\[12\]"):
+        wrong = wrong.replace(
+            params={
+                **wrong.params,
+                "Dense_1": {
+                    "bias": np.zeros(12, np.float32),
+                    "kernel": np.zeros((64, 12), np.float32),
+                },
+            }
+        )
+        with pytest.raises(
+            IncompatibleCheckpointError,
+            match=r"params.Dense_1.bias: saved float32\[10\], expected "
+            r"float32\[12\]",
+        ):
             ckpt.restore(wrong)
         assert ckpt.all_steps() == [2, 3]  # an incompatible target is not a corrupt checkpoint
 
-    code = main(["train", "cnn", "--workdir", str(tmp_path), "--resume", "--optimizer", "sgd", "--no-progress",
-                 "--max-steps", "2"])
+    code = main(
+        [
+            "train",
+            "cnn",
+            "--workdir",
+            str(tmp_path),
+            "--resume",
+            "--optimizer",
+            "sgd",
+            "--no-progress",
+            "--max-steps",
+            "2",
+        ]
+    )
     assert code == 1
     assert "different run" in capsys.readouterr().err
 
@@ -354,7 +434,9 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_stays(small, tmp_pa
     x[order[5 * 32 : 6 * 32]] = np.nan
     poisoned = dataclasses.replace(small, x_train=x)
     config = _quiet(checkpoint_every=2, log_every=5)
-    with pytest.raises(FloatingPointError, match=r"loss is nan at step 6.*last good checkpoint is step 4"):
+    with pytest.raises(
+        FloatingPointError, match=r"loss is nan at step 6.*last good checkpoint is step 4"
+    ):
         fit(get_model("cnn"), poisoned, config, tmp_path)
     with Checkpoints(checkpoint_dir(tmp_path), read_only=True) as ckpt:
         assert ckpt.all_steps() == [2, 4]
@@ -365,6 +447,8 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_stays(small, tmp_pa
     with Checkpoints(tmp_path / "direct") as ckpt:  # a non-finite state is never saved
         bad = jax.tree.map(np.array, _state())  # writable copies
         bad.params["Dense_0"]["bias"][3] = np.inf
-        with pytest.raises(FloatingPointError, match=r"after step 7 has a NaN or Inf in .*Dense_0.*not saving"):
+        with pytest.raises(
+            FloatingPointError, match=r"after step 7 has a NaN or Inf in .*Dense_0.*not saving"
+        ):
             ckpt.save(7, bad)
         assert ckpt.all_steps() == []

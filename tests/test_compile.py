@@ -12,15 +12,15 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-
-import jaxmodels
-from jaxmodels import targets
 from jaxmodels.kernels import lstm_sequence as persistent
 from jaxmodels.kernels.common import gpu_shared_memory, tpu_vmem
 from jaxmodels.kernels.dense import dense
 from jaxmodels.kernels.lstm_cell import lstm_cell
 from jaxmodels.kernels.lstm_sequence import lstm_sequence
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
+
+import jaxmodels
+from jaxmodels import targets
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,7 +65,9 @@ def loss_of(fn):
 
 
 def lstm_operands(target, hidden, batch, time, dtype, features=None):
-    params = jax.eval_shape(lambda: jaxmodels.init_lstm(jax.random.key(0), features or hidden, hidden))
+    params = jax.eval_shape(
+        lambda: jaxmodels.init_lstm(jax.random.key(0), features or hidden, hidden)
+    )
     params = jax.tree.map(lambda a: targets.abstract(a.shape, dtype, target), params)
     return params, targets.abstract((batch, time, features or hidden), dtype, target)
 
@@ -131,9 +133,13 @@ def test_rnn_scan_compiles(target, impl, hidden, batch, time):
 def module_cases():
     # name: (module, input shape); bfloat16 cases compute in bfloat16 with float32 parameters
     return {
-        "LSTM-2x-bidirectional": (jaxmodels.LSTM(256, num_layers=2, bidirectional=True), (16, 100, 64)),
+        "LSTM-2x-bidirectional": (
+            jaxmodels.LSTM(256, num_layers=2, bidirectional=True),
+            (16, 100, 64),
+        ),
         "LSTM-bf16-pallas": (
-            jaxmodels.LSTM(512, impl="pallas", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16), (64, 150, 512)
+            jaxmodels.LSTM(512, impl="pallas", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+            (64, 150, 512),
         ),
         "SimpleRNN": (jaxmodels.SimpleRNN(128, num_layers=2), (16, 100, 32)),
         "CNN": (jaxmodels.CNN(), (128, 28, 28, 1)),
@@ -169,7 +175,13 @@ def compile_training_step(target, init, apply, shape, dtype):
 def test_modules_compile(target, name):
     require(target)
     module, shape = module_cases()[name]
-    compile_training_step(target, module.init, module.apply, shape, jnp.float32 if "bf16" not in name else jnp.bfloat16)
+    compile_training_step(
+        target,
+        module.init,
+        module.apply,
+        shape,
+        jnp.float32 if "bf16" not in name else jnp.bfloat16,
+    )
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -194,7 +206,9 @@ def test_every_registry_model_is_compiled():
 @pytest.mark.parametrize("rows,features,out", [(1, 64, 64), (256, 2048, 8192), (100, 300, 700)])
 def test_dense_compiles(target, dtype, rows, features, out):
     require(target)
-    x, w, b = (targets.abstract(s, dtype, target) for s in ((rows, features), (features, out), (out,)))
+    x, w, b = (
+        targets.abstract(s, dtype, target) for s in ((rows, features), (features, out), (out,))
+    )
     fn = lambda x, w, b: dense(x, w, b, "tanh")
     for f in (fn, jax.grad(loss_of(fn), argnums=(0, 1, 2))):
         assert kernel_calls(target, compile_for(target, f, x, w, b)[0]) >= 1
@@ -250,22 +264,33 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
     inside = largest_fitting_hidden(target, dtype)
     fn = lambda x, w, c: lstm_sequence(x, w, c)
     for f in (fn, jax.grad(loss_of(fn), argnums=(0, 1, 2))):
-        assert kernel_calls(target, compile_for(target, f, *sequence_operands(target, inside, dtype))[0]) >= 1
+        assert (
+            kernel_calls(
+                target, compile_for(target, f, *sequence_operands(target, inside, dtype))[0]
+            )
+            >= 1
+        )
     outside = inside + 1
-    with pytest.raises(ValueError, match=r"fit on chip .* got hidden=%d" % outside):
+    with pytest.raises(ValueError, match=rf"fit on chip .* got hidden={outside}"):
         compile_for(target, fn, *sequence_operands(target, outside, dtype))
     # lstm_scan(impl="auto") takes the kernel just inside and the scan just outside.
     for hidden, kernel_expected in ((inside, True), (outside, False)):
         params, xs = lstm_operands(target, hidden, 16, 20, dtype)
-        auto = jax.grad(loss_of(lambda p, x: jaxmodels.lstm_scan(p, x, impl="auto")), argnums=(0, 1))
-        assert (kernel_calls(target, compile_for(target, auto, params, xs)[0]) >= 1) == kernel_expected
+        auto = jax.grad(
+            loss_of(lambda p, x: jaxmodels.lstm_scan(p, x, impl="auto")), argnums=(0, 1)
+        )
+        assert (
+            kernel_calls(target, compile_for(target, auto, params, xs)[0]) >= 1
+        ) == kernel_expected
     if targets.TARGETS[target].platform == "cuda":
         # The compiler refuses it too: the kernels (forward and backward) forced past the plan
         # overflow shared memory.
         hidden_p = 1 << (outside - 1).bit_length()
         forced = persistent.Plan("triton", 16, hidden_p, 0)
-        kernel = lambda x, w, c: persistent._lstm_sequence(x, w, *c, jnp.full((16,), 20, jnp.int32), False, forced)
-        with pytest.raises(Exception, match="Shared memory size limit exceeded|register spilling"):
+        kernel = lambda x, w, c: persistent._lstm_sequence(
+            x, w, *c, jnp.full((16,), 20, jnp.int32), False, forced
+        )
+        with pytest.raises(Exception, match=r"Shared memory size limit exceeded|register spilling"):
             gradient = jax.grad(loss_of(kernel), argnums=(0, 1, 2))
             compile_for(target, gradient, *sequence_operands(target, outside, dtype))
 
@@ -280,4 +305,3 @@ def test_budgets_are_the_targets(target):
             assert gpu_shared_memory() == expected
         else:
             assert tpu_vmem() == 128 * 2**20
-

@@ -22,10 +22,14 @@ MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 def _has_mnist_test() -> bool:
-    return all(any((MNIST_DIR / (n + ext)).is_file() for ext in ("", ".gz")) for n in MNIST_TEST_FILES)
+    return all(
+        any((MNIST_DIR / (n + ext)).is_file() for ext in ("", ".gz")) for n in MNIST_TEST_FILES
+    )
 
 
-needs_mnist = pytest.mark.skipif(not _has_mnist_test(), reason=f"MNIST test files not found in {MNIST_DIR.resolve()}")
+needs_mnist = pytest.mark.skipif(
+    not _has_mnist_test(), reason=f"MNIST test files not found in {MNIST_DIR.resolve()}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,11 @@ def digits():
 
 
 def test_digits_shapes_split_and_range(digits):
-    assert (digits.task, digits.num_classes, digits.input_shape) == ("classification", 10, (28, 28, 1))
+    assert (digits.task, digits.num_classes, digits.input_shape) == (
+        "classification",
+        10,
+        (28, 28, 1),
+    )
     assert digits.x_train.shape == (1437, 28, 28, 1) and digits.x_test.shape == (360, 28, 28, 1)
     assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int32
     assert digits.x_train.min() == 0.0 and digits.x_train.max() <= 1.0
@@ -49,7 +57,9 @@ def test_digits_shapes_split_and_range(digits):
 
 def test_digits_split_is_fixed_by_seed(digits):
     again = get_dataset("digits")
-    assert np.array_equal(again.x_train, digits.x_train) and np.array_equal(again.y_test, digits.y_test)
+    assert np.array_equal(again.x_train, digits.x_train) and np.array_equal(
+        again.y_test, digits.y_test
+    )
     other = get_dataset("digits", seed=1)
     assert not np.array_equal(other.y_train, digits.y_train)
 
@@ -119,7 +129,9 @@ def _tiny_mnist(folder: Path, gz: bool, splits=("train", "test")) -> dict:
 def test_mnist_reads_tiny_idx_files(tmp_path, gz):
     arrays = _tiny_mnist(tmp_path, gz)
     ds = load_mnist(tmp_path)
-    for (x, y), (images, labels) in zip([(ds.x_train, ds.y_train), (ds.x_test, ds.y_test)], arrays.values()):
+    for (x, y), (images, labels) in zip(
+        [(ds.x_train, ds.y_train), (ds.x_test, ds.y_test)], arrays.values()
+    ):
         assert x.shape == (len(images), 28, 28, 1) and x.dtype == np.float32 and y.dtype == np.int32
         np.testing.assert_allclose(x[..., 0] * 255, images, atol=1e-4)
         np.testing.assert_array_equal(y, labels)
@@ -149,7 +161,9 @@ def test_mnist_errors_name_the_folder_and_the_files(tmp_path, monkeypatch):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         load_mnist(missing)
-    with pytest.raises(FileNotFoundError, match=r"no MNIST files in .*t10k-images-idx3-ubyte\[\.gz\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no MNIST files in .*t10k-images-idx3-ubyte\[\.gz\]"
+    ):
         load_mnist(tmp_path)
     monkeypatch.delenv("JAXMODELS_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="JAXMODELS_DATA"):
@@ -163,13 +177,26 @@ def test_mnist_errors_name_the_folder_and_the_files(tmp_path, monkeypatch):
 def test_mnist_real_test_split():
     ds = get_dataset("mnist", data_dir=MNIST_DIR)
     assert ds.x_test.shape == (10000, 28, 28, 1) and ds.x_test.dtype == np.float32
-    assert 0.0 == ds.x_test.min() and ds.x_test.max() == 1.0
+    assert ds.x_test.min() == 0.0 and ds.x_test.max() == 1.0
     assert ds.y_test[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
-    assert np.bincount(ds.y_test).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.bincount(ds.y_test).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
 
 
 def test_unknown_dataset_names_the_choices():
-    with pytest.raises(ValueError, match=r"unknown dataset 'cifar'; expected one of \('digits', 'mnist'"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset 'cifar'; expected one of \('digits', 'mnist'"
+    ):
         get_dataset("cifar")
     assert set(list_datasets()) >= {"digits", "mnist"}
     with pytest.raises(TypeError, match="bad options for dataset 'digits'"):
@@ -180,7 +207,9 @@ def test_unknown_dataset_names_the_choices():
 
 
 def _data(n=10):
-    return np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32), np.arange(n, dtype=np.int32)
+    return np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32), np.arange(
+        n, dtype=np.int32
+    )
 
 
 def _epoch_ids(it):

@@ -52,7 +52,12 @@ def seq_digits():
 
 def test_seq_digits_are_the_digits_images_row_by_row(digits, seq_digits):
     ds = seq_digits
-    assert (ds.name, ds.task, ds.num_classes, ds.input_shape) == ("seq-digits", "classification", 10, (28, 28))
+    assert (ds.name, ds.task, ds.num_classes, ds.input_shape) == (
+        "seq-digits",
+        "classification",
+        10,
+        (28, 28),
+    )
     assert ds.x_train.shape == (1437, 28, 28) and ds.x_test.shape == (360, 28, 28)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
     # time step t is image row t, feature w its pixel w
@@ -68,7 +73,9 @@ def test_seq_pixels_and_a_fixed_permutation(digits):
     permuted = get_dataset("seq-digits", steps="pixels", permute=7)
     order = np.random.default_rng(7).permutation(784)
     np.testing.assert_array_equal(permuted.x_train, pixels.x_train[:, order])
-    np.testing.assert_array_equal(permuted.x_test, pixels.x_test[:, order])  # same permutation for both splits
+    np.testing.assert_array_equal(
+        permuted.x_test, pixels.x_test[:, order]
+    )  # same permutation for both splits
     assert permuted.info["permute"] == 7
     with pytest.raises(ValueError, match="steps"):
         get_dataset("seq-digits", steps="columns")
@@ -111,7 +118,9 @@ def test_adding_layout_markers_and_targets(seq_len):
         assert values.min() >= 0.0 and values.max() < 1.0
         assert set(np.unique(markers)) <= {0.0, 1.0}
         half = seq_len // 2
-        assert np.all(markers[:, :half].sum(axis=1) == 1) and np.all(markers[:, half:].sum(axis=1) == 1)
+        assert np.all(markers[:, :half].sum(axis=1) == 1) and np.all(
+            markers[:, half:].sum(axis=1) == 1
+        )
         rows, steps = np.nonzero(markers)  # row-major: each example's two marked steps, in order
         marked = values[rows, steps].reshape(-1, 2)
         np.testing.assert_array_equal(y[:, 0], marked[:, 0] + marked[:, 1])
@@ -126,14 +135,18 @@ def test_adding_is_deterministic_and_splits_are_independent_streams():
     c = get_dataset("adding", seq_len=20, train_size=64, test_size=16, seed=2)
     assert not np.array_equal(a.x_train, c.x_train)
     bigger = get_dataset("adding", seq_len=20, train_size=128, test_size=16, seed=1)
-    np.testing.assert_array_equal(bigger.x_test, a.x_test)  # the test set does not depend on train_size
+    np.testing.assert_array_equal(
+        bigger.x_test, a.x_test
+    )  # the test set does not depend on train_size
     np.testing.assert_array_equal(bigger.x_train[:64], a.x_train)  # more examples only append
     # the baseline: always answering 1 scores about the variance of the sum, 1/6
     big = get_dataset("adding", seq_len=10, train_size=20_000, test_size=0)
     assert np.mean((big.y_train - 1.0) ** 2) == pytest.approx(1 / 6, rel=0.03)
 
 
-@pytest.mark.parametrize("bad", [{"seq_len": 1}, {"seq_len": 0}, {"train_size": 0}, {"seq_len": 2.5}])
+@pytest.mark.parametrize(
+    "bad", [{"seq_len": 1}, {"seq_len": 0}, {"train_size": 0}, {"seq_len": 2.5}]
+)
 def test_adding_bad_sizes(bad):
     with pytest.raises(ValueError, match="expected an integer"):
         get_dataset("adding", **bad)
@@ -158,7 +171,10 @@ def test_copy_inputs_and_targets(seq_len):
         assert np.all(y[:, :-10] == 0)
         np.testing.assert_array_equal(y[:, -10:], symbols)
     assert len(set(map(tuple, ds.x_train[:, :10]))) > 190  # symbols drawn afresh per example
-    assert ds.decode(ds.x_train[0]).endswith("_" * 10) and ds.decode(ds.x_train[0])[10 + seq_len - 1] == "|"
+    assert (
+        ds.decode(ds.x_train[0]).endswith("_" * 10)
+        and ds.decode(ds.x_train[0])[10 + seq_len - 1] == "|"
+    )
     assert ds.decode(ds.y_train[0])[-10:] == ds.decode(ds.x_train[0])[:10]
 
 
@@ -180,16 +196,27 @@ def test_copy_is_deterministic_and_configurable():
     bigger = get_dataset("copy", seq_len=9, train_size=64, test_size=8, seed=5)
     np.testing.assert_array_equal(bigger.x_train[:32], a.x_train)
     np.testing.assert_array_equal(bigger.y_test, a.y_test)
-    assert not np.array_equal(get_dataset("copy", seq_len=9, train_size=32, test_size=8, seed=6).x_train, a.x_train)
+    assert not np.array_equal(
+        get_dataset("copy", seq_len=9, train_size=32, test_size=8, seed=6).x_train, a.x_train
+    )
     small = get_dataset("copy", seq_len=4, alphabet=3, memory=2, train_size=16, test_size=4)
-    assert small.x_train.shape == (16, 8) and small.num_classes == 5 and small.vocab == ("_", "1", "2", "3", "|")
-    assert np.all(small.x_train[:, 2 + 4 - 1] == 4) and np.array_equal(small.y_train[:, -2:], small.x_train[:, :2])
+    assert (
+        small.x_train.shape == (16, 8)
+        and small.num_classes == 5
+        and small.vocab == ("_", "1", "2", "3", "|")
+    )
+    assert np.all(small.x_train[:, 2 + 4 - 1] == 4) and np.array_equal(
+        small.y_train[:, -2:], small.x_train[:, :2]
+    )
     assert small.info["baseline_loss"] == pytest.approx(2 * math.log(3) / 8)
 
 
 # ------------------------------------------------------------------------------------------- text
 
-TEXT = "To be, or not to be: that is the question.\r\nWhether 'tis nobler — in the mind — to suffer.\n" * 5
+TEXT = (
+    "To be, or not to be: that is the question.\r\nWhether 'tis nobler — in the mind — to suffer.\n"
+    * 5
+)
 
 
 @pytest.fixture
@@ -203,18 +230,27 @@ def test_text_vocab_roundtrip_windows_and_split(text_file):
     ds = get_dataset("text", path=text_file, seq_len=16)
     assert (ds.task, ds.input_shape) == ("language_model", (16,))
     assert ds.vocab == tuple(sorted(set(TEXT))) and ds.num_classes == len(set(TEXT))
-    assert "\r" in ds.vocab and "—" in ds.vocab  # read as is: no newline translation, any code point
+    assert (
+        "\r" in ds.vocab and "—" in ds.vocab
+    )  # read as is: no newline translation, any code point
     assert ds.decode(ds.encode(TEXT)) == TEXT
     # contiguous split: the last 10% of the characters is the validation (test) split
     n_val = round(len(TEXT) * 0.1)
     train_text, val_text = TEXT[: len(TEXT) - n_val], TEXT[len(TEXT) - n_val :]
-    assert ds.info["train_characters"] == len(train_text) and ds.info["validation_characters"] == n_val
+    assert (
+        ds.info["train_characters"] == len(train_text) and ds.info["validation_characters"] == n_val
+    )
     for x, y, part in ((ds.x_train, ds.y_train, train_text), (ds.x_test, ds.y_test, val_text)):
-        assert x.dtype == y.dtype == np.int32 and x.shape == y.shape == ((len(part) - 17) // 16 + 1, 16)
+        assert x.dtype == y.dtype == np.int32 and x.shape == y.shape == (
+            (len(part) - 17) // 16 + 1,
+            16,
+        )
         for i in (0, 1, len(x) - 1):
             assert ds.decode(x[i]) == part[16 * i : 16 * i + 16]
             assert ds.decode(y[i]) == part[16 * i + 1 : 16 * i + 17]  # next character at every step
-    assert ds.decode(ds.x_train.reshape(-1)) == train_text[: 16 * len(ds.x_train)]  # adjacent, no gaps
+    assert (
+        ds.decode(ds.x_train.reshape(-1)) == train_text[: 16 * len(ds.x_train)]
+    )  # adjacent, no gaps
 
 
 def test_text_stride_no_validation_and_env(text_file, monkeypatch):
@@ -273,7 +309,9 @@ def test_download_from_a_file_mirror_verifies_the_real_checksums(tmp_path):
     mirror.mkdir()
     for name in MNIST_TEST_FILES:
         shutil.copy(MNIST_DIR / name, mirror / name)
-    folder = download_mnist(tmp_path / "data", splits=("test",), mirrors=[_closed_port_url(), mirror.as_uri() + "/"])
+    folder = download_mnist(
+        tmp_path / "data", splits=("test",), mirrors=[_closed_port_url(), mirror.as_uri() + "/"]
+    )
     assert folder == tmp_path / "data" / "mnist"
     assert sorted(p.name for p in folder.iterdir()) == sorted(MNIST_TEST_FILES)  # no .part left
     # this copy is re-compressed: it passes on the digest of its content, which we check independently
@@ -288,10 +326,14 @@ def test_download_from_a_file_mirror_verifies_the_real_checksums(tmp_path):
 def test_download_checksum_mismatch_writes_nothing(tmp_path):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    idx = b"\x00\x00\x08\x01" + b"\x00\x00\x00\x02" + b"\x07\x02"  # a valid IDX file, but not MNIST's
+    idx = (
+        b"\x00\x00\x08\x01" + b"\x00\x00\x00\x02" + b"\x07\x02"
+    )  # a valid IDX file, but not MNIST's
     (mirror / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx))
     target = tmp_path / "data"
-    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte failed verification.*checksum mismatch"):
+    with pytest.raises(
+        ValueError, match=r"t10k-images-idx3-ubyte failed verification.*checksum mismatch"
+    ):
         download_mnist(target, splits=("test",), mirrors=[mirror.as_uri()])
     assert list((target / "mnist").iterdir()) == []
 
@@ -301,9 +343,13 @@ def test_download_accepts_the_published_gzip_digest(tmp_path, monkeypatch):
     mirror.mkdir()
     payloads = {}
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
-        payloads[name] = gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x01" + name[:1].encode(), mtime=0)
+        payloads[name] = gzip.compress(
+            b"\x00\x00\x08\x01\x00\x00\x00\x01" + name[:1].encode(), mtime=0
+        )
         (mirror / (name + ".gz")).write_bytes(payloads[name])
-        monkeypatch.setitem(MNIST_SHA256, name, (hashlib.sha256(payloads[name]).hexdigest(), "0" * 64))
+        monkeypatch.setitem(
+            MNIST_SHA256, name, (hashlib.sha256(payloads[name]).hexdigest(), "0" * 64)
+        )
     folder = download_mnist(tmp_path / "mnist", splits=("test",), mirrors=[mirror.as_uri()])
     assert folder == tmp_path / "mnist"  # a folder named mnist is used as is
     for name, payload in payloads.items():
@@ -311,7 +357,9 @@ def test_download_accepts_the_published_gzip_digest(tmp_path, monkeypatch):
 
 
 def test_download_offline_is_a_clear_error(tmp_path, monkeypatch):
-    offline = r"could not download MNIST file train-images-idx3-ubyte\.gz \(is this machine offline\?\)"
+    offline = (
+        r"could not download MNIST file train-images-idx3-ubyte\.gz \(is this machine offline\?\)"
+    )
     with pytest.raises(FileNotFoundError, match=offline):
         download_mnist(tmp_path, mirrors=[_closed_port_url()], timeout=5)
     monkeypatch.delenv("JAXMODELS_DATA", raising=False)
@@ -319,7 +367,9 @@ def test_download_offline_is_a_clear_error(tmp_path, monkeypatch):
         download_mnist()
     with pytest.raises(ValueError, match="expected splits"):
         download_mnist(tmp_path, splits=("validation",))
-    monkeypatch.setattr(data, "MNIST_MIRRORS", ())  # load_mnist(download=True) goes through download_mnist
+    monkeypatch.setattr(
+        data, "MNIST_MIRRORS", ()
+    )  # load_mnist(download=True) goes through download_mnist
     with pytest.raises(FileNotFoundError, match="could not download"):
         load_mnist(tmp_path, download=True)
 
@@ -328,7 +378,7 @@ def test_download_never_overwrites_a_bad_existing_file(tmp_path):
     folder = tmp_path / "mnist"
     folder.mkdir()
     (folder / "t10k-images-idx3-ubyte").write_bytes(b"not mnist")
-    with pytest.raises(ValueError, match="is not MNIST's t10k-images-idx3-ubyte.*remove it"):
+    with pytest.raises(ValueError, match=r"is not MNIST's t10k-images-idx3-ubyte.*remove it"):
         download_mnist(tmp_path, splits=("test",), mirrors=[_closed_port_url()])
     assert (folder / "t10k-images-idx3-ubyte").read_bytes() == b"not mnist"
 
@@ -346,7 +396,11 @@ def _train(model, ds, tmp_path, **config):
 
 def _small(ds, train: int, test: int):
     return dataclasses.replace(
-        ds, x_train=ds.x_train[:train], y_train=ds.y_train[:train], x_test=ds.x_test[:test], y_test=ds.y_test[:test]
+        ds,
+        x_train=ds.x_train[:train],
+        y_train=ds.y_train[:train],
+        x_test=ds.x_test[:test],
+        y_test=ds.y_test[:test],
     )
 
 
@@ -358,23 +412,33 @@ def test_seq_digits_trains_an_lstm_classifier(seq_digits, tmp_path):
 
 def test_adding_trains_an_lstm_regressor(tmp_path):
     ds = get_dataset("adding", seq_len=10, train_size=1024, test_size=64)
-    losses = _train(get_model("lstm-regressor", hidden_size=16), ds, tmp_path, epochs=1, batch_size=32, lr=1e-2)
+    losses = _train(
+        get_model("lstm-regressor", hidden_size=16), ds, tmp_path, epochs=1, batch_size=32, lr=1e-2
+    )
     assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4]), losses
 
 
 def test_copy_trains_a_char_lstm(tmp_path):
     ds = get_dataset("copy", seq_len=5, train_size=640, test_size=32)
-    model = get_model("char-lstm", vocab_size=ds.num_classes, embed_size=8, hidden_size=32, num_layers=1)
+    model = get_model(
+        "char-lstm", vocab_size=ds.num_classes, embed_size=8, hidden_size=32, num_layers=1
+    )
     losses = _train(model, ds, tmp_path, epochs=1, batch_size=32, lr=1e-2)
-    assert losses[0] == pytest.approx(math.log(10), abs=0.1)  # uniform over the vocabulary at the start
-    assert np.mean(losses[-4:]) < 1.5, losses  # learnt the blanks: heading for the baseline, 0.83 here
+    assert losses[0] == pytest.approx(
+        math.log(10), abs=0.1
+    )  # uniform over the vocabulary at the start
+    assert np.mean(losses[-4:]) < 1.5, (
+        losses
+    )  # learnt the blanks: heading for the baseline, 0.83 here
 
 
 def test_text_trains_a_char_lstm(tmp_path):
     path = tmp_path / "abc.txt"
     path.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
     ds = get_dataset("text", path=path, seq_len=32)
-    model = get_model("char-lstm", vocab_size=ds.num_classes, embed_size=8, hidden_size=32, num_layers=1)
+    model = get_model(
+        "char-lstm", vocab_size=ds.num_classes, embed_size=8, hidden_size=32, num_layers=1
+    )
     losses = _train(model, ds, tmp_path / "run", epochs=3, batch_size=16, lr=1e-2)
     assert losses[0] == pytest.approx(math.log(ds.num_classes), abs=0.1)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
@@ -384,7 +448,20 @@ def test_cli_trains_on_the_new_data_sets(tmp_path, capsys):
     from jaxmodels.cli import main
 
     common = ["--epochs", "1", "--max-steps", "3", "--batch-size", "16", "--no-progress"]
-    assert main(["train", "lstm-classifier", "--dataset", "seq-digits", "--workdir", str(tmp_path / "a"), *common]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "lstm-classifier",
+                "--dataset",
+                "seq-digits",
+                "--workdir",
+                str(tmp_path / "a"),
+                *common,
+            ]
+        )
+        == 0
+    )
     adding = ["--dataset", "adding", "--seq-len", "6"]
     assert main(["train", "rnn-regressor", *adding, "--workdir", str(tmp_path / "b"), *common]) == 0
     assert "rnn-regressor on adding: test loss" in capsys.readouterr().out

@@ -21,10 +21,28 @@ def load_script(name: str):
 def test_lstm_vs_rnn_adding_tiny(tmp_path):
     script = load_script("lstm_vs_rnn_adding")
     out, workdir = tmp_path / "results", tmp_path / "runs"
-    result = script.main([
-        "--seq-lens", "5", "--hidden", "8", "--steps", "6", "--seeds", "0", "--batch-size", "10",
-        "--train-size", "30", "--test-size", "20", "--workdir", str(workdir), "--out", str(out),
-    ])
+    result = script.main(
+        [
+            "--seq-lens",
+            "5",
+            "--hidden",
+            "8",
+            "--steps",
+            "6",
+            "--seeds",
+            "0",
+            "--batch-size",
+            "10",
+            "--train-size",
+            "30",
+            "--test-size",
+            "20",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ]
+    )
     paths = [out / f"lstm_vs_rnn_adding.{ext}" for ext in ("json", "md", "png")]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
 
@@ -34,7 +52,10 @@ def test_lstm_vs_rnn_adding_tiny(tmp_path):
     assert {(r["model"], r["seq_len"]) for r in saved["summary"]} == {("lstm", 5), ("rnn", 5)}
     for run in saved["runs"]:
         assert run["steps"] == 6
-        assert run["test_curve"][-1] == [6, run["final_test_mse"]]  # 3 steps per epoch: evals at 3 and 6
+        assert run["test_curve"][-1] == [
+            6,
+            run["final_test_mse"],
+        ]  # 3 steps per epoch: evals at 3 and 6
         assert len(run["test_curve"]) == 2
         assert run["final_test_mse"] >= 0
         assert (Path(run["workdir"]) / "metrics.jsonl").is_file()
@@ -47,7 +68,16 @@ def test_lstm_vs_rnn_adding_tiny(tmp_path):
 
 
 def _tiny_text(path: Path) -> Path:
-    words = ["to be", "or not", "that is", "the question", "whether", "tis nobler", "in the mind", "to suffer"]
+    words = [
+        "to be",
+        "or not",
+        "that is",
+        "the question",
+        "whether",
+        "tis nobler",
+        "in the mind",
+        "to suffer",
+    ]
     rng = np.random.default_rng(0)
     path.write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(120)))
     return path
@@ -58,19 +88,46 @@ def test_char_shakespeare_tiny(tmp_path, monkeypatch):
     text = _tiny_text(tmp_path / "input.txt")
     monkeypatch.setenv("JAXMODELS_TEXT", str(text))  # no --data-file: the environment variable
     out, workdir = tmp_path / "results", tmp_path / "runs"
-    result = script.main([
-        "--steps", "3", "5", "--seeds", "0", "--hidden", "8", "--layers", "1", "--embed", "4", "--seq-len", "8",
-        "--batch-size", "4", "--warmup", "1", "--sample-chars", "20", "--workdir", str(workdir), "--out", str(out),
-    ])
+    result = script.main(
+        [
+            "--steps",
+            "3",
+            "5",
+            "--seeds",
+            "0",
+            "--hidden",
+            "8",
+            "--layers",
+            "1",
+            "--embed",
+            "4",
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "4",
+            "--warmup",
+            "1",
+            "--sample-chars",
+            "20",
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+        ]
+    )
     paths = [out / f"char_shakespeare.{ext}" for ext in ("json", "md", "png")]
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
 
     saved = json.loads(paths[0].read_text())
     assert saved["runs"] == json.loads(json.dumps(result["runs"]))
-    assert {(r["model"], r["steps"]) for r in saved["runs"]} == {(m, s) for m in ("lstm", "rnn") for s in (3, 5)}
+    assert {(r["model"], r["steps"]) for r in saved["runs"]} == {
+        (m, s) for m in ("lstm", "rnn") for s in (3, 5)
+    }
     vocab = saved["data"]["vocab_size"]
     assert vocab == len(set(text.read_text()))
-    assert saved["data"]["validation_windows"] == (saved["data"]["validation_characters"] - 9) // 8 + 1  # adjacent
+    assert (
+        saved["data"]["validation_windows"] == (saved["data"]["validation_characters"] - 9) // 8 + 1
+    )  # adjacent
     for run in saved["runs"]:
         assert run["characters_seen"] == run["steps"] * 4 * 8
         assert 0 < run["val_loss"] < 2 * math.log(vocab)
@@ -78,8 +135,13 @@ def test_char_shakespeare_tiny(tmp_path, monkeypatch):
         assert run["train_curve"][-1][0] == run["characters_seen"]
         assert (Path(run["workdir"]) / "metrics.jsonl").is_file()
     assert [r["mean_val_loss"] for r in saved["summary"]] == [
-        next(x["val_loss"] for x in saved["runs"] if (x["model"], x["steps"]) == (r["model"], r["steps"]))
-        for r in saved["summary"]]
+        next(
+            x["val_loss"]
+            for x in saved["runs"]
+            if (x["model"], x["steps"]) == (r["model"], r["steps"])
+        )
+        for r in saved["summary"]
+    ]
     assert set(saved["samples"]) == {"lstm, 5 steps, seed 0", "rnn, 5 steps, seed 0"}
     for sample in saved["samples"].values():
         assert len(sample) == 20 and set(sample) <= set(text.read_text())

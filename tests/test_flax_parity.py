@@ -91,9 +91,13 @@ def random_params(rng, kind):
 
 
 def make_problem(rng, kind):
-    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    prob = {"xs": f32(BATCH, TIME, FEATURES), "r_out": f32(BATCH, TIME, HIDDEN),
-            "h0": 0.5 * f32(BATCH, HIDDEN), "r_h": f32(BATCH, HIDDEN)}
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    prob = {
+        "xs": f32(BATCH, TIME, FEATURES),
+        "r_out": f32(BATCH, TIME, HIDDEN),
+        "h0": 0.5 * f32(BATCH, HIDDEN),
+        "r_h": f32(BATCH, HIDDEN),
+    }
     if kind == "lstm":
         prob["c0"], prob["r_c"] = 0.5 * f32(BATCH, HIDDEN), f32(BATCH, HIDDEN)
     return prob
@@ -134,7 +138,9 @@ def run_flax(kind, params, prob, *, reverse=False, seq_lengths=None, out_weight=
 
     def loss_fn(fparams, xs, carry):
         flax_carry = (carry[1], carry[0]) if kind == "lstm" else carry  # ours (h, c) -> flax (c, h)
-        final, out = rnn.apply({"params": fparams}, xs, initial_carry=flax_carry, seq_lengths=seq_lengths)
+        final, out = rnn.apply(
+            {"params": fparams}, xs, initial_carry=flax_carry, seq_lengths=seq_lengths
+        )
         final = (final[1], final[0]) if kind == "lstm" else final
         return loss_terms(kind, prob, out, final, out_weight), (out, final)
 
@@ -214,7 +220,9 @@ def test_scan_seq_lengths_match_flax(kind, reverse):
             prob[r] = prob[r] * nonempty
     lengths = jnp.asarray(lengths_np)
     ours = run_ours(kind, params, prob, reverse=reverse, seq_lengths=lengths, out_weight=out_weight)
-    theirs = run_flax(kind, params, prob, reverse=reverse, seq_lengths=lengths, out_weight=out_weight)
+    theirs = run_flax(
+        kind, params, prob, reverse=reverse, seq_lengths=lengths, out_weight=out_weight
+    )
     case = f"{kind}_scan {'reverse' if reverse else 'forward'} seq_lengths"
 
     assert np.all(np.asarray(ours[0])[~valid] == 0), "our outputs past seq_lengths must be zero"
@@ -226,11 +234,15 @@ def test_scan_seq_lengths_match_flax(kind, reverse):
     rows = lengths_np > 0
     for name, ours_f, flax_f, init_f in zip("hc", finals, t_finals, init):
         ours_f, flax_f, init_f = np.asarray(ours_f), np.asarray(flax_f), np.asarray(init_f)
-        np.testing.assert_array_equal(ours_f[~rows], init_f[~rows], err_msg=f"{case}: len-0 final {name}")
+        np.testing.assert_array_equal(
+            ours_f[~rows], init_f[~rows], err_msg=f"{case}: len-0 final {name}"
+        )
         assert_close(case, f"final {name}", ours_f[rows], flax_f[rows], TOL_OUT)
         # Recorded, not asserted: Flax's length-0 carry is not the initial carry.
         key = (case, f"flax len-0 final {name} vs h0/c0")
-        DIFFS.largest[key] = max(DIFFS.largest.get(key, 0.0), float(np.max(np.abs(flax_f[~rows] - init_f[~rows]))))
+        DIFFS.largest[key] = max(
+            DIFFS.largest.get(key, 0.0), float(np.max(np.abs(flax_f[~rows] - init_f[~rows])))
+        )
 
     # Final carries already compared on rows >= 1: compare the rest as a whole.
     compare(case, kind, ours, theirs, out_mask=valid, finals=False)

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh
-
-import jaxmodels
 from jaxmodels.kernels.common import BlockSizes
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
 from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
+
+import jaxmodels
 
 # Largest allowed |kernel - reference| per dtype (values are O(1)); the bfloat16 gradients differ by
 # roundings of intermediate products to bfloat16 on either side.
@@ -40,7 +40,9 @@ def random(key, shape, dtype, scale=1.0):
 
 def sin_loss(fn):
     """A scalar loss over every output of fn, so that all cotangents are nonzero and distinct."""
-    return lambda *args: sum(jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args)))
+    return lambda *args: sum(
+        jnp.sum(jnp.sin(z.astype(jnp.float32))) for z in jax.tree.leaves(fn(*args))
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +60,11 @@ def sin_loss(fn):
 )
 def test_dense_matches_reference(rows, features, out, activation, dtype):
     ks = jax.random.split(jax.random.key(rows * features), 3)
-    x, w, b = random(ks[0], (rows, features), dtype), random(ks[1], (features, out), dtype, 0.3), random(ks[2], (out,), dtype)
+    x, w, b = (
+        random(ks[0], (rows, features), dtype),
+        random(ks[1], (features, out), dtype, 0.3),
+        random(ks[2], (out,), dtype),
+    )
     kernel = jax.jit(functools.partial(dense, activation=activation, block_sizes=SMALL_BLOCKS))
     reference = functools.partial(dense_reference, activation=activation)
     tol = TOLERANCE[dtype]
@@ -104,7 +110,10 @@ def test_lstm_cell_matches_reference(batch, hidden, dtype):
     h, c = random(ks[2], (batch, hidden), dtype), random(ks[3], (batch, hidden), dtype)
     kernel = jax.jit(functools.partial(lstm_cell, block_sizes=SMALL_BLOCKS))
     tol = TOLERANCE[dtype]
-    assert max_error(kernel(x_proj, w_h, (h, c)), lstm_cell_reference(x_proj, w_h, (h, c))) <= tol["forward"]
+    assert (
+        max_error(kernel(x_proj, w_h, (h, c)), lstm_cell_reference(x_proj, w_h, (h, c)))
+        <= tol["forward"]
+    )
     grads = jax.jit(jax.grad(sin_loss(kernel), (0, 1, 2)))(x_proj, w_h, (h, c))
     expected = jax.grad(sin_loss(lstm_cell_reference), (0, 1, 2))(x_proj, w_h, (h, c))
     assert max_error(grads, expected) <= tol["gradient"]
@@ -114,7 +123,11 @@ def test_lstm_cell_reference_is_the_seed_step():
     """The kernel's reference equals jaxmodels.lstm_cell with the input projection split off."""
     ks = jax.random.split(jax.random.key(3), 4)
     params = jaxmodels.init_lstm(ks[0], 5, 6)
-    x, h, c = random(ks[1], (4, 5), jnp.float32), random(ks[2], (4, 6), jnp.float32), random(ks[3], (4, 6), jnp.float32)
+    x, h, c = (
+        random(ks[1], (4, 5), jnp.float32),
+        random(ks[2], (4, 6), jnp.float32),
+        random(ks[3], (4, 6), jnp.float32),
+    )
     (h_seed, c_seed), _ = jaxmodels.lstm_cell(params, (h, c), x)
     x_proj = x @ params["w_x"] + params["b"][None, :]
     assert max_error((h_seed, c_seed), lstm_cell_reference(x_proj, params["w_h"], (h, c))) <= 1e-6
@@ -149,14 +162,21 @@ def test_lstm_sequence_matches_reference(recurrence, dtype, time, batch, hidden,
     w_h = random(ks[1], (hidden, 4 * hidden), dtype, 0.4)
     carry = (random(ks[2], (batch, hidden), dtype), random(ks[3], (batch, hidden), dtype))
     lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
-    kernel = jax.jit(lambda x, w, carry: recurrence(x, w, carry, lengths, reverse=reverse, block_sizes=SMALL_BLOCKS))
+    kernel = jax.jit(
+        lambda x, w, carry: recurrence(
+            x, w, carry, lengths, reverse=reverse, block_sizes=SMALL_BLOCKS
+        )
+    )
     reference = lambda x, w, carry: lstm_sequence_reference(x, w, carry, lengths, reverse=reverse)
     tol = TOLERANCE[dtype]
     (h, c), hs = kernel(x_proj, w_h, carry)
     assert hs.shape == (time, batch, hidden) and h.shape == c.shape == (batch, hidden)
     assert max_error(((h, c), hs), reference(x_proj, w_h, carry)) <= tol["forward"]
     grads = jax.jit(jax.grad(sin_loss(kernel), (0, 1, 2)))(x_proj, w_h, carry)
-    assert max_error(grads, jax.grad(sin_loss(reference), (0, 1, 2))(x_proj, w_h, carry)) <= tol["gradient"]
+    assert (
+        max_error(grads, jax.grad(sin_loss(reference), (0, 1, 2))(x_proj, w_h, carry))
+        <= tol["gradient"]
+    )
 
 
 @pytest.mark.parametrize("recurrence", [lstm_sequence, lstm_stepwise])
@@ -182,7 +202,10 @@ def test_lstm_module_pallas_equals_scan():
     scan = jaxmodels.LSTM(7, bidirectional=True, impl="scan")
     pallas = scan.clone(impl="pallas")
     variables = scan.init(jax.random.key(1), xs)
-    assert max_error(scan.apply(variables, xs, lengths), jax.jit(pallas.apply)(variables, xs, lengths)) <= 1e-5
+    assert (
+        max_error(scan.apply(variables, xs, lengths), jax.jit(pallas.apply)(variables, xs, lengths))
+        <= 1e-5
+    )
     loss = lambda module: sin_loss(lambda v, x: module.apply(v, x, lengths))
     grads = jax.jit(jax.grad(loss(pallas), (0, 1)))(variables, xs)
     assert max_error(grads, jax.grad(loss(scan), (0, 1))(variables, xs)) <= 1e-4
@@ -190,10 +213,16 @@ def test_lstm_module_pallas_equals_scan():
 
 def test_lstm_scan_pallas_wants_one_kernel_dtype():
     params = jaxmodels.init_lstm(jax.random.key(0), 3, 4)
-    with pytest.raises(TypeError, match=r"xs and params of one dtype, float32 or bfloat16.*bfloat16"):
+    with pytest.raises(
+        TypeError, match=r"xs and params of one dtype, float32 or bfloat16.*bfloat16"
+    ):
         jaxmodels.lstm_scan(params, jnp.ones((1, 2, 3), jnp.bfloat16), impl="pallas")
     with pytest.raises(TypeError, match="float32 or bfloat16"):
-        jaxmodels.lstm_scan(jax.tree.map(lambda p: p.astype(jnp.float16), params), jnp.ones((1, 2, 3), jnp.float16), impl="pallas")
+        jaxmodels.lstm_scan(
+            jax.tree.map(lambda p: p.astype(jnp.float16), params),
+            jnp.ones((1, 2, 3), jnp.float16),
+            impl="pallas",
+        )
 
 
 def test_rnn_scan_rejects_pallas():
@@ -235,10 +264,16 @@ def lowering_cases():
     lengths = jnp.full((20,), 5, jnp.int32)
     return {
         # name: (function whose forward and backward both run kernels, arguments, kernel calls expected)
-        "dense": (jax.grad(sin_loss(lambda x, w, b: dense(x, w, b, "tanh")), (0, 1, 2)), (x, w, b), 3),
+        "dense": (
+            jax.grad(sin_loss(lambda x, w, b: dense(x, w, b, "tanh")), (0, 1, 2)),
+            (x, w, b),
+            3,
+        ),
         "lstm_cell": (jax.grad(sin_loss(lstm_cell), (0, 1, 2)), (x_proj[0], w_h, carry), 3),
         "lstm_sequence": (
-            jax.grad(sin_loss(lambda x, w, c: lstm_sequence(x, w, c, lengths, reverse=True)), (0, 1, 2)),
+            jax.grad(
+                sin_loss(lambda x, w, c: lstm_sequence(x, w, c, lengths, reverse=True)), (0, 1, 2)
+            ),
             (x_proj, w_h, carry),
             2,
         ),

@@ -32,7 +32,8 @@ CELLS = {
 }
 # the pinned scans under jit (compiled once per shape and direction, shared by all tests)
 JIT_SCANS = {
-    name: jax.jit(scan, static_argnames=("reverse", "unroll", "impl")) for name, (_, scan, _) in CELLS.items()
+    name: jax.jit(scan, static_argnames=("reverse", "unroll", "impl"))
+    for name, (_, scan, _) in CELLS.items()
 }
 
 
@@ -49,7 +50,7 @@ def _xs(seed: int = 0, batch: int = BATCH, time: int = TIME, features: int = FEA
     return _normal((batch, time, features), seed)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variables(cell: str, num_layers: int = 1, bidirectional: bool = False) -> dict:
     """Parameters of a ``CELLS[cell]`` module for ``_xs()`` (``init`` under jit: one compilation
     instead of one per initialiser op and shape; test_models.py runs the eager init)."""
@@ -57,7 +58,7 @@ def _variables(cell: str, num_layers: int = 1, bidirectional: bool = False) -> d
     return jax.jit(module.init)(jax.random.key(1), _xs())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(cell: str, **config):
     module = CELLS[cell][0](HIDDEN, **config)
     return module, jax.jit(module.apply, static_argnames=("train",))
@@ -66,7 +67,11 @@ def _module(cell: str, **config):
 def _built(cell: str, **config):
     """(module, variables, jitted apply) for ``CELLS[cell]`` with ``config``, each made once."""
     module, apply = _module(cell, **config)
-    return module, _variables(cell, config.get("num_layers", 1), config.get("bidirectional", False)), apply
+    return (
+        module,
+        _variables(cell, config.get("num_layers", 1), config.get("bidirectional", False)),
+        apply,
+    )
 
 
 def _leaves_close(a, b, **tol):
@@ -88,8 +93,15 @@ def _conv_out(size: int, kernel: int, padding: str) -> int:
 
 
 def expected_cnn_params(
-    height=28, width=28, channels=1, features=(32, 64, 64), kernel_size=(3, 3),
-    pool_after=(True, True, False), pool_size=(2, 2), padding="VALID", dense_features=(64,),
+    height=28,
+    width=28,
+    channels=1,
+    features=(32, 64, 64),
+    kernel_size=(3, 3),
+    pool_after=(True, True, False),
+    pool_size=(2, 2),
+    padding="VALID",
+    dense_features=(64,),
     num_classes=10,
 ):
     """(parameter count, flatten size) of the CNN, from convolution arithmetic alone."""
@@ -168,7 +180,9 @@ def np_chain(cell, params, xs, num_layers, bidirectional, lengths=None):
         fwd_carry, fwd = NP_REF[cell](params[f"layer_{layer}"], xs, lengths)
         finals.append(fwd_carry)
         if bidirectional:
-            bwd_carry, bwd = NP_REF[cell](params[f"layer_{layer}_reverse"], xs, lengths, reverse=True)
+            bwd_carry, bwd = NP_REF[cell](
+                params[f"layer_{layer}_reverse"], xs, lengths, reverse=True
+            )
             finals.append(bwd_carry)
             xs = np.concatenate([fwd, bwd], -1)
         else:
@@ -214,7 +228,9 @@ def _autodiff_scan(cell: str):
     return scan
 
 
-def _chain(cell, params, xs, num_layers, bidirectional, seq_lengths=None, initial_carry=None, scan=None):
+def _chain(
+    cell, params, xs, num_layers, bidirectional, seq_lengths=None, initial_carry=None, scan=None
+):
     """The stacked (bi)directional recurrence by hand, layer by layer.
 
     Returns (outputs of the last layer, [final carry of (layer, direction)] in the order
@@ -236,8 +252,14 @@ def _chain(cell, params, xs, num_layers, bidirectional, seq_lengths=None, initia
         for direction in range(directions):
             name = f"layer_{layer}" + ("_reverse" if direction else "")
             index = layer * directions + direction
-            carry0 = None if initial_carry is None else jax.tree.map(lambda a: np.asarray(a)[index], initial_carry)
-            final, hs = scan(params[name], xs, carry0, seq_lengths=seq_lengths, reverse=bool(direction))
+            carry0 = (
+                None
+                if initial_carry is None
+                else jax.tree.map(lambda a: np.asarray(a)[index], initial_carry)
+            )
+            final, hs = scan(
+                params[name], xs, carry0, seq_lengths=seq_lengths, reverse=bool(direction)
+            )
             finals.append(final)
             outs.append(hs)
         xs = jnp.concatenate(outs, axis=-1) if bidirectional else outs[0]
@@ -287,16 +309,40 @@ def test_cnn_default_output_shape(batch):
 
 CNN_CONFIGS = [
     dict(padding="SAME"),
-    dict(height=16, width=16, features=(8, 16), pool_after=(True, True), dense_features=(32, 16), num_classes=5),
-    dict(height=16, width=20, features=(4, 8, 8), kernel_size=(5, 5), pool_after=(False, True, True),
-         padding="SAME", num_classes=3),
+    dict(
+        height=16,
+        width=16,
+        features=(8, 16),
+        pool_after=(True, True),
+        dense_features=(32, 16),
+        num_classes=5,
+    ),
+    dict(
+        height=16,
+        width=20,
+        features=(4, 8, 8),
+        kernel_size=(5, 5),
+        pool_after=(False, True, True),
+        padding="SAME",
+        num_classes=3,
+    ),
     dict(height=10, width=10, features=(4,), pool_after=(False,), dense_features=(), num_classes=7),
-    dict(height=18, width=20, channels=3, features=(4, 6), kernel_size=(3, 5), pool_after=(True, False),
-         pool_size=(3, 3), dense_features=(9,)),
+    dict(
+        height=18,
+        width=20,
+        channels=3,
+        features=(4, 6),
+        kernel_size=(3, 5),
+        pool_after=(True, False),
+        pool_size=(3, 3),
+        dense_features=(9,),
+    ),
 ]
 
 
-@pytest.mark.parametrize("config", CNN_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize(
+    "config", CNN_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items())
+)
 def test_cnn_configurations_parameter_count_and_shape(config):
     config = dict(config)
     shape = (2, config.pop("height", 28), config.pop("width", 28), config.pop("channels", 1))
@@ -305,7 +351,9 @@ def test_cnn_configurations_parameter_count_and_shape(config):
     logits, variables = jax.eval_shape(model.init_with_output, jax.random.key(1), x)  # shapes only
     expected, flat = expected_cnn_params(*shape[1:], **config)
     assert _count(variables["params"]) == expected
-    dense_kernels = [p["kernel"].shape for p in variables["params"].values() if p["kernel"].ndim == 2]
+    dense_kernels = [
+        p["kernel"].shape for p in variables["params"].values() if p["kernel"].ndim == 2
+    ]
     assert dense_kernels[0][0] == flat
     assert len(dense_kernels) == len(config.get("dense_features", (64,))) + 1
     chex.assert_shape(logits, (2, config.get("num_classes", 10)))
@@ -378,7 +426,9 @@ def test_cnn_dropout_before_output_layer():
 
 
 def test_cnn_rank3_input_raises_naming_expected_shape():
-    with pytest.raises(ValueError, match=r"rank 4 \[batch, height, width, channels\].*\(2, 28, 28\)"):
+    with pytest.raises(
+        ValueError, match=r"rank 4 \[batch, height, width, channels\].*\(2, 28, 28\)"
+    ):
         CNN().init(jax.random.key(0), jnp.zeros((2, 28, 28)))
 
 
@@ -462,7 +512,9 @@ def test_lstm_forget_bias_in_f_block(forget_bias):
         params, value = _variables("lstm", 2, True)["params"], 1.0
     else:
         module = LSTM(HIDDEN, bidirectional=True, forget_bias=forget_bias)
-        params = module.lazy_init(jax.random.key(1), jax.ShapeDtypeStruct(_xs().shape, jnp.float32))["params"]
+        params = module.lazy_init(
+            jax.random.key(1), jax.ShapeDtypeStruct(_xs().shape, jnp.float32)
+        )["params"]
         value = forget_bias
     for name, layer in params.items():
         b = np.asarray(layer["b"]).reshape(4, HIDDEN)  # blocks i, f, g, o
@@ -486,7 +538,7 @@ def test_single_layer_equals_pinned_scan_exactly(cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_single_layer_matches_numpy_seed_equations(cell):
-    module, variables, apply = _built(cell)
+    _, variables, apply = _built(cell)
     xs = _xs()
     # a random bias, so that a mis-ordered gate block shows up
     params = {"layer_0": dict(variables["params"]["layer_0"])}
@@ -503,7 +555,7 @@ def test_single_layer_matches_numpy_seed_equations(cell):
 def test_output_and_final_carry_shapes(cell, num_layers, bidirectional):
     module = CELLS[cell][0](HIDDEN, num_layers=num_layers, bidirectional=bidirectional)
     xs = _xs()
-    (outputs, carry), variables = jax.eval_shape(module.init_with_output, jax.random.key(1), xs)
+    (outputs, carry), _ = jax.eval_shape(module.init_with_output, jax.random.key(1), xs)
     directions = 2 if bidirectional else 1
     chex.assert_shape(outputs, (BATCH, TIME, directions * HIDDEN))
     assert outputs.dtype == jnp.float32
@@ -603,8 +655,10 @@ def test_dropout_between_layers_only_with_train_and_rng(cell):
     _leaves_close(jax.tree.map(lambda a: a[0], carry_a), finals[0], **TIGHT)
     # a single layer has nothing between layers: train=True changes nothing
     _, v1, apply1 = _built(cell, num_layers=1, dropout_rate=0.5)
-    np.testing.assert_array_equal(apply1(v1, xs, train=True, rngs={"dropout": jax.random.key(3)})[0],
-                                  _built(cell)[2](v1, xs)[0])
+    np.testing.assert_array_equal(
+        apply1(v1, xs, train=True, rngs={"dropout": jax.random.key(3)})[0],
+        _built(cell)[2](v1, xs)[0],
+    )
     with pytest.raises(Exception, match="dropout"):  # train=True needs a 'dropout' rng
         apply(variables, xs, train=True)
 
@@ -612,7 +666,7 @@ def test_dropout_between_layers_only_with_train_and_rng(cell):
 @pytest.mark.parametrize("cell", CELLS)
 def test_bfloat16_computation_close_to_float32(cell):
     _, variables, apply32 = _built(cell, num_layers=2, bidirectional=True)
-    module16, v16, apply16 = _built(cell, num_layers=2, bidirectional=True, dtype=jnp.bfloat16)
+    module16, _v16, apply16 = _built(cell, num_layers=2, bidirectional=True, dtype=jnp.bfloat16)
     abstract = jax.eval_shape(module16.init, jax.random.key(1), _xs())  # param_dtype stays float32
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(abstract))
     xs = _xs()
@@ -622,7 +676,9 @@ def test_bfloat16_computation_close_to_float32(cell):
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(carry16))
     _leaves_close((out16, carry16), (out32, carry32), atol=5e-2, rtol=5e-2)
     # reduced precision for real, not float32 cast at the end
-    assert not np.array_equal(np.asarray(out16, np.float32), np.asarray(out32.astype(jnp.bfloat16), np.float32))
+    assert not np.array_equal(
+        np.asarray(out16, np.float32), np.asarray(out32.astype(jnp.bfloat16), np.float32)
+    )
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -645,7 +701,9 @@ def test_bfloat16_computation_with_float32_initial_carry(cell):
 @pytest.mark.parametrize("param_dtype", [jnp.bfloat16])
 def test_param_dtype_stored_and_computation_in_dtype(cell, param_dtype):
     """Parameters are created in param_dtype (checked abstractly) and cast to dtype to compute."""
-    module = CELLS[cell][0](HIDDEN, num_layers=2, bidirectional=True, param_dtype=param_dtype, dtype=jnp.float32)
+    module = CELLS[cell][0](
+        HIDDEN, num_layers=2, bidirectional=True, param_dtype=param_dtype, dtype=jnp.float32
+    )
     xs = _xs()
     abstract = jax.eval_shape(module.init, jax.random.key(1), xs)
     assert all(leaf.dtype == param_dtype for leaf in jax.tree.leaves(abstract["params"]))
@@ -727,7 +785,9 @@ def test_non_float_xs_raises_type_error(cell, dtype):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("shape", [(TIME, FEATURES), (BATCH, TIME, FEATURES, 1)])
 def test_wrong_rank_xs_raises_value_error(cell, shape):
-    with pytest.raises(ValueError, match=r"rank 3 \[batch, time, features\].*" + re.escape(str(shape))):
+    with pytest.raises(
+        ValueError, match=r"rank 3 \[batch, time, features\].*" + re.escape(str(shape))
+    ):
         CELLS[cell][0](HIDDEN).init(jax.random.key(0), jnp.ones(shape))
 
 

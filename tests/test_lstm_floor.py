@@ -21,9 +21,16 @@ def lstm_floor():
 
 def test_floor_sums_the_cheaper_matmul_form_and_the_gradient_flops_at_peak(lstm_floor):
     hidden, batch, time = 4, 2, 3
-    medians = {"x_t W_x + h W_h loop": 10.0, "h W_h loop": 1.0, "gate math loop": 2.0, "fresh hs": 0.5,
-               "fresh residuals (5 hidden a step)": 0.25, "δpre W_hᵀ loop": 3.0,
-               "backward gate math loop": 4.0, "fresh δxs": 0.125}
+    medians = {
+        "x_t W_x + h W_h loop": 10.0,
+        "h W_h loop": 1.0,
+        "gate math loop": 2.0,
+        "fresh hs": 0.5,
+        "fresh residuals (5 hidden a step)": 0.25,
+        "δpre W_hᵀ loop": 3.0,
+        "backward gate math loop": 4.0,
+        "fresh δxs": 0.125,
+    }
     peak = 2.0 * time * batch * hidden * 4 * hidden  # the input projection takes 1 s at this peak
     forward = lstm_floor.floor(medians, peak, hidden, batch, time, train=False)
     assert forward["terms_s"] == {"recurrent matmuls": 2.0, "gate math": 2.0, "fresh hs": 0.5}
@@ -31,13 +38,20 @@ def test_floor_sums_the_cheaper_matmul_form_and_the_gradient_flops_at_peak(lstm_
     medians["h W_h loop"] = 20.0  # now the loop with both matmuls is the cheaper form
     train = lstm_floor.floor(medians, peak, hidden, batch, time, train=True)
     assert train["terms_s"]["recurrent matmuls"] == 10.0
-    assert train["terms_s"]["weight and input gradients at peak"] == pytest.approx(3.0)  # δW_x, δW_h, δx
+    assert train["terms_s"]["weight and input gradients at peak"] == pytest.approx(
+        3.0
+    )  # δW_x, δW_h, δx
     assert train["floor_s"] == pytest.approx(10 + 2 + 0.5 + 0.25 + 3 + 4 + 3 + 0.125)
     assert train["floor_without_gate_math_s"] == pytest.approx(train["floor_s"] - 6)
 
 
 def test_smoke_run_writes_the_floor_beside_the_contenders(lstm_floor, tmp_path):
-    assert lstm_floor.main(["--shape", "8,2,3", "--repeats", "2", "--peak-n", "64", "--out", str(tmp_path)]) == 0
+    assert (
+        lstm_floor.main(
+            ["--shape", "8,2,3", "--repeats", "2", "--peak-n", "64", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "lstm_floor-8x2x3.json").read_text())
     assert result["shape"] == {"hidden": 8, "batch": 2, "time": 3, "features": 8}
     assert set(result["passes"]) == {"forward", "training step"}
@@ -52,9 +66,14 @@ def test_smoke_run_writes_the_floor_beside_the_contenders(lstm_floor, tmp_path):
     assert "**floor**" in table and "could gain over Flax" in table
 
 
-@pytest.mark.parametrize("args, message", [(["--shape", "8,2"], "three positive integers"),
-                                           (["--shape", "8,0,3"], "three positive integers"),
-                                           (["--repeats", "0"], "--repeats >= 1")])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "8,2"], "three positive integers"),
+        (["--shape", "8,0,3"], "three positive integers"),
+        (["--repeats", "0"], "--repeats >= 1"),
+    ],
+)
 def test_bad_arguments_are_named(lstm_floor, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
         lstm_floor.main(args)

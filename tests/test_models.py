@@ -41,8 +41,14 @@ CONFIGS = {
     "rnn-classifier": ({"hidden_size": HIDDEN}, (BATCH, 10)),
     "lstm-regressor": ({"hidden_size": HIDDEN}, (BATCH, 1)),
     "rnn-regressor": ({"hidden_size": HIDDEN, "num_outputs": 2}, (BATCH, 2)),
-    "char-lstm": ({"vocab_size": VOCAB, "embed_size": 4, "hidden_size": HIDDEN, "num_layers": 1}, (BATCH, TIME, VOCAB)),
-    "char-rnn": ({"vocab_size": VOCAB, "embed_size": 4, "hidden_size": HIDDEN, "num_layers": 2}, (BATCH, TIME, VOCAB)),
+    "char-lstm": (
+        {"vocab_size": VOCAB, "embed_size": 4, "hidden_size": HIDDEN, "num_layers": 1},
+        (BATCH, TIME, VOCAB),
+    ),
+    "char-rnn": (
+        {"vocab_size": VOCAB, "embed_size": 4, "hidden_size": HIDDEN, "num_layers": 2},
+        (BATCH, TIME, VOCAB),
+    ),
 }
 CHAR_MODELS = ("char-lstm", "char-rnn")
 
@@ -61,14 +67,14 @@ def _config(name: str, **extra) -> dict:
     return {**CONFIGS[name][0], **extra}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str, **extra):
     """(model, jitted apply) for ``name`` with its small config plus ``extra``."""
     model = get_model(name, **_config(name, **extra))
     return model, jax.jit(model.apply, static_argnames=("train",))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variables(name: str, **extra):
     """``model.init`` under jit (one compilation instead of one per initialiser op and shape; the
     eager call is checked against it in test_init_depends_only_on_key)."""
@@ -78,7 +84,11 @@ def _variables(name: str, **extra):
 def _built(name: str, dropout_rate: float | None = None, **extra):
     """(model, variables, jitted apply); ``dropout_rate`` does not change the parameters, so models
     that differ only in it share them."""
-    model, apply = _model(name, **extra) if dropout_rate is None else _model(name, dropout_rate=dropout_rate, **extra)
+    model, apply = (
+        _model(name, **extra)
+        if dropout_rate is None
+        else _model(name, dropout_rate=dropout_rate, **extra)
+    )
     return model, _variables(name, **extra), apply
 
 
@@ -99,7 +109,7 @@ def np_recurrence(cell, params, xs, lengths, reverse):
     hs, h_n = np.zeros((batch, time, hidden)), np.zeros((batch, hidden))
     for n in range(batch):
         h, c = np.zeros(hidden), np.zeros(hidden)
-        for t in (range(lengths[n] - 1, -1, -1) if reverse else range(lengths[n])):
+        for t in range(lengths[n] - 1, -1, -1) if reverse else range(lengths[n]):
             z = xs[n, t] @ w_x + h @ w_h + b
             if cell == "rnn":
                 h = np.tanh(z)
@@ -120,7 +130,9 @@ def np_sequence_model(cell, params, xs, num_layers, bidirectional, lengths=None)
     for layer in range(num_layers):
         h_fwd, out_fwd = np_recurrence(cell, encoder[f"layer_{layer}"], xs, lengths, False)
         if bidirectional:
-            h_bwd, out_bwd = np_recurrence(cell, encoder[f"layer_{layer}_reverse"], xs, lengths, True)
+            h_bwd, out_bwd = np_recurrence(
+                cell, encoder[f"layer_{layer}_reverse"], xs, lengths, True
+            )
             xs, last = np.concatenate([out_fwd, out_bwd], -1), np.concatenate([h_fwd, h_bwd], -1)
         else:
             xs, last = out_fwd, h_fwd
@@ -183,7 +195,7 @@ def test_models_are_immutable_values():
 
 @pytest.mark.parametrize("name", list(EXPECTED_TASKS))
 def test_init_and_apply_output_shape(name):
-    model, variables, apply = _built(name)
+    _, variables, apply = _built(name)
     assert set(variables) == {"params"}
     x = _example(name, seed=2)
     out = apply(variables, x)
@@ -199,14 +211,19 @@ def test_sequence_models_with_and_without_seq_lengths(name):
     xs, lengths = _example(name, seed=2), jnp.array(LENGTHS)
     # init takes the kwarg too, for the same parameters (checked abstractly: shapes and dtypes)
     chex.assert_trees_all_equal_shapes_and_dtypes(
-        jax.eval_shape(model.init, jax.random.key(1), _example(name), seq_lengths=lengths), variables
+        jax.eval_shape(model.init, jax.random.key(1), _example(name), seq_lengths=lengths),
+        variables,
     )
     full = apply(variables, xs)
     out = apply(variables, xs, seq_lengths=lengths)
     chex.assert_shape(out, CONFIGS[name][1])
     cell = name.split("-")[0]
-    np.testing.assert_allclose(full, np_sequence_model(cell, variables["params"], xs, 1, False), **REF)
-    np.testing.assert_allclose(out, np_sequence_model(cell, variables["params"], xs, 1, False, LENGTHS), **REF)
+    np.testing.assert_allclose(
+        full, np_sequence_model(cell, variables["params"], xs, 1, False), **REF
+    )
+    np.testing.assert_allclose(
+        out, np_sequence_model(cell, variables["params"], xs, 1, False, LENGTHS), **REF
+    )
     # a full-length sequence is unaffected; shorter ones change
     np.testing.assert_allclose(out[0], full[0], rtol=1e-5, atol=1e-6)
     assert not np.allclose(out[1:], full[1:])
@@ -219,7 +236,11 @@ def test_sequence_head_reads_last_layer_final_states(cell, bidirectional):
     _, variables, apply = _built(name, num_layers=2, bidirectional=bidirectional)
     xs = _example(name, seed=2)
     for lengths in (None, LENGTHS):
-        logits = apply(variables, xs) if lengths is None else apply(variables, xs, seq_lengths=jnp.array(lengths))
+        logits = (
+            apply(variables, xs)
+            if lengths is None
+            else apply(variables, xs, seq_lengths=jnp.array(lengths))
+        )
         expected = np_sequence_model(cell, variables["params"], xs, 2, bidirectional, lengths)
         np.testing.assert_allclose(logits, expected, **REF)
 
@@ -242,7 +263,9 @@ def test_char_models_read_a_text_in_pieces(name):
     tokens = _example(name, seed=4)
     first, carry = model.apply(variables, tokens[:, :2], return_carry=True)
     second = model.apply(variables, tokens[:, 2:], initial_carry=carry)
-    np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), apply(variables, tokens), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        jnp.concatenate([first, second], axis=1), apply(variables, tokens), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", CHAR_MODELS)
@@ -284,7 +307,9 @@ def test_generate_compiles_once_per_model_and_length(monkeypatch):
     prompt = _example("char-rnn")[:, :2]
     traced = []
     apply = Model.apply
-    monkeypatch.setattr(Model, "apply", lambda self, *a, **k: (traced.append(1), apply(self, *a, **k))[1])
+    monkeypatch.setattr(
+        Model, "apply", lambda self, *a, **k: (traced.append(1), apply(self, *a, **k))[1]
+    )
     generate(model, variables, prompt, 5, jax.random.key(0))
     first = len(traced)
     assert first > 0
@@ -311,8 +336,14 @@ def _shapes(name, **config):
 
 
 def test_config_overrides_reach_sequence_module():
-    model, p = _shapes("lstm-classifier", hidden_size=7, num_layers=2, bidirectional=True, num_classes=3)
-    assert (model.module.hidden_size, model.module.num_layers, model.module.bidirectional) == (7, 2, True)
+    model, p = _shapes(
+        "lstm-classifier", hidden_size=7, num_layers=2, bidirectional=True, num_classes=3
+    )
+    assert (model.module.hidden_size, model.module.num_layers, model.module.bidirectional) == (
+        7,
+        2,
+        True,
+    )
     assert set(p["LSTM_0"]) == {"layer_0", "layer_0_reverse", "layer_1", "layer_1_reverse"}
     assert p["LSTM_0"]["layer_0"]["w_h"] == (7, 28)
     assert p["LSTM_0"]["layer_1"]["w_x"] == (14, 28)
@@ -325,8 +356,15 @@ def test_config_overrides_reach_sequence_module():
 
 
 def test_config_overrides_reach_cnn_and_char_lstm():
-    model, p = _shapes("cnn", features=(4, 8), pool_after=(True, False), dense_features=(6,), num_classes=3)
-    assert [layer["kernel"] for layer in p.values()] == [(3, 3, 1, 4), (3, 3, 4, 8), (11 * 11 * 8, 6), (6, 3)]
+    model, p = _shapes(
+        "cnn", features=(4, 8), pool_after=(True, False), dense_features=(6,), num_classes=3
+    )
+    assert [layer["kernel"] for layer in p.values()] == [
+        (3, 3, 1, 4),
+        (3, 3, 4, 8),
+        (11 * 11 * 8, 6),
+        (6, 3),
+    ]
 
     model, p = _shapes("char-lstm", vocab_size=13, embed_size=3, hidden_size=5, num_layers=1)
     assert p["Embed_0"]["embedding"] == (13, 3)
@@ -368,7 +406,9 @@ def _random_like(tree, seed):
     return jax.tree.unflatten(treedef, [d / norm for d in direction])
 
 
-@pytest.mark.parametrize("name", ["cnn", "lstm-classifier", "rnn-regressor", "char-lstm", "char-rnn"])
+@pytest.mark.parametrize(
+    "name", ["cnn", "lstm-classifier", "rnn-regressor", "char-lstm", "char-rnn"]
+)
 def test_apply_under_jit_and_grad(name):
     model, variables, apply = _built(name)
     x = _example(name, seed=3)
@@ -395,8 +435,10 @@ def test_apply_under_jit_and_grad(name):
         return float(np.sum(np.sin(np.asarray(apply({"params": shifted}, x), np.float64))))
 
     numeric = (shifted_loss(eps) - shifted_loss(-eps)) / (2 * eps)
-    analytic = sum(float(np.vdot(np.asarray(a, np.float64), d)) for a, d in
-                   zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
+    analytic = sum(
+        float(np.vdot(np.asarray(a, np.float64), d))
+        for a, d in zip(jax.tree.leaves(g), jax.tree.leaves(direction))
+    )
     np.testing.assert_allclose(analytic, numeric, rtol=1e-2, atol=1e-4)
 
 
@@ -430,8 +472,9 @@ def test_dropout_rng_via_apply(name):
     without = {k: v for k, v in config.items() if k != "dropout_rate"}
     eval_out = _built(name, **without)[2](variables, x)  # the same model without dropout
     # train=False: no dropout, whatever the rng
-    np.testing.assert_allclose(apply(variables, x, train=False, rng=jax.random.key(5)), eval_out, rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        apply(variables, x, train=False, rng=jax.random.key(5)), eval_out, rtol=1e-6, atol=1e-6
+    )
     a = apply(variables, x, train=True, rng=jax.random.key(5))
     a2 = apply(variables, x, train=True, rng=jax.random.key(5))
     b = apply(variables, x, train=True, rng=jax.random.key(6))
@@ -446,6 +489,10 @@ def test_dropout_rng_via_apply(name):
 def test_init_depends_only_on_key():
     model, a, _ = _built("rnn-regressor")  # initialised with key 1
     xs = _example("rnn-regressor", seed=5)
-    chex.assert_trees_all_close(a, model.init(jax.random.key(1), xs), rtol=1e-6, atol=1e-7)  # eager == jit
+    chex.assert_trees_all_close(
+        a, model.init(jax.random.key(1), xs), rtol=1e-6, atol=1e-7
+    )  # eager == jit
     b = model.init(jax.random.key(2), xs)
-    assert not np.allclose(a["params"]["SimpleRNN_0"]["layer_0"]["w_x"], b["params"]["SimpleRNN_0"]["layer_0"]["w_x"])
+    assert not np.allclose(
+        a["params"]["SimpleRNN_0"]["layer_0"]["w_x"], b["params"]["SimpleRNN_0"]["layer_0"]["w_x"]
+    )

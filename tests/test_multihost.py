@@ -10,9 +10,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from test_parallel import TOL, WORKER, finish, largest_difference, load_run, run_worker
 
 from jaxmodels.train import SingleDevice, fit
-from test_parallel import TOL, WORKER, finish, largest_difference, load_run, run_worker
 
 
 def free_port() -> int:
@@ -34,8 +34,16 @@ def reference_run(out: Path) -> tuple[dict, list[np.ndarray]]:
 def test_two_processes_match_one(tmp_path):
     port = free_port()
     procs = [
-        run_worker({"devices": 2, "out": str(tmp_path), "runs": ["sharded"],
-                    "coordinator": f"127.0.0.1:{port}", "num_processes": 2, "process_id": i})
+        run_worker(
+            {
+                "devices": 2,
+                "out": str(tmp_path),
+                "runs": ["sharded"],
+                "coordinator": f"127.0.0.1:{port}",
+                "num_processes": 2,
+                "process_id": i,
+            }
+        )
         for i in range(2)
     ]
     try:
@@ -49,14 +57,18 @@ def test_two_processes_match_one(tmp_path):
         print(f"one process vs process {i} of two: largest difference {diff}")
         assert diff["metrics"] < TOL and diff["state"] < TOL, (i, diff)
     meta = [json.loads((tmp_path / f"result-p{i}.json").read_text()) for i in range(2)]
-    assert [(m["process_index"], m["process_count"], m["devices"], m["local_devices"], m["default"]) for m in meta] == [
-        (0, 2, 4, 2, "sharded"), (1, 2, 4, 2, "sharded")
-    ]
+    assert [
+        (m["process_index"], m["process_count"], m["devices"], m["local_devices"], m["default"])
+        for m in meta
+    ] == [(0, 2, 4, 2, "sharded"), (1, 2, 4, 2, "sharded")]
     # Both share one work folder, as on a shared file system; only process 0 writes the logs, so
     # metrics.jsonl holds each row once.
     run = meta[0]["runs"]["sharded"]
     assert {"config.json", "metrics.jsonl"} <= set(run["wrote"])
-    rows = [json.loads(line) for line in (tmp_path / "run-sharded" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run-sharded" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows == json.loads(json.dumps(run["history"]))
 
 
@@ -69,9 +81,19 @@ def test_two_processes_resume_past_a_corrupt_checkpoint(tmp_path):
     def two_processes(out: Path, **config) -> None:
         port = free_port()
         procs = [
-            run_worker({"devices": 2, "out": str(out), "runs": ["sharded"], "workdir": str(tmp_path / "run"),
-                        "checkpoint_every": 2, "coordinator": f"127.0.0.1:{port}", "num_processes": 2,
-                        "process_id": i, **config})
+            run_worker(
+                {
+                    "devices": 2,
+                    "out": str(out),
+                    "runs": ["sharded"],
+                    "workdir": str(tmp_path / "run"),
+                    "checkpoint_every": 2,
+                    "coordinator": f"127.0.0.1:{port}",
+                    "num_processes": 2,
+                    "process_id": i,
+                    **config,
+                }
+            )
             for i in range(2)
         ]
         for p in procs:
@@ -86,7 +108,9 @@ def test_two_processes_resume_past_a_corrupt_checkpoint(tmp_path):
     assert sorted(d.name for d in (tmp_path / "run" / "checkpoints.bad").iterdir()) == ["10"]
     assert sorted(int(d.name) for d in checkpoints.iterdir() if d.name.isdigit()) == [6, 8, 10]
     for i in range(2):
-        (_, first), (resumed, again) = (load_run(tmp_path / d, "sharded", i) for d in ("first", "again"))
+        (_, first), (resumed, again) = (
+            load_run(tmp_path / d, "sharded", i) for d in ("first", "again")
+        )
         # process 0 keeps the rows logged up to the restored step 8; the others hold this run's only
         steps = [r["step"] for r in resumed["history"] if r["kind"] == "train"]
         assert steps == (list(range(1, 11)) if i == 0 else [9, 10]), (i, steps)

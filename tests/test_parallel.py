@@ -25,7 +25,10 @@ def run_worker(config: dict) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.Popen(
-        [sys.executable, str(WORKER), json.dumps(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [sys.executable, str(WORKER), json.dumps(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
 
@@ -37,7 +40,9 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
         proc.kill()
         output, _ = proc.communicate()
         pytest.fail(f"worker timed out after {timeout} s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"worker failed with exit status {proc.returncode}:\n{output[-4000:]}"
+    assert proc.returncode == 0, (
+        f"worker failed with exit status {proc.returncode}:\n{output[-4000:]}"
+    )
     return output
 
 
@@ -64,14 +69,23 @@ def largest_difference(a: tuple[dict, list], b: tuple[dict, list]) -> dict[str, 
     assert len(leaves_a) == len(leaves_b)
     for x, y in zip(leaves_a, leaves_b):
         assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, x.dtype, y.shape, y.dtype)
-    state = max(float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0)) for x, y in zip(leaves_a, leaves_b))
+    state = max(
+        float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0))
+        for x, y in zip(leaves_a, leaves_b)
+    )
     return {"metrics": metrics, "state": state}
 
 
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp("eight")
-    config = {"devices": 8, "out": str(out), "runs": list(parallel.STRATEGIES), "steps": True, "cli": True}
+    config = {
+        "devices": 8,
+        "out": str(out),
+        "runs": list(parallel.STRATEGIES),
+        "steps": True,
+        "cli": True,
+    }
     finish(run_worker(config))
     return out, json.loads((out / "result-p0.json").read_text())
 
@@ -81,7 +95,9 @@ def test_three_strategies_give_one_trajectory(eight_devices):
     assert result["devices"] == 8 and result["default"] == "sharded"
     single = load_run(out, "single")
     history = single[0]["history"]
-    assert [r["kind"] for r in history].count("train") == 10 and [r["kind"] for r in history].count("eval") == 2
+    assert [r["kind"] for r in history].count("train") == 10 and [r["kind"] for r in history].count(
+        "eval"
+    ) == 2
     assert history[-1]["loss"] < history[0]["loss"]  # it trains
     for name in ("pmap", "sharded"):
         diff = largest_difference(single, load_run(out, name))
@@ -96,7 +112,9 @@ def test_uneven_padding_across_devices(eight_devices):
     _, result = eight_devices
     steps = result["steps"]
     for name in ("pmap", "sharded"):
-        np.testing.assert_allclose(steps[name]["losses"], steps["single"]["losses"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            steps[name]["losses"], steps["single"]["losses"], rtol=1e-5, atol=1e-6
+        )
         for got, want in zip(steps[name]["params"], steps["single"]["params"]):
             np.testing.assert_allclose(got, want, atol=TOL)
 
@@ -105,7 +123,10 @@ def test_indivisible_batch_is_a_clear_error(eight_devices):
     _, result = eight_devices
     for name in ("pmap", "sharded"):
         assert "global batch size 30 does not divide by the 8 devices" in result["errors"][name]
-    with pytest.raises(ValueError, match="global batch size 30 does not divide by the 8 devices; use a multiple of 8"):
+    with pytest.raises(
+        ValueError,
+        match="global batch size 30 does not divide by the 8 devices; use a multiple of 8",
+    ):
         parallel.check_divisible(30, 8)
     parallel.check_divisible(32, 8)
 
@@ -122,7 +143,17 @@ def test_cli_trains_with_pmap_on_eight_devices(eight_devices):
 
 def test_cli_strategy_in_process(tmp_path, capsys):
     """One device here: pmap and sharded still run (over one device), and a bad name is rejected."""
-    args = ["train", "cnn", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--no-progress"]
+    args = [
+        "train",
+        "cnn",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    ]
     assert main([*args, "--strategy", "pmap", "--workdir", str(tmp_path / "p")]) == 0
     assert json.loads((tmp_path / "p" / "config.json").read_text())["strategy"] == "pmap"
     with pytest.raises(SystemExit) as exit_info:
@@ -136,7 +167,10 @@ def test_get_strategy():
     pmap, sharded = parallel.get_strategy("pmap"), parallel.get_strategy("sharded")
     assert (pmap.axis_name, pmap.num_devices) == ("batch", 1)
     assert (sharded.axis_name, sharded.num_devices, sharded.mesh.axis_names) == (None, 1, ("data",))
-    with pytest.raises(ValueError, match=r"unknown strategy 'ring'; expected one of \('single', 'pmap', 'sharded'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown strategy 'ring'; expected one of \('single', 'pmap', 'sharded'\)",
+    ):
         parallel.get_strategy("ring")
 
 
@@ -157,7 +191,18 @@ def test_multihost_settings_from_flags_and_environment(monkeypatch):
     assert parallel.initialize_distributed() is False and calls == []  # nothing asked: one process
 
     with pytest.raises(_Stop):  # flags, through the command line
-        main(["train", "cnn", "--coordinator-address", "10.0.0.1:1234", "--num-processes", "4", "--process-id", "3"])
+        main(
+            [
+                "train",
+                "cnn",
+                "--coordinator-address",
+                "10.0.0.1:1234",
+                "--num-processes",
+                "4",
+                "--process-id",
+                "3",
+            ]
+        )
     assert calls[-1] == ("10.0.0.1:1234", 4, 3)
 
     monkeypatch.setenv(parallel.ENV_COORDINATOR, "10.0.0.2:99")
@@ -170,7 +215,9 @@ def test_multihost_settings_from_flags_and_environment(monkeypatch):
         parallel.initialize_distributed(process_id=0)
     assert calls[-1] == ("10.0.0.2:99", 2, 0)
 
-    with pytest.raises(ValueError, match=r"expected 0 <= process id < number of processes, got 2 and 2"):
+    with pytest.raises(
+        ValueError, match=r"expected 0 <= process id < number of processes, got 2 and 2"
+    ):
         parallel.initialize_distributed(process_id=2)
     monkeypatch.setenv(parallel.ENV_NUM_PROCESSES, "two")
     with pytest.raises(ValueError, match=r"expected an integer in \$JAX_NUM_PROCESSES, got 'two'"):

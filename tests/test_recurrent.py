@@ -71,7 +71,8 @@ def zero_carry(cell, batch=B, hidden=H, dtype=jnp.float32):
 def make_loss_weights(batch=B, time=T, hidden=H, seed=3):
     rng = np.random.default_rng(seed)
     return tuple(
-        jnp.asarray(rng.standard_normal(s), jnp.float32) for s in [(batch, time, hidden), (batch, hidden), (batch, hidden)]
+        jnp.asarray(rng.standard_normal(s), jnp.float32)
+        for s in [(batch, time, hidden), (batch, hidden), (batch, hidden)]
     )
 
 
@@ -99,15 +100,17 @@ def reference_scan(cell, params, xs, initial_carry, lengths, reverse, activation
     lengths = [time] * batch if lengths is None else [int(n) for n in lengths]
     finals, rows = [], []
     for b in range(batch):
-        carry = jax.tree.map(lambda a: a[b:b + 1], initial_carry)
+        carry = jax.tree.map(lambda a: a[b : b + 1], initial_carry)
         hidden = jax.tree.leaves(carry)[0].shape[-1]
         outs = [jnp.zeros((1, hidden), xs.dtype)] * time
         steps = range(lengths[b] - 1, -1, -1) if reverse else range(lengths[b])
         for t in steps:
             if cell == "lstm":
-                carry, y = jaxmodels.lstm_cell(params, carry, xs[b:b + 1, t])
+                carry, y = jaxmodels.lstm_cell(params, carry, xs[b : b + 1, t])
             else:
-                carry = y = jaxmodels.rnn_cell(params, carry, xs[b:b + 1, t], activation=activation)
+                carry = y = jaxmodels.rnn_cell(
+                    params, carry, xs[b : b + 1, t], activation=activation
+                )
             outs[t] = y
         finals.append(carry)
         rows.append(jnp.stack(outs, axis=1))
@@ -115,14 +118,19 @@ def reference_scan(cell, params, xs, initial_carry, lengths, reverse, activation
     return final, jnp.concatenate(rows, axis=0)
 
 
-def reference_value_and_grads(params, xs, initial_carry, weights, *, cell, lengths, reverse, activation=jnp.tanh):
+def reference_value_and_grads(
+    params, xs, initial_carry, weights, *, cell, lengths, reverse, activation=jnp.tanh
+):
     """Value, final carry, hs and gradients w.r.t. (params, xs, initial_carry) of scalar_loss
     through reference_scan, by plain autodiff."""
+
     def loss(p, x, c):
         carry, hs = reference_scan(cell, p, x, c, lengths, reverse, activation)
         return scalar_loss(cell, carry, hs, weights), (carry, hs)
 
-    (value, (carry, hs)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(params, xs, initial_carry)
+    (value, (carry, hs)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        params, xs, initial_carry
+    )
     return carry, hs, value, grads
 
 
@@ -136,12 +144,14 @@ def library_value_and_grads(cell, params, xs, initial_carry, weights, **kwargs):
     scan = SCANS[cell]
 
     if initial_carry is None:
+
         def loss(p, x):
             carry, hs = scan(p, x, None, **kwargs)
             return scalar_loss(cell, carry, hs, weights), (carry, hs)
 
         argnums = (0, 1)
     else:
+
         def loss(p, x, c):
             carry, hs = scan(p, x, c, **kwargs)
             return scalar_loss(cell, carry, hs, weights), (carry, hs)
@@ -179,7 +189,11 @@ LOOP_CASES = [  # id, seq_lengths, reverse, initial carry ("zero" = None passed)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
-@pytest.mark.parametrize("lengths,reverse,carry_kind,unroll,impl", [c[1:] for c in LOOP_CASES], ids=[c[0] for c in LOOP_CASES])
+@pytest.mark.parametrize(
+    "lengths,reverse,carry_kind,unroll,impl",
+    [c[1:] for c in LOOP_CASES],
+    ids=[c[0] for c in LOOP_CASES],
+)
 def test_scan_matches_loop_of_cells(cell, lengths, reverse, carry_kind, unroll, impl):
     params, xs, weights = make_params(cell), make_xs(), make_loss_weights()
     carry0 = make_carry(cell) if carry_kind == "random" else None
@@ -189,10 +203,24 @@ def test_scan_matches_loop_of_cells(cell, lengths, reverse, carry_kind, unroll, 
         xs = jnp.where(jnp.asarray(padded)[:, :, None], jnp.nan, xs)
 
     carry, hs, value, grads = library_value_and_grads(
-        cell, params, xs, carry0, weights, seq_lengths=seq_lengths, reverse=reverse, unroll=unroll, impl=impl
+        cell,
+        params,
+        xs,
+        carry0,
+        weights,
+        seq_lengths=seq_lengths,
+        reverse=reverse,
+        unroll=unroll,
+        impl=impl,
     )
     ref_carry, ref_hs, ref_value, ref_grads = reference_value_and_grads(
-        params, xs, zero_carry(cell) if carry0 is None else carry0, weights, cell=cell, lengths=lengths, reverse=reverse
+        params,
+        xs,
+        zero_carry(cell) if carry0 is None else carry0,
+        weights,
+        cell=cell,
+        lengths=lengths,
+        reverse=reverse,
     )
     if carry0 is None:
         ref_grads = ref_grads[:2]
@@ -225,21 +253,44 @@ def test_batch_of_one_matches_loop_of_cells(cell, length, reverse):
     carry0 = make_carry(cell, batch=1)
     lengths = None if length is None else (length,)
     seq_lengths = None if lengths is None else jnp.asarray(lengths, jnp.int32)
-    got = library_value_and_grads(cell, params, xs, carry0, weights, seq_lengths=seq_lengths, reverse=reverse)
-    want = reference_value_and_grads(params, xs, carry0, weights, cell=cell, lengths=lengths, reverse=reverse)
+    got = library_value_and_grads(
+        cell, params, xs, carry0, weights, seq_lengths=seq_lengths, reverse=reverse
+    )
+    want = reference_value_and_grads(
+        params, xs, carry0, weights, cell=cell, lengths=lengths, reverse=reverse
+    )
     for g, w, what in zip(got, want, ("final carry", "hs", "value", "grad")):
         assert_trees_close(g, w, (GRAD_TOL if what == "grad" else TOL)[jnp.float32], what)
 
 
 def test_rnn_scan_custom_activation_matches_loop():
     """The hand-written RNN backward differentiates the given activation, not tanh."""
-    params, xs, weights, carry0 = make_params("rnn"), make_xs(), make_loss_weights(), make_carry("rnn")
+    params, xs, weights, carry0 = (
+        make_params("rnn"),
+        make_xs(),
+        make_loss_weights(),
+        make_carry("rnn"),
+    )
     lengths, reverse = (7, 0, 5), True
     carry, hs, _, grads = library_value_and_grads(
-        "rnn", params, xs, carry0, weights, seq_lengths=jnp.asarray(lengths), reverse=reverse, activation=jnp.sin
+        "rnn",
+        params,
+        xs,
+        carry0,
+        weights,
+        seq_lengths=jnp.asarray(lengths),
+        reverse=reverse,
+        activation=jnp.sin,
     )
     ref_carry, ref_hs, _, ref_grads = reference_value_and_grads(
-        params, xs, carry0, weights, cell="rnn", lengths=lengths, reverse=reverse, activation=jnp.sin
+        params,
+        xs,
+        carry0,
+        weights,
+        cell="rnn",
+        lengths=lengths,
+        reverse=reverse,
+        activation=jnp.sin,
     )
     assert_trees_close((carry, hs), (ref_carry, ref_hs), TOL[jnp.float32], "forward")
     assert_trees_close(grads, ref_grads, GRAD_TOL[jnp.float32], "grad")
@@ -250,7 +301,9 @@ def test_lstm_scan_impl_pallas_matches_loop():
     forward against the loop (its gradients against its own reference are in test_kernels.py)."""
     params, xs, carry0 = make_params("lstm"), make_xs(), make_carry("lstm")
     lengths = (3, 7, 0)
-    carry, hs = jaxmodels.lstm_scan(params, xs, carry0, seq_lengths=jnp.asarray(lengths, jnp.int32), reverse=True, impl="pallas")
+    carry, hs = jaxmodels.lstm_scan(
+        params, xs, carry0, seq_lengths=jnp.asarray(lengths, jnp.int32), reverse=True, impl="pallas"
+    )
     ref_carry, ref_hs = reference_scan("lstm", params, xs, carry0, lengths, reverse=True)
     assert_trees_close((carry, hs), (ref_carry, ref_hs), TOL[jnp.float32], "pallas forward")
 
@@ -262,34 +315,54 @@ def test_lstm_scan_impl_pallas_matches_loop():
 def to_lstm_ref_weights(params):
     """Pinned layout -> lstm_ref's: W_ih [4*hidden, in] = w_xᵀ, W_hh = w_hᵀ (same gate order i, f, g,
     o along the 4*hidden axis); b is split into b_ih + b_hh (lstm_ref adds both)."""
-    b_hh = jnp.asarray(np.random.default_rng(9).standard_normal(params["b"].shape), params["b"].dtype)
+    b_hh = jnp.asarray(
+        np.random.default_rng(9).standard_normal(params["b"].shape), params["b"].dtype
+    )
     return params["w_x"].T, params["w_h"].T, params["b"] - b_hh, b_hh
 
 
 def test_lstm_scan_matches_lstm_ref():
     """lstm_ref picks the final carry at index seq_lengths-1, so a length-0 sequence (which it
     does not support: index -1 gives the last step) is left out here; the loop test covers it."""
-    params, xs, (h0, c0), weights = make_params("lstm"), make_xs(), make_carry("lstm"), make_loss_weights()
+    params, xs, (h0, c0), weights = (
+        make_params("lstm"),
+        make_xs(),
+        make_carry("lstm"),
+        make_loss_weights(),
+    )
     seq_lengths = jnp.asarray([T, 1, 4], jnp.int32)  # full, shortest nonzero, in between
 
     def ref_loss(w_ih, w_hh, b_ih, b_hh, x, h, c):
         y, h_n, c_n = jax_rnn.lstm_ref(
-            x, h[None], c[None], {0: w_ih}, {0: w_hh}, {0: b_ih}, {0: b_hh}, seq_lengths,
-            F, H, 1, 0.0, False,
+            x,
+            h[None],
+            c[None],
+            {0: w_ih},
+            {0: w_hh},
+            {0: b_ih},
+            {0: b_hh},
+            seq_lengths,
+            F,
+            H,
+            1,
+            0.0,
+            False,
         )
         return scalar_loss("lstm", (h_n[0], c_n[0]), y, weights), (y, h_n[0], c_n[0])
 
     w_ih, w_hh, b_ih, b_hh = to_lstm_ref_weights(params)
-    (ref_value, (y, h_n, c_n)), g = jax.value_and_grad(ref_loss, argnums=(0, 1, 2, 3, 4, 5, 6), has_aux=True)(
-        w_ih, w_hh, b_ih, b_hh, xs, h0, c0
-    )
+    (ref_value, (y, h_n, c_n)), g = jax.value_and_grad(
+        ref_loss, argnums=(0, 1, 2, 3, 4, 5, 6), has_aux=True
+    )(w_ih, w_hh, b_ih, b_hh, xs, h0, c0)
     (h, c), hs, value, grads = library_value_and_grads(
         "lstm", params, xs, (h0, c0), weights, seq_lengths=seq_lengths
     )
     assert_trees_close((hs, h, c), (y, h_n, c_n), TOL[jnp.float32], "lstm_ref forward")
     np.testing.assert_allclose(float(value), float(ref_value), rtol=1e-5)
     dw_ih, dw_hh, db_ih, db_hh, dxs, dh0, dc0 = g
-    np.testing.assert_allclose(np.asarray(db_ih), np.asarray(db_hh), rtol=1e-6)  # both are d/d(gate bias)
+    np.testing.assert_allclose(
+        np.asarray(db_ih), np.asarray(db_hh), rtol=1e-6
+    )  # both are d/d(gate bias)
     expected_grads = ({"w_x": dw_ih.T, "w_h": dw_hh.T, "b": db_ih}, dxs, (dh0, dc0))
     assert_trees_close(grads, expected_grads, GRAD_TOL[jnp.float32], "lstm_ref grad")
 
@@ -304,15 +377,29 @@ def test_lstm_scan_matches_bidirectional_lstm_ref():
     (h0f, c0f), (h0b, c0b) = make_carry("lstm", seed=12), make_carry("lstm", seed=13)
     wf, wb = to_lstm_ref_weights(p_fwd), to_lstm_ref_weights(p_bwd)
     y, h_n, c_n = jax_rnn.lstm_ref(
-        xs, jnp.stack([h0f, h0b]), jnp.stack([c0f, c0b]),
-        {0: wf[0], 1: wb[0]}, {0: wf[1], 1: wb[1]}, {0: wf[2], 1: wb[2]}, {0: wf[3], 1: wb[3]},
-        seq_lengths, F, H, 1, 0.0, True,
+        xs,
+        jnp.stack([h0f, h0b]),
+        jnp.stack([c0f, c0b]),
+        {0: wf[0], 1: wb[0]},
+        {0: wf[1], 1: wb[1]},
+        {0: wf[2], 1: wb[2]},
+        {0: wf[3], 1: wb[3]},
+        seq_lengths,
+        F,
+        H,
+        1,
+        0.0,
+        True,
     )
     (hf, cf), hs_f = jaxmodels.lstm_scan(p_fwd, xs, (h0f, c0f), seq_lengths=seq_lengths)
-    (hb, cb), hs_b = jaxmodels.lstm_scan(p_bwd, xs, (h0b, c0b), seq_lengths=seq_lengths, reverse=True)
+    (hb, cb), hs_b = jaxmodels.lstm_scan(
+        p_bwd, xs, (h0b, c0b), seq_lengths=seq_lengths, reverse=True
+    )
     assert_trees_close(
-        (hs_f, hs_b, hf, cf, hb, cb), (y[..., :H], y[..., H:], h_n[0], c_n[0], h_n[1], c_n[1]),
-        TOL[jnp.float32], "bidirectional lstm_ref",
+        (hs_f, hs_b, hf, cf, hb, cb),
+        (y[..., :H], y[..., H:], h_n[0], c_n[0], h_n[1], c_n[1]),
+        TOL[jnp.float32],
+        "bidirectional lstm_ref",
     )
 
 
@@ -331,7 +418,9 @@ def test_scan_check_grads(cell):
         carry0 = make_carry(cell, batch, hidden, dtype=jnp.float64)
         seq_lengths = jnp.asarray(lengths)
         fn = jax.jit(
-            lambda p, x, c: SCANS[cell](p, x, c, seq_lengths=seq_lengths, reverse=reverse, unroll=unroll, impl="scan")
+            lambda p, x, c: SCANS[cell](
+                p, x, c, seq_lengths=seq_lengths, reverse=reverse, unroll=unroll, impl="scan"
+            )
         )
         check_grads(fn, (params, xs, carry0), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
@@ -351,18 +440,30 @@ def test_lstm_scan_float64_under_jit_default_impl():
 # (d) jit and no-jit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_reference(cell, lengths, reverse):
     """The loop reference for the variants (computed once for with_jit and without_jit)."""
-    params, xs, carry0, weights = make_params(cell), make_xs(), make_carry(cell), make_loss_weights()
-    return reference_value_and_grads(params, xs, carry0, weights, cell=cell, lengths=lengths, reverse=reverse)
+    params, xs, carry0, weights = (
+        make_params(cell),
+        make_xs(),
+        make_carry(cell),
+        make_loss_weights(),
+    )
+    return reference_value_and_grads(
+        params, xs, carry0, weights, cell=cell, lengths=lengths, reverse=reverse
+    )
 
 
 class ScanVariantsTest(chex.TestCase):
     """Traced seq_lengths under jit take the path without the range check; results must not move."""
 
     def _check(self, cell, reverse, unroll, lengths):
-        params, xs, carry0, weights = make_params(cell), make_xs(), make_carry(cell), make_loss_weights()
+        params, xs, carry0, weights = (
+            make_params(cell),
+            make_xs(),
+            make_carry(cell),
+            make_loss_weights(),
+        )
         ref_carry, ref_hs, _, ref_grads = cached_reference(cell, lengths, reverse)
 
         def run(p, x, c, n):
@@ -429,17 +530,26 @@ def test_bfloat16_close_to_float32(cell):
     params32, xs32 = jax.tree.map(lambda a: a.astype(jnp.float32), (params16, xs16))
 
     # jitted: eager, impl="auto" traces the (bfloat16-capable) kernel branch as well, which is slow
-    run = jax.jit(lambda p, x, n: library_value_and_grads(cell, p, x, None, weights, seq_lengths=n, reverse=True))
+    run = jax.jit(
+        lambda p, x, n: library_value_and_grads(
+            cell, p, x, None, weights, seq_lengths=n, reverse=True
+        )
+    )
     carry16, hs16, _, grads16 = run(params16, xs16, lengths)
     carry32, hs32, _, grads32 = run(params32, xs32, lengths)
     for leaf in jax.tree.leaves((carry16, hs16, grads16)):
         assert leaf.dtype == jnp.bfloat16, leaf.dtype
     assert_trees_close(
-        jax.tree.map(lambda a: a.astype(jnp.float32), (carry16, hs16)), (carry32, hs32), TOL[jnp.bfloat16], "bf16 forward"
+        jax.tree.map(lambda a: a.astype(jnp.float32), (carry16, hs16)),
+        (carry32, hs32),
+        TOL[jnp.bfloat16],
+        "bf16 forward",
     )
     for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32)):
         scale = float(jnp.max(jnp.abs(g32)))
-        np.testing.assert_allclose(np.asarray(g16.astype(jnp.float32)), np.asarray(g32), rtol=5e-2, atol=5e-2 * scale)
+        np.testing.assert_allclose(
+            np.asarray(g16.astype(jnp.float32)), np.asarray(g32), rtol=5e-2, atol=5e-2 * scale
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,37 +562,126 @@ def _bad_inputs(cell):
     params = make_params(cell)
     wrong_carry = jnp.zeros((B, H + 1), jnp.float32)
     cases = [
-        ("xs_rank2", dict(xs=jnp.zeros((B, F), jnp.float32)), ValueError, r"rank 3 \[batch, time, features\].*\(3, 3\)"),
-        ("xs_features", dict(xs=jnp.zeros((B, T, F + 1), jnp.float32)), ValueError, r"features=3.*\(3, 7, 4\)"),
+        (
+            "xs_rank2",
+            dict(xs=jnp.zeros((B, F), jnp.float32)),
+            ValueError,
+            r"rank 3 \[batch, time, features\].*\(3, 3\)",
+        ),
+        (
+            "xs_features",
+            dict(xs=jnp.zeros((B, T, F + 1), jnp.float32)),
+            ValueError,
+            r"features=3.*\(3, 7, 4\)",
+        ),
         ("xs_int", dict(xs=jnp.zeros((B, T, F), jnp.int32)), TypeError, r"floating.*int32"),
-        ("lengths_shape", dict(seq_lengths=jnp.full((B + 1,), 2, jnp.int32)), ValueError, r"\[batch\]=\(3,\).*\(4,\)"),
-        ("lengths_2d", dict(seq_lengths=jnp.full((B, 1), 2, jnp.int32)), ValueError, r"\[batch\]=\(3,\).*\(3, 1\)"),
-        ("lengths_negative", dict(seq_lengths=jnp.asarray([1, -1, 2], jnp.int32)), ValueError, r"\[0, time=7\].*-1"),
-        ("lengths_too_long", dict(seq_lengths=jnp.asarray([1, 8, 2], jnp.int32)), ValueError, r"\[0, time=7\].*8"),
-        ("lengths_float", dict(seq_lengths=jnp.asarray([1.0, 2.0, 3.0], jnp.float32)), TypeError, r"integer.*float32"),
-        ("missing_w_h", dict(params={k: v for k, v in params.items() if k != "w_h"}), ValueError, r"missing \['w_h'\]"),
-        ("missing_b_wx", dict(params={"w_h": params["w_h"]}), ValueError, r"missing \['b', 'w_x'\]"),
+        (
+            "lengths_shape",
+            dict(seq_lengths=jnp.full((B + 1,), 2, jnp.int32)),
+            ValueError,
+            r"\[batch\]=\(3,\).*\(4,\)",
+        ),
+        (
+            "lengths_2d",
+            dict(seq_lengths=jnp.full((B, 1), 2, jnp.int32)),
+            ValueError,
+            r"\[batch\]=\(3,\).*\(3, 1\)",
+        ),
+        (
+            "lengths_negative",
+            dict(seq_lengths=jnp.asarray([1, -1, 2], jnp.int32)),
+            ValueError,
+            r"\[0, time=7\].*-1",
+        ),
+        (
+            "lengths_too_long",
+            dict(seq_lengths=jnp.asarray([1, 8, 2], jnp.int32)),
+            ValueError,
+            r"\[0, time=7\].*8",
+        ),
+        (
+            "lengths_float",
+            dict(seq_lengths=jnp.asarray([1.0, 2.0, 3.0], jnp.float32)),
+            TypeError,
+            r"integer.*float32",
+        ),
+        (
+            "missing_w_h",
+            dict(params={k: v for k, v in params.items() if k != "w_h"}),
+            ValueError,
+            r"missing \['w_h'\]",
+        ),
+        (
+            "missing_b_wx",
+            dict(params={"w_h": params["w_h"]}),
+            ValueError,
+            r"missing \['b', 'w_x'\]",
+        ),
         ("b_shape", dict(params=dict(params, b=params["b"][:-1])), ValueError, rf"b \[{g}\]"),
-        ("w_x_cols", dict(params=dict(params, w_x=params["w_x"][:, :-1])), ValueError, rf"w_x \[features, {g}\]"),
-        ("w_h_rows", dict(params=dict(params, w_h=params["w_h"][:-1])), ValueError, rf"w_h \[hidden, {g}\]"),
-        ("w_h_rank1", dict(params=dict(params, w_h=params["w_h"][0])), ValueError, rf"w_h \[hidden, {g}\]"),
+        (
+            "w_x_cols",
+            dict(params=dict(params, w_x=params["w_x"][:, :-1])),
+            ValueError,
+            rf"w_x \[features, {g}\]",
+        ),
+        (
+            "w_h_rows",
+            dict(params=dict(params, w_h=params["w_h"][:-1])),
+            ValueError,
+            rf"w_h \[hidden, {g}\]",
+        ),
+        (
+            "w_h_rank1",
+            dict(params=dict(params, w_h=params["w_h"][0])),
+            ValueError,
+            rf"w_h \[hidden, {g}\]",
+        ),
         ("impl", dict(impl="cudnn"), ValueError, r"impl.*'auto', 'scan'.*'cudnn'"),
     ]
     if cell == "rnn":  # the Pallas kernels are LSTM-only
-        cases += [("impl_pallas", dict(impl="pallas"), ValueError, r"impl.*\('auto', 'scan'\), got 'pallas'")]
+        cases += [
+            (
+                "impl_pallas",
+                dict(impl="pallas"),
+                ValueError,
+                r"impl.*\('auto', 'scan'\), got 'pallas'",
+            )
+        ]
     if cell == "lstm":
         cases += [
-            ("carry_h_shape", dict(initial_carry=(wrong_carry, jnp.zeros((B, H), jnp.float32))), ValueError,
-             r"h of shape \[batch, hidden\]=\(3, 5\).*\(3, 6\)"),
-            ("carry_c_shape", dict(initial_carry=(jnp.zeros((B, H), jnp.float32), wrong_carry[:2])), ValueError,
-             r"c of shape \[batch, hidden\]=\(3, 5\).*\(2, 6\)"),
-            ("carry_not_pair", dict(initial_carry=jnp.zeros((B, H), jnp.float32)), ValueError, r"pair \(h, c\)"),
+            (
+                "carry_h_shape",
+                dict(initial_carry=(wrong_carry, jnp.zeros((B, H), jnp.float32))),
+                ValueError,
+                r"h of shape \[batch, hidden\]=\(3, 5\).*\(3, 6\)",
+            ),
+            (
+                "carry_c_shape",
+                dict(initial_carry=(jnp.zeros((B, H), jnp.float32), wrong_carry[:2])),
+                ValueError,
+                r"c of shape \[batch, hidden\]=\(3, 5\).*\(2, 6\)",
+            ),
+            (
+                "carry_not_pair",
+                dict(initial_carry=jnp.zeros((B, H), jnp.float32)),
+                ValueError,
+                r"pair \(h, c\)",
+            ),
         ]
     else:
         cases += [
-            ("carry_shape", dict(initial_carry=wrong_carry), ValueError, r"\[batch, hidden\]=\(3, 5\).*\(3, 6\)"),
-            ("carry_batch", dict(initial_carry=jnp.zeros((B + 1, H), jnp.float32)), ValueError,
-             r"\[batch, hidden\]=\(3, 5\).*\(4, 5\)"),
+            (
+                "carry_shape",
+                dict(initial_carry=wrong_carry),
+                ValueError,
+                r"\[batch, hidden\]=\(3, 5\).*\(3, 6\)",
+            ),
+            (
+                "carry_batch",
+                dict(initial_carry=jnp.zeros((B + 1, H), jnp.float32)),
+                ValueError,
+                r"\[batch, hidden\]=\(3, 5\).*\(4, 5\)",
+            ),
         ]
     return [pytest.param(cell, *c[1:], id=f"{cell}-{c[0]}") for c in cases]
 
@@ -497,7 +696,9 @@ def test_bad_input_raises(cell, overrides, exc, match):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
-@pytest.mark.parametrize("chunks", [(6, 6), (1, 6), (1, 2), (3, 1), (2, 3)], ids=lambda c: f"fwd{c[0]}-bwd{c[1]}")
+@pytest.mark.parametrize(
+    "chunks", [(6, 6), (1, 6), (1, 2), (3, 1), (2, 3)], ids=lambda c: f"fwd{c[0]}-bwd{c[1]}"
+)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     """Every cut of time into forward and backward chunks (whole sequence: GPU/TPU; 1 step forward
@@ -514,15 +715,24 @@ def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
 
     def loss(chunks):
         def f(p, xs, carry):
-            final, hs = recurrent._recurrence_core(step, p["w_x"], p["b"], p["w_h"], carry, xs, mask, reverse, 1, chunks)
+            final, hs = recurrent._recurrence_core(
+                step, p["w_x"], p["b"], p["w_h"], carry, xs, mask, reverse, 1, chunks
+            )
             return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(jnp.cos(c)) for c in final)
+
         return jax.jit(jax.value_and_grad(f, (0, 1, 2)))
 
-    for a, b in zip(jax.tree.leaves(loss(chunks)(params, xs, carry)), jax.tree.leaves(loss((1, 1))(params, xs, carry))):
+    for a, b in zip(
+        jax.tree.leaves(loss(chunks)(params, xs, carry)),
+        jax.tree.leaves(loss((1, 1))(params, xs, carry)),
+    ):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("time,most,expected", [(150, 12, 10), (100, 12, 10), (28, 12, 7), (97, 12, 1), (8, 12, 8), (0, 12, 1)])
+@pytest.mark.parametrize(
+    "time,most,expected",
+    [(150, 12, 10), (100, 12, 10), (28, 12, 7), (97, 12, 1), (8, 12, 8), (0, 12, 1)],
+)
 def test_chunk_length_is_the_largest_divisor_within_bound(time, most, expected):
     from jaxmodels import recurrent
 
@@ -538,6 +748,10 @@ def test_scan_path_lowers_for_accelerators(cell, platform):
 
     scan = SCANS[cell]
     lengths = jnp.asarray([7, 2, 0], jnp.int32)
-    loss = lambda p, x: jnp.sum(jnp.sin(scan(p, x, seq_lengths=lengths, reverse=True, impl="scan")[1]))
-    exported = export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=[platform])(make_params(cell), make_xs())
+    loss = lambda p, x: jnp.sum(
+        jnp.sin(scan(p, x, seq_lengths=lengths, reverse=True, impl="scan")[1])
+    )
+    exported = export.export(jax.jit(jax.grad(loss, (0, 1))), platforms=[platform])(
+        make_params(cell), make_xs()
+    )
     assert "stablehlo.while" in exported.mlir_module()

@@ -79,7 +79,7 @@ def random_params(rng, kind, features, hidden, num_layers=1, bidirectional=False
 
 
 def torch_suffix(name: str) -> str:
-    """"layer_1_reverse" -> "l1_reverse", "layer_0" -> "l0"."""
+    """ "layer_1_reverse" -> "l1_reverse", "layer_0" -> "l0"."""
     parts = name.split("_")
     return f"l{parts[1]}" + ("_reverse" if parts[-1] == "reverse" else "")
 
@@ -143,8 +143,17 @@ def make_problem(rng, kind, num_layers, bidirectional, dtype, *, scan=False):
     return prob
 
 
-def run_torch(kind, params, prob, *, num_layers=1, bidirectional=False, seq_lengths=None, flip=False,
-              gate_perm=None):
+def run_torch(
+    kind,
+    params,
+    prob,
+    *,
+    num_layers=1,
+    bidirectional=False,
+    seq_lengths=None,
+    flip=False,
+    gate_perm=None,
+):
     """PyTorch forward + backward of the same scalar loss. Returns numpy arrays.
 
     flip=True runs the (single-layer, unidirectional) network on the time-reversed input and
@@ -153,8 +162,14 @@ def run_torch(kind, params, prob, *, num_layers=1, bidirectional=False, seq_leng
     dtype = prob["xs"].dtype
     tdtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[dtype]
     cls = torch.nn.LSTM if kind == "lstm" else torch.nn.RNN
-    module = cls(FEATURES, HIDDEN, num_layers=num_layers, batch_first=True, bidirectional=bidirectional,
-                 dtype=tdtype)
+    module = cls(
+        FEATURES,
+        HIDDEN,
+        num_layers=num_layers,
+        batch_first=True,
+        bidirectional=bidirectional,
+        dtype=tdtype,
+    )
     load_torch_weights(module, params, gate_perm=gate_perm)
 
     def maybe_flip(a):
@@ -170,14 +185,20 @@ def run_torch(kind, params, prob, *, num_layers=1, bidirectional=False, seq_leng
     if seq_lengths is None:
         out, final = module(x, state)
     else:
-        packed = pack_padded_sequence(x, torch.as_tensor(seq_lengths, dtype=torch.int64), batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            x,
+            torch.as_tensor(seq_lengths, dtype=torch.int64),
+            batch_first=True,
+            enforce_sorted=False,
+        )
         out, final = module(packed, state)
         out, _ = pad_packed_sequence(out, batch_first=True, total_length=TIME)
     h_n, c_n = final if kind == "lstm" else (final, None)
     if scan:
         h_n, c_n = h_n[0], (None if c_n is None else c_n[0])
-    loss = (out * torch.from_numpy(maybe_flip(prob["r_out"]))).sum() + (h_n * torch.from_numpy(prob["r_h"])).sum()
+    loss = (out * torch.from_numpy(maybe_flip(prob["r_out"]))).sum() + (
+        h_n * torch.from_numpy(prob["r_h"])
+    ).sum()
     if kind == "lstm":
         loss = loss + (c_n * torch.from_numpy(prob["r_c"])).sum()
     loss.backward()
@@ -225,7 +246,13 @@ def compare(case, ours, theirs, dtype):
             assert set(ours[quantity]) == set(theirs[quantity])
             for name in ours[quantity]:
                 for k in ("w_x", "w_h", "b"):
-                    assert_close(case, "d params", ours[quantity][name][k], theirs[quantity][name][k], tol_grad)
+                    assert_close(
+                        case,
+                        "d params",
+                        ours[quantity][name][k],
+                        theirs[quantity][name][k],
+                        tol_grad,
+                    )
         else:
             tol = tol_grad if quantity.startswith("d ") else tol_out
             assert_close(case, quantity, ours[quantity], theirs[quantity], tol)
@@ -280,7 +307,7 @@ def test_wrong_gate_mapping_is_detected():
     rng = np.random.default_rng(2)
     params = random_params(rng, "lstm", FEATURES, HIDDEN)
     prob = make_problem(rng, "lstm", 1, False, "float32", scan=True)
-    final, out = jaxmodels.lstm_scan(params["layer_0"], prob["xs"], (prob["h0"], prob["c0"]))
+    _final, out = jaxmodels.lstm_scan(params["layer_0"], prob["xs"], (prob["h0"], prob["c0"]))
     theirs = run_torch("lstm", params, prob, gate_perm=(1, 0, 2, 3))
     assert np.max(np.abs(np.asarray(out) - theirs["outputs"])) > 1e-2
 
@@ -297,13 +324,17 @@ def module_forward(kind, num_layers, bidirectional, seq_lengths=None):
     module = cls(hidden_size=HIDDEN, num_layers=num_layers, bidirectional=bidirectional)
 
     def forward(params, xs, carry):
-        out, final = module.apply({"params": params}, xs, seq_lengths=seq_lengths, initial_carry=carry)
+        out, final = module.apply(
+            {"params": params}, xs, seq_lengths=seq_lengths, initial_carry=carry
+        )
         return final, out
 
     return module, forward
 
 
-@pytest.mark.parametrize("num_layers,bidirectional", MODULE_CONFIGS, ids=["2layer-bi", "2layer-uni"])
+@pytest.mark.parametrize(
+    "num_layers,bidirectional", MODULE_CONFIGS, ids=["2layer-bi", "2layer-uni"]
+)
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
 def test_module_matches_torch(kind, num_layers, bidirectional):
     dtype = "float32"
@@ -327,7 +358,9 @@ def test_module_float64_matches_torch():
         rng = np.random.default_rng(4)
         params = random_params(rng, "lstm", FEATURES, HIDDEN, 2, True, dtype=dtype)
         prob = make_problem(rng, "lstm", 2, True, dtype)
-        module = jaxmodels.LSTM(hidden_size=HIDDEN, num_layers=2, bidirectional=True, param_dtype=jnp.float64)
+        module = jaxmodels.LSTM(
+            hidden_size=HIDDEN, num_layers=2, bidirectional=True, param_dtype=jnp.float64
+        )
 
         def forward(params, xs, carry):
             out, final = module.apply({"params": params}, xs, initial_carry=carry)
@@ -355,15 +388,28 @@ def test_module_seq_lengths_match_packed_torch(kind, num_layers, bidirectional):
     # Large values in the padding: they must not leak into anything.
     pad = np.arange(TIME)[None, :] >= SEQ_LENGTHS[:, None]
     prob["xs"] = np.where(pad[:, :, None], np.float32(50.0), prob["xs"]).astype(dtype)
-    _, forward = module_forward(kind, num_layers, bidirectional, seq_lengths=jnp.asarray(SEQ_LENGTHS))
+    _, forward = module_forward(
+        kind, num_layers, bidirectional, seq_lengths=jnp.asarray(SEQ_LENGTHS)
+    )
     ours = run_jax(kind, params, prob, forward)
-    theirs = run_torch(kind, params, prob, num_layers=num_layers, bidirectional=bidirectional,
-                       seq_lengths=SEQ_LENGTHS)
+    theirs = run_torch(
+        kind,
+        params,
+        prob,
+        num_layers=num_layers,
+        bidirectional=bidirectional,
+        seq_lengths=SEQ_LENGTHS,
+    )
     # Padded positions: zero outputs, zero input gradients, in both.
     assert np.all(theirs["outputs"][pad] == 0) and np.all(ours["outputs"][pad] == 0)
     assert np.all(theirs["d xs"][pad] == 0) and np.all(ours["d xs"][pad] == 0)
     name = "LSTM" if kind == "lstm" else "SimpleRNN"
-    compare(f"{name} {num_layers}L {'bi' if bidirectional else 'uni'} packed {dtype}", ours, theirs, dtype)
+    compare(
+        f"{name} {num_layers}L {'bi' if bidirectional else 'uni'} packed {dtype}",
+        ours,
+        theirs,
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("kind", ["lstm", "rnn"])
@@ -386,5 +432,7 @@ def test_scan_seq_lengths_match_packed_torch(kind):
         return jax.tree.map(lambda *a: jnp.stack(a), *finals), jnp.concatenate(outs, axis=-1)
 
     ours = run_jax(kind, params, prob, forward)
-    theirs = run_torch(kind, params, prob, num_layers=1, bidirectional=True, seq_lengths=SEQ_LENGTHS)
+    theirs = run_torch(
+        kind, params, prob, num_layers=1, bidirectional=True, seq_lengths=SEQ_LENGTHS
+    )
     compare(f"{kind}_scan fwd+rev packed {dtype}", ours, theirs, dtype)

@@ -41,8 +41,13 @@ def digits():
 
 
 def _subset(ds, train, test):
-    return dataclasses.replace(ds, x_train=ds.x_train[:train], y_train=ds.y_train[:train],
-                               x_test=ds.x_test[:test], y_test=ds.y_test[:test])
+    return dataclasses.replace(
+        ds,
+        x_train=ds.x_train[:train],
+        y_train=ds.y_train[:train],
+        x_test=ds.x_test[:test],
+        y_test=ds.y_test[:test],
+    )
 
 
 def _quiet(**kw):
@@ -56,12 +61,20 @@ def test_schedules():
     constant = make_schedule(0.1)
     assert float(constant(0)) == pytest.approx(0.1) and float(constant(1000)) == pytest.approx(0.1)
     warm = make_schedule(0.1, "constant", warmup_steps=10)
-    assert float(warm(0)) == 0.0 and float(warm(5)) == pytest.approx(0.05) and float(warm(50)) == pytest.approx(0.1)
+    assert (
+        float(warm(0)) == 0.0
+        and float(warm(5)) == pytest.approx(0.05)
+        and float(warm(50)) == pytest.approx(0.1)
+    )
     cosine = make_schedule(0.1, "cosine", total_steps=100)
     assert float(cosine(0)) == pytest.approx(0.1) and float(cosine(50)) == pytest.approx(0.05)
     assert float(cosine(100)) == pytest.approx(0.0, abs=1e-7)
     wc = make_schedule(0.1, "warmup-cosine", warmup_steps=10, total_steps=110)
-    assert float(wc(0)) == 0.0 and float(wc(10)) == pytest.approx(0.1) and float(wc(60)) == pytest.approx(0.05)
+    assert (
+        float(wc(0)) == 0.0
+        and float(wc(10)) == pytest.approx(0.1)
+        and float(wc(60)) == pytest.approx(0.05)
+    )
     with pytest.raises(ValueError, match="needs total_steps > warmup_steps"):
         make_schedule(0.1, "cosine")
     with pytest.raises(ValueError, match=r"unknown schedule 'step'; expected one of \('constant'"):
@@ -73,7 +86,7 @@ def test_optimizers_descend_a_quadratic(name):
     tx = make_optimizer(name, lr=0.05, clip_norm=10.0, weight_decay=1e-4)
     params = {"w": jnp.array([3.0, -2.0])}
     state = tx.init(params)
-    loss = lambda p: jnp.sum(p["w"] ** 2)  # noqa: E731
+    loss = lambda p: jnp.sum(p["w"] ** 2)
     for _ in range(30):
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
@@ -90,7 +103,9 @@ def test_clip_by_global_norm_and_decoupled_weight_decay():
     tx = make_optimizer("adamw", lr=0.1, weight_decay=0.01)
     updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["a"], -0.1 * 0.01 * np.ones(4), rtol=1e-5)
-    with pytest.raises(ValueError, match=r"unknown optimizer 'lion'; expected one of \('adam', 'adamw', 'sgd'"):
+    with pytest.raises(
+        ValueError, match=r"unknown optimizer 'lion'; expected one of \('adam', 'adamw', 'sgd'"
+    ):
         make_optimizer("lion")
 
 
@@ -110,19 +125,31 @@ def test_losses_against_numpy():
     np.testing.assert_allclose(out["loss"], -_log_softmax(logits)[np.arange(5), labels], rtol=1e-5)
     np.testing.assert_array_equal(out["accuracy"], (logits.argmax(-1) == labels).astype(np.float32))
 
-    preds, targets = rng.normal(size=(5, 1)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)
-    np.testing.assert_allclose(regression_loss(jnp.asarray(preds), jnp.asarray(targets))["loss"],
-                               (preds[:, 0] - targets) ** 2, rtol=1e-5)
+    preds, targets = (
+        rng.normal(size=(5, 1)).astype(np.float32),
+        rng.normal(size=(5,)).astype(np.float32),
+    )
+    np.testing.assert_allclose(
+        regression_loss(jnp.asarray(preds), jnp.asarray(targets))["loss"],
+        (preds[:, 0] - targets) ** 2,
+        rtol=1e-5,
+    )
 
     seq_logits = rng.normal(size=(2, 3, 6)).astype(np.float32)
     tokens = rng.integers(0, 6, (2, 3)).astype(np.int32)
     out = language_model_loss(jnp.asarray(seq_logits), jnp.asarray(tokens))
     nll = -np.take_along_axis(_log_softmax(seq_logits), tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(out["loss"], nll.mean(-1), rtol=1e-5)
-    np.testing.assert_allclose(out["accuracy"], (seq_logits.argmax(-1) == tokens).mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(
+        out["accuracy"], (seq_logits.argmax(-1) == tokens).mean(-1), rtol=1e-6
+    )
 
-    np.testing.assert_allclose(masked_mean(jnp.array([1.0, 2.0, 9.0]), jnp.array([1.0, 1.0, 0.0])), 1.5)
-    with pytest.raises(ValueError, match=r"expected logits \[batch, classes\] and labels \[batch\]"):
+    np.testing.assert_allclose(
+        masked_mean(jnp.array([1.0, 2.0, 9.0]), jnp.array([1.0, 1.0, 0.0])), 1.5
+    )
+    with pytest.raises(
+        ValueError, match=r"expected logits \[batch, classes\] and labels \[batch\]"
+    ):
         classification_loss(jnp.zeros((5, 4)), jnp.zeros((4,), jnp.int32))
 
 
@@ -165,7 +192,9 @@ def test_padded_batch_equals_the_smaller_batch(digits):
     np.testing.assert_allclose(m_pad["loss"], m_keep["loss"], rtol=1e-5)
 
     eval_step = jax.jit(make_eval_step(model))
-    test = BatchIterator((digits.x_test, digits.y_test), 64, shuffle=False, remainder="pad")  # 360 = 5*64 + 40
+    test = BatchIterator(
+        (digits.x_test, digits.y_test), 64, shuffle=False, remainder="pad"
+    )  # 360 = 5*64 + 40
     got = evaluate(eval_step, state, test, SingleDevice())
     logits = model.apply({"params": state.params}, jnp.asarray(digits.x_test))
     want = classification_loss(logits, jnp.asarray(digits.y_test))
@@ -177,7 +206,9 @@ def test_train_state_is_a_pytree_and_bf16_compute_keeps_fp32_params(digits):
     model = get_model("cnn", dtype=jnp.bfloat16)
     tx = make_optimizer("adam", 1e-3)
     state = create_train_state(model, tx, digits.x_train[:2], seed=0)
-    assert isinstance(state, TrainState) and state.rng.dtype == jnp.uint32 and state.collections == {}
+    assert (
+        isinstance(state, TrainState) and state.rng.dtype == jnp.uint32 and state.collections == {}
+    )
     leaves = jax.tree.leaves(state.params)
     assert sum(leaf.size for leaf in leaves) == 93_322
     (batch,) = BatchIterator((digits.x_train[:16], digits.y_train[:16]), 16).epoch()
@@ -191,29 +222,44 @@ def test_train_state_is_a_pytree_and_bf16_compute_keeps_fp32_params(digits):
 
 
 def test_fit_digits_reaches_a_sensible_accuracy_and_writes_the_run(digits, tmp_path):
-    result = fit(get_model("cnn"), _subset(digits, 768, 360), TrainConfig(epochs=4, progress=False), tmp_path)
+    result = fit(
+        get_model("cnn"), _subset(digits, 768, 360), TrainConfig(epochs=4, progress=False), tmp_path
+    )
     assert result.test_metrics["accuracy"] >= 0.85, result.test_metrics
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if r["kind"] == "train"]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert len(evals) == 4 and evals[-1]["accuracy"] == result.test_metrics["accuracy"]
-    assert {"loss", "accuracy", "grad_norm", "lr", "examples_per_sec", "step", "epoch"} <= set(train_rows[1])
+    assert {"loss", "accuracy", "grad_norm", "lr", "examples_per_sec", "step", "epoch"} <= set(
+        train_rows[1]
+    )
     assert "first_step_s" in train_rows[0] and train_rows[-1]["step"] == 4 * (768 // 32)
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model"] == "cnn" and config["dataset"] == "digits" and config["train"]["epochs"] == 4
+    assert (
+        config["model"] == "cnn"
+        and config["dataset"] == "digits"
+        and config["train"]["epochs"] == 4
+    )
     assert (tmp_path / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert int(result.state.step) == 4 * 24
 
 
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
-                    and not (MNIST_DIR / "t10k-images-idx3-ubyte").is_file(),
-                    reason=f"MNIST test files not found in {MNIST_DIR.resolve()}")
+@pytest.mark.skipif(
+    not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file()
+    and not (MNIST_DIR / "t10k-images-idx3-ubyte").is_file(),
+    reason=f"MNIST test files not found in {MNIST_DIR.resolve()}",
+)
 def test_loss_goes_down_on_real_mnist(tmp_path):
     ds = get_dataset("mnist", data_dir=MNIST_DIR)
     # only the test split is shipped: train on its first 1,600 images, test on the next 400
-    ds = dataclasses.replace(ds, x_train=ds.x_test[:1600], y_train=ds.y_test[:1600],
-                             x_test=ds.x_test[1600:2000], y_test=ds.y_test[1600:2000])
+    ds = dataclasses.replace(
+        ds,
+        x_train=ds.x_test[:1600],
+        y_train=ds.y_test[:1600],
+        x_test=ds.x_test[1600:2000],
+        y_test=ds.y_test[1600:2000],
+    )
     config = _quiet(epochs=1, batch_size=64, lr=3e-3, schedule="constant", log_every=5)
     result = fit(get_model("cnn"), ds, config, tmp_path)
     train_rows = [r for r in result.history if r["kind"] == "train"]
@@ -222,10 +268,17 @@ def test_loss_goes_down_on_real_mnist(tmp_path):
 
 
 def test_fit_errors(digits, tmp_path):
-    with pytest.raises(ValueError, match="model 'lstm-regressor' does the task 'regression', dataset 'digits'"):
+    with pytest.raises(
+        ValueError, match="model 'lstm-regressor' does the task 'regression', dataset 'digits'"
+    ):
         fit(get_model("lstm-regressor"), digits, _quiet(), tmp_path)
     with pytest.raises(ValueError, match="has no train split"):
-        fit(get_model("cnn"), dataclasses.replace(digits, x_train=None, y_train=None), _quiet(), tmp_path)
+        fit(
+            get_model("cnn"),
+            dataclasses.replace(digits, x_train=None, y_train=None),
+            _quiet(),
+            tmp_path,
+        )
     with pytest.raises(ValueError, match="batch size 2000 is larger than the 1437 examples"):
         fit(get_model("cnn"), digits, _quiet(batch_size=2000), tmp_path)
     poisoned = _subset(digits, 64, 32)
@@ -239,12 +292,33 @@ def test_fit_errors(digits, tmp_path):
 
 def test_cli_train_end_to_end(tmp_path, capsys):
     workdir = tmp_path / "run"
-    argv = ["train", "cnn", "--epochs", "1", "--max-steps", "6", "--batch-size", "16", "--log-every", "3",
-            "--lr", "2e-3", "--optimizer", "adamw", "--seed", "1", "--workdir", str(workdir), "--no-progress"]
+    argv = [
+        "train",
+        "cnn",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--log-every",
+        "3",
+        "--lr",
+        "2e-3",
+        "--optimizer",
+        "adamw",
+        "--seed",
+        "1",
+        "--workdir",
+        str(workdir),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     assert "cnn on digits: test accuracy" in capsys.readouterr().out
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and rows[-1]["kind"] == "eval"
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and rows[-1][
+        "kind"
+    ] == "eval"
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["optimizer"] == "adamw" and config["train"]["seed"] == 1
     assert (workdir / "learning_curves.png").stat().st_size > 1000
@@ -254,7 +328,18 @@ def test_only_process_zero_prints_and_writes(tmp_path, capsys, monkeypatch):
     """In a multi-process run the other processes train silently: no progress, epoch or summary
     lines and no files (process 0 writes them)."""
     monkeypatch.setattr(jax, "process_index", lambda *a: 1)
-    argv = ["train", "cnn", "--epochs", "1", "--max-steps", "2", "--batch-size", "16", "--workdir", str(tmp_path / "run")]
+    argv = [
+        "train",
+        "cnn",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--workdir",
+        str(tmp_path / "run"),
+    ]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
@@ -264,16 +349,31 @@ def test_only_process_zero_prints_and_writes(tmp_path, capsys, monkeypatch):
 def test_cli_clear_errors(tmp_path, capsys):
     for argv, fragment in [
         (["train", "resnet"], "invalid choice: 'resnet' (choose from 'cnn'"),
-        (["train", "cnn", "--dataset", "cifar"], "invalid choice: 'cifar' (choose from 'digits', 'mnist'"),
-        (["train", "cnn", "--batch-size", "0"], "--batch-size: expected a positive integer, got '0'"),
+        (
+            ["train", "cnn", "--dataset", "cifar"],
+            "invalid choice: 'cifar' (choose from 'digits', 'mnist'",
+        ),
+        (
+            ["train", "cnn", "--batch-size", "0"],
+            "--batch-size: expected a positive integer, got '0'",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
     for argv, fragment in [
-        (["train", "cnn", "--batch-size", "5000"], "batch size 5000 is larger than the 1437 examples"),
-        (["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path / "absent")], "absent does not exist"),
-        (["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path)], "expected train-images-idx3-ubyte"),
+        (
+            ["train", "cnn", "--batch-size", "5000"],
+            "batch size 5000 is larger than the 1437 examples",
+        ),
+        (
+            ["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path / "absent")],
+            "absent does not exist",
+        ),
+        (
+            ["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path)],
+            "expected train-images-idx3-ubyte",
+        ),
     ]:
         assert main([*argv, "--workdir", str(tmp_path / "w"), "--no-progress"]) == 1
         err = capsys.readouterr().err

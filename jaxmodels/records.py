@@ -1,0 +1,133 @@
+"""Run records: what a benchmark or experiment writes beside its figures, and how.
+
+``environment()`` describes the machine and the code (versions, backend and devices, CPU count,
+XLA and allocator settings, the git commit and local changes); ``write_results`` writes a result
+dict as OUT/STEM.json with its markdown (and optionally PNG) rendering; ``to_json`` is the JSON
+form of configurations (dtypes by name), shared by config.json and checkpoint metadata.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VERSIONED = ("jaxmodels", "jax", "jaxlib", "flax", "optax", "torch", "numpy")
+# Environment variables that change what a timing means: XLA's and JAX's flags, thread pools, and
+# the C allocator (LD_PRELOAD of jemalloc or tcmalloc, glibc's malloc tunables).
+RECORDED_ENV_PREFIXES = (
+    "XLA_", "JAX_", "TF_CPP", "OMP_", "MKL_", "OPENBLAS_", "LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_",
+)  # fmt: skip
+
+
+def version(package: str) -> str | None:
+    """The installed version of ``package``, None when it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask on Linux)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment() -> dict:
+    """Date, versions, backend, devices, CPU count, recorded environment variables (XLA flags,
+    thread and allocator settings), PyTorch's thread count where installed, and the git commit with
+    the files changed under jaxmodels/ and kernels/ (both None/empty outside a checkout)."""
+    import jax  # here, so that writing a result file does not need jax
+
+    torch_threads = None
+    if version("torch"):
+        import torch
+
+        torch_threads = torch.get_num_threads()
+    dirty = _git("status", "--porcelain", "--", ":/jaxmodels", ":/kernels")
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {p: version(p) for p in VERSIONED} | {"python": sys.version.split()[0]},
+        "backend": jax.default_backend(),
+        "devices": [f"{d.platform} {d.device_kind}" for d in jax.devices()],
+        "cpu_count": cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "torch_threads": torch_threads,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV_PREFIXES)},
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty_files": dirty.splitlines() if dirty else [],
+    }
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for what JSON cannot write: a dtype (or type) by its numpy name,
+    numpy scalars and arrays as numbers and lists, anything else its str()."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    try:
+        return np.dtype(value).name
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def to_json(tree: Any) -> Any:
+    """A JSON round trip of ``tree``: dtypes become names, tuples lists, anything else its str()."""
+    return json.loads(json.dumps(tree, default=json_default))
+
+
+def write_results(
+    result: dict,
+    out: Path | str,
+    stem: str,
+    *,
+    render_markdown: Callable[[dict], str],
+    render_png: Callable[[dict, Path], None] | None = None,
+) -> list[Path]:
+    """Write OUT/STEM.json (``result``), OUT/STEM.md (``render_markdown(result)``) and, with
+    ``render_png``, OUT/STEM.png (``render_png(result, path)``); return the paths written."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md"]
+    paths[0].write_text(json.dumps(result, indent=1, default=json_default) + "\n")
+    paths[1].write_text(render_markdown(result))
+    if render_png is not None:
+        paths.append(out / f"{stem}.png")
+        render_png(result, paths[2])
+    return paths
