@@ -130,11 +130,18 @@ def init_rnn(key: Array, features: int, hidden: int, dtype=jnp.float32) -> dict:
     }
 
 
+# The initial forget-gate bias of init_lstm and the LSTM module: 1.0 keeps the cell's memory open at
+# the start of training (Gers et al. 2000; Jozefowicz et al. 2015), the default of Keras' LSTM.
+FORGET_BIAS = 1.0
+
+
 def init_lstm(
-    key: Array, features: int, hidden: int, *, forget_bias: float = 0.0, dtype=jnp.float32
+    key: Array, features: int, hidden: int, *, forget_bias: float = FORGET_BIAS, dtype=jnp.float32
 ) -> dict:
     """LSTM layer: Glorot-uniform w_x over all 4 gates, an orthogonal block per gate in w_h, zero b
-    except the forget block, which is ``forget_bias`` (1.0 is the common choice of Jozefowicz et al.)."""
+    except the forget block, which is ``forget_bias`` (``FORGET_BIAS`` = 1.0 by default, as in
+    Jozefowicz et al. 2015 and Keras; the ``LSTM`` module uses the same default; pass 0.0 for
+    PyTorch's and Flax's all-zero initial bias)."""
     kx, kh = jax.random.split(key)
     b = jnp.zeros((4, hidden), dtype).at[GATES.index("f")].set(forget_bias).reshape(4 * hidden)
     return {

@@ -9,7 +9,7 @@
 
 One checkpoint is a folder ``DIR/<step>`` written by an orbax ``CheckpointManager`` with two items:
 
-  "state": the TrainState (step, params, opt_state, rng, collections) as a pytree of host arrays,
+  "state": the TrainState (step, params, opt_state, rng) as a pytree of host arrays,
            so a checkpoint knows nothing of devices and restores onto any number of them (the
            caller places the restored host state with its strategy's ``put_state``);
   "meta":  JSON ``{"step", "position": {"epoch", "step"}, "config"}``: the data iterator's
@@ -40,7 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmodels.data import Position
+from jaxmodels.batches import Position
 from jaxmodels.records import to_json
 
 CHECKPOINT_SUBDIR = "checkpoints"

@@ -24,15 +24,17 @@ from pathlib import Path
 
 from jaxmodels.data import list_datasets
 from jaxmodels.models import list_models
+from jaxmodels.optim import OPTIMIZERS, SCHEDULES
 from jaxmodels.parallel import STRATEGIES
-from jaxmodels.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from jaxmodels.train import TrainConfig
 
 DTYPES = ("float32", "bfloat16")
 _PACKAGE = Path(__file__).resolve().parent
 _DEFAULTS = TrainConfig()
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer above 0 (the one such type of the project's commands and scripts)."""
     try:
         value = int(text)
     except ValueError:
@@ -71,12 +73,43 @@ def _add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seq-len",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="the delay T (adding, copy); window (text)",
     )
     parser.add_argument(
         "--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)"
+    )
+
+
+def _add_bench_options(parser: argparse.ArgumentParser) -> None:
+    """SUITE and the options of ``jaxmodels bench`` (benchmarks/lstm.py and cnn.py pass theirs on)."""
+    from jaxmodels.bench import ISOLATIONS, SHAPE_SETS, SUITES
+
+    parser.add_argument("suite", choices=(*SUITES, "all"), help="which suite")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=10, help="rounds over the contenders (default: 10)"
+    )
+    parser.add_argument(
+        "--shapes",
+        default="full",
+        choices=SHAPE_SETS,
+        help="full: the standard shapes; small: tiny ones, a smoke run (default: full)",
+    )
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    parser.add_argument(
+        "--torch-threads",
+        type=positive_int,
+        default=None,
+        help="PyTorch's intra-op threads (default: the CPU count); one thread is timed too",
+    )
+    parser.add_argument(
+        "--isolation",
+        default="process",
+        choices=ISOLATIONS,
+        help="process: each framework configuration (JAX; PyTorch per allocator and thread count) "
+        "in its own worker process; shared: everything in this process, PyTorch as installed "
+        "(default: process)",
     )
 
 
@@ -90,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model on a data set", description="Train a model on a data set."
     )
     _add_model_and_data_options(train)
-    train.add_argument("--epochs", type=_positive_int, default=_DEFAULTS.epochs)
-    train.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.batch_size)
+    train.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs)
+    train.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size)
     train.add_argument(
         "--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate"
     )
@@ -104,10 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
     train.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     train.add_argument(
-        "--max-steps", type=_positive_int, default=None, help="stop after this many steps"
+        "--max-steps", type=positive_int, default=None, help="stop after this many steps"
     )
     train.add_argument(
-        "--log-every", type=_positive_int, default=_DEFAULTS.log_every, help="steps per metrics row"
+        "--log-every", type=positive_int, default=_DEFAULTS.log_every, help="steps per metrics row"
     )
     train.add_argument(
         "--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)"
@@ -115,14 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument(
         "--checkpoint-every",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="save a checkpoint every N steps (always after the last step)",
     )
     train.add_argument(
         "--keep",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULTS.keep,
         metavar="K",
         help=f"keep the latest K checkpoints (default: {_DEFAULTS.keep})",
@@ -146,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument(
         "--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address"
     )
-    hosts.add_argument("--num-processes", type=_positive_int, default=None)
+    hosts.add_argument("--num-processes", type=positive_int, default=None)
     hosts.add_argument(
         "--process-id", type=int, default=None, help="this process, 0 .. num-processes - 1"
     )
@@ -162,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workdir", default=None, help="the run's folder (default: runs/MODEL-DATASET)"
     )
     evaluate.add_argument(
-        "--step", type=_positive_int, default=None, help="this checkpoint instead of the latest"
+        "--step", type=positive_int, default=None, help="this checkpoint instead of the latest"
     )
-    evaluate.add_argument("--batch-size", type=_positive_int, default=_DEFAULTS.eval_batch_size)
+    evaluate.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.eval_batch_size)
     evaluate.add_argument(
         "--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)"
     )
@@ -172,13 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="time models side by side with their peers",
-        description="Run benchmark suites (jaxmodels.bench): contenders interleaved, medians, ratios to a "
-        "baseline, GFLOP/s; writes OUT/SUITE.json, .md and .png.",
+        description="Run benchmark suites (jaxmodels.bench): contenders interleaved, each framework "
+        "configuration in its own process, medians, ratios to a baseline and to the strongest "
+        "PyTorch configuration, GFLOP/s; writes OUT/SUITE.json, .md and .png.",
     )
-    bench.add_argument("suite", choices=("lstm", "cnn", "all"), help="which suite")
-    from jaxmodels.bench import add_arguments  # imports jax: fine, the command runs jax anyway
-
-    add_arguments(bench)
+    _add_bench_options(bench)
 
     info_help = "versions, backend and devices"
     commands.add_parser("info", help=info_help, description=f"Print {info_help}.")
@@ -288,6 +319,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         out=args.out or "benchmarks/results",
         torch_threads=args.torch_threads,
+        isolation=args.isolation,
     )
     return 0
 

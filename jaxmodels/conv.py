@@ -261,10 +261,3 @@ def _backward(geometry, residuals, d_out):
 
 
 _conv_relu_pool.defvjp(_forward, _backward)
-
-
-def patch_flops(x_shape, kernel_shape, pool=(1, 1)) -> int:
-    """2 x the multiply-adds of the forward patch matmul on a 'VALID'-padded x, zeros included
-    (the backward's two matmuls cost the same each)."""
-    g = _Geometry((tuple(x_shape), tuple(kernel_shape), tuple(pool)))
-    return 2 * g.batch * g.P * g.Q * (g.A * g.B * g.windows * g.channels) * (g.windows * g.features)

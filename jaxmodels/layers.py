@@ -244,7 +244,7 @@ class LSTM(_Recurrent):
     forget_bias (initial forget-gate bias, 1.0 by default).
     """
 
-    forget_bias: float = 1.0
+    forget_bias: float = cells.FORGET_BIAS
 
     def _init_layer(self, key, features):
         return cells.init_lstm(

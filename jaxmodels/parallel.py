@@ -6,7 +6,7 @@
 
 Three strategies by name, one trajectory for the same global batch (within float tolerance):
 
-  "single":  ``jax.jit`` on one device (``train.SingleDevice``).
+  "single":  ``jax.jit`` on one device (``SingleDevice``).
   "pmap":    ``jax.pmap`` over this process's devices with the named axis ``"batch"``; the state
              is replicated with a leading device axis, a global batch [batch, ...] is reshaped to
              [devices, batch / devices, ...], and the step ``pmean``s gradients and metrics over
@@ -31,13 +31,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from jaxmodels.train import SingleDevice, Strategy
 
 STRATEGIES = ("single", "pmap", "sharded")
 DATA_AXIS = "data"  # the mesh axis of the sharded strategy
@@ -152,6 +150,47 @@ def _to_host(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------- strategies
+
+
+class Strategy(Protocol):
+    """How steps run on devices. ``axis_name``: the device axis steps reduce over (None: none).
+    ``compile`` turns a pure step into a runnable one; ``put_state`` / ``put_batch`` place host
+    values (a global batch [batch, ...]) where compiled steps expect them; ``fetch`` brings
+    results (metrics, state) back to the host as numpy, one copy."""
+
+    name: str
+    axis_name: str | None
+    num_devices: int  # a global batch must divide by it
+
+    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable: ...
+    def put_state(self, state: Any) -> Any: ...
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]: ...
+    def fetch(self, tree: Any) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SingleDevice:
+    """``jax.jit`` on one device (the default device unless ``device`` is given)."""
+
+    device: Any = None
+    name: str = "single"
+    axis_name: str | None = None
+    num_devices: int = 1
+
+    def _device(self):
+        return self.device if self.device is not None else jax.devices()[0]
+
+    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
+        return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
+
+    def put_state(self, state: Any) -> Any:
+        return jax.device_put(state, self._device())
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return jax.device_put(batch, self._device())
+
+    def fetch(self, tree: Any) -> Any:
+        return jax.device_get(tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from jax import lax
 
 from jaxmodels import cells
 from jaxmodels.kernels import lstm_sequence, lstm_stepwise
-from jaxmodels.kernels.common import on_platforms
+from jaxmodels.kernels.common import lstm_gate_gradients, on_platforms
 
 Array = jax.Array
 
@@ -194,17 +194,8 @@ def _lstm_backward_step(dh, drest, saved, rest_in):
     recomputed: 4% of the training step at hidden 256 on CPU)."""
     (dc_next,), (c_in,) = drest, rest_in
     i, f, g, o, tc = jnp.split(saved, 5, axis=-1)
-    dc = dc_next + dh * o * (1 - tc * tc)
-    dpre = jnp.concatenate(
-        [
-            dc * g * i * (1 - i),
-            dc * c_in * f * (1 - f),
-            dc * i * (1 - g * g),
-            dh * tc * o * (1 - o),
-        ],
-        axis=-1,
-    )
-    return dpre, (dc * f,)
+    dpre, dc_prev = lstm_gate_gradients(dh, dc_next, (i, f, g, o), c_in, tc)
+    return jnp.concatenate(dpre, axis=-1), (dc_prev,)
 
 
 _LSTM = _Cell(_lstm_forward_step, _lstm_backward_step)

@@ -1,348 +1,33 @@
-"""Training: TrainState, optimizers, per-task losses, jitted train/eval steps and ``fit``.
+"""Training: ``fit`` a model on a data set, and evaluate a saved run's checkpoint.
 
     >>> model, ds = get_model("cnn"), get_dataset("digits")
     >>> result = fit(model, ds, TrainConfig(epochs=10), "runs/cnn-digits")
     >>> result.test_metrics                                   # {"loss": ..., "accuracy": ...}
 
-The trainer knows a model only through ``init`` / ``apply`` and ``task``. Steps are pure functions
-``(state, batch) -> (state, metrics)``; a ``Strategy`` decides how they are compiled and where
-state and batches live (``SingleDevice`` here: ``jax.jit`` on one device). A data-parallel strategy
-makes the same step reduce over its device axis by passing ``axis_name``.
+``fit`` builds the optimizer (``jaxmodels.optim``) and the pure steps (``jaxmodels.steps``), runs
+them under a strategy (``jaxmodels.parallel``; one device by default), saves and resumes
+checkpoints (``jaxmodels.checkpoint``) and writes the run's log (``jaxmodels.runlog``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
-from jaxmodels.data import BatchIterator, Dataset
+from jaxmodels.batches import BatchIterator
+from jaxmodels.data import Dataset
 from jaxmodels.models import Model
-from jaxmodels.records import json_default
-
-Array = jax.Array
-Batch = dict[str, Array]  # {"x": [batch, ...], "y": [batch, ...], "mask": [batch]}
-
-OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
-SCHEDULES = ("constant", "cosine", "warmup-cosine")
-
-
-# ---------------------------------------------------------------------------------------- state
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a training step reads and writes; a pytree (so it jits, shards and checkpoints).
-
-    step: [] int32, optimizer steps taken. params: the model's "params" collection.
-    opt_state: the optax state. rng: [2] uint32 raw key data (``jax.random.key_data``); the step
-    draws ``fold_in(rng, step)`` so a run is reproducible from (seed, step) alone.
-    collections: the model's other variable collections (e.g. "batch_stats"), updated by
-    ``apply(..., mutable=...)`` in training steps; empty for the current models.
-    """
-
-    step: Array
-    params: Any
-    opt_state: Any
-    rng: Array
-    collections: dict = flax.struct.field(default_factory=dict)
-
-
-def create_train_state(
-    model: Model, tx: optax.GradientTransformation, example_x: Array, seed: int
-) -> TrainState:
-    """Initialise ``model`` on ``example_x`` [batch, ...] and ``tx`` on its parameters."""
-    init_key, train_key = jax.random.split(jax.random.key(seed))
-    variables = dict(model.init(init_key, example_x))
-    params = variables.pop("params")
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.key_data(train_key),
-        collections=variables,
-    )
-
-
-# ----------------------------------------------------------------------------------- optimizers
-
-
-def _standard_promotion(fn: Callable) -> Callable:
-    """``fn`` traced under standard dtype promotion. optax's internals mix Python floats with int32
-    step counts (e.g. adam's bias correction ``b1 ** count``), which strict promotion rejects;
-    our own code stays under whatever promotion mode the caller chose."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.numpy_dtype_promotion("standard"):
-            return fn(*args, **kwargs)
-
-    return wrapped
-
-
-def make_schedule(
-    lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None
-) -> optax.Schedule:
-    """Learning rate by step. "constant": ``lr`` (after a linear warm-up from 0 over
-    ``warmup_steps`` when > 0); "cosine": cosine decay from ``lr`` to 0 over ``total_steps``;
-    "warmup-cosine": linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 0 at
-    ``total_steps``."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    if lr <= 0 or warmup_steps < 0:
-        raise ValueError(
-            f"expected lr > 0 and warmup_steps >= 0, got lr={lr} warmup_steps={warmup_steps}"
-        )
-    if schedule == "constant":
-        if warmup_steps == 0:
-            return _standard_promotion(optax.constant_schedule(lr))
-        warmup = optax.linear_schedule(0.0, lr, warmup_steps)
-        return _standard_promotion(
-            optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps])
-        )
-    if total_steps is None or total_steps <= warmup_steps:
-        raise ValueError(
-            f"schedule {schedule!r} needs total_steps > warmup_steps, got total_steps={total_steps} "
-            f"warmup_steps={warmup_steps}"
-        )
-    if schedule == "cosine":
-        return _standard_promotion(optax.cosine_decay_schedule(lr, total_steps))
-    return _standard_promotion(
-        optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps)
-    )
-
-
-def make_optimizer(
-    name: str = "adam",
-    lr: float = 1e-3,
-    schedule: str = "constant",
-    warmup_steps: int = 0,
-    total_steps: int | None = None,
-    clip_norm: float | None = None,
-    weight_decay: float = 0.0,
-) -> optax.GradientTransformation:
-    """An optax optimizer by name: "adam", "adamw" (decoupled ``weight_decay``), "sgd" (momentum
-    0.9), "rmsprop". For the others a ``weight_decay`` > 0 adds ``weight_decay * params`` to the
-    gradients (L2). ``clip_norm`` clips the gradients' global norm first (``clip_by_global_norm``)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
-    if weight_decay < 0 or (clip_norm is not None and clip_norm <= 0):
-        raise ValueError(
-            f"expected weight_decay >= 0 and clip_norm > 0, got {weight_decay} and {clip_norm}"
-        )
-    lr_fn = make_schedule(lr, schedule, warmup_steps, total_steps)
-    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
-    if name == "adamw":
-        parts.append(optax.adamw(lr_fn, weight_decay=weight_decay))
-    else:
-        if weight_decay > 0:
-            parts.append(optax.add_decayed_weights(weight_decay))
-        parts.append(
-            {
-                "adam": lambda: optax.adam(lr_fn),
-                "sgd": lambda: optax.sgd(lr_fn, momentum=0.9),
-                "rmsprop": lambda: optax.rmsprop(lr_fn),
-            }[name]()
-        )
-    tx = optax.chain(*parts)
-    return optax.GradientTransformation(
-        _standard_promotion(tx.init), _standard_promotion(tx.update)
-    )
-
-
-# --------------------------------------------------------------------------------------- losses
-# Each loss maps (outputs, targets) to per-example values [batch]: "loss", and "accuracy" where it
-# applies. Steps average them with the batch mask, so padded examples never count.
-
-
-def classification_loss(logits: Array, labels: Array) -> dict[str, Array]:
-    """Softmax cross-entropy. logits [batch, classes], labels [batch] integers -> [batch] each."""
-    if logits.ndim != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(
-            f"expected logits [batch, classes] and labels [batch], got {logits.shape} and {labels.shape}"
-        )
-    logits, labels = logits.astype(jnp.float32), labels.astype(jnp.int32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return {"loss": loss, "accuracy": correct}
-
-
-def regression_loss(preds: Array, targets: Array) -> dict[str, Array]:
-    """Mean squared error over outputs. preds [batch, outputs], targets [batch, outputs] (or
-    [batch] when outputs == 1) -> loss [batch]."""
-    targets = targets.reshape(preds.shape).astype(jnp.float32)
-    return {"loss": jnp.mean(jnp.square(preds.astype(jnp.float32) - targets), axis=-1)}
-
-
-def language_model_loss(logits: Array, targets: Array) -> dict[str, Array]:
-    """Per-token cross-entropy and accuracy, averaged over time. logits [batch, time, vocab],
-    targets [batch, time] integers -> [batch] each."""
-    if logits.ndim != 3 or targets.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits [batch, time, vocab] and targets [batch, time], got {logits.shape} and {targets.shape}"
-        )
-    logits, targets = logits.astype(jnp.float32), targets.astype(jnp.int32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return {"loss": jnp.mean(loss, axis=-1), "accuracy": jnp.mean(correct, axis=-1)}
-
-
-LOSSES: dict[str, Callable[[Array, Array], dict[str, Array]]] = {
-    "classification": classification_loss,
-    "regression": regression_loss,
-    "language_model": language_model_loss,
-}
-
-
-def masked_mean(values: Array, mask: Array) -> Array:
-    """sum(values * mask) / sum(mask) for values and mask [batch] (0 when the mask is all zero)."""
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def _shard_masked_mean(values: Array, mask: Array, axis_name: str) -> Array:
-    """One device's share of the global masked mean: sum(values * mask) / pmean(sum(mask)), so that
-    pmean over ``axis_name`` of the shares = sum over devices of sum(values * mask) / global count."""
-    count = jax.lax.pmean(jnp.sum(mask), axis_name)
-    return jnp.sum(values * mask) / jnp.where(count > 0, count, 1.0)
-
-
-# ---------------------------------------------------------------------------------------- steps
-
-
-def make_train_step(
-    model: Model,
-    tx: optax.GradientTransformation,
-    loss_fn: Callable | None = None,
-    *,
-    schedule: optax.Schedule | None = None,
-    axis_name: str | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """A pure (not yet compiled) step ``(state, batch) -> (state, metrics)``.
-
-    metrics: "loss" and "accuracy" (mask-weighted means over the batch), "grad_norm" (global norm
-    before clipping), "lr" when ``schedule`` is given. With ``axis_name`` the step runs under a
-    named device axis (pmap / shard_map) and averages gradients, metrics and collections over it.
-    """
-    loss_fn = loss_fn or LOSSES[model.task]
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        mean = functools.partial(masked_mean, mask=batch["mask"])
-        if axis_name is not None:
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-            # Each device divides its masked sum by the devices' mean count, so the pmean below is
-            # the global batch's mask-weighted mean even when padding is uneven across devices.
-            mean = functools.partial(_shard_masked_mean, mask=batch["mask"], axis_name=axis_name)
-        mutable = list(state.collections)
-
-        def loss_of(params):
-            variables = {"params": params, **state.collections}
-            if mutable:
-                outputs, new_collections = model.apply(
-                    variables, batch["x"], train=True, rng=rng, mutable=mutable
-                )
-            else:
-                outputs, new_collections = (
-                    model.apply(variables, batch["x"], train=True, rng=rng),
-                    {},
-                )
-            per_example = loss_fn(outputs, batch["y"])
-            return mean(per_example["loss"]), (per_example, new_collections)
-
-        (loss, (per_example, collections)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-            state.params
-        )
-        metrics = {k: mean(v) for k, v in per_example.items() if k != "loss"}
-        metrics["loss"] = loss
-        if axis_name is not None:
-            grads, metrics, collections = jax.lax.pmean((grads, metrics, collections), axis_name)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-            collections=dict(collections),
-        )
-        return new_state, metrics
-
-    return step
-
-
-def make_eval_step(
-    model: Model, loss_fn: Callable | None = None, *, axis_name: str | None = None
-) -> Callable[[TrainState, Batch], dict[str, Array]]:
-    """A pure step ``(state, batch) -> sums``: mask-weighted sums of the per-example losses and
-    accuracies, and "count" (sum of the mask), so that sums over batches (and devices, with
-    ``axis_name``) divided by the count give exact means however the data was padded."""
-    loss_fn = loss_fn or LOSSES[model.task]
-
-    def step(state: TrainState, batch: Batch) -> dict[str, Array]:
-        outputs = model.apply(
-            {"params": state.params, **state.collections}, batch["x"], train=False
-        )
-        sums = {k: jnp.sum(v * batch["mask"]) for k, v in loss_fn(outputs, batch["y"]).items()}
-        sums["count"] = jnp.sum(batch["mask"])
-        return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
-
-    return step
-
-
-# ------------------------------------------------------------------------------------- strategy
-
-
-class Strategy(Protocol):
-    """How steps run on devices. ``axis_name``: the device axis steps reduce over (None: none).
-    ``compile`` turns a pure step into a runnable one; ``put_state`` / ``put_batch`` place host
-    values (a global batch [batch, ...]) where compiled steps expect them; ``fetch`` brings
-    results (metrics, state) back to the host as numpy, one copy."""
-
-    name: str
-    axis_name: str | None
-    num_devices: int  # a global batch must divide by it
-
-    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable: ...
-    def put_state(self, state: TrainState) -> TrainState: ...
-    def put_batch(self, batch: dict[str, np.ndarray]) -> Batch: ...
-    def fetch(self, tree: Any) -> Any: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class SingleDevice:
-    """``jax.jit`` on one device (the default device unless ``device`` is given)."""
-
-    device: Any = None
-    name: str = "single"
-    axis_name: str | None = None
-    num_devices: int = 1
-
-    def _device(self):
-        return self.device if self.device is not None else jax.devices()[0]
-
-    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
-        return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
-
-    def put_state(self, state: TrainState) -> TrainState:
-        return jax.device_put(state, self._device())
-
-    def put_batch(self, batch: dict[str, np.ndarray]) -> Batch:
-        return jax.device_put(batch, self._device())
-
-    def fetch(self, tree: Any) -> Any:
-        return jax.device_get(tree)
+from jaxmodels.optim import make_optimizer, make_schedule
+from jaxmodels.parallel import SingleDevice, Strategy, get_strategy
+from jaxmodels.records import version
+from jaxmodels.runlog import MetricsWindow, RunWriter, progress_bar
+from jaxmodels.steps import TrainState, create_train_state, make_eval_step, make_train_step
 
 
 def evaluate(
@@ -434,8 +119,6 @@ def fit(
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     if strategy is None:  # "sharded" over all devices when there are several, else "single"
-        from jaxmodels.parallel import get_strategy
-
         strategy = get_strategy()
     if model.task != dataset.task:
         raise ValueError(
@@ -481,7 +164,7 @@ def fit(
         "train": dataclasses.asdict(cfg),
         "strategy": strategy.name,
         "total_steps": total_steps,
-        "versions": {"jax": jax.__version__, "optax": optax.__version__, "flax": flax.__version__},
+        "versions": {p: version(p) for p in ("jax", "optax", "flax")},
         "devices": [str(d) for d in jax.devices()],
     }
     checkpoints, restored = _open_checkpoints(cfg, workdir, resume, state, run_config)
@@ -491,11 +174,11 @@ def fit(
     state = strategy.put_state(state)
     start_step = restored.step if restored is not None else 0
     lead = jax.process_index() == 0  # the one process that writes files and prints
-    writer = _RunWriter(Path(workdir), enabled=lead, keep_until=start_step if restored else None)
+    writer = RunWriter(Path(workdir), enabled=lead, keep_until=start_step if restored else None)
     writer.save_config(run_config)
     test_metrics: dict[str, float] = {}
-    t0, step, window = time.perf_counter(), start_step, _Window()
-    with _progress(cfg.progress and lead) as progress, _closing(checkpoints):
+    t0, step, window = time.perf_counter(), start_step, MetricsWindow()
+    with progress_bar(cfg.progress and lead) as progress, _closing(checkpoints):
         task = progress.add_task("train", total=total_steps, completed=step, loss="-")
         for epoch in range(train_it.position.epoch + 1, cfg.epochs + 1):
             if step >= total_steps:  # resumed from the last checkpoint of a finished run
@@ -554,7 +237,7 @@ def evaluate_checkpoint(
     """Test metrics of a checkpoint of the run in ``workdir``: ``(step, {"loss", "accuracy", ...})``.
 
     Restores step ``step`` (default: the latest readable one, falling back past corrupt ones) of
-    workdir/checkpoints, read-only, and evaluates its parameters and collections on ``dataset``'s
+    workdir/checkpoints, read-only, and evaluates its parameters on ``dataset``'s
     test split. The checkpoint must come from the same model and model config
     (``IncompatibleCheckpointError`` otherwise); another data set of the same task is allowed.
     """
@@ -577,20 +260,10 @@ def evaluate_checkpoint(
         restored = checkpoints.restore(
             step=step, config=config, required=REQUIRED_FOR_EVAL, preferred=("dataset",)
         )
-    variables = dict(jax.eval_shape(model.init, jax.random.key(0), dataset.x_test[:1]))
-    saved = {
-        "params": restored.state["params"],
-        "collections": restored.state.get("collections") or {},
-    }
-    target = {"params": variables.pop("params"), "collections": variables}
-    check_structure(saved, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
-    state = TrainState(
-        jnp.asarray(restored.step, jnp.int32),
-        saved["params"],
-        None,
-        restored.state["rng"],
-        saved["collections"],
-    )
+    params = restored.state["params"]
+    target = jax.eval_shape(model.init, jax.random.key(0), dataset.x_test[:1])["params"]
+    check_structure(params, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
+    state = TrainState(jnp.asarray(restored.step, jnp.int32), params, None, restored.state["rng"])
     eval_bs = min(batch_size, len(dataset.x_test))
     eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices
     test_it = BatchIterator(
@@ -636,137 +309,3 @@ def _closing(checkpoints):
     finally:
         if checkpoints is not None:
             checkpoints.close()
-
-
-class _Window:
-    """Step metrics since the last "train" row, and the examples/s over them. The run's first step
-    (which compiles) is timed apart, as first_step_s, and left out of the throughput."""
-
-    def __init__(self):
-        self.metrics, self.examples, self.start, self.first_step_s = (
-            [],
-            0,
-            time.perf_counter(),
-            None,
-        )
-
-    def __len__(self) -> int:
-        return len(self.metrics)
-
-    def add(self, metrics: dict, examples: int, *, first: bool = False) -> None:
-        self.metrics.append(metrics)
-        if first:
-            jax.block_until_ready(metrics)
-            now = time.perf_counter()
-            self.first_step_s, self.start = now - self.start, now
-        else:
-            self.examples += examples
-
-    def check_finite(self, fetch: Callable, step: int) -> None:
-        """Raise FloatingPointError naming the step if a loss since the last row is not finite."""
-        if self.metrics:
-            _summarise(fetch(self.metrics), step - len(self.metrics) + 1)
-
-    def row(self, fetch: Callable, epoch: int, step: int, t0: float) -> dict:
-        """The "train" row of this window (``t0``: the run's start); empties the window."""
-        means = _summarise(
-            fetch(self.metrics), step - len(self.metrics) + 1
-        )  # fetch waits for the steps
-        now = time.perf_counter()
-        row = {"kind": "train", "epoch": epoch, "step": step, **means, "time_s": now - t0}
-        if self.examples:
-            row["examples_per_sec"] = self.examples / (now - self.start)
-        if self.first_step_s is not None:
-            row["first_step_s"] = self.first_step_s  # includes compilation
-        self.metrics, self.examples, self.start, self.first_step_s = [], 0, now, None
-        return row
-
-
-def _summarise(window: list[dict], first_step: int) -> dict:
-    """Means of host metrics over a window of steps; a non-finite loss stops the run."""
-    losses = np.array([m["loss"] for m in window])
-    bad = np.flatnonzero(~np.isfinite(losses))
-    if bad.size:
-        raise FloatingPointError(
-            f"loss is {losses[bad[0]]} at step {first_step + int(bad[0])}; stopping"
-        )
-    return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-
-
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
-class _RunWriter:
-    """config.json, metrics.jsonl and learning_curves.png in a work folder (only when ``enabled``:
-    on process 0)."""
-
-    def __init__(self, workdir: Path, enabled: bool = True, keep_until: int | None = None):
-        self.workdir, self.enabled, self.history = workdir, enabled, []
-        if enabled:
-            workdir.mkdir(parents=True, exist_ok=True)
-            path = workdir / "metrics.jsonl"
-            if keep_until is not None and path.exists():  # a resumed run: rows up to its step stay
-                self.history = [r for r in _read_rows(path) if r.get("step", 0) <= keep_until]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-
-    def save_config(self, config: dict) -> None:
-        if self.enabled:
-            (self.workdir / "config.json").write_text(
-                json.dumps(config, indent=2, default=json_default) + "\n"
-            )
-
-    def log(self, row: dict) -> None:
-        self.history.append(row)
-        if self.enabled:
-            with open(self.workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def plot(self) -> None:
-        """Loss (and accuracy) against step, train rows and eval rows, in learning_curves.png."""
-        if not self.enabled:
-            return
-        from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
-
-        names = ["loss"] + (["accuracy"] if any("accuracy" in r for r in self.history) else [])
-        fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
-        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
-            for kind, style, label in (("train", "-", "train"), ("eval", "o-", "test")):
-                rows = [r for r in self.history if r["kind"] == kind and name in r]
-                ax.plot([r["step"] for r in rows], [r[name] for r in rows], style, label=label)
-            ax.set(
-                xlabel="step", ylabel=name, title=name, yscale="log" if name == "loss" else "linear"
-            )
-            ax.grid(alpha=0.3)
-            ax.legend()
-        fig.savefig(self.workdir / "learning_curves.png", dpi=100)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """The JSON rows of a metrics.jsonl; a line cut short by a killed run is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows

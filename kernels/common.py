@@ -68,14 +68,16 @@ def sigmoid(x: Array) -> Array:
     return 0.5 * jnp.tanh(0.5 * x) + 0.5
 
 
-def lstm_gate_gradients(dh: Array, dc_next: Array, acts, c_in: Array):
-    """The LSTM step's backward from its saved activations, all float32 [batch, hidden]: dh and
-    dc_next the gradients reaching h_t and C_t, acts the activated gates (i, f, g, o), c_in = C_{t-1}.
+def lstm_gate_gradients(dh: Array, dc_next: Array, acts, c_in: Array, tc: Array | None = None):
+    """The LSTM step's backward from its saved activations, all [batch, hidden]: dh and dc_next the
+    gradients reaching h_t and C_t, acts the activated gates (i, f, g, o), c_in = C_{t-1}, and
+    tc = tanh(C_t) where saved (recomputed from the gates when None).
     Returns ([δpre_i, δpre_f, δpre_g, δpre_o], δC_{t-1}) with, for tc = tanh(C_t),
     δC = dc_next + dh·o·(1 - tc²), δpre_i = δC·g·i(1-i), δpre_f = δC·C_{t-1}·f(1-f),
     δpre_g = δC·i·(1-g²), δpre_o = dh·tc·o(1-o), δC_{t-1} = δC·f."""
     i, f, g, o = acts
-    tc = jnp.tanh(f * c_in + i * g)
+    if tc is None:
+        tc = jnp.tanh(f * c_in + i * g)
     dc = dc_next + dh * o * (1 - tc * tc)
     return [
         dc * g * i * (1 - i),

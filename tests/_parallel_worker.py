@@ -149,7 +149,8 @@ def uneven_padding_steps(model, ds) -> dict:
     import numpy as np
 
     from jaxmodels import parallel
-    from jaxmodels.train import create_train_state, make_optimizer, make_train_step
+    from jaxmodels.optim import make_optimizer
+    from jaxmodels.steps import create_train_state, make_train_step
 
     tx = make_optimizer("adam", 3e-3)
     x, y = ds.x_train[:32], ds.y_train[:32]

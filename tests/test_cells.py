@@ -1,9 +1,6 @@
 """Tests of jaxmodels.cells: the step functions against an independent numpy float64 implementation of
-the seed's equations, the initialisers, gradients and input validation.
-
-The numpy reference slices the pinned layout ({"w_x": [features, 4*hidden], "w_h": [hidden,
-4*hidden], "b": [4*hidden]}, blocks i, f, g, o) into W_xi, W_hi, b_i, ... and writes each gate out
-separately, with σ(x) = 1 / (1 + exp(-x)).
+the seed's equations (tests/_oracles.py, which slices the pinned layout into W_xi, W_hi, b_i, ...
+and writes each gate out separately), the initialisers, gradients and input validation.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import np_dense, np_lstm_step, np_rnn_step, np_sigmoid
 from jax.test_util import check_grads
 
 import jaxmodels
@@ -34,37 +32,6 @@ SHAPES = [  # (batch, features, hidden)
 CASES = [pytest.param(*shape, jnp.float32, id=f"{shape}-f32") for shape in SHAPES] + [
     pytest.param(3, 8, 2, jnp.bfloat16, id="(3, 8, 2)-bf16")
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Independent numpy float64 reference of the seed's equations
-
-
-def np_sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def np_dense(w, b, x, activation):
-    return activation(x @ w + b)
-
-
-def np_rnn(w_x, w_h, b, h, x, activation=np.tanh):
-    return activation(x @ w_x + h @ w_h + b)
-
-
-def np_lstm(w_x, w_h, b, h, c, x):
-    """The seed's LSTM step with every gate's weights sliced out of the pinned layout."""
-    H = w_h.shape[0]
-    W_xi, W_xf, W_xc, W_xo = (w_x[:, k * H : (k + 1) * H] for k in range(4))
-    W_hi, W_hf, W_hc, W_ho = (w_h[:, k * H : (k + 1) * H] for k in range(4))
-    b_i, b_f, b_c, b_o = (b[k * H : (k + 1) * H] for k in range(4))
-    i_t = np_sigmoid(x @ W_xi + h @ W_hi + b_i)
-    f_t = np_sigmoid(x @ W_xf + h @ W_hf + b_f)
-    o_t = np_sigmoid(x @ W_xo + h @ W_ho + b_o)
-    g_t = np.tanh(x @ W_xc + h @ W_hc + b_c)
-    c_t = f_t * c + i_t * g_t
-    h_t = o_t * np.tanh(c_t)
-    return h_t, c_t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +88,7 @@ def test_lstm_cell_matches_numpy(batch, features, hidden, dtype):
     params, carry, x = _lstm_inputs(0, batch, features, hidden)
     (params, carry, x), (p64, (h64, c64), x64) = zip(*[_cast(t, dtype) for t in (params, carry, x)])
     (h, c), out = jax.jit(jaxmodels.lstm_cell)(params, carry, x)
-    h_ref, c_ref = np_lstm(p64["w_x"], p64["w_h"], p64["b"], h64, c64, x64)
+    h_ref, c_ref = np_lstm_step(p64["w_x"], p64["w_h"], p64["b"], h64, c64, x64)
     assert h.shape == c.shape == out.shape == (batch, hidden)
     _assert_close(h, h_ref, dtype)
     _assert_close(c, c_ref, dtype)
@@ -183,7 +150,7 @@ def test_rnn_cell_matches_numpy(batch, features, hidden, dtype, activation):
     else:
         out = jax.jit(functools.partial(jaxmodels.rnn_cell, activation=jax_act))(params, h, x)
     assert out.shape == (batch, hidden)
-    _assert_close(out, np_rnn(p64["w_x"], p64["w_h"], p64["b"], h64, x64, np_act), dtype)
+    _assert_close(out, np_rnn_step(p64["w_x"], p64["w_h"], p64["b"], h64, x64, np_act), dtype)
 
 
 @pytest.mark.parametrize(
@@ -338,12 +305,14 @@ def test_init_lstm(features, hidden, dtype):
                 assert not np.allclose(
                     np.asarray(blocks[a], np.float32), np.asarray(blocks[b], np.float32)
                 )
-    np.testing.assert_array_equal(
-        np.asarray(params["b"], np.float32), 0.0
-    )  # forget_bias defaults to 0
+    # forget_bias defaults to FORGET_BIAS (1.0), the LSTM module's default too: rows i, f, g, o
+    b = np.asarray(params["b"], np.float32).reshape(4, hidden)
+    np.testing.assert_array_equal(b[1], 1.0)
+    np.testing.assert_array_equal(b[[0, 2, 3]], 0.0)
+    assert jaxmodels.LSTM(hidden).forget_bias == jaxmodels.cells.FORGET_BIAS == 1.0
 
 
-@pytest.mark.parametrize("forget_bias", [1.0, -2.5])
+@pytest.mark.parametrize("forget_bias", [0.0, 1.0, -2.5])
 def test_init_lstm_forget_bias_only_in_f_block(forget_bias):
     hidden = 5
     params = jaxmodels.init_lstm(jax.random.key(1), 3, hidden, forget_bias=forget_bias)
@@ -351,7 +320,7 @@ def test_init_lstm_forget_bias_only_in_f_block(forget_bias):
     np.testing.assert_array_equal(b[1], forget_bias)
     np.testing.assert_array_equal(b[[0, 2, 3]], 0.0)
     # the weights do not depend on forget_bias
-    base = jaxmodels.init_lstm(jax.random.key(1), 3, hidden)
+    base = jaxmodels.init_lstm(jax.random.key(1), 3, hidden, forget_bias=7.0)
     np.testing.assert_array_equal(np.asarray(params["w_x"]), np.asarray(base["w_x"]))
     np.testing.assert_array_equal(np.asarray(params["w_h"]), np.asarray(base["w_h"]))
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from jaxmodels import get_model
+from jaxmodels.batches import BatchIterator, Position
 from jaxmodels.checkpoint import (
     Checkpoints,
     CheckpointWarning,
@@ -29,8 +30,10 @@ from jaxmodels.checkpoint import (
     checkpoint_dir,
 )
 from jaxmodels.cli import main
-from jaxmodels.data import BatchIterator, Position, get_dataset
-from jaxmodels.train import TrainConfig, TrainState, create_train_state, fit, make_optimizer
+from jaxmodels.data import get_dataset
+from jaxmodels.optim import make_optimizer
+from jaxmodels.steps import TrainState, create_train_state
+from jaxmodels.train import TrainConfig, fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,18 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _paths import MNIST_DIR
 
-from jaxmodels.data import (
-    BatchIterator,
-    Position,
-    get_dataset,
-    list_datasets,
-    load_mnist,
-    read_idx,
-    upsample_digits,
-)
+from jaxmodels.batches import BatchIterator, Position
+from jaxmodels.data import get_dataset, list_datasets, load_mnist, upsample_digits
+from jaxmodels.mnist import read_idx
 
-MNIST_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 

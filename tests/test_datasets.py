@@ -8,20 +8,20 @@ import hashlib
 import math
 import shutil
 import socket
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _paths import MNIST_DIR, SHARED_DATA
 
-from jaxmodels import data
-from jaxmodels.data import MNIST_SHA256, download_mnist, get_dataset, list_datasets, load_mnist
+from jaxmodels import mnist
+from jaxmodels.data import get_dataset, list_datasets, load_mnist
+from jaxmodels.mnist import MNIST_SHA256, download_mnist
 from jaxmodels.models import get_model
-from jaxmodels.train import TrainConfig, fit, language_model_loss
+from jaxmodels.steps import language_model_loss
+from jaxmodels.train import TrainConfig, fit
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-MNIST_DIR = SHARED / "mnist"
-SHAKESPEARE = SHARED / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
 needs_mnist = pytest.mark.skipif(
@@ -83,8 +83,8 @@ def test_seq_pixels_and_a_fixed_permutation(digits):
 
 @needs_mnist
 def test_seq_mnist_on_the_real_test_split():
-    ds = get_dataset("seq-mnist", data_dir=SHARED)
-    mnist = load_mnist(SHARED)
+    ds = get_dataset("seq-mnist", data_dir=SHARED_DATA)
+    mnist = load_mnist(SHARED_DATA)
     assert ds.x_test.shape == (10_000, 28, 28) and ds.x_test.dtype == np.float32
     np.testing.assert_array_equal(ds.x_test, mnist.x_test[..., 0])
     if mnist.x_train is None:  # only the test split is there
@@ -318,7 +318,7 @@ def test_download_from_a_file_mirror_verifies_the_real_checksums(tmp_path):
     raw = gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes())
     assert hashlib.sha256(raw).hexdigest() == MNIST_SHA256["t10k-images-idx3-ubyte"][1]
     ds = load_mnist(tmp_path / "data")
-    np.testing.assert_array_equal(ds.x_test, load_mnist(SHARED).x_test)
+    np.testing.assert_array_equal(ds.x_test, load_mnist(SHARED_DATA).x_test)
     # present and valid: checked, not fetched (no mirrors needed)
     assert download_mnist(tmp_path / "data", splits=("test",), mirrors=[]) == folder
 
@@ -368,7 +368,7 @@ def test_download_offline_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="expected splits"):
         download_mnist(tmp_path, splits=("validation",))
     monkeypatch.setattr(
-        data, "MNIST_MIRRORS", ()
+        mnist, "MNIST_MIRRORS", ()
     )  # load_mnist(download=True) goes through download_mnist
     with pytest.raises(FileNotFoundError, match="could not download"):
         load_mnist(tmp_path, download=True)

@@ -1,8 +1,9 @@
 """Tests of the Flax modules in ``jaxmodels.layers``: CNN, SimpleRNN, LSTM.
 
 References are independent of the code under test where possible: parameter counts from the
-convolution arithmetic, a float64 numpy loop over the seed's equations, JAX autodiff of a plain
-``lax.scan`` for gradients, and the pinned ``lstm_scan`` / ``rnn_scan`` for the layering.
+convolution arithmetic, the float64 numpy loop over the seed's equations (tests/_oracles.py), JAX
+autodiff of a plain ``lax.scan`` for gradients, and the pinned ``lstm_scan`` / ``rnn_scan`` for the
+layering.
 
 Speed: eager ``lax.scan`` recompiles on every call, so modules are applied under ``jax.jit`` and
 built once per configuration (``_built``); only the "exactly equal" and "no jit" checks run eagerly.
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import np_chain, np_recurrence
 
 import jaxmodels
 from jaxmodels import CNN, LSTM, SimpleRNN
@@ -120,74 +122,6 @@ def expected_cnn_params(
         width_in = d
     total += width_in * num_classes + num_classes
     return total, flat
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def np_lstm(params, xs, lengths=None, reverse=False):
-    """float64 numpy loop over the seed's equations (gates i, f, g, o), packed-sequence semantics."""
-    w_x, w_h, b = (np.asarray(params[k], np.float64) for k in ("w_x", "w_h", "b"))
-    xs = np.asarray(xs, np.float64)
-    batch, time, _ = xs.shape
-    hidden = w_h.shape[0]
-    lengths = np.full(batch, time) if lengths is None else np.asarray(lengths)
-    hs = np.zeros((batch, time, hidden))
-    h_n, c_n = np.zeros((batch, hidden)), np.zeros((batch, hidden))
-    for n in range(batch):
-        h, c = np.zeros(hidden), np.zeros(hidden)
-        steps = range(lengths[n] - 1, -1, -1) if reverse else range(lengths[n])
-        for t in steps:
-            z = xs[n, t] @ w_x + h @ w_h + b
-            i = _sigmoid(z[:hidden])
-            f = _sigmoid(z[hidden : 2 * hidden])
-            g = np.tanh(z[2 * hidden : 3 * hidden])
-            o = _sigmoid(z[3 * hidden :])
-            c = f * c + i * g
-            h = o * np.tanh(c)
-            hs[n, t] = h
-        h_n[n], c_n[n] = h, c
-    return (h_n, c_n), hs
-
-
-def np_rnn(params, xs, lengths=None, reverse=False):
-    """float64 numpy loop of h_t = tanh(x_t W + h_{t-1} U + b), packed-sequence semantics."""
-    w_x, w_h, b = (np.asarray(params[k], np.float64) for k in ("w_x", "w_h", "b"))
-    xs = np.asarray(xs, np.float64)
-    batch, time, _ = xs.shape
-    hidden = w_h.shape[0]
-    lengths = np.full(batch, time) if lengths is None else np.asarray(lengths)
-    hs = np.zeros((batch, time, hidden))
-    h_n = np.zeros((batch, hidden))
-    for n in range(batch):
-        h = np.zeros(hidden)
-        steps = range(lengths[n] - 1, -1, -1) if reverse else range(lengths[n])
-        for t in steps:
-            h = np.tanh(xs[n, t] @ w_x + h @ w_h + b)
-            hs[n, t] = h
-        h_n[n] = h
-    return h_n, hs
-
-
-NP_REF = {"lstm": np_lstm, "rnn": np_rnn}
-
-
-def np_chain(cell, params, xs, num_layers, bidirectional, lengths=None):
-    """Stacked (bi)directional numpy loops: (last layer's outputs, [final carry per (layer, direction)])."""
-    finals, xs = [], np.asarray(xs, np.float64)
-    for layer in range(num_layers):
-        fwd_carry, fwd = NP_REF[cell](params[f"layer_{layer}"], xs, lengths)
-        finals.append(fwd_carry)
-        if bidirectional:
-            bwd_carry, bwd = NP_REF[cell](
-                params[f"layer_{layer}_reverse"], xs, lengths, reverse=True
-            )
-            finals.append(bwd_carry)
-            xs = np.concatenate([fwd, bwd], -1)
-        else:
-            xs = fwd
-    return xs, finals
 
 
 def _autodiff_scan(cell: str):
@@ -544,7 +478,7 @@ def test_single_layer_matches_numpy_seed_equations(cell):
     params = {"layer_0": dict(variables["params"]["layer_0"])}
     params["layer_0"]["b"] = _normal(params["layer_0"]["b"].shape, 9)
     outputs, carry = apply({"params": params}, xs)
-    ref_carry, ref_hs = NP_REF[cell](params["layer_0"], xs)
+    ref_carry, ref_hs = np_recurrence(cell, params["layer_0"], xs)
     np.testing.assert_allclose(outputs, ref_hs, **REF)
     _leaves_close(carry, jax.tree.map(lambda a: a[None], ref_carry), **REF)
 
@@ -597,11 +531,9 @@ def test_bidirectional_equals_forward_and_reverse_scans_with_seq_lengths(cell, n
     np.testing.assert_allclose(outputs, ref_out, **TIGHT)
     _leaves_close(carry, _stack(finals), **TIGHT)
     if num_layers == 1:  # independent of lstm_scan: the numpy loop over each direction
-        p = variables["params"]
-        fwd_carry, fwd = NP_REF[cell](p["layer_0"], xs, LENGTHS)
-        bwd_carry, bwd = NP_REF[cell](p["layer_0_reverse"], xs, LENGTHS, reverse=True)
-        np.testing.assert_allclose(outputs, np.concatenate([fwd, bwd], -1), **REF)
-        _leaves_close(carry, _stack([fwd_carry, bwd_carry]), **REF)
+        ref_out, ref_carry = np_chain(cell, variables["params"], xs, 1, True, LENGTHS)
+        np.testing.assert_allclose(outputs, ref_out, **REF)
+        _leaves_close(carry, ref_carry, **REF)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -612,9 +544,9 @@ def test_stacked_bidirectional_with_seq_lengths_matches_numpy_seed_equations(cel
     _, variables, apply = _built(cell, num_layers=2, bidirectional=True)
     xs = _xs()
     outputs, carry = apply(variables, xs, jnp.array(LENGTHS))
-    ref_out, finals = np_chain(cell, variables["params"], xs, 2, True, LENGTHS)
+    ref_out, ref_carry = np_chain(cell, variables["params"], xs, 2, True, LENGTHS)
     np.testing.assert_allclose(outputs, ref_out, **REF)
-    _leaves_close(carry, _stack(finals), **REF)
+    _leaves_close(carry, ref_carry, **REF)
     for n, length in enumerate(LENGTHS):
         np.testing.assert_array_equal(outputs[n, length:], 0)
 
@@ -798,4 +730,6 @@ def test_numpy_reference_is_sensitive_to_gate_order():
     params = dict(params, b=_normal((4 * HIDDEN,), 1))
     perm = np.r_[HIDDEN : 2 * HIDDEN, 0:HIDDEN, 2 * HIDDEN : 4 * HIDDEN]
     swapped = {k: np.asarray(v)[..., perm] for k, v in params.items()}
-    assert not np.allclose(np_lstm(params, xs)[1], np_lstm(swapped, xs)[1])
+    assert not np.allclose(
+        np_recurrence("lstm", params, xs)[1], np_recurrence("lstm", swapped, xs)[1]
+    )

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _oracles import np_chain, np_dense
 
 import jaxmodels
 from jaxmodels import get_model, list_models
@@ -95,49 +96,17 @@ def _built(name: str, dropout_rate: float | None = None, **extra):
 REF = dict(rtol=1e-5, atol=1e-5)  # float32 model vs float64 numpy reference
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def np_recurrence(cell, params, xs, lengths, reverse):
-    """Final h [batch, hidden] and outputs [batch, time, hidden] of one layer/direction, by the
-    seed's equations in float64 (gates i, f, g, o); steps past a sequence's length are skipped."""
-    w_x, w_h, b = (np.asarray(params[k], np.float64) for k in ("w_x", "w_h", "b"))
-    batch, time, _ = xs.shape
-    hidden = w_h.shape[0]
-    lengths = [time] * batch if lengths is None else lengths
-    hs, h_n = np.zeros((batch, time, hidden)), np.zeros((batch, hidden))
-    for n in range(batch):
-        h, c = np.zeros(hidden), np.zeros(hidden)
-        for t in range(lengths[n] - 1, -1, -1) if reverse else range(lengths[n]):
-            z = xs[n, t] @ w_x + h @ w_h + b
-            if cell == "rnn":
-                h = np.tanh(z)
-            else:
-                i, f, g, o = np.split(z, 4)
-                c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-                h = _sigmoid(o) * np.tanh(c)
-            hs[n, t] = h
-        h_n[n] = h
-    return h_n, hs
-
-
 def np_sequence_model(cell, params, xs, num_layers, bidirectional, lengths=None):
-    """SequenceModel by hand: stacked numpy recurrences, then the dense head on the last layer's
-    final h (forward and backward concatenated)."""
+    """SequenceModel by hand: the stacked numpy recurrences of tests/_oracles.py, then the dense
+    head on the last layer's final h (forward and backward concatenated)."""
     encoder = params["LSTM_0" if cell == "lstm" else "SimpleRNN_0"]
-    xs = np.asarray(xs, np.float64)
-    for layer in range(num_layers):
-        h_fwd, out_fwd = np_recurrence(cell, encoder[f"layer_{layer}"], xs, lengths, False)
-        if bidirectional:
-            h_bwd, out_bwd = np_recurrence(
-                cell, encoder[f"layer_{layer}_reverse"], xs, lengths, True
-            )
-            xs, last = np.concatenate([out_fwd, out_bwd], -1), np.concatenate([h_fwd, h_bwd], -1)
-        else:
-            xs, last = out_fwd, h_fwd
+    _, carry = np_chain(cell, encoder, xs, num_layers, bidirectional, lengths)
+    h_n = carry[0] if cell == "lstm" else carry  # [layers * directions, batch, hidden]
+    last = np.concatenate(list(h_n[-(2 if bidirectional else 1) :]), -1)
     head = params["Dense_0"]
-    return last @ np.asarray(head["kernel"], np.float64) + np.asarray(head["bias"], np.float64)
+    return np_dense(
+        np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64), last
+    )
 
 
 def _count(tree) -> int:

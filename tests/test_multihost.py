@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from test_parallel import TOL, WORKER, finish, largest_difference, load_run, run_worker
 
-from jaxmodels.train import SingleDevice, fit
+from jaxmodels.parallel import SingleDevice
+from jaxmodels.train import fit
 
 
 def free_port() -> int:

@@ -13,7 +13,6 @@ import pytest
 
 from jaxmodels import parallel
 from jaxmodels.cli import main
-from jaxmodels.train import SingleDevice
 
 WORKER = Path(__file__).resolve().parent / "_parallel_worker.py"
 TOL = 1e-4  # float32 over 10 Adam steps; measured differences are ~1e-6
@@ -163,7 +162,7 @@ def test_cli_strategy_in_process(tmp_path, capsys):
 
 def test_get_strategy():
     assert parallel.default_strategy_name() == "single"  # one CPU device in the test process
-    assert isinstance(parallel.get_strategy(), SingleDevice)
+    assert isinstance(parallel.get_strategy(), parallel.SingleDevice)
     pmap, sharded = parallel.get_strategy("pmap"), parallel.get_strategy("sharded")
     assert (pmap.axis_name, pmap.num_devices) == ("batch", 1)
     assert (sharded.axis_name, sharded.num_devices, sharded.mesh.axis_names) == (None, 1, ("data",))

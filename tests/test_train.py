@@ -3,7 +3,6 @@ fit on digits (and MNIST when present), and the command line end to end."""
 
 import dataclasses
 import json
-from pathlib import Path
 
 import chex
 import jax
@@ -11,28 +10,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _paths import MNIST_DIR
 
 from jaxmodels import get_model
+from jaxmodels.batches import BatchIterator
 from jaxmodels.cli import main
-from jaxmodels.data import BatchIterator, get_dataset
-from jaxmodels.train import (
-    SingleDevice,
-    TrainConfig,
+from jaxmodels.data import get_dataset
+from jaxmodels.optim import make_optimizer, make_schedule
+from jaxmodels.parallel import SingleDevice
+from jaxmodels.steps import (
     TrainState,
     classification_loss,
     create_train_state,
-    evaluate,
-    fit,
     language_model_loss,
     make_eval_step,
-    make_optimizer,
-    make_schedule,
     make_train_step,
     masked_mean,
     regression_loss,
 )
-
-MNIST_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
+from jaxmodels.train import TrainConfig, evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +202,7 @@ def test_train_state_is_a_pytree_and_bf16_compute_keeps_fp32_params(digits):
     model = get_model("cnn", dtype=jnp.bfloat16)
     tx = make_optimizer("adam", 1e-3)
     state = create_train_state(model, tx, digits.x_train[:2], seed=0)
-    assert (
-        isinstance(state, TrainState) and state.rng.dtype == jnp.uint32 and state.collections == {}
-    )
+    assert isinstance(state, TrainState) and state.rng.dtype == jnp.uint32
     leaves = jax.tree.leaves(state.params)
     assert sum(leaf.size for leaf in leaves) == 93_322
     (batch,) = BatchIterator((digits.x_train[:16], digits.y_train[:16]), 16).epoch()

@@ -1,0 +1,100 @@
+"""Optimizers and learning-rate schedules by name, as optax transformations.
+
+    >>> tx = make_optimizer("adam", lr=1e-3, schedule="cosine", total_steps=1000, clip_norm=1.0)
+
+``OPTIMIZERS`` and ``SCHEDULES`` are the names the trainer and the command line accept.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import optax
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "cosine", "warmup-cosine")
+
+
+def _standard_promotion(fn: Callable) -> Callable:
+    """``fn`` traced under standard dtype promotion. optax's internals mix Python floats with int32
+    step counts (e.g. adam's bias correction ``b1 ** count``), which strict promotion rejects;
+    our own code stays under whatever promotion mode the caller chose."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.numpy_dtype_promotion("standard"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def make_schedule(
+    lr: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int | None = None
+) -> optax.Schedule:
+    """Learning rate by step. "constant": ``lr`` (after a linear warm-up from 0 over
+    ``warmup_steps`` when > 0); "cosine": cosine decay from ``lr`` to 0 over ``total_steps``;
+    "warmup-cosine": linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 0 at
+    ``total_steps``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if lr <= 0 or warmup_steps < 0:
+        raise ValueError(
+            f"expected lr > 0 and warmup_steps >= 0, got lr={lr} warmup_steps={warmup_steps}"
+        )
+    if schedule == "constant":
+        if warmup_steps == 0:
+            return _standard_promotion(optax.constant_schedule(lr))
+        warmup = optax.linear_schedule(0.0, lr, warmup_steps)
+        return _standard_promotion(
+            optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps])
+        )
+    if total_steps is None or total_steps <= warmup_steps:
+        raise ValueError(
+            f"schedule {schedule!r} needs total_steps > warmup_steps, got total_steps={total_steps} "
+            f"warmup_steps={warmup_steps}"
+        )
+    if schedule == "cosine":
+        return _standard_promotion(optax.cosine_decay_schedule(lr, total_steps))
+    return _standard_promotion(
+        optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps)
+    )
+
+
+def make_optimizer(
+    name: str = "adam",
+    lr: float = 1e-3,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    clip_norm: float | None = None,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
+    """An optax optimizer by name: "adam", "adamw" (decoupled ``weight_decay``), "sgd" (momentum
+    0.9), "rmsprop". For the others a ``weight_decay`` > 0 adds ``weight_decay * params`` to the
+    gradients (L2). ``clip_norm`` clips the gradients' global norm first (``clip_by_global_norm``)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+    if weight_decay < 0 or (clip_norm is not None and clip_norm <= 0):
+        raise ValueError(
+            f"expected weight_decay >= 0 and clip_norm > 0, got {weight_decay} and {clip_norm}"
+        )
+    lr_fn = make_schedule(lr, schedule, warmup_steps, total_steps)
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm is not None else []
+    if name == "adamw":
+        parts.append(optax.adamw(lr_fn, weight_decay=weight_decay))
+    else:
+        if weight_decay > 0:
+            parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(
+            {
+                "adam": lambda: optax.adam(lr_fn),
+                "sgd": lambda: optax.sgd(lr_fn, momentum=0.9),
+                "rmsprop": lambda: optax.rmsprop(lr_fn),
+            }[name]()
+        )
+    tx = optax.chain(*parts)
+    return optax.GradientTransformation(
+        _standard_promotion(tx.init), _standard_promotion(tx.update)
+    )

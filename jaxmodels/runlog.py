@@ -1,0 +1,153 @@
+"""What a training run writes as it goes: metrics.jsonl rows, config.json, learning_curves.png,
+and the progress bar on the terminal.
+
+``MetricsWindow`` gathers the step metrics between two rows (examples per second, the first
+step's compile time apart) and stops the run on a non-finite loss; ``RunWriter`` appends the rows
+(written before they are shown) and, on a resumed run, keeps the rows up to the resumed step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxmodels.records import json_default
+
+
+class MetricsWindow:
+    """Step metrics since the last "train" row, and the examples/s over them. The run's first step
+    (which compiles) is timed apart, as first_step_s, and left out of the throughput."""
+
+    def __init__(self):
+        self.metrics, self.examples, self.start, self.first_step_s = (
+            [],
+            0,
+            time.perf_counter(),
+            None,
+        )
+
+    def __len__(self) -> int:
+        return len(self.metrics)
+
+    def add(self, metrics: dict, examples: int, *, first: bool = False) -> None:
+        self.metrics.append(metrics)
+        if first:
+            jax.block_until_ready(metrics)
+            now = time.perf_counter()
+            self.first_step_s, self.start = now - self.start, now
+        else:
+            self.examples += examples
+
+    def check_finite(self, fetch: Callable, step: int) -> None:
+        """Raise FloatingPointError naming the step if a loss since the last row is not finite."""
+        if self.metrics:
+            summarise(fetch(self.metrics), step - len(self.metrics) + 1)
+
+    def row(self, fetch: Callable, epoch: int, step: int, t0: float) -> dict:
+        """The "train" row of this window (``t0``: the run's start); empties the window."""
+        means = summarise(
+            fetch(self.metrics), step - len(self.metrics) + 1
+        )  # fetch waits for the steps
+        now = time.perf_counter()
+        row = {"kind": "train", "epoch": epoch, "step": step, **means, "time_s": now - t0}
+        if self.examples:
+            row["examples_per_sec"] = self.examples / (now - self.start)
+        if self.first_step_s is not None:
+            row["first_step_s"] = self.first_step_s  # includes compilation
+        self.metrics, self.examples, self.start, self.first_step_s = [], 0, now, None
+        return row
+
+
+def summarise(window: list[dict], first_step: int) -> dict:
+    """Means of host metrics over a window of steps; a non-finite loss stops the run."""
+    losses = np.array([m["loss"] for m in window])
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise FloatingPointError(
+            f"loss is {losses[bad[0]]} at step {first_step + int(bad[0])}; stopping"
+        )
+    return {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+class RunWriter:
+    """config.json, metrics.jsonl and learning_curves.png in a work folder (only when ``enabled``:
+    on process 0)."""
+
+    def __init__(self, workdir: Path, enabled: bool = True, keep_until: int | None = None):
+        self.workdir, self.enabled, self.history = workdir, enabled, []
+        if enabled:
+            workdir.mkdir(parents=True, exist_ok=True)
+            path = workdir / "metrics.jsonl"
+            if keep_until is not None and path.exists():  # a resumed run: rows up to its step stay
+                self.history = [r for r in read_rows(path) if r.get("step", 0) <= keep_until]
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+
+    def save_config(self, config: dict) -> None:
+        if self.enabled:
+            (self.workdir / "config.json").write_text(
+                json.dumps(config, indent=2, default=json_default) + "\n"
+            )
+
+    def log(self, row: dict) -> None:
+        self.history.append(row)
+        if self.enabled:
+            with open(self.workdir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def plot(self) -> None:
+        """Loss (and accuracy) against step, train rows and eval rows, in learning_curves.png."""
+        if not self.enabled:
+            return
+        from matplotlib.figure import Figure  # no pyplot: no global backend, renders with Agg
+
+        names = ["loss"] + (["accuracy"] if any("accuracy" in r for r in self.history) else [])
+        fig = Figure(figsize=(5 * len(names), 4), layout="constrained")
+        for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+            for kind, style, label in (("train", "-", "train"), ("eval", "o-", "test")):
+                rows = [r for r in self.history if r["kind"] == kind and name in r]
+                ax.plot([r["step"] for r in rows], [r[name] for r in rows], style, label=label)
+            ax.set(
+                xlabel="step", ylabel=name, title=name, yscale="log" if name == "loss" else "linear"
+            )
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.savefig(self.workdir / "learning_curves.png", dpi=100)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON rows of a metrics.jsonl; a line cut short by a killed run is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
