@@ -58,7 +58,8 @@ from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_referen
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
 
 import jaxmodels
-from jaxmodels import bench, records
+from jaxmodels import records
+from jaxmodels.cli import positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -639,7 +640,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeats",
-        type=bench.positive_int,
+        type=positive_int,
         default=None,
         help="timing rounds (default 20; 2 with --dry-run)",
     )

@@ -14,7 +14,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,14 +68,21 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def environment() -> dict:
+def environment(*, frameworks: Sequence[str] = ("jax", "torch")) -> dict:
     """Date, versions, backend, devices, CPU count, recorded environment variables (XLA flags,
     thread and allocator settings), PyTorch's thread count where installed, and the git commit with
-    the files changed under jaxmodels/ and kernels/ (both None/empty outside a checkout)."""
-    import jax  # here, so that writing a result file does not need jax
+    the files changed under jaxmodels/ and kernels/ (both None/empty outside a checkout).
 
-    torch_threads = None
-    if version("torch"):
+    ``frameworks``: which of jax and torch to import and ask (backend and devices; thread count);
+    the others' entries are None. A benchmark worker process names only its own, so that recording
+    its environment imports nothing it does not run."""
+    backend, devices, torch_threads = None, None, None
+    if "jax" in frameworks:
+        import jax  # here, so that writing a result file does not need jax
+
+        backend = jax.default_backend()
+        devices = [f"{d.platform} {d.device_kind}" for d in jax.devices()]
+    if "torch" in frameworks and version("torch"):
         import torch
 
         torch_threads = torch.get_num_threads()
@@ -83,8 +90,8 @@ def environment() -> dict:
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {p: version(p) for p in VERSIONED} | {"python": sys.version.split()[0]},
-        "backend": jax.default_backend(),
-        "devices": [f"{d.platform} {d.device_kind}" for d in jax.devices()],
+        "backend": backend,
+        "devices": devices,
         "cpu_count": cpu_count(),
         "processor": platform.processor() or platform.machine(),
         "platform": platform.platform(),

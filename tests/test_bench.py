@@ -1,14 +1,26 @@
-"""The benchmark harness: FLOP counts, a smoke run of both suites on tiny shapes, the CLI.
+"""The benchmark harness: FLOP counts, the interleaved rounds, the worker processes (a smoke run of
+both suites on tiny shapes, each framework configuration in its own process; a worker that dies or
+hangs), the PyTorch configurations, the CLI.
 
-No test asserts a timing: only that every contender ran, and the files and ratios are consistent.
+No test asserts a timing: only that every contender ran (or was skipped for a stated reason), in
+the process it should, and that the files and ratios are consistent.
 """
 
+import functools
 import json
+import signal
+import sys
+import time
 
 import pytest
 
 import jaxmodels as jm
 from jaxmodels import bench, cli
+from jaxmodels.bench import pool, timing, torch_configs, torch_models
+from jaxmodels.records import version
+
+HAS_TORCH = version("torch") is not None
+JEMALLOC = torch_configs.find_library("libjemalloc.so.2")
 
 
 def test_lstm_flops_formula():
@@ -49,6 +61,7 @@ def test_time_workload_interleaves_and_reports_errors():
             and len(r["samples_s"]) == 3
             and r["min_s"] <= r["median_s"] <= r["max_s"]
         )
+        assert r["process"] == "this process" and r["allocator"] == "as installed"
     # first call + 1 warm-up each, then rounds: each contender once per round
     assert calls[:4] == ["a", "a", "b", "b"]
     assert [sorted(calls[i : i + 2]) for i in range(4, 10, 2)] == [["a", "b"]] * 3
@@ -68,9 +81,59 @@ def test_time_workload_varies_who_runs_after_whom():
         assert len(predecessors) >= 2, (n, predecessors)
 
 
+def test_torch_contenders_cover_every_allocator_and_thread_count():
+    setup = functools.partial(torch_models.cnn, batch=2, train=False)
+    contenders = torch_configs.torch_contenders(
+        "PyTorch", setup, torch_threads=2, allocators=tuple(bench.ALLOCATORS)
+    )
+    assert [(c.name, c.allocator, c.threads) for c in contenders] == [
+        ("PyTorch", "as installed", 2),
+        ("PyTorch (1 thread)", "as installed", 1),
+        ("PyTorch (jemalloc)", "jemalloc", 2),
+        ("PyTorch (1 thread, jemalloc)", "jemalloc", 1),
+        ("PyTorch (tcmalloc)", "tcmalloc", 2),
+        ("PyTorch (1 thread, tcmalloc)", "tcmalloc", 1),
+    ]
+    assert all(c.framework == "torch" and c.setup is setup for c in contenders)
+    one = torch_configs.torch_contenders("PyTorch", setup, torch_threads=1)
+    assert [(c.name, c.threads) for c in one] == [("PyTorch", 1)]
+
+
+def test_a_missing_allocator_is_skipped_naming_its_debian_package(monkeypatch):
+    monkeypatch.setitem(torch_configs.ALLOCATORS, "nosuch", ("libnosuch-alloc.so.9", "libnosuch9"))
+    assert torch_configs.find_library("libnosuch-alloc.so.9") is None
+    reason = "libnosuch-alloc.so.9 not found: install the Debian package libnosuch9"
+    assert torch_configs.allocator_library("nosuch") == (None, reason)
+    with pytest.raises(ValueError, match="expected an allocator"):
+        torch_configs.allocator_library("mimalloc")
+    # no process is started for it; its contenders are skipped with the reason
+    workers = pool.Pool(torch_threads=1, allocators=("nosuch",))
+    (contender,) = torch_configs.torch_contenders(
+        "t", functools.partial(torch_models.cnn, batch=1, train=False), torch_threads=1,
+        allocators=("nosuch",),
+    )  # fmt: skip
+    records = bench.time_workload(
+        bench.Workload("w", "g", 1.0, [contender]), repeats=1, executor=workers
+    )
+    assert records[0]["skipped"] == reason and records[0]["process"] == "torch, nosuch, 1 thread"
+    assert all(w.proc is None for w in workers.workers.values())
+
+
+def test_setups_for_a_worker_are_module_level():
+    assert pool.target(functools.partial(timing.peak_setup, 8)) == {
+        "module": "jaxmodels.bench.timing",
+        "function": "peak_setup",
+        "args": (8,),
+        "kwargs": {},
+    }
+    with pytest.raises(ValueError, match="module-level setups only"):
+        pool.target(lambda: None)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
+    torch_before = "torch" in sys.modules
     status = cli.main(
         [
             "bench",
@@ -85,7 +148,13 @@ def smoke(tmp_path_factory):
             str(out),
         ]
     )
+    # the parent leaves torch to the workers (seen only where no earlier test imported it)
+    assert torch_before or "torch" not in sys.modules
     return status, out
+
+
+def _load(out, suite):
+    return json.loads((out / f"{suite}-small.json").read_text())
 
 
 @pytest.mark.parametrize("suite", bench.SUITES)
@@ -94,7 +163,8 @@ def test_smoke_run_writes_consistent_results(smoke, suite):
     assert status == 0
     for ext in ("json", "md", "png"):
         assert (out / f"{suite}-small.{ext}").stat().st_size > 0
-    result = json.loads((out / f"{suite}-small.json").read_text())
+    result = _load(out, suite)
+    assert result["isolation"] == "process"
     env = result["environment"]
     assert (
         env["versions"]["jax"]
@@ -109,26 +179,136 @@ def test_smoke_run_writes_consistent_results(smoke, suite):
         names = [r["name"] for r in workload["contenders"]]
         assert baseline in names
         for r in workload["contenders"]:
-            assert "error" not in r, (workload["name"], r["name"], r.get("error"))
+            assert r["process"] == ("jax" if r["framework"] == "jax" else
+                                    f"torch, {r['allocator']}, 1 thread"), r  # fmt: skip
+            if r["framework"] == "torch" and not HAS_TORCH:
+                assert "torch cannot be imported" in r["skipped"], r
+                continue
+            if (
+                r["allocator"] != "as installed"
+                and not torch_configs.allocator_library(r["allocator"])[0]
+            ):
+                assert "Debian package" in r["skipped"], r
+                continue
+            assert "error" not in r and "skipped" not in r, (workload["name"], r)
             assert len(r["samples_s"]) == 2 and r["median_s"] > 0 and r["compile_s"] > 0
-            assert r["gflops"] > 0 and r["frac_peak"] > 0
+            assert r["gflops"] > 0 and r["frac_peak"] > 0 and r["pid"] > 0
             if r["name"] == baseline:
                 assert r["speedup"][baseline] == pytest.approx(1.0)
+        torch = [r for r in workload["contenders"] if "median_s" in r and r["framework"] == "torch"]
+        strongest = workload["strongest_torch"]
+        if torch:  # the fastest PyTorch configuration, and every ratio against it
+            assert strongest == min(torch, key=lambda r: r["median_s"])["name"]
+            for r in workload["contenders"]:
+                if "median_s" in r:
+                    assert r["speedup"][strongest] == pytest.approx(
+                        next(t["median_s"] for t in torch if t["name"] == strongest) / r["median_s"]
+                    )
+        else:
+            assert strongest is None and not HAS_TORCH
     table = (out / f"{suite}-small.md").read_text()
-    assert f"x {baseline}" in table and "XLA_FLAGS" in table
+    assert f"x {baseline}" in table and "XLA_FLAGS" in table and "## Processes" in table
+    if HAS_TORCH:
+        assert "x strongest PyTorch" in table and "PyTorch configurations, median ms" in table
+        assert "| as installed, 1 thread |" in table
+        if JEMALLOC:
+            assert "| jemalloc, 1 thread |" in table
+    else:
+        assert "Not run here:" in table and "torch cannot be imported" in table
 
 
 def test_smoke_run_has_the_named_contenders(smoke):
     _, out = smoke
-    lstm = json.loads((out / "lstm-small.json").read_text())
+    lstm = _load(out, "lstm")
     names = {r["name"] for r in lstm["workloads"][0]["contenders"]}
     assert {bench.LSTM_NAIVE, bench.LSTM_FLAX, bench.LSTM_SCAN} <= names
+    assert {bench.LSTM_TORCH, f"{bench.LSTM_TORCH} (jemalloc)"} <= names
+    assert f"{bench.LSTM_TORCH} (tcmalloc)" in names
     assert any(n.startswith("jax.experimental.rnn") for n in names)
     assert (bench.LSTM_PALLAS in names) == (lstm["environment"]["backend"] in ("gpu", "tpu"))
-    cnn = json.loads((out / "cnn-small.json").read_text())
+    cnn = _load(out, "cnn")
     names = {r["name"] for r in cnn["workloads"][0]["contenders"]}
     assert bench.CNN_PLAIN in names and {n for n, _ in bench.cnn_variants()} <= names
+    assert {bench.CNN_TORCH, f"{bench.CNN_TORCH} (jemalloc)"} <= names
     assert {w["group"] for w in cnn["workloads"]} == {"training step (Adam)", "inference"}
+
+
+def test_smoke_run_records_every_process(smoke):
+    """One JAX process and one per PyTorch allocator (one thread count here), each with its own
+    environment; a PyTorch process never imported jax while it timed."""
+    _, out = smoke
+    processes = {p["name"]: p for p in _load(out, "lstm")["processes"]}
+    assert set(processes) == {"jax"} | {
+        f"torch, {a}, 1 thread" for a in ("as installed", "jemalloc", "tcmalloc")
+    }
+    assert processes["jax"]["status"] == "ran" and processes["jax"]["environment"]["backend"]
+    pids = [p["pids"] for p in processes.values() if p["pids"]]
+    assert len({pid for ps in pids for pid in ps}) == len(pids)  # one process each
+    for name, p in processes.items():
+        if name != "jax" and p["status"] != "skipped":
+            assert p["jax_imported"] is False, name
+            assert p["environment"]["versions"]["python"], name
+            assert (p["status"] == "ran") == HAS_TORCH, p
+            if HAS_TORCH:
+                assert p["hello"]["threads"] == 1 and p["environment"]["torch_threads"] == 1
+
+
+@pytest.mark.skipif(JEMALLOC is None, reason="libjemalloc.so.2 not installed (libjemalloc2)")
+def test_jemalloc_worker_runs_with_jemalloc_preloaded(smoke):
+    _, out = smoke
+    processes = {p["name"]: p for p in _load(out, "cnn")["processes"]}
+    jemalloc = processes["torch, jemalloc, 1 thread"]
+    assert jemalloc["library"] == JEMALLOC
+    assert JEMALLOC in jemalloc["environment"]["env"]["LD_PRELOAD"].split(":")
+    assert jemalloc["hello"]["preloaded"] == [JEMALLOC]  # mapped into the process
+    installed = processes["torch, as installed, 1 thread"]
+    assert "libjemalloc" not in installed["environment"]["env"].get("LD_PRELOAD", "")
+    assert not any("jemalloc" in lib for lib in installed["hello"]["preloaded"])
+
+
+def test_a_worker_that_dies_or_hangs_is_reported_and_the_run_goes_on():
+    peak = bench.Contender("matmul", functools.partial(timing.peak_setup, 8))
+    dies = bench.Contender("dies", functools.partial(signal.raise_signal, signal.SIGKILL))
+    hangs = bench.Contender("hangs", functools.partial(time.sleep, 600))
+    timeouts = bench.Timeouts(setup=2.0, stop=2.0)
+    start = time.perf_counter()
+    with bench.Pool(allocators=(), timeouts=timeouts) as workers:
+        runs = [
+            bench.time_workload(
+                bench.Workload(name, "g", 1.0, contenders), repeats=2, executor=workers
+            )
+            for name, contenders in [("1", [dies, peak]), ("2", [peak, hangs]), ("3", [peak])]
+        ]
+        jax_worker = workers.workers["jax"]
+    assert time.perf_counter() - start < 120
+    deaths, pids = jax_worker.info["deaths"], jax_worker.info["pids"]
+    (died, after), (lost, hung), (again,) = runs
+    assert "died (killed by SIGKILL)" in died["error"] and "samples_s" not in died
+    assert len(after["samples_s"]) == 2 and after["pid"] != pids[0]  # a fresh process
+    assert "no answer to setup within 2 s: killed" in hung["error"]
+    assert "error" in lost and "worker jax" in lost["error"]  # its process was killed
+    assert len(again["samples_s"]) == 2 and again["pid"] == pids[-1]
+    assert len(deaths) == 2 and len(pids) == 3
+    assert jax_worker.info["status"] == "ran" and jax_worker.proc.poll() is not None  # stopped
+
+
+def test_shared_isolation_runs_in_this_process(monkeypatch):
+    suite = bench.Suite(
+        "tiny",
+        [bench.Workload("w", "g", 2.0 * 8**3, [
+            bench.Contender("matmul", functools.partial(timing.peak_setup, 8)),
+            bench.Contender("jemalloc one", lambda: None, "torch", threads=1, allocator="jemalloc"),
+        ])],
+        baseline="matmul",
+        peak_n=8,
+    )  # fmt: skip
+    result = bench.run_suite(suite, repeats=2, min_sample_s=0.0, log=None)
+    assert result["isolation"] == "shared"
+    matmul, jemalloc = result["workloads"][0]["contenders"]
+    assert matmul["process"] == "this process" and matmul["speedup"] == {"matmul": 1.0}
+    assert "needs its own process" in jemalloc["skipped"]
+    assert [p["name"] for p in result["processes"]] == ["this process"]
+    assert "Isolation `shared`" in bench.markdown(result)
 
 
 def test_bench_rejects_bad_arguments(capsys):
@@ -136,28 +316,17 @@ def test_bench_rejects_bad_arguments(capsys):
         cli.main(["bench", "lstm", "--repeats", "0"])
     assert exit_.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "lstm", "--isolation", "threads"])
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected a suite"):
         bench.build_suite("gru")
+    with pytest.raises(ValueError, match="expected a suite"):
+        bench.run(["gru"], isolation="process")  # before any process starts
 
 
-def test_cnn_variants_follow_a_conv_impl_option(monkeypatch):
-    import typing
-
-    import jaxmodels
-    from jaxmodels import layers
-
-    # the library's option: one contender per value of layers.CONV_IMPLS
+def test_cnn_variants_are_one_contender_per_conv_impl():
     assert bench.cnn_variants() == [
-        (f"jaxmodels CNN(conv_impl={v!r})", {"conv_impl": v}) for v in layers.CONV_IMPLS
-    ]
-
-    # without a CONV_IMPLS list, the values come from a Literal annotation
-    class CNNWithImpl(jm.CNN):
-        conv_impl: typing.Literal["xla", "patches"] = "xla"
-
-    monkeypatch.setattr(jaxmodels, "CNN", CNNWithImpl)
-    monkeypatch.delattr(layers, "CONV_IMPLS")
-    assert bench.cnn_variants() == [
-        ("jaxmodels CNN(conv_impl='xla')", {"conv_impl": "xla"}),
         ("jaxmodels CNN(conv_impl='patches')", {"conv_impl": "patches"}),
+        ("jaxmodels CNN(conv_impl='xla')", {"conv_impl": "xla"}),
     ]
