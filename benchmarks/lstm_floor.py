@@ -1,5 +1,6 @@
-"""How fast can an LSTM layer run under XLA on this machine? A measured lower bound, beside Flax,
-PyTorch and ``lstm_scan``.
+"""How fast can an LSTM layer run under XLA on this machine? A measured lower bound, beside Flax
+and ``lstm_scan``, all in one JAX process (PyTorch, not lowered by XLA, is compared with both in
+its own processes by ``jaxmodels bench lstm``).
 
     python benchmarks/lstm_floor.py                       # (256, 64, 150) -> benchmarks/results/lstm_floor.{json,md}
     python benchmarks/lstm_floor.py --shape 16,2,5 --repeats 2 --out /tmp/floor   # a smoke run
@@ -45,7 +46,7 @@ from jaxmodels.kernels.common import lstm_gate_gradients
 from jaxmodels import bench, cells, records
 
 DEFAULT_SHAPE = (256, 64, 150)  # (hidden, batch, time): the shape of issue 5's targets
-CONTENDERS = (bench.LSTM_FLAX, bench.LSTM_TORCH, bench.LSTM_SCAN)
+CONTENDERS = (bench.LSTM_FLAX, bench.LSTM_SCAN)
 SCALE = 0.01  # keeps the dependent loops' values bounded
 
 
@@ -158,7 +159,7 @@ def floor(
 
 def run(shape: tuple[int, int, int], *, repeats: int, peak_n: int = 2048, log=print) -> dict:
     hidden, batch, time = shape
-    env = records.environment()
+    env = records.environment(frameworks=("jax",))
     peak = bench.measure_peak(peak_n, repeats=repeats)
     log(f"peak {peak['gflops']:.1f} GFLOP/s")
     result = {
@@ -182,7 +183,6 @@ def run(shape: tuple[int, int, int], *, repeats: int, peak_n: int = 2048, log=pr
             contenders + pieces,
         )
         timed = bench.time_workload(workload, repeats=repeats)
-        timed = [r for r in timed if "skipped" not in r]  # PyTorch where it is not installed
         failed = [f"{r['name']}: {r['error']}" for r in timed if "error" in r]
         if any(r["name"] not in CONTENDERS for r in timed if "error" in r):
             raise RuntimeError("a floor piece failed: " + "; ".join(failed))
@@ -208,7 +208,7 @@ def markdown(result: dict) -> str:
         f"# LSTM floor at (hidden, batch, time) = ({s['hidden']}, {s['batch']}, {s['time']}), float32",
         "",
         f"{env['date']}; {env['backend']}, {env['cpu_count']} CPUs; jax {env['versions']['jax']}, "
-        f"flax {env['versions']['flax']}, torch {env['versions']['torch']}; "
+        f"flax {env['versions']['flax']}; "
         f"git {(env['git_commit'] or 'unknown')[:10]}; "
         f"matmul peak {result['peak']['gflops']:.0f} GFLOP/s before, {result['peak_after']['gflops']:.0f} after "
         f"(the floor uses the first). {result['repeats']} rounds, all rows of a pass interleaved; medians. "
