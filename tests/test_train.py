@@ -184,8 +184,11 @@ def test_padded_batch_equals_the_smaller_batch(digits):
     (kept,) = BatchIterator((x, y), 32, shuffle=False, remainder="keep").epoch()
     s_pad, m_pad = step(state, padded)
     s_keep, m_keep = step(state, kept)
-    chex.assert_trees_all_close(s_pad.params, s_keep.params, atol=1e-6)
     np.testing.assert_allclose(m_pad["loss"], m_keep["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_pad["grad_norm"], m_keep["grad_norm"], rtol=1e-5)
+    # Adam's first step is about lr * sign(g): a gradient entry near zero whose last bits differ
+    # between the two batch shapes (another summation order) moves by a fraction of lr = 1e-3.
+    chex.assert_trees_all_close(s_pad.params, s_keep.params, atol=1e-5)
 
     eval_step = jax.jit(make_eval_step(model))
     test = BatchIterator(
