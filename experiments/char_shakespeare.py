@@ -159,7 +159,7 @@ def run_one(args: argparse.Namespace, key: str, ds, steps: int, seed: int):
     workdir = args.workdir / f"{key}-{steps}-seed{seed}"
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stdout if args.verbose else io.StringIO()):
-        result = fit(model, ds, cfg, workdir)
+        result = fit(model, ds, cfg, workdir, overwrite=True)  # a rerun: the old run moved aside
     wall = time.perf_counter() - start
     trains = [r for r in result.history if r["kind"] == "train"]
     chars_per_step = args.batch_size * args.seq_len

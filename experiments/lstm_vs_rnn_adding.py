@@ -106,7 +106,7 @@ def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
     workdir = args.workdir / f"{key}-T{seq_len}-seed{seed}"
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stdout if args.verbose else io.StringIO()):
-        result = fit(model, ds, cfg, workdir)
+        result = fit(model, ds, cfg, workdir, overwrite=True)  # a rerun: the old run moved aside
     wall = time.perf_counter() - start
     evals = [r for r in result.history if r["kind"] == "eval"]
     trains = [r for r in result.history if r["kind"] == "train"]

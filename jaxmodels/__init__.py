@@ -17,6 +17,7 @@ if not _os.path.isdir(_os.path.join(_here, "kernels")) and _os.path.isfile(
 del _os, _here, _root
 
 from jaxmodels.cells import dense, init_dense, init_lstm, init_rnn, lstm_cell, rnn_cell
+from jaxmodels.checks import checked
 from jaxmodels.layers import CNN, LSTM, SimpleRNN
 from jaxmodels.models import Model, get_model, list_models
 from jaxmodels.recurrent import lstm_scan, rnn_scan
@@ -28,6 +29,7 @@ __all__ = [
     "LSTM",
     "Model",
     "SimpleRNN",
+    "checked",
     "dense",
     "get_model",
     "init_dense",

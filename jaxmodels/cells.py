@@ -15,6 +15,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxmodels import checks
+
 Array = jax.Array
 Activation = Callable[[Array], Array]
 
@@ -38,19 +40,28 @@ def identity(x: Array) -> Array:
 # Steps
 
 
-def dense(params: dict, x: Array, activation: Activation = identity) -> Array:
-    """y = f(x W + b).  x: [..., features] -> y: [..., out]."""
-    _check_features(x, params["w"].shape[0], "x")
-    return activation(add_bias(x @ params["w"], params["b"]))
+def dense(params: dict, x: Array, activation: Activation | str = identity) -> Array:
+    """y = f(x W + b).  x: [..., features] -> y: [..., out].
+
+    ``activation``: a callable, or a name in ``kernels.common.ACTIVATIONS`` ('identity', 'relu',
+    'tanh', 'sigmoid'). Validated: x's last axis against w's rows, the activation.
+    """
+    x = jnp.asarray(x)
+    _check_features(x, jnp.shape(params["w"])[0], "x")
+    return checks.activation(activation)(add_bias(x @ params["w"], params["b"]))
 
 
-def rnn_cell(params: dict, h: Array, x: Array, activation: Activation = jnp.tanh) -> Array:
+def rnn_cell(params: dict, h: Array, x: Array, activation: Activation | str = jnp.tanh) -> Array:
     """h_t = f(x_t W + h_{t-1} U + b).
 
-    h: [batch, hidden], x: [batch, features] -> h_t: [batch, hidden].
+    h: [batch, hidden], x: [batch, features] -> h_t: [batch, hidden]. ``activation`` as for
+    ``dense``. Validated: x's rank and features, h's shape, the activation.
     """
-    _check_features(x, params["w_x"].shape[0], "x")
-    return activation(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"])
+    x = jnp.asarray(x)
+    (h,) = _check_step(params, (h,), x)
+    return checks.activation(activation)(
+        add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"]
+    )
 
 
 def lstm_cell(
@@ -63,10 +74,12 @@ def lstm_cell(
         C_t = f_t ⊙ C_{t-1} + i_t ⊙ g_t             h_t = o_t ⊙ tanh(C_t)
 
     carry: (h, c), each [batch, hidden]; x: [batch, features].
-    Returns ((h_t, C_t), h_t).
+    Returns ((h_t, C_t), h_t). Validated: x's rank and features, the carry's shapes.
     """
-    _check_features(x, params["w_x"].shape[0], "x")
-    h, c = carry
+    x = jnp.asarray(x)
+    if not (isinstance(carry, (tuple, list)) and len(carry) == 2):
+        raise ValueError("expected carry to be a pair (h, c), each [batch, hidden]")
+    h, c = _check_step(params, carry, x)
     h, c, _, _ = lstm_update(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"], c)
     return (h, c), h
 
@@ -89,11 +102,26 @@ def lstm_update(
 
 
 def _check_features(x: Array, features: int, name: str) -> None:
-    if x.shape[-1] != features:
+    if x.ndim < 1 or x.shape[-1] != features:
         raise ValueError(
             f"expected {name} with last axis features={features} (the weights' input size), "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def _check_step(params: dict, carry, x: Array) -> tuple[Array, ...]:
+    """A step's x [batch, features] and carry parts, each [batch, hidden]; returns the carry."""
+    if x.ndim != 2:
+        raise ValueError(f"expected x of rank 2 [batch, features], got shape {x.shape}")
+    _check_features(x, jnp.shape(params["w_x"])[0], "x")
+    expected = (x.shape[0], jnp.shape(params["w_h"])[0])
+    carry = tuple(jnp.asarray(part) for part in carry)
+    for part, name in zip(carry, "hc"):
+        if part.shape != expected:
+            raise ValueError(
+                f"expected carry {name} of shape [batch, hidden]={expected}, got shape {part.shape}"
+            )
+    return carry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,12 +144,14 @@ def orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype=jnp.float32) -
 
 
 def init_dense(key: Array, features: int, out: int, dtype=jnp.float32) -> dict:
-    """{"w": [features, out] Glorot-uniform, "b": [out] zeros}."""
+    """{"w": [features, out] Glorot-uniform, "b": [out] zeros}. Sizes: integers >= 1."""
+    features, out = checks.size("features", features), checks.size("out", out)
     return {"w": glorot_uniform(key, (features, out), dtype), "b": jnp.zeros((out,), dtype)}
 
 
 def init_rnn(key: Array, features: int, hidden: int, dtype=jnp.float32) -> dict:
-    """Simple RNN layer: Glorot-uniform w_x, orthogonal w_h, zero b."""
+    """Simple RNN layer: Glorot-uniform w_x, orthogonal w_h, zero b. Sizes: integers >= 1."""
+    features, hidden = checks.size("features", features), checks.size("hidden", hidden)
     kx, kh = jax.random.split(key)
     return {
         "w_x": glorot_uniform(kx, (features, hidden), dtype),
@@ -141,7 +171,8 @@ def init_lstm(
     """LSTM layer: Glorot-uniform w_x over all 4 gates, an orthogonal block per gate in w_h, zero b
     except the forget block, which is ``forget_bias`` (``FORGET_BIAS`` = 1.0 by default, as in
     Jozefowicz et al. 2015 and Keras; the ``LSTM`` module uses the same default; pass 0.0 for
-    PyTorch's and Flax's all-zero initial bias)."""
+    PyTorch's and Flax's all-zero initial bias). Sizes: integers >= 1."""
+    features, hidden = checks.size("features", features), checks.size("hidden", hidden)
     kx, kh = jax.random.split(key)
     b = jnp.zeros((4, hidden), dtype).at[GATES.index("f")].set(forget_bias).reshape(4 * hidden)
     return {

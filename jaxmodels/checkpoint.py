@@ -19,19 +19,23 @@ One checkpoint is a folder ``DIR/<step>`` written by an orbax ``CheckpointManage
 Saves are asynchronous (orbax writes in a background thread after the call has copied the
 arrays); ``wait`` / ``close`` block until they are on disk. Orbax writes into a temporary folder
 and renames it when complete, so a run killed while saving leaves no partial ``<step>`` folder.
-A ``<step>`` folder that cannot be read (a truncated or missing file) is reported with a
-``CheckpointWarning`` naming the step and the reason; ``restore`` then falls back to the one
-before and moves the unreadable ones aside to ``DIR.bad/`` so later saves can reuse their steps.
+A ``<step>`` folder that cannot be read (a truncated or missing file) is skipped: ``restore``
+falls back to the one before, moves the unreadable ones aside to ``DIR.bad/`` so later saves can
+reuse their steps, and reports each with one ``CheckpointWarning`` (step, reason, where it went);
+the asyncio noise a failed orbax read leaves behind is dropped (``OrphanedCallbackFilter``).
 A state with a NaN or Inf in it is never saved: ``save`` raises ``FloatingPointError`` instead,
-so the last good checkpoint stays the latest.
-
-This module imports no training code; ``jaxmodels.train.fit`` and ``jaxmodels eval`` use it.
+so the last good checkpoint stays the latest. Ctrl-C during ``save``, ``wait`` or ``close`` is
+raised once they are done (an interrupted orbax save would hang the program at exit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -177,6 +181,33 @@ def _first_non_finite(state: Any) -> str | None:
     return None
 
 
+class OrphanedCallbackFilter:
+    """A ``sys.unraisablehook`` that drops one harmless report and passes the rest to ``previous``.
+
+    Orbax runs each read in an asyncio event loop of its own and closes it when the read ends. When
+    a read fails (a truncated array file), tensorstore still has the checkpoint's other reads in
+    flight; each, completing, wakes the closed loop (asyncio's ``call_soon_threadsafe``), which
+    raises RuntimeError("Event loop is closed"), and tensorstore reports it as unraisable: about
+    one traceback per array, after the failure was already handled. Only that error, raised in
+    ``call_soon_threadsafe``, is dropped.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        tb = unraisable.exc_traceback
+        code = tb.tb_frame.f_code if tb is not None else None
+        if (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and code is not None
+            and code.co_name == "call_soon_threadsafe"
+            and "asyncio" in code.co_filename
+        ):
+            return
+        self.previous(unraisable)
+
+
 class Checkpoints:
     """The checkpoints of one run, in ``directory`` (created on first use unless ``read_only``).
 
@@ -206,6 +237,7 @@ class Checkpoints:
             raise ValueError(f"expected keep > 0 checkpoints (or None), got {keep}")
         self.directory = Path(directory).absolute()
         self.every, self.keep, self.read_only = every, keep, read_only
+        self._orphan_filter: OrphanedCallbackFilter | None = None
         self._ocp = ocp
         options = ocp.CheckpointManagerOptions(  # read_only is ours: orbax's logs warnings
             max_to_keep=None if read_only else keep,
@@ -277,7 +309,8 @@ class Checkpoints:
         args = self._ocp.args.Composite(
             **{STATE: self._ocp.args.StandardSave(host), META: self._ocp.args.JsonSave(meta)}
         )
-        return bool(self._manager.save(int(step), args=args, force=True))
+        with _interrupt_after():
+            return bool(self._manager.save(int(step), args=args, force=True))
 
     def _describe_latest(self) -> str:
         latest = self.latest_step()
@@ -308,9 +341,10 @@ class Checkpoints:
 
         Raises FileNotFoundError when there is no checkpoint, IncompatibleCheckpointError when it
         belongs to a different run, CorruptCheckpointError when none can be read. Without
-        ``step``, an unreadable checkpoint gives a CheckpointWarning naming its step and the reason
-        and the one before is tried; unreadable ones newer than the one restored are moved aside
-        to ``<directory>.bad/`` (unless read-only).
+        ``step``, an unreadable checkpoint is skipped for the one before; unreadable ones newer
+        than the one restored are moved aside to ``<directory>.bad/`` (unless read-only), and each
+        gives one CheckpointWarning naming its step, the reason, the step restored instead and
+        where it was moved.
         """
         self._manager.wait_until_finished()
         self._manager.reload()
@@ -323,6 +357,7 @@ class Checkpoints:
             )
         candidates = [step] if step is not None else steps[::-1]
         failures: list[tuple[int, str]] = []
+        self._quiet_orphans(True)  # kept until close() once a read has failed
         for s in candidates:
             where = f"checkpoint step {s} in {self.directory}"
             try:
@@ -346,19 +381,24 @@ class Checkpoints:
                 except Exception as err:
                     failures.append((s, self._reason(err)))
                 else:
-                    self._set_aside([f for f, _ in failures])
+                    self._quiet_orphans(bool(failures))
+                    moved = self._set_aside([f for f, _ in failures])
+                    for f, reason in failures:  # one line each: what, why, what now
+                        aside = f"; step {f} moved to {moved[f]}" if f in moved else ""
+                        warnings.warn(
+                            f"checkpoint step {f} in {self.directory} is corrupt or incomplete: "
+                            f"{reason}; falling back to step {s}{aside}",
+                            CheckpointWarning,
+                            stacklevel=2,
+                        )
                     return Restored(
                         s, state, position, meta.get("config", {}), self.directory / str(s)
                     )
-            s_failed, reason = failures[-1]
-            message = (
-                f"checkpoint step {s_failed} in {self.directory} is corrupt or incomplete: {reason}"
-            )
             if step is not None:
-                raise CorruptCheckpointError(message)
-            if s_failed != candidates[-1]:
-                message += "; falling back to the one before"
-            warnings.warn(message, CheckpointWarning, stacklevel=2)
+                raise CorruptCheckpointError(
+                    f"checkpoint step {step} in {self.directory} is corrupt or incomplete: "
+                    f"{failures[-1][1]}"
+                )
         shown = "; ".join(f"step {s}: {r}" for s, r in failures)
         raise CorruptCheckpointError(f"no readable checkpoint in {self.directory} ({shown})")
 
@@ -385,10 +425,12 @@ class Checkpoints:
         host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
         return self._read(step, STATE, ocp.args.StandardRestore(host))
 
-    def _set_aside(self, steps: Sequence[int]) -> None:
-        """Move unreadable ``steps`` to ``<directory>.bad/<step>`` (process 0; never read-only)."""
+    def _set_aside(self, steps: Sequence[int]) -> dict[int, Path]:
+        """Move unreadable ``steps`` to ``<directory>.bad/<step>`` (process 0; never read-only);
+        returns {step: where it went} of the moves made here."""
+        moved: dict[int, Path] = {}
         if not steps or self.read_only:
-            return
+            return moved
         if jax.process_index() == 0:
             bad = self.directory.with_name(self.directory.name + ".bad")
             bad.mkdir(parents=True, exist_ok=True)
@@ -397,29 +439,61 @@ class Checkpoints:
                 while dest.exists():
                     dest, n = bad / f"{s}-{n}", n + 1
                 shutil.move(str(self.directory / str(s)), dest)
-                warnings.warn(
-                    f"moved unreadable checkpoint step {s} to {dest}",
-                    CheckpointWarning,
-                    stacklevel=3,
-                )
+                moved[s] = dest
         if jax.process_count() > 1:  # every process lists the steps only once they are moved
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("jaxmodels: unreadable checkpoints set aside")
         self._manager.reload()
-
-    # ----------------------------------------------------------------------------------- close
+        return moved
 
     def wait(self) -> None:
         """Block until pending async saves are on disk (raises if one failed)."""
-        self._manager.wait_until_finished()
+        with _interrupt_after():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release orbax's threads."""
-        self._manager.close()
+        with _interrupt_after():
+            self._manager.close()
+            _join_orbax_threads()
+        self._quiet_orphans(False)
+
+    def _quiet_orphans(self, on: bool) -> None:
+        """Install (or remove, if still the current hook) this object's ``OrphanedCallbackFilter``."""
+        if on and self._orphan_filter is None:
+            self._orphan_filter = OrphanedCallbackFilter(sys.unraisablehook)
+            sys.unraisablehook = self._orphan_filter
+        elif not on and self._orphan_filter is not None:
+            if sys.unraisablehook is self._orphan_filter:
+                sys.unraisablehook = self._orphan_filter.previous
+            self._orphan_filter = None
 
     def __enter__(self) -> Checkpoints:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """Hold Ctrl-C (SIGINT) back until the block is done, then deliver it: a save interrupted
+    half-way leaves orbax's threads waiting forever, and the program hangs when it exits."""
+    held, main = [], threading.current_thread() is threading.main_thread()  # signals go to main
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(1)) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _join_orbax_threads(timeout: float = 120.0) -> None:
+    """Wait for orbax's threads that finish a save (metadata after the arrays commit): one still
+    running when the program ends logs "cannot schedule new futures after interpreter shutdown"."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and type(thread).__module__.startswith("orbax"):
+            thread.join(timeout)

@@ -5,23 +5,29 @@
     jaxmodels train lstm-classifier --dataset seq-digits   # image rows as time steps, offline
     jaxmodels train char-lstm --dataset text --data-file input.txt --seq-len 100
     jaxmodels train cnn --checkpoint-every 100 --resume   # continue from runs/cnn-digits/checkpoints
-    jaxmodels eval cnn                        # test metrics of the latest checkpoint (JSON)
+    jaxmodels train cnn --overwrite           # a fresh run; the one in runs/cnn-digits moved aside
+    jaxmodels eval --workdir runs/cnn-digits  # test metrics of the latest checkpoint (JSON)
     jaxmodels info                            # versions, backend, devices
     jaxmodels bench lstm --repeats 10         # timings vs Flax, PyTorch: benchmarks/results/lstm.{json,md,png}
 
 ``main(argv)`` returns the exit status: 0 on success, 1 for a run that cannot start or fails with
-a clear message (missing data, batch larger than the data, NaN loss), 2 for bad arguments.
+a clear message (missing data, batch larger than the data, NaN loss, a used or unwritable work
+folder, a full disk), 2 for bad arguments, 130 when interrupted (Ctrl-C). A user's problem is one
+line on stderr, ``jaxmodels: error: ...`` (warnings: ``jaxmodels: warning: ...``); an internal
+error shows its traceback and a last line asking to report it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import sys
-import time
+import warnings
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
+from jaxmodels.commands import run_bench, run_eval, run_info, run_train
 from jaxmodels.data import list_datasets
 from jaxmodels.models import list_models
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES
@@ -44,23 +50,64 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def _non_negative_int(text: str) -> int:
     try:
-        value = float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return value
 
 
-def _add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
-    """MODEL and the options that choose the data set and the model config (train and eval)."""
+def _number(text: str, *, strict: bool) -> float:
+    """A finite float above 0 (``strict``) or at least 0."""
+    what = "a positive number" if strict else "a number >= 0"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (value > 0 if strict else value >= 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, strict=True)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, strict=False)
+
+
+def _host_port(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _add_model_and_data_options(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
+    """MODEL and the options that choose the data set and the model config: ``run`` (train), with
+    their defaults; else (eval) all optional, None when not given (the run's config.json has them)."""
+    models = ", ".join(list_models())
+    if run:
+        parser.add_argument(
+            "model", metavar="MODEL", choices=list_models(), help=f"one of: {models}"
+        )
+    else:
+        parser.add_argument(
+            "model",
+            metavar="MODEL",
+            nargs="?",
+            choices=list_models(),
+            help=f"one of: {models} (default: the run's, from WORKDIR/config.json)",
+        )
     parser.add_argument(
-        "model", metavar="MODEL", choices=list_models(), help=f"one of: {', '.join(list_models())}"
-    )
-    parser.add_argument(
-        "--dataset", default="digits", choices=list_datasets(), help="data set (default: digits)"
+        "--dataset",
+        default="digits" if run else None,
+        choices=list_datasets(),
+        help="data set (default: digits)" if run else "data set (default: the run's)",
     )
     parser.add_argument(
         "--data-dir", default=None, help="data folder (mnist, seq-mnist; default: $JAXMODELS_DATA)"
@@ -78,7 +125,10 @@ def _add_model_and_data_options(parser: argparse.ArgumentParser) -> None:
         help="the delay T (adding, copy); window (text)",
     )
     parser.add_argument(
-        "--dtype", default="float32", choices=DTYPES, help="compute dtype (parameters stay float32)"
+        "--dtype",
+        default="float32" if run else None,
+        choices=DTYPES,
+        help="compute dtype (parameters stay float32)",
     )
 
 
@@ -130,12 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS)
     train.add_argument("--schedule", default=_DEFAULTS.schedule, choices=SCHEDULES)
-    train.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
+    train.add_argument("--warmup-steps", type=_non_negative_int, default=_DEFAULTS.warmup_steps)
     train.add_argument(
         "--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm"
     )
-    train.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
-    train.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    train.add_argument("--weight-decay", type=_non_negative_float, default=_DEFAULTS.weight_decay)
+    train.add_argument("--seed", type=_non_negative_int, default=_DEFAULTS.seed)
     train.add_argument(
         "--max-steps", type=positive_int, default=None, help="stop after this many steps"
     )
@@ -160,10 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help=f"keep the latest K checkpoints (default: {_DEFAULTS.keep})",
     )
-    train.add_argument(
+    fresh = train.add_mutually_exclusive_group()
+    fresh.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the latest checkpoint in --workdir (none yet: start afresh)",
+        help="continue the run in --workdir from its latest checkpoint (none yet: start afresh)",
+    )
+    fresh.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--workdir holds another run: move it aside to WORKDIR.old-DATE-TIME, start afresh",
     )
     train.add_argument(
         "--strategy",
@@ -177,20 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
         "$JAX_PROCESS_ID; none set: one process)",
     )
     hosts.add_argument(
-        "--coordinator-address", default=None, metavar="HOST:PORT", help="process 0's address"
+        "--coordinator-address",
+        type=_host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address",
     )
     hosts.add_argument("--num-processes", type=positive_int, default=None)
     hosts.add_argument(
-        "--process-id", type=int, default=None, help="this process, 0 .. num-processes - 1"
+        "--process-id",
+        type=_non_negative_int,
+        default=None,
+        help="this process, 0 .. num-processes - 1",
     )
 
     evaluate = commands.add_parser(
         "eval",
         help="test metrics of a run's latest checkpoint",
         description="Restore the latest checkpoint in --workdir and print its test metrics as JSON "
-        "(also written to WORKDIR/eval.json).",
+        "(also written to WORKDIR/eval.json). The model, data set and data options are the run's "
+        "(WORKDIR/config.json); options given must agree with them, except the data's location.",
     )
-    _add_model_and_data_options(evaluate)
+    _add_model_and_data_options(evaluate, run=False)
     evaluate.add_argument(
         "--workdir", default=None, help="the run's folder (default: runs/MODEL-DATASET)"
     )
@@ -216,143 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_and_dataset(args: argparse.Namespace):
-    """The data set and the model (its classes or vocabulary sized to the data) that ``args`` name."""
-    import jax.numpy as jnp
-
-    from jaxmodels.data import get_dataset
-    from jaxmodels.models import get_model
-
-    try:  # a bad option (e.g. --data-dir for a built-in data set) is a usage error, not a bug
-        given = dict(
-            data_dir=args.data_dir,
-            download=args.download or None,
-            path=args.data_file,
-            seq_len=args.seq_len,
-        )
-        dataset = get_dataset(args.dataset, **{k: v for k, v in given.items() if v is not None})
-        model_config = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
-        task = get_model(args.model).task
-        if task == "classification" and dataset.num_classes is not None:
-            model_config["num_classes"] = dataset.num_classes
-        elif task == "language_model" and dataset.num_classes is not None:
-            model_config["vocab_size"] = dataset.num_classes
-        model = get_model(args.model, **model_config)
-    except TypeError as err:
-        raise ValueError(str(err)) from None
-    return model, dataset
-
-
-def _train(args: argparse.Namespace) -> int:
-    import jax
-
-    from jaxmodels.parallel import get_strategy, initialize_distributed
-    from jaxmodels.train import fit
-
-    start = time.perf_counter()
-    initialize_distributed(
-        args.coordinator_address, args.num_processes, args.process_id
-    )  # before any JAX work
-    model, dataset = _model_and_dataset(args)
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
-        warmup_steps=args.warmup_steps,
-        clip_norm=args.clip_norm,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        log_every=args.log_every,
-        max_steps=args.max_steps,
-        progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
-        keep=args.keep,
-    )
-    workdir = args.workdir or f"runs/{args.model}-{args.dataset}"
-    result = fit(
-        model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume
-    )
-    elapsed = time.perf_counter() - start
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
-    steps = int(result.state.step)
-    if jax.process_index() == 0:  # the process that wrote the files
-        print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
-        print(f"wrote {workdir}/config.json, metrics.jsonl, learning_curves.png, checkpoints/")
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    import json
-
-    import jax
-
-    from jaxmodels.train import evaluate_checkpoint
-
-    model, dataset = _model_and_dataset(args)
-    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset}")
-    step, metrics = evaluate_checkpoint(
-        model, dataset, workdir, step=args.step, batch_size=args.batch_size
-    )
-    result = {
-        "model": args.model,
-        "dataset": dataset.name,
-        "workdir": str(workdir),
-        "step": step,
-        "test": metrics,
-    }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if jax.process_index() == 0:
-        Path(args.output or workdir / "eval.json").write_text(text + "\n")
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from jaxmodels import bench
-
-    suites = bench.SUITES if args.suite == "all" else (args.suite,)
-    bench.run(
-        suites,
-        shapes=args.shapes,
-        repeats=args.repeats,
-        out=args.out or "benchmarks/results",
-        torch_threads=args.torch_threads,
-        isolation=args.isolation,
-    )
-    return 0
-
-
-def _info() -> int:
-    import jax
-
-    for package in (
-        "jaxmodels",
-        "jax",
-        "jaxlib",
-        "flax",
-        "optax",
-        "chex",
-        "orbax-checkpoint",
-        "numpy",
-    ):
-        try:
-            version = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            version = "not installed"
-        print(f"{package:18} {version}")
-    print(f"{'python':18} {sys.version.split()[0]}")
-    print(f"{'backend':18} {jax.default_backend()}")
-    print(f"{'processes':18} {jax.process_count()} (this is process {jax.process_index()})")
-    print(f"{'devices':18} {jax.device_count()} ({jax.local_device_count()} local)")
-    for device in jax.devices():
-        print(
-            f"  {device.id}: {device.platform} {device.device_kind} (process {device.process_index})"
-        )
-    return 0
-
-
 def _raised_here(err: BaseException) -> bool:
     """Whether ``err`` was raised by jaxmodels' own code (its messages are written for users)."""
     tb = err.__traceback__
@@ -363,18 +290,65 @@ def _raised_here(err: BaseException) -> bool:
     )
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for an OSError: "PATH: reason" (a full disk says so), or its own message."""
+    text = f"{err.filename}: {err.strerror}" if err.filename else err.strerror or str(err)
+    return f"disk full ({text})" if err.errno == errno.ENOSPC else text
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """jaxmodels' own warnings (a skipped corrupt checkpoint) as ``jaxmodels: warning: ...``."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("jaxmodels"):
+            print(f"jaxmodels: warning: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command in ``argv`` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
-    try:
-        return {"train": _train, "eval": _eval, "bench": _bench}.get(
-            args.command, lambda _: _info()
-        )(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        if not _raised_here(err):
-            raise  # an error inside jax, flax or numpy is a bug to see in full, not a usage error
-        print(f"jaxmodels: error: {err}", file=sys.stderr)
-        return 1
+    args.run_folder = None  # set by train once it runs: where its checkpoints are
+
+    def error(text: str, status: int = 1) -> int:
+        if args.run_folder is not None:
+            from jaxmodels.rundir import describe_checkpoints
+
+            text += f"; {describe_checkpoints(args.run_folder)}"
+        print(f"jaxmodels: {text}", file=sys.stderr)
+        return status
+
+    commands = {"train": run_train, "eval": run_eval, "bench": run_bench, "info": run_info}
+    with _one_line_warnings():
+        try:
+            return commands[args.command](args)
+        except KeyboardInterrupt:
+            return error("interrupted", 130)
+        except OSError as err:  # a missing file, a read-only folder, a full disk: the user's to fix
+            return error(f"error: {describe_os_error(err)}")
+        except (ValueError, TypeError, FloatingPointError) as err:
+            if _raised_here(err):
+                return error(f"error: {err}")
+            err.add_note(_REPORT)  # an error inside jax, flax or numpy is a bug to see in full
+            raise
+        except Exception as err:
+            err.add_note(_REPORT)
+            raise
+
+
+_REPORT = (
+    "jaxmodels: internal error: the traceback above is a bug; please report it with the command "
+    "that failed"
+)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxmodels.mnist import download_mnist, read_mnist
+from jaxmodels.mnist import download_mnist, read_mnist, resolve_data_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,9 @@ class Dataset:
       vocab: for token data, the string of each token id (``vocab[i]`` is token i), else None;
         ``encode`` / ``decode`` use it.
       info: facts about how the data was made or what scores mean (e.g. seq_len, seed,
-        "baseline_loss" of a synthetic task); JSON-friendly values.
+        "baseline_loss" of a synthetic task, the data_dir read); JSON-friendly values.
+      options: the ``get_dataset`` options it was loaded with, defaults included (paths absolute,
+        download left out): ``get_dataset(name, **options)`` loads it again; fit records them.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Dataset:
     num_classes: int | None = None
     vocab: tuple[str, ...] | None = None
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def encode(self, text: str) -> np.ndarray:
         """Token ids [len(text)] int32 of ``text``, one per character (``vocab``'s entries must be
@@ -160,10 +164,12 @@ def load_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = Fa
     """
     if download:
         download_mnist(data_dir)
-    splits = read_mnist(data_dir)
+    folder = resolve_data_dir(data_dir, "mnist")
+    splits = read_mnist(folder)
     train, test = splits["train"] or (None, None), splits["test"] or (None, None)
     shape = next(s for s in splits.values() if s is not None)[0].shape[1:]
-    return Dataset("mnist", "classification", *train, *test, tuple(shape), 10)
+    info = {"data_dir": str(folder.absolute())}
+    return Dataset("mnist", "classification", *train, *test, tuple(shape), 10, info=info)
 
 
 # --------------------------------------------------------------- sequential images (rows as time)
@@ -192,7 +198,7 @@ def _as_sequences(ds: Dataset, name: str, steps: str, permute: int | None) -> Da
         seq = x.reshape(len(x), *shape)
         return seq if order is None else seq[:, order]
 
-    info = {"source": ds.name, "steps": steps, "permute": permute}
+    info = {**ds.info, "source": ds.name, "steps": steps, "permute": permute}
     return dataclasses.replace(
         ds,
         name=name,
@@ -347,19 +353,8 @@ def load_copy(
         "delimiter": alphabet + 1,
         "baseline_loss": memory * math.log(alphabet) / (seq_len + 2 * memory),
     }
-    time = seq_len + 2 * memory
-    return Dataset(
-        "copy",
-        "language_model",
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        (time,),
-        alphabet + 2,
-        vocab,
-        info,
-    )
+    splits, time = (x_train, y_train, x_test, y_test), seq_len + 2 * memory
+    return Dataset("copy", "language_model", *splits, (time,), alphabet + 2, vocab, info)
 
 
 # ---------------------------------------------------------------------- character-level text
@@ -393,6 +388,8 @@ def load_text(
                 f"no text file given: pass path (--data-file) or set {TEXT_ENV}"
             )
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"text file {path} is a folder; expected a UTF-8 file")
     if not path.is_file():
         raise FileNotFoundError(f"text file {path} does not exist")
     stride = seq_len if stride is None else stride
@@ -431,18 +428,8 @@ def load_text(
         "train_characters": len(train_tokens),
         "validation_characters": num_val,
     }
-    return Dataset(
-        "text",
-        "language_model",
-        x_train,
-        y_train,
-        x_test,
-        y_test,
-        (seq_len,),
-        len(vocab),
-        vocab,
-        info,
-    )
+    splits = (x_train, y_train, x_test, y_test)
+    return Dataset("text", "language_model", *splits, (seq_len,), len(vocab), vocab, info)
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -457,17 +444,49 @@ _REGISTRY: dict[str, Callable[..., Dataset]] = {
     "text": load_text,
 }
 
+# What each data set holds, known without loading it: (task, inputs); inputs "images" [height,
+# width, channels], "sequences" [time, features] or "tokens" [time] (integer ids).
+DATASET_KINDS = {
+    "digits": ("classification", "images"),
+    "mnist": ("classification", "images"),
+    "seq-mnist": ("classification", "sequences"),
+    "seq-digits": ("classification", "sequences"),
+    "adding": ("regression", "sequences"),
+    "copy": ("language_model", "tokens"),
+    "text": ("language_model", "tokens"),
+}
+_PATH_OPTIONS = ("data_dir", "path")
+
 
 def list_datasets() -> tuple[str, ...]:
     """Names accepted by ``get_dataset``."""
     return tuple(_REGISTRY)
 
 
-def get_dataset(name: str, **opts) -> Dataset:
-    """The registered data set ``name``; ``opts`` go to its loader (e.g. ``data_dir`` for mnist)."""
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The keyword options that data set ``name``'s loader takes (seq-digits: digits' too)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; expected one of {list_datasets()}")
-    try:
-        return _REGISTRY[name](**opts)
-    except TypeError as err:
-        raise TypeError(f"bad options for dataset {name!r}: {err}") from None
+    loaders = (_REGISTRY[name], load_digits) if name == "seq-digits" else (_REGISTRY[name],)
+    params = [p for f in loaders for p in inspect.signature(f).parameters.values()]
+    return tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
+
+
+def get_dataset(name: str, **opts) -> Dataset:
+    """The registered data set ``name``; ``opts`` go to its loader (e.g. ``data_dir`` for mnist)
+    and are kept in its ``options``. An option it does not take is a TypeError naming those it
+    does."""
+    unknown = sorted(set(opts) - set(dataset_options(name)))
+    if unknown:
+        raise TypeError(
+            f"bad options for dataset {name!r}: it takes no {', '.join(unknown)}; its options: "
+            f"{', '.join(dataset_options(name))}"
+        )
+    dataset = _REGISTRY[name](**opts)
+    params = inspect.signature(_REGISTRY[name]).parameters.values()
+    kept = {p.name: p.default for p in params if p.default is not p.empty} | opts
+    kept.pop("download", None)
+    for k in _PATH_OPTIONS:
+        if kept.get(k) is not None:
+            kept[k] = str(Path(kept[k]).expanduser().absolute())
+    return dataclasses.replace(dataset, options=kept)

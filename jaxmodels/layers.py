@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmodels import cells, conv, recurrent
+from jaxmodels import cells, checks, conv, recurrent
 
 Array = jax.Array
 
@@ -60,7 +60,7 @@ class CNN(nn.Module):
       padding: 'VALID' or 'SAME' for the convolutions.
       dense_features: widths of the hidden dense layers after flattening.
       num_classes: width of the output layer (logits).
-      dropout_rate: dropout before each dense layer (only with ``train=True``).
+      dropout_rate: dropout before each dense layer (only with ``train=True``), in [0, 1].
       conv_impl: how the convolution blocks are differentiated, one of ``CONV_IMPLS``; the same
         function and the same parameters either way.
         "patches" (default): each conv + bias + ReLU (+ max-pool) block is ``conv.conv_relu_pool``,
@@ -87,26 +87,16 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
-        """x: [batch, height, width, channels] floats -> logits [batch, num_classes]."""
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"expected conv_impl in {CONV_IMPLS}, got {self.conv_impl!r}")
-        if len(self.pool_after) != len(self.features):
-            raise ValueError(
-                f"expected pool_after with one entry per convolution ({len(self.features)}), "
-                f"got {len(self.pool_after)}"
-            )
-        if x.ndim != 4:
-            raise ValueError(
-                f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}"
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(
-                f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}"
-            )
-        if self.conv_impl == "patches" and self.padding not in conv.PADDINGS:
-            raise ValueError(
-                f"expected padding in {conv.PADDINGS} with conv_impl='patches', got {self.padding!r}"
-            )
+        """x: [batch, height, width, channels] floats -> logits [batch, num_classes].
+
+        Validated (ValueError / TypeError naming the expected value): the attributes (sizes
+        integers >= 1, dropout_rate in [0, 1], conv_impl, padding, one pool_after per
+        convolution); x's rank, dtype, batch >= 1 and height and width large enough for the
+        convolutions and pools; with existing parameters, x's channels and image size.
+        """
+        x = jnp.asarray(x)
+        self._check(x)
+        image = x.shape
         for k, (width, pool) in enumerate(zip(self.features, self.pool_after)):
             if self.conv_impl == "patches":
                 x = _ConvBlock(
@@ -130,12 +120,90 @@ class CNN(nn.Module):
             x = nn.relu(x)
             if pool:
                 x = nn.max_pool(x, self.pool_size, strides=self.pool_size)
-        x = x.reshape(x.shape[0], -1)
+        flat = x.reshape(x.shape[0], -1)
+        made = _made_shape(self, "Dense_0", "kernel")
+        if made is not None and made[0] != flat.shape[-1]:
+            raise ValueError(
+                f"expected x of the image size the parameters were made for (Dense_0 reads "
+                f"{made[0]} features after the convolutions), got shape {image}, which gives "
+                f"{flat.shape[-1]}"
+            )
+        x = flat
         for width in self.dense_features:
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
             x = nn.relu(nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+    def _check(self, x: Array) -> None:
+        """The attributes, and x [batch, height, width, channels] against them."""
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"expected conv_impl in {CONV_IMPLS}, got {self.conv_impl!r}")
+        if len(self.pool_after) != len(self.features):
+            raise ValueError(
+                f"expected pool_after with one entry per convolution ({len(self.features)}), "
+                f"got {len(self.pool_after)}"
+            )
+        if self.conv_impl == "patches" and self.padding not in conv.PADDINGS:
+            raise ValueError(
+                f"expected padding in {conv.PADDINGS} with conv_impl='patches', got {self.padding!r}"
+            )
+        for k, width in enumerate(self.features):
+            checks.size(f"features[{k}]", width)
+        for k, width in enumerate(self.dense_features):
+            checks.size(f"dense_features[{k}]", width)
+        checks.size("num_classes", self.num_classes)
+        checks.rate("dropout_rate", self.dropout_rate)
+        kernel = _pair("kernel_size", self.kernel_size)
+        pool = _pair("pool_size", self.pool_size)
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(
+                f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}"
+            )
+        if x.shape[0] < 1:
+            raise ValueError(
+                f"expected at least one image (batch >= 1), got x of shape {x.shape} "
+                "[batch, height, width, channels]"
+            )
+        if self.padding in conv.PADDINGS:
+            least = [1, 1]  # the smallest output of the last block, walked back to the input
+            for pooled in reversed(self.pool_after):
+                for a in range(2):
+                    least[a] = least[a] * (pool[a] if pooled else 1)
+                    least[a] += kernel[a] - 1 if self.padding == "VALID" else 0
+            if x.shape[1] < least[0] or x.shape[2] < least[1]:
+                raise ValueError(
+                    f"expected x [batch, height, width, channels] of at least {least[0]}x"
+                    f"{least[1]} pixels for {len(self.features)} {kernel[0]}x{kernel[1]} "
+                    f"{self.padding} convolutions and {sum(map(bool, self.pool_after))} "
+                    f"{pool[0]}x{pool[1]} max-pools, got shape {x.shape}"
+                )
+        made = _made_shape(self, "Conv_0", "kernel")
+        if made is not None and made[2] != x.shape[3]:
+            raise ValueError(
+                f"expected x [batch, height, width, channels={made[2]}] as Conv_0's kernel "
+                f"{made} was made for, got shape {x.shape}"
+            )
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    """(height, width) of positive integers."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"expected {name} to be (height, width), got {value!r}")
+    return tuple(checks.size(f"{name}[{a}]", v) for a, v in enumerate(value))
+
+
+def _made_shape(module: nn.Module, name: str, leaf: str) -> tuple[int, ...] | None:
+    """The shape of the existing parameter params[name][leaf] of ``module`` (under ``apply``);
+    None where it is not made yet (under ``init``)."""
+    if not module.has_variable("params", name):
+        return None
+    made = module.get_variable("params", name).get(leaf)
+    return None if made is None else jnp.shape(made)
 
 
 class _Recurrent(nn.Module):
@@ -172,20 +240,23 @@ class _Recurrent(nn.Module):
         [num_layers*directions, batch, hidden] (a pair (h_n, c_n) for the LSTM), index
         layer*directions + direction. ``initial_carry`` has that same form. Dropout with
         ``dropout_rate`` is applied between layers when ``train`` is True (rng stream 'dropout').
+
+        Validated (ValueError / TypeError naming the expected value): hidden_size and num_layers
+        integers >= 1, dropout_rate in [0, 1]; xs floating point of rank 3 with batch, time >= 1,
+        its features those layer_0 was made for (under ``apply``); the rest as in the scans
+        (``recurrent.lstm_scan``), seq_lengths' values only when concrete.
         """
-        if self.num_layers < 1 or self.hidden_size < 1:
+        checks.size("hidden_size", self.hidden_size)
+        checks.size("num_layers", self.num_layers)
+        checks.rate("dropout_rate", self.dropout_rate)
+        xs = checks.sequences(xs)
+        made = _made_shape(self, "layer_0", "w_x")
+        if made is not None and made[0] != xs.shape[-1]:
             raise ValueError(
-                f"expected num_layers >= 1 and hidden_size >= 1, got {self.num_layers} and {self.hidden_size}"
+                f"expected xs [batch, time, features={made[0]}] as layer_0's w_x {made} was made "
+                f"for, got shape {xs.shape}"
             )
-        if jnp.ndim(xs) != 3:
-            raise ValueError(
-                f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}"
-            )
-        if not jnp.issubdtype(xs.dtype, jnp.floating):
-            raise TypeError(
-                f"expected floating-point xs [batch, time, features], got dtype {xs.dtype}"
-            )
-        dtype = self.dtype or jnp.promote_types(xs.dtype, self.param_dtype)
+        dtype = self.dtype or checks.promote_types(xs.dtype, self.param_dtype)
         directions = 2 if self.bidirectional else 1
         finals = []
         for layer in range(self.num_layers):
@@ -215,10 +286,11 @@ class SimpleRNN(_Recurrent):
     """Elman RNN, h_t = f(x_t W + h_{t-1} U + b), over ``recurrent.rnn_scan``.
 
     Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
-    ("auto" or "scan"), unroll, dtype (computation), param_dtype, activation (f, tanh by default).
+    ("auto" or "scan"), unroll, dtype (computation), param_dtype, activation (f, tanh by default:
+    a callable or a name in ``kernels.common.ACTIVATIONS``).
     """
 
-    activation: Callable[[Array], Array] = jnp.tanh
+    activation: Callable[[Array], Array] | str = jnp.tanh
 
     def _init_layer(self, key, features):
         return cells.init_rnn(key, features, self.hidden_size, self.param_dtype)

@@ -28,16 +28,26 @@ MNIST_FILES = {
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+REFETCH = "remove it and fetch it again (download=True, --download)"
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped when the name ends in .gz): magic 0x0000 <dtype> <rank>, then
-    ``rank`` big-endian int32 dimensions, then the data in row-major order."""
+    ``rank`` big-endian int32 dimensions, then the data in row-major order. A truncated or corrupt
+    file is a ValueError naming it and how to fetch it again."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); {REFETCH}"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
-            f"{path} is not an IDX file: expected magic 00 00 <dtype> <rank>, got {raw[:4].hex(' ')}"
+            f"{path} is not an IDX file: expected magic 00 00 <dtype> <rank>, got "
+            f"{raw[:4].hex(' ')}; {REFETCH}"
         )
     rank = raw[3]
     header = 4 + 4 * rank
@@ -46,7 +56,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(raw) != expected:
         raise ValueError(
-            f"{path}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes"
+            f"{path}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes; "
+            f"{REFETCH}"
         )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -69,6 +80,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, subdir: str) -> Path:
                 f"no data folder given: pass data_dir (--data-dir) or set {DATA_ENV}"
             )
     folder = Path(data_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"data folder {folder} is a file, not a folder")
     if not folder.is_dir():
         raise FileNotFoundError(f"data folder {folder} does not exist")
     return folder / subdir if (folder / subdir).is_dir() else folder
@@ -91,7 +104,8 @@ def read_mnist(
         if images_path is None or labels_path is None:
             missing = images_name if images_path is None else labels_name
             raise FileNotFoundError(
-                f"MNIST {split} split in {folder} is incomplete: missing {missing}[.gz]"
+                f"MNIST {split} split in {folder} is incomplete: missing {missing}[.gz]; fetch it "
+                f"with download=True (--download)"
             )
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -103,7 +117,10 @@ def read_mnist(
         splits[split] = (x, labels.astype(np.int32))
     if all(s is None for s in splits.values()):
         expected = ", ".join(f"{name}[.gz]" for pair in MNIST_FILES.values() for name in pair)
-        raise FileNotFoundError(f"no MNIST files in {folder}; expected {expected}")
+        raise FileNotFoundError(
+            f"no MNIST files in {folder}; expected {expected}; fetch them with download=True "
+            f"(--download)"
+        )
     return splits
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmodels import checks
 from jaxmodels.layers import CNN, LSTM, SimpleRNN
 
 Array = jax.Array
@@ -31,7 +32,8 @@ class SequenceModel(nn.Module):
 
     xs [batch, time, features] (+ optional seq_lengths [batch]) -> [batch, num_outputs]: class
     logits for a classifier, values for a regressor. With ``bidirectional`` the head reads the last
-    layer's forward and backward final states, concatenated.
+    layer's forward and backward final states, concatenated. Validated: num_outputs an integer
+    >= 1 (a classifier's num_classes), the rest as in ``LSTM`` / ``SimpleRNN``.
     """
 
     num_outputs: int
@@ -47,6 +49,7 @@ class SequenceModel(nn.Module):
     def __call__(
         self, xs: Array, seq_lengths: Array | None = None, *, train: bool = False
     ) -> Array:
+        checks.size("num_outputs (num_classes of a classifier)", self.num_outputs)
         encoder = _recurrent(self.cell)(
             self.hidden_size,
             self.num_layers,
@@ -70,6 +73,12 @@ class CharLM(nn.Module):
     next character at every step. With ``return_carry`` the call also returns the recurrent layers'
     final carry (stacked as ``LSTM`` / ``SimpleRNN`` return it), which ``initial_carry`` takes
     back: a text can be read in pieces, and ``generate`` feeds its samples one step at a time.
+
+    Validated: vocab_size and embed_size integers >= 1, dropout_rate in [0, 1] (the rest as in
+    ``LSTM`` / ``SimpleRNN``); tokens of rank 2 with batch, time >= 1, integer, and in
+    [0, vocab_size) when concrete. Traced (under ``jax.jit``) they raise only under
+    ``jaxmodels.checked`` (see ``checks``); otherwise ids >= vocab_size or < -vocab_size give NaN
+    logits, and ids in [-vocab_size, 0) read the embedding table from its end.
     """
 
     vocab_size: int
@@ -90,10 +99,20 @@ class CharLM(nn.Module):
         train: bool = False,
         return_carry: bool = False,
     ):
+        vocab_size = checks.size("vocab_size", self.vocab_size)
+        checks.size("embed_size", self.embed_size)
+        checks.rate("dropout_rate", self.dropout_rate)
+        tokens = jnp.asarray(tokens)
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"expected integer tokens of rank 2 [batch, time], got shape {tokens.shape} dtype {tokens.dtype}"
             )
+        if min(tokens.shape) < 1:
+            raise ValueError(
+                f"expected at least one sequence and one time step, got tokens of shape "
+                f"{tokens.shape} [batch, time]"
+            )
+        checks.in_range(tokens, 0, vocab_size - 1, f"tokens in [0, vocab_size={vocab_size})")
         xs = nn.Embed(self.vocab_size, self.embed_size, dtype=self.dtype)(tokens)
         recurrent = _recurrent(self.cell)(
             self.hidden_size,
@@ -139,26 +158,40 @@ class Model:
         return self.module.apply(variables, x, train=train, rngs=rngs, **kwargs)
 
 
-_REGISTRY: dict[str, tuple[str, Callable[..., nn.Module]]] = {
-    "cnn": ("classification", CNN),
-    "lstm-classifier": (
+class _Entry(NamedTuple):
+    task: str  # "classification", "regression" or "language_model"
+    inputs: str  # what it reads: "images", "sequences" or "tokens" (as data.DATASET_KINDS)
+    factory: Callable[..., nn.Module]
+
+
+_REGISTRY: dict[str, _Entry] = {
+    "cnn": _Entry("classification", "images", CNN),
+    "lstm-classifier": _Entry(
         "classification",
+        "sequences",
         lambda num_classes=10, **kw: SequenceModel(num_classes, cell="lstm", **kw),
     ),
-    "rnn-classifier": (
+    "rnn-classifier": _Entry(
         "classification",
+        "sequences",
         lambda num_classes=10, **kw: SequenceModel(num_classes, cell="rnn", **kw),
     ),
-    "lstm-regressor": (
+    "lstm-regressor": _Entry(
         "regression",
+        "sequences",
         lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="lstm", **kw),
     ),
-    "rnn-regressor": (
+    "rnn-regressor": _Entry(
         "regression",
+        "sequences",
         lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="rnn", **kw),
     ),
-    "char-lstm": ("language_model", lambda vocab_size, **kw: CharLM(vocab_size, cell="lstm", **kw)),
-    "char-rnn": ("language_model", lambda vocab_size, **kw: CharLM(vocab_size, cell="rnn", **kw)),
+    "char-lstm": _Entry(
+        "language_model", "tokens", lambda vocab_size, **kw: CharLM(vocab_size, cell="lstm", **kw)
+    ),
+    "char-rnn": _Entry(
+        "language_model", "tokens", lambda vocab_size, **kw: CharLM(vocab_size, cell="rnn", **kw)
+    ),
 }
 
 
@@ -167,17 +200,28 @@ def list_models() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
+    return _REGISTRY[name]
+
+
+def model_kind(name: str) -> tuple[str, str]:
+    """(task, inputs) of the registered model ``name``, known without building it (a char model
+    needs its data's vocab_size first): e.g. ("language_model", "tokens") for "char-lstm"."""
+    entry = _entry(name)
+    return entry.task, entry.inputs
+
+
 def get_model(name: str, **config) -> Model:
     """The registered model ``name``; ``config`` overrides its module's attributes
     (e.g. ``get_model("char-lstm", vocab_size=65, hidden_size=512)``)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; expected one of {list_models()}")
-    task, factory = _REGISTRY[name]
+    entry = _entry(name)
     try:
-        module = factory(**config)
+        module = entry.factory(**config)
     except TypeError as err:
         raise TypeError(f"bad configuration for model {name!r}: {err}") from None
-    return Model(name, task, module)
+    return Model(name, entry.task, module)
 
 
 def generate(
@@ -196,7 +240,7 @@ def generate(
     drawn from softmax(logits / temperature) (the most likely one when temperature is 0) and fed
     back for one step, the recurrent carry passed along (``lax.scan``). Compiled once per model,
     length, temperature and prompt shape, and reused by later calls. Returns [batch, length] int32
-    tokens.
+    tokens. A concrete prompt's tokens are checked against the vocabulary (as ``CharLM``'s).
     """
     if model.task != "language_model":
         raise ValueError(
@@ -207,6 +251,8 @@ def generate(
         raise ValueError(
             f"expected an integer prompt [batch, p] with p >= 1, got shape {prompt.shape} dtype {prompt.dtype}"
         )
+    vocab_size = model.module.vocab_size
+    checks.in_range(prompt, 0, vocab_size - 1, f"prompt tokens in [0, vocab_size={vocab_size})")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
         raise ValueError(f"expected a positive integer length, got {length!r}")
     if not temperature >= 0:

@@ -26,10 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from jaxmodels import cells
+from jaxmodels import cells, checks
 from jaxmodels.kernels import lstm_sequence, lstm_stepwise
 from jaxmodels.kernels.common import lstm_gate_gradients, on_platforms
 
@@ -57,11 +56,16 @@ def lstm_scan(
 
     Args:
       params: {"w_x": [features, 4*hidden], "w_h": [hidden, 4*hidden], "b": [4*hidden]}, gates i, f, g, o.
-      xs: [batch, time, features], floating point.
-      initial_carry: (h_0, c_0), each [batch, hidden]; zeros when None.
-      seq_lengths: [batch] integers in [0, time], or None for full length.
+      xs: [batch, time, features], floating point, batch and time >= 1 (a nested list is
+        converted). Computed in the promoted dtype of xs and params (``checks.promote_types``:
+        bfloat16 xs with float32 params run in float32, as the modules with ``dtype=None``).
+      initial_carry: (h_0, c_0), each [batch, hidden], cast to that dtype; zeros when None.
+      seq_lengths: [batch] integers in [0, time], or None for full length. Out-of-range values
+        raise when concrete; traced (under ``jax.jit``) they act as clamped to [0, time], and raise
+        only under ``jaxmodels.checked`` (see ``checks``).
       reverse: run from the last time step to the first (outputs stay in input time order).
-      unroll: time steps per loop iteration, passed to ``lax.scan`` (the kernel ignores it).
+      unroll: time steps per loop iteration (an integer >= 1), passed to ``lax.scan`` (the kernel
+        ignores it).
       impl: "scan" (``lax.scan``); "pallas": the Pallas kernels, interpreted on CPU and compiled on
         GPU and TPU: the persistent ``kernels.lstm_sequence`` where w_h fits on chip of the device
         compiled for (``lstm_sequence.plan``), else ``kernels.lstm_stepwise`` (one kernel a step);
@@ -69,17 +73,30 @@ def lstm_scan(
         bfloat16, the scan otherwise (on CPU always the scan).
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [batch, time, hidden].
+    Raises:
+      ValueError / TypeError naming the expected value, for any of the above not met (shapes,
+      dtypes, impl, unroll, and seq_lengths' values when concrete).
     """
     _check_impl(impl)
+    xs = checks.sequences(xs)
     hidden = _check_params(params, xs, blocks=4, cell="LSTM")
+    unroll = checks.size("unroll", unroll)
     batch, time, _ = xs.shape
+    param_dtypes = {jnp.result_type(p) for p in params.values()}
+    kernel_dtypes = xs.dtype in KERNEL_DTYPES and param_dtypes == {xs.dtype}
+    if impl == "pallas" and not kernel_dtypes:
+        raise TypeError(
+            f"expected xs and params of one dtype, float32 or bfloat16, for impl='pallas', got xs "
+            f"{xs.dtype} and params {sorted(map(str, param_dtypes))}"
+        )
+    xs, params = _promoted(xs, params)
     if initial_carry is None:
         zeros = jnp.zeros((batch, hidden), xs.dtype)
         initial_carry = (zeros, zeros)
     elif not (isinstance(initial_carry, (tuple, list)) and len(initial_carry) == 2):
         raise ValueError("expected initial_carry to be a pair (h, c), each [batch, hidden]")
     initial_carry = tuple(
-        _check_carry(c, batch, hidden, name) for c, name in zip(initial_carry, "hc")
+        _check_carry(c, batch, hidden, name, xs.dtype) for c, name in zip(initial_carry, "hc")
     )
     mask = _time_mask(seq_lengths, batch, time)
     xs = _zero_padding(xs, mask)
@@ -91,7 +108,7 @@ def lstm_scan(
     def kernel(recurrence):
         def run(w_x, b, w_h, carry, xs):
             x_proj = cells.add_bias(jnp.einsum("btf,fg->tbg", xs, w_x), b)
-            carry, hs = recurrence(x_proj, w_h, *(c.astype(xs.dtype) for c in carry), lengths)
+            carry, hs = recurrence(x_proj, w_h, *carry, lengths)
             return carry, jnp.swapaxes(hs, 0, 1)
 
         return run
@@ -110,13 +127,6 @@ def lstm_scan(
         recurrence = persistent(backend) if backend != "interpret" else None
         return kernel(recurrence) if recurrence is not None else scan
 
-    param_dtypes = {jnp.result_type(p) for p in params.values()}
-    kernel_dtypes = xs.dtype in KERNEL_DTYPES and param_dtypes == {xs.dtype}
-    if impl == "pallas" and not kernel_dtypes:
-        raise TypeError(
-            f"expected xs and params of one dtype, float32 or bfloat16, for impl='pallas', got xs "
-            f"{xs.dtype} and params {sorted(map(str, param_dtypes))}"
-        )
     if impl == "scan" or (impl == "auto" and not kernel_dtypes):
         carry, hs = scan(*args)
     else:
@@ -133,26 +143,33 @@ def rnn_scan(
     reverse: bool = False,
     unroll: int = 1,
     impl: str = "auto",
-    activation: Callable[[Array], Array] = jnp.tanh,
+    activation: Callable[[Array], Array] | str = jnp.tanh,
 ) -> tuple[Array, Array]:
     """Run ``cells.rnn_cell`` over a whole sequence: h_t = f(x_t W + h_{t-1} U + b).
 
     Args:
       params: {"w_x": [features, hidden], "w_h": [hidden, hidden], "b": [hidden]}.
-      xs: [batch, time, features], floating point.
-      initial_carry: h_0 [batch, hidden]; zeros when None.
+      xs: as for ``lstm_scan`` (computed in the promoted dtype of xs and params).
+      initial_carry: h_0 [batch, hidden], cast to that dtype; zeros when None.
       seq_lengths, reverse, unroll: as for ``lstm_scan``.
       impl: "auto" or "scan" (the Pallas kernels are LSTM-only).
-      activation: f, elementwise (tanh by default).
+      activation: f, elementwise (tanh by default): a callable, or a name in
+        ``kernels.common.ACTIVATIONS`` ('identity', 'relu', 'tanh', 'sigmoid').
     Returns:
       (h_T, hs) with h_T [batch, hidden] and hs [batch, time, hidden].
+    Raises:
+      ValueError / TypeError as ``lstm_scan``, and for an unknown activation.
     """
     _check_impl(impl, ("auto", "scan"))
+    xs = checks.sequences(xs)
     hidden = _check_params(params, xs, blocks=1, cell="RNN")
+    unroll = checks.size("unroll", unroll)
+    activation = checks.activation(activation)
     batch, time, _ = xs.shape
+    xs, params = _promoted(xs, params)
     if initial_carry is None:
         initial_carry = jnp.zeros((batch, hidden), xs.dtype)
-    initial_carry = _check_carry(initial_carry, batch, hidden, "h")
+    initial_carry = _check_carry(initial_carry, batch, hidden, "h", xs.dtype)
     mask = _time_mask(seq_lengths, batch, time)
     xs = _zero_padding(xs, mask)
     (h,), hs = _recurrence(
@@ -422,12 +439,7 @@ def _time_mask(seq_lengths: Array | None, batch: int, time: int) -> Array | None
         raise TypeError(
             f"expected integer seq_lengths of shape [batch]=({batch},), got dtype {seq_lengths.dtype}"
         )
-    if not isinstance(seq_lengths, jax.core.Tracer):
-        lengths = np.asarray(seq_lengths)
-        if lengths.min() < 0 or lengths.max() > time:
-            raise ValueError(
-                f"expected seq_lengths in [0, time={time}], got values from {lengths.min()} to {lengths.max()}"
-            )
+    checks.in_range(seq_lengths, 0, time, f"seq_lengths in [0, time={time}]")
     return jnp.arange(time, dtype=seq_lengths.dtype)[:, None] < seq_lengths[None, :]
 
 
@@ -437,36 +449,39 @@ def _check_impl(impl: str, allowed: tuple[str, ...] = IMPLS) -> None:
 
 
 def _check_params(params: dict, xs: Array, *, blocks: int, cell: str) -> int:
-    """Validate params against the pinned layout and xs [batch, time, features]; return hidden."""
+    """Validate params against the pinned layout (hidden >= 1) and the features of xs
+    [batch, time, features] (rank and dtype checked by ``checks.sequences``); return hidden."""
     missing = {"w_x", "w_h", "b"} - set(params)
     if missing:
         raise ValueError(f"expected {cell} params with keys w_x, w_h, b; missing {sorted(missing)}")
     w_x, w_h, b = (jnp.shape(params[k]) for k in ("w_x", "w_h", "b"))
     hidden = w_h[0] if len(w_h) == 2 else -1
     gates = blocks * hidden
-    if w_h != (hidden, gates) or len(w_x) != 2 or w_x[1] != gates or b != (gates,):
+    if hidden < 1 or w_h != (hidden, gates) or len(w_x) != 2 or w_x[1] != gates or b != (gates,):
         g = "4*hidden" if blocks == 4 else "hidden"
         raise ValueError(
-            f"expected {cell} params w_x [features, {g}], w_h [hidden, {g}], b [{g}], "
+            f"expected {cell} params w_x [features, {g}], w_h [hidden, {g}], b [{g}] (hidden >= 1), "
             f"got w_x {w_x}, w_h {w_h}, b {b}"
         )
-    if jnp.ndim(xs) != 3:
-        raise ValueError(
-            f"expected xs of rank 3 [batch, time, features], got shape {jnp.shape(xs)}"
-        )
-    if not jnp.issubdtype(xs.dtype, jnp.floating):
-        raise TypeError(f"expected floating-point xs [batch, time, features], got dtype {xs.dtype}")
     if xs.shape[-1] != w_x[0]:
         raise ValueError(
-            f"expected xs [batch, time, features={w_x[0]}] to match w_x, got shape {xs.shape}"
+            f"expected xs [batch, time, features={w_x[0]}] to match w_x {w_x}, got shape {xs.shape}"
         )
     return hidden
 
 
-def _check_carry(carry: Array, batch: int, hidden: int, name: str) -> Array:
+def _check_carry(carry: Array, batch: int, hidden: int, name: str, dtype) -> Array:
+    """carry [batch, hidden], cast to ``dtype``."""
     if jnp.shape(carry) != (batch, hidden):
         raise ValueError(
             f"expected initial carry {name} of shape [batch, hidden]=({batch}, {hidden}), "
             f"got shape {jnp.shape(carry)}"
         )
-    return carry
+    return jnp.asarray(carry).astype(dtype)
+
+
+def _promoted(xs: Array, params: dict) -> tuple[Array, dict]:
+    """xs and the weights w_x, w_h, b cast to their promoted dtype (``checks.promote_types``)."""
+    weights = {k: jnp.asarray(params[k]) for k in ("w_x", "w_h", "b")}
+    dtype = checks.promote_types(xs.dtype, *(w.dtype for w in weights.values()))
+    return xs.astype(dtype), {k: w.astype(dtype) for k, w in weights.items()}

@@ -1,14 +1,15 @@
-"""What a training run writes as it goes: metrics.jsonl rows, config.json, learning_curves.png,
-and the progress bar on the terminal.
+"""What a training run writes as it goes: metrics.jsonl rows, config.json, test_metrics.json,
+learning_curves.png, and the progress bar on the terminal.
 
 ``MetricsWindow`` gathers the step metrics between two rows (examples per second, the first
 step's compile time apart) and stops the run on a non-finite loss; ``RunWriter`` appends the rows
-(written before they are shown) and, on a resumed run, keeps the rows up to the resumed step.
+(on disk before they are shown) and, on a resumed run, keeps the rows up to the resumed step.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,8 +97,9 @@ def progress_bar(enabled: bool):
 
 
 class RunWriter:
-    """config.json, metrics.jsonl and learning_curves.png in a work folder (only when ``enabled``:
-    on process 0)."""
+    """config.json, metrics.jsonl, test_metrics.json and learning_curves.png in a work folder (only
+    when ``enabled``: on process 0). Whole files are replaced atomically (``write_atomic``), so a
+    failed write (a full disk) leaves the previous version."""
 
     def __init__(self, workdir: Path, enabled: bool = True, keep_until: int | None = None):
         self.workdir, self.enabled, self.history = workdir, enabled, []
@@ -106,19 +108,26 @@ class RunWriter:
             path = workdir / "metrics.jsonl"
             if keep_until is not None and path.exists():  # a resumed run: rows up to its step stay
                 self.history = [r for r in read_rows(path) if r.get("step", 0) <= keep_until]
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
 
     def save_config(self, config: dict) -> None:
         if self.enabled:
-            (self.workdir / "config.json").write_text(
-                json.dumps(config, indent=2, default=json_default) + "\n"
-            )
+            text = json.dumps(config, indent=2, default=json_default) + "\n"
+            write_atomic(self.workdir / "config.json", text)
 
     def log(self, row: dict) -> None:
+        """Append ``row`` to metrics.jsonl; it is on disk (flushed, closed) when this returns, so
+        before the caller shows it."""
         self.history.append(row)
         if self.enabled:
             with open(self.workdir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+    def save_test_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """The run's final test metrics, {"step", "test"}, in test_metrics.json."""
+        if self.enabled:
+            text = json.dumps({"step": step, "test": metrics}, indent=2) + "\n"
+            write_atomic(self.workdir / "test_metrics.json", text)
 
     def plot(self) -> None:
         """Loss (and accuracy) against step, train rows and eval rows, in learning_curves.png."""
@@ -138,6 +147,18 @@ class RunWriter:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.savefig(self.workdir / "learning_curves.png", dpi=100)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old
+    text or the new, never a part (the temporary file is removed when the write fails)."""
+    partial = path.with_name(path.name + ".part")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxmodels.batches import BatchIterator
+from jaxmodels.checkpoint import checkpoint_dir
 from jaxmodels.data import Dataset
 from jaxmodels.models import Model
 from jaxmodels.optim import make_optimizer, make_schedule
 from jaxmodels.parallel import SingleDevice, Strategy, get_strategy
 from jaxmodels.records import version
+from jaxmodels.rundir import prepare_workdir
 from jaxmodels.runlog import MetricsWindow, RunWriter, progress_bar
 from jaxmodels.steps import TrainState, create_train_state, make_eval_step, make_train_step
 
@@ -102,20 +104,27 @@ def fit(
     *,
     strategy: Strategy | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train ``model`` on ``dataset``'s train split for ``config.epochs`` epochs, evaluating on the
     test split after each epoch.
 
-    Writes to ``workdir``: config.json (model, dataset, model and train settings, versions),
-    metrics.jsonl (one JSON row per line, started afresh: "train" rows every ``log_every`` steps
-    with loss, accuracy, grad_norm, lr, examples_per_sec; "eval" rows per epoch with test loss and
-    accuracy) and learning_curves.png.
+    Writes to ``workdir``: config.json (model, dataset and its ``options``, model and train
+    settings, versions), metrics.jsonl (one JSON row per line, each on disk before it is shown:
+    "train" rows every ``log_every`` steps with loss, accuracy, grad_norm, lr, examples_per_sec;
+    "eval" rows per epoch with test loss and accuracy), test_metrics.json (the final test metrics)
+    and learning_curves.png.
+
+    The work folder is checked before anything is computed (``jaxmodels.rundir.prepare_workdir``):
+    a fresh run refuses a folder that holds another run (``RunFolderError``) unless ``overwrite``,
+    which moves that run aside to WORKDIR.old-<date>-<time>; it must be writable.
 
     Checkpoints (``config.checkpoint``) go to workdir/checkpoints. ``resume``: continue from the
-    latest readable checkpoint there (state, data position, RNG), so that the run ends with
-    exactly the parameters of an uninterrupted one; metrics.jsonl keeps its rows up to that step
-    and is appended to. No checkpoint yet: a fresh start. A checkpoint of a different run (model,
-    data set, optimizer, ...) raises ``IncompatibleCheckpointError``.
+    latest readable checkpoint there (state, data position, RNG; printed), so that the run ends
+    with exactly the parameters of an uninterrupted one; metrics.jsonl keeps its rows up to that
+    step and is appended to. No checkpoint yet: a fresh start. A run of another model or data set
+    raises ``RunFolderError``, a checkpoint of a different run (optimizer, batch size, ...)
+    ``IncompatibleCheckpointError``.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     if strategy is None:  # "sharded" over all devices when there are several, else "single"
@@ -145,6 +154,11 @@ def fit(
     total_steps = cfg.epochs * train_it.steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
+    last_epoch = -(-total_steps // train_it.steps_per_epoch)  # the epochs the run reaches
+    lead = jax.process_index() == 0  # the one process that writes files and prints
+    prepare_workdir(
+        workdir, model=model.name, dataset=dataset.name, resume=resume, overwrite=overwrite
+    )
 
     opt_args = (cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps)
     tx = make_optimizer(
@@ -160,6 +174,7 @@ def fit(
         "model": model.name,
         "task": model.task,
         "dataset": dataset.name,
+        "dataset_options": dict(dataset.options),
         "model_config": _module_config(model),
         "train": dataclasses.asdict(cfg),
         "strategy": strategy.name,
@@ -171,19 +186,23 @@ def fit(
     if restored is not None:
         state = restored.state
         train_it.restore(restored.position)
+        if lead:
+            print(f"resumed from step {restored.step} ({checkpoints.directory})")
+    elif resume and lead:
+        print(f"no checkpoint in {checkpoint_dir(workdir)} yet: starting afresh")
     state = strategy.put_state(state)
     start_step = restored.step if restored is not None else 0
-    lead = jax.process_index() == 0  # the one process that writes files and prints
-    writer = RunWriter(Path(workdir), enabled=lead, keep_until=start_step if restored else None)
-    writer.save_config(run_config)
     test_metrics: dict[str, float] = {}
     t0, step, window = time.perf_counter(), start_step, MetricsWindow()
     with progress_bar(cfg.progress and lead) as progress, _closing(checkpoints):
+        keep_until = start_step if restored else None
+        writer = RunWriter(Path(workdir), enabled=lead, keep_until=keep_until)
+        writer.save_config(run_config)
         task = progress.add_task("train", total=total_steps, completed=step, loss="-")
         for epoch in range(train_it.position.epoch + 1, cfg.epochs + 1):
             if step >= total_steps:  # resumed from the last checkpoint of a finished run
                 break
-            progress.update(task, description=f"epoch {epoch}/{cfg.epochs}")
+            progress.update(task, description=f"epoch {epoch}/{last_epoch}")
             for batch in train_it.epoch():
                 state, metrics = train_step(state, strategy.put_batch(batch))
                 step += 1
@@ -215,11 +234,15 @@ def fit(
                 )
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items())
                 if lead:
-                    progress.console.print(f"epoch {epoch}/{cfg.epochs}  step {step}  test {shown}")
+                    progress.console.print(
+                        f"epoch {epoch}/{last_epoch}  step {step}/{total_steps}  test {shown}"
+                    )
             if step == total_steps:
                 break
     if test_it is not None and not test_metrics:  # resumed after the last step: evaluate once
         test_metrics = evaluate(eval_step, state, test_it, strategy)
+    if test_metrics:
+        writer.save_test_metrics(step, test_metrics)
     if cfg.plot:
         writer.plot()
     return FitResult(strategy.fetch(state), writer.history, test_metrics)
@@ -241,7 +264,7 @@ def evaluate_checkpoint(
     test split. The checkpoint must come from the same model and model config
     (``IncompatibleCheckpointError`` otherwise); another data set of the same task is allowed.
     """
-    from jaxmodels.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure, checkpoint_dir
+    from jaxmodels.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
 
     strategy = strategy or SingleDevice()
     if dataset.x_test is None:
@@ -281,7 +304,7 @@ def _open_checkpoints(
     is none yet); the caller places it with its strategy's ``put_state``, on however many devices."""
     if not (cfg.checkpoint or resume):
         return None, None
-    from jaxmodels.checkpoint import Checkpoints, checkpoint_dir
+    from jaxmodels.checkpoint import Checkpoints
 
     checkpoints = Checkpoints(checkpoint_dir(workdir), every=cfg.checkpoint_every, keep=cfg.keep)
     if not resume or checkpoints.latest_step() is None:

@@ -1,5 +1,5 @@
 """Training: optimizers and schedules, losses against numpy, jitted steps (no retrace, masks),
-fit on digits (and MNIST when present), and the command line end to end."""
+fit on digits (and MNIST when present). The command line: tests/test_cli.py."""
 
 import dataclasses
 import json
@@ -14,10 +14,10 @@ from _paths import MNIST_DIR
 
 from jaxmodels import get_model
 from jaxmodels.batches import BatchIterator
-from jaxmodels.cli import main
 from jaxmodels.data import get_dataset
 from jaxmodels.optim import make_optimizer, make_schedule
 from jaxmodels.parallel import SingleDevice
+from jaxmodels.rundir import RunFolderError, saved_steps
 from jaxmodels.steps import (
     TrainState,
     classification_loss,
@@ -284,100 +284,16 @@ def test_fit_errors(digits, tmp_path):
         fit(get_model("cnn"), poisoned, _quiet(epochs=1, batch_size=32), tmp_path)
 
 
-# ------------------------------------------------------------------------------------------ cli
-
-
-def test_cli_train_end_to_end(tmp_path, capsys):
-    workdir = tmp_path / "run"
-    argv = [
-        "train",
-        "cnn",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "6",
-        "--batch-size",
-        "16",
-        "--log-every",
-        "3",
-        "--lr",
-        "2e-3",
-        "--optimizer",
-        "adamw",
-        "--seed",
-        "1",
-        "--workdir",
-        str(workdir),
-        "--no-progress",
-    ]
-    assert main(argv) == 0
-    assert "cnn on digits: test accuracy" in capsys.readouterr().out
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and rows[-1][
-        "kind"
-    ] == "eval"
-    config = json.loads((workdir / "config.json").read_text())
-    assert config["train"]["optimizer"] == "adamw" and config["train"]["seed"] == 1
-    assert (workdir / "learning_curves.png").stat().st_size > 1000
-
-
-def test_only_process_zero_prints_and_writes(tmp_path, capsys, monkeypatch):
-    """In a multi-process run the other processes train silently: no progress, epoch or summary
-    lines and no files (process 0 writes them)."""
-    monkeypatch.setattr(jax, "process_index", lambda *a: 1)
-    argv = [
-        "train",
-        "cnn",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "16",
-        "--workdir",
-        str(tmp_path / "run"),
-    ]
-    assert main(argv) == 0
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == ""
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-
-
-def test_cli_clear_errors(tmp_path, capsys):
-    for argv, fragment in [
-        (["train", "resnet"], "invalid choice: 'resnet' (choose from 'cnn'"),
-        (
-            ["train", "cnn", "--dataset", "cifar"],
-            "invalid choice: 'cifar' (choose from 'digits', 'mnist'",
-        ),
-        (
-            ["train", "cnn", "--batch-size", "0"],
-            "--batch-size: expected a positive integer, got '0'",
-        ),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2 and fragment in capsys.readouterr().err
-    for argv, fragment in [
-        (
-            ["train", "cnn", "--batch-size", "5000"],
-            "batch size 5000 is larger than the 1437 examples",
-        ),
-        (
-            ["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path / "absent")],
-            "absent does not exist",
-        ),
-        (
-            ["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path)],
-            "expected train-images-idx3-ubyte",
-        ),
-    ]:
-        assert main([*argv, "--workdir", str(tmp_path / "w"), "--no-progress"]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("jaxmodels: error:") and fragment in err and "Traceback" not in err
-
-
-def test_cli_info(capsys):
-    assert main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "jax " in out and "flax" in out and "optax" in out and "backend" in out and "cpu" in out
+def test_fit_never_mixes_two_runs_in_one_workdir(digits, tmp_path, capsys):
+    """A fresh fit refuses a folder that holds a run (before any compilation); overwrite moves it
+    aside whole; resume refuses a run of another model."""
+    small = _subset(digits, 64, 32)
+    fit(get_model("cnn"), small, _quiet(max_steps=2, checkpoint_every=1), tmp_path / "run")
+    with pytest.raises(RunFolderError, match=r"already holds a run \(config.json, metrics.jsonl"):
+        fit(get_model("cnn"), small, _quiet(max_steps=1), tmp_path / "run")
+    fit(get_model("cnn"), small, _quiet(max_steps=1), tmp_path / "run", overwrite=True)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"moved the run that was in {tmp_path / 'run'} to {aside}" in capsys.readouterr().out
+    assert saved_steps(aside) == [1, 2] and saved_steps(tmp_path / "run") == [1]
+    with pytest.raises(RunFolderError, match="holds a run of cnn on digits, not rnn-classifier"):
+        fit(get_model("rnn-classifier"), small, _quiet(), tmp_path / "run", resume=True)

@@ -1,0 +1,290 @@
+"""What the ``jaxmodels`` commands do once their arguments are parsed (``jaxmodels.cli``): train,
+eval, bench and info. Each ``run_*`` takes the parsed arguments and returns the exit status; a
+user's problem is raised as ValueError or OSError before anything is computed where it can be
+known then (a model on data it cannot read, data flags a data set does not take, a used or
+unwritable work folder, multi-host flags without their coordinator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+
+from jaxmodels.data import DATASET_KINDS, dataset_options
+from jaxmodels.mnist import MNIST_FILES
+from jaxmodels.models import get_model, model_kind
+from jaxmodels.train import TrainConfig
+
+# The get_dataset option behind each data flag.
+DATA_FLAGS = {
+    "data_dir": "--data-dir",
+    "download": "--download",
+    "path": "--data-file",
+    "seq_len": "--seq-len",
+}
+
+
+def check_pairing(model: str, dataset: str) -> None:
+    """ValueError naming the data sets ``model`` reads when ``dataset`` is not one of them."""
+    task, inputs = model_kind(model)
+    if DATASET_KINDS[dataset] != (task, inputs):
+        fits = " or ".join(d for d, kind in DATASET_KINDS.items() if kind == (task, inputs))
+        has = DATASET_KINDS[dataset]
+        raise ValueError(
+            f"{model} reads {inputs} ({task}), and {dataset} holds {has[1]} ({has[0]}): use "
+            f"--dataset {fits}"
+        )
+
+
+def data_options(args: argparse.Namespace, dataset: str) -> dict:
+    """The get_dataset options that the data flags in ``args`` give; a flag that ``dataset`` does
+    not take is a ValueError naming the ones it does."""
+    given = dict(data_dir=args.data_dir, path=args.data_file, seq_len=args.seq_len)
+    given = {k: v for k, v in given.items() if v is not None} | (
+        {"download": True} if args.download else {}
+    )
+    takes = dataset_options(dataset)
+    wrong = [DATA_FLAGS[k] for k in given if k not in takes]
+    if wrong:
+        accepted = [flag for k, flag in DATA_FLAGS.items() if k in takes]
+        which = ", ".join(accepted) if accepted else f"none of {', '.join(DATA_FLAGS.values())}"
+        raise ValueError(
+            f"{' and '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --dataset "
+            f"{dataset}, which takes {which}"
+        )
+    return given
+
+
+def _missing_split(dataset, split: str) -> str:
+    message = f"dataset {dataset.name} has no {split} split"
+    if "data_dir" in dataset.info:  # MNIST's files
+        files = " and ".join(f"{name}[.gz]" for name in MNIST_FILES[split])
+        message += f": {files} are not in {dataset.info['data_dir']}; fetch them with --download"
+    return message
+
+
+def load(model_name: str, dataset_name: str, options: dict, dtype: str, splits: Sequence[str]):
+    """The data set and the model (its classes or vocabulary sized to the data) to run; each of
+    ``splits`` ("train", "test") must be in the data."""
+    import jax.numpy as jnp
+
+    from jaxmodels.data import get_dataset
+
+    dataset = get_dataset(dataset_name, **options)
+    for split in splits:
+        if getattr(dataset, f"x_{split}") is None:
+            raise ValueError(_missing_split(dataset, split))
+    config = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
+    size = {"classification": "num_classes", "language_model": "vocab_size"}.get(dataset.task)
+    if size is not None and dataset.num_classes is not None:
+        config[size] = dataset.num_classes
+    return get_model(model_name, **config), dataset
+
+
+def _check_distributed(args: argparse.Namespace) -> None:
+    """Multi-host flags come as a set (each or its variable); none: JAX's cluster detection."""
+    from jaxmodels.parallel import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+
+    given = {
+        "--coordinator-address": (args.coordinator_address, ENV_COORDINATOR),
+        "--num-processes": (args.num_processes, ENV_NUM_PROCESSES),
+        "--process-id": (args.process_id, ENV_PROCESS_ID),
+    }
+    if all(value is None for value, _ in given.values()):
+        return
+    missing = [
+        f"{flag} (or ${env})"
+        for flag, (v, env) in given.items()
+        if v is None and not os.environ.get(env)
+    ]
+    if missing:
+        raise ValueError(
+            f"a multi-host run needs {', '.join(missing)} too; on a SLURM, Open MPI, Kubernetes "
+            f"or Cloud TPU cluster leave out all three and JAX finds them"
+        )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import jax
+
+    from jaxmodels.parallel import get_strategy, initialize_distributed
+    from jaxmodels.rundir import prepare_workdir
+    from jaxmodels.train import fit
+
+    start = time.perf_counter()
+    options = data_options(args, args.dataset)
+    check_pairing(args.model, args.dataset)
+    _check_distributed(args)
+    initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id
+    )  # before any JAX work
+    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset}")
+    prepare_workdir(
+        workdir,
+        model=args.model,
+        dataset=args.dataset,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    model, dataset = load(args.model, args.dataset, options, args.dtype, ("train",))
+    if args.batch_size > len(dataset.x_train):
+        n = len(dataset.x_train)
+        raise ValueError(
+            f"--batch-size {args.batch_size} is larger than the {n} training examples of "
+            f"{dataset.name}; use --batch-size N with N <= {n}"
+        )
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        clip_norm=args.clip_norm,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        log_every=args.log_every,
+        max_steps=args.max_steps,
+        progress=not args.no_progress,
+        checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
+    )
+    args.run_folder = workdir  # from here on, an interruption names its last checkpoint
+    result = fit(
+        model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume
+    )
+    elapsed = time.perf_counter() - start
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
+    steps = int(result.state.step)
+    if jax.process_index() == 0:  # the process that wrote the files
+        print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
+        written = "config.json, metrics.jsonl, test_metrics.json, learning_curves.png, checkpoints/"
+        print(f"wrote {workdir}/{written}")
+    return 0
+
+
+def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, dict, str]:
+    """(model, dataset, dataset options, dtype) of the run in ``workdir``: from its config.json,
+    which the command line may repeat but not contradict (the data may have moved: --data-dir and
+    --data-file replace its locations), else from the command line."""
+    from jaxmodels.rundir import CONFIG_FILE, load_run_settings
+
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"--workdir {workdir} is a file, not a run's folder")
+    if not (workdir / CONFIG_FILE).is_file():
+        if not workdir.is_dir():
+            raise FileNotFoundError(f"no run in {workdir}: the folder does not exist")
+        if args.model is None:
+            raise ValueError(f"{workdir} has no {CONFIG_FILE} naming the run's model: give MODEL")
+        dataset = args.dataset or "digits"
+        return args.model, dataset, data_options(args, dataset), args.dtype or "float32"
+    run = load_run_settings(workdir)
+    recorded = run.dataset_options
+    for flag, given, saved in (
+        ("MODEL", args.model, run.model),
+        ("--dataset", args.dataset, run.dataset),
+        ("--dtype", args.dtype, run.dtype),
+        ("--seq-len", args.seq_len, recorded.get("seq_len", args.seq_len)),
+    ):
+        if given is not None and given != saved:
+            raise ValueError(
+                f"{flag} {given} contradicts the run in {workdir}, which has {saved}; leave it "
+                f"out to use the run's"
+            )
+    return run.model, run.dataset, recorded | data_options(args, run.dataset), run.dtype
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import jax
+
+    from jaxmodels.checkpoint import checkpoint_dir
+    from jaxmodels.rundir import check_writable, saved_steps
+    from jaxmodels.runlog import write_atomic
+    from jaxmodels.train import evaluate_checkpoint
+
+    if args.workdir is None and args.model is None:
+        raise ValueError("eval needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
+    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
+    model_name, dataset_name, options, dtype = _eval_settings(args, workdir)
+    check_pairing(model_name, dataset_name)
+    steps = saved_steps(workdir)
+    if not steps or args.step not in (None, *steps):
+        wanted = "no checkpoint" if args.step is None else f"no checkpoint for step {args.step}"
+        raise FileNotFoundError(
+            f"{wanted} in {checkpoint_dir(workdir)} (saved: {steps or 'none'}): nothing to evaluate"
+        )
+    output = Path(args.output).expanduser() if args.output else workdir / "eval.json"
+    lead = jax.process_index() == 0
+    if output.is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; expected a file name")
+    if lead:  # before the evaluation, not after it
+        check_writable(output.parent, "output folder")
+    model, dataset = load(model_name, dataset_name, options, dtype, ("test",))
+    step, metrics = evaluate_checkpoint(
+        model, dataset, workdir, step=args.step, batch_size=args.batch_size
+    )
+    result = {
+        "model": model_name,
+        "dataset": dataset.name,
+        "workdir": str(workdir),
+        "step": step,
+        "test": metrics,
+    }
+    text = json.dumps(result, indent=2)
+    if lead:
+        write_atomic(output, text + "\n")  # on disk before it is shown
+    print(text)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from jaxmodels import bench
+    from jaxmodels.rundir import check_writable
+
+    suites = bench.SUITES if args.suite == "all" else (args.suite,)
+    out = check_writable(args.out or "benchmarks/results", "results folder")  # before timing
+    bench.run(
+        suites,
+        shapes=args.shapes,
+        repeats=args.repeats,
+        out=out,
+        torch_threads=args.torch_threads,
+        isolation=args.isolation,
+    )
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import jax
+
+    for package in (
+        "jaxmodels",
+        "jax",
+        "jaxlib",
+        "flax",
+        "optax",
+        "chex",
+        "orbax-checkpoint",
+        "numpy",
+    ):
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "not installed"
+        print(f"{package:18} {version}")
+    print(f"{'python':18} {sys.version.split()[0]}")
+    print(f"{'backend':18} {jax.default_backend()}")
+    print(f"{'processes':18} {jax.process_count()} (this is process {jax.process_index()})")
+    print(f"{'devices':18} {jax.device_count()} ({jax.local_device_count()} local)")
+    for device in jax.devices():
+        print(
+            f"  {device.id}: {device.platform} {device.device_kind} (process {device.process_index})"
+        )
+    return 0

@@ -1,0 +1,194 @@
+"""A run's folder (WORKDIR): what marks it as holding a run, the rules that keep two runs from
+mixing in it, and reading a run's settings back.
+
+    >>> prepare_workdir("runs/cnn-digits", model="cnn", dataset="digits")   # fresh: refuses a used one
+    >>> prepare_workdir(w, model="cnn", dataset="digits", overwrite=True)  # moves the old run aside
+    >>> prepare_workdir(w, model="cnn", dataset="digits", resume=True)     # the same model and data
+    >>> settings = load_run_settings("runs/cnn-digits")  # model, dataset, dataset_options, dtype
+
+A folder holds a run when it has config.json, metrics.jsonl or a non-empty checkpoints/ (what
+``jaxmodels.train.fit`` writes). A fresh run never starts in such a folder: its old checkpoints,
+with higher steps, would be taken for the new run's by ``eval`` and ``resume``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from jaxmodels.checkpoint import checkpoint_dir
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunFolderError(ValueError):
+    """A work folder that cannot be used as asked: it holds another run (a fresh start), or a run
+    of another model or data set (a resume)."""
+
+
+def saved_steps(workdir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in WORKDIR/checkpoints, ascending, from the folder names
+    alone (orbax's temporary folders of an unfinished save are not numbers); [] when none."""
+    folder = checkpoint_dir(workdir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def describe_checkpoints(workdir: str | Path) -> str:
+    """Where a run can continue from, for messages: "the last checkpoint is step N in
+    WORKDIR/checkpoints (continue with --resume)", or that there is none."""
+    steps, folder = saved_steps(workdir), checkpoint_dir(workdir)
+    if not steps:
+        return f"no checkpoint was saved in {folder}"
+    return f"the last checkpoint is step {steps[-1]} in {folder} (continue with --resume)"
+
+
+def run_contents(workdir: str | Path) -> list[str]:
+    """What marks ``workdir`` as holding a run, for messages (e.g. ["config.json", "checkpoints up
+    to step 50"]); [] for a missing or unused folder."""
+    workdir = Path(workdir)
+    found = [name for name in (CONFIG_FILE, METRICS_FILE) if (workdir / name).is_file()]
+    steps, checkpoints = saved_steps(workdir), checkpoint_dir(workdir)
+    if steps:
+        found.append(f"checkpoints up to step {steps[-1]}")
+    elif checkpoints.is_dir() and any(checkpoints.iterdir()):
+        found.append(f"{checkpoints.name}/")
+    return found
+
+
+def check_writable(folder: str | Path, what: str = "folder") -> Path:
+    """Create ``folder`` (and its parents) if needed and check that a file can be written in it,
+    by creating and removing a probe file; returns it as a Path. Raises an OSError with a message
+    that names ``what`` and the folder: NotADirectoryError when it (or a parent) is a file,
+    PermissionError when it cannot be created or written in, OSError for the rest (a full disk)."""
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"the {what} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # the errno stays: ENOSPC is a full disk
+        raise type(err)(err.errno, f"cannot create the {what} {folder}: {err.strerror}") from None
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".jaxmodels-probe-", dir=folder)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as err:
+        raise type(err)(err.errno, f"cannot write in the {what} {folder}: {err.strerror}") from None
+    return folder
+
+
+def move_aside(workdir: str | Path) -> Path:
+    """Rename ``workdir`` to WORKDIR.old-YYYYmmdd-HHMMSS next to it (-2, -3, ... when taken);
+    returns the new path."""
+    workdir = Path(workdir)
+    stem = f"{workdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = workdir.with_name(stem), 2
+    while target.exists():
+        target, n = workdir.with_name(f"{stem}-{n}"), n + 1
+    shutil.move(str(workdir), target)
+    return target
+
+
+def prepare_workdir(
+    workdir: str | Path,
+    *,
+    model: str,
+    dataset: str,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> Path | None:
+    """Make ``workdir`` ready for a run of ``model`` on ``dataset``, before any training.
+
+    Fresh (neither flag): a folder that holds a run (``run_contents``) raises ``RunFolderError``
+    naming --resume and --overwrite. ``overwrite``: such a folder is moved aside (``move_aside``,
+    printed) and the run starts in an empty one; returns where the old run went (else None).
+    ``resume``: a config.json naming another model or data set raises ``RunFolderError`` naming
+    both (the checkpoint's own settings are compared when it is restored). Then the folder is
+    created and checked writable (``check_writable``). Files are moved and probed by process 0
+    only; every process checks.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run or replace it")
+    workdir = Path(workdir).expanduser()
+    if workdir.exists() and not workdir.is_dir():
+        raise NotADirectoryError(f"the work folder {workdir} is a file, not a folder")
+    lead, moved = jax.process_index() == 0, None
+    found = run_contents(workdir)
+    if resume and (workdir / CONFIG_FILE).is_file():
+        saved = read_config(workdir)
+        was = (saved.get("model"), saved.get("dataset"))
+        if was != (model, dataset):
+            raise RunFolderError(
+                f"{workdir} holds a run of {was[0]} on {was[1]}, not {model} on {dataset}: resume "
+                f"it as {was[0]} on {was[1]}, or use another work folder (--workdir)"
+            )
+    elif found and not resume:
+        if not overwrite:
+            raise RunFolderError(
+                f"{workdir} already holds a run ({', '.join(found)}): continue it with resume=True "
+                f"(--resume), or move it aside and start afresh with overwrite=True (--overwrite)"
+            )
+        if lead:
+            moved = move_aside(workdir)
+            print(f"moved the run that was in {workdir} to {moved}")
+    if lead:
+        check_writable(workdir, "work folder")
+    return moved
+
+
+# ------------------------------------------------------------------------------ settings back
+
+
+def read_config(workdir: str | Path) -> dict:
+    """WORKDIR/config.json as a dict. FileNotFoundError when absent, ValueError when unreadable."""
+    path = Path(workdir).expanduser() / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no run in {path.parent}: {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a run's config (unreadable JSON: {err})") from None
+    if not isinstance(config, dict) or not {"model", "dataset"} <= config.keys():
+        raise ValueError(f"{path} is not a run's config: expected its model and dataset")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a run in ``workdir`` was trained with, from its config.json.
+
+    model, dataset: registry names (``get_model``, ``get_dataset``). dataset_options: the
+    ``get_dataset`` options it was loaded with (e.g. data_dir, path, seq_len; {} for a run written
+    before they were recorded). dtype: the model's compute dtype, "float32" or "bfloat16".
+    config: the whole config.json.
+    """
+
+    workdir: Path
+    model: str
+    dataset: str
+    dataset_options: dict
+    dtype: str
+    config: dict
+
+
+def load_run_settings(workdir: str | Path) -> RunSettings:
+    """The settings of the run in ``workdir`` (see ``RunSettings``), for commands that rebuild its
+    model and data set (eval). FileNotFoundError when it has no config.json."""
+    config = read_config(workdir)
+    return RunSettings(
+        workdir=Path(workdir).expanduser(),
+        model=config["model"],
+        dataset=config["dataset"],
+        dataset_options=dict(config.get("dataset_options") or {}),
+        dtype=(config.get("model_config") or {}).get("dtype") or "float32",
+        config=config,
+    )

@@ -1,0 +1,352 @@
+"""The ``jaxmodels`` command: train end to end (the CNN, the character models on text and on the
+copy task), a run's folder (refused when used, --overwrite, --resume of another run), eval from
+the run's config.json, metrics on disk before they are shown, and every option of every command
+with a bad value: one line on stderr (or argparse's usage error), never a traceback."""
+
+import json
+import re
+import shutil
+
+import jax
+import pytest
+
+from jaxmodels import commands, rundir
+from jaxmodels.cli import main
+from jaxmodels.data import DATASET_KINDS, get_dataset, list_datasets
+from jaxmodels.models import get_model, list_models, model_kind
+
+QUICK = ["--epochs", "1", "--batch-size", "16", "--no-progress"]
+
+
+def _one_error_line(err: str) -> str:
+    """The single ``jaxmodels: error: ...`` line of ``err``; fails on anything else."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxmodels: error: "), err
+    return lines[0]
+
+
+def _rows(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_train_end_to_end(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = ["train", "cnn", "--max-steps", "6", "--log-every", "3", "--lr", "2e-3"]
+    argv += ["--optimizer", "adamw", "--seed", "1", "--workdir", str(workdir), *QUICK]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "cnn on digits: test accuracy" in out
+    assert "epoch 1/1  step 6/6  test" in out  # the steps the run does, not the epochs it would
+    rows = _rows(workdir)
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and rows[-1][
+        "kind"
+    ] == "eval"
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["optimizer"] == "adamw" and config["train"]["seed"] == 1
+    assert config["dataset_options"] == {"test_size": 360, "seed": 0, "size": 20, "canvas": 28}
+    final = json.loads((workdir / "test_metrics.json").read_text())
+    assert final == {"step": 6, "test": {k: rows[-1][k] for k in ("loss", "accuracy")}}
+    assert (workdir / "learning_curves.png").stat().st_size > 1000
+
+
+def test_only_process_zero_prints_and_writes(tmp_path, capsys, monkeypatch):
+    """In a multi-process run the other processes train silently: no progress, epoch or summary
+    lines and no files (process 0 writes them)."""
+    monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+    argv = ["train", "cnn", "--epochs", "1", "--max-steps", "2", "--batch-size", "16"]
+    assert main([*argv, "--workdir", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cli_info(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "jax " in out and "flax" in out and "optax" in out and "backend" in out and "cpu" in out
+
+
+# ---------------------------------------------------------------------- models and their data
+
+
+def test_model_kinds_match_the_registries():
+    """What the registry says each model reads against the models themselves: each is built for
+    its task and initialised on an input of its kind; each data set kind matches the data."""
+    assert set(DATASET_KINDS) == set(list_datasets())
+    examples = {
+        "images": jax.ShapeDtypeStruct((1, 28, 28, 1), "float32"),
+        "sequences": jax.ShapeDtypeStruct((1, 5, 2), "float32"),
+        "tokens": jax.ShapeDtypeStruct((1, 5), "int32"),
+    }
+    for name in list_models():
+        task, inputs = model_kind(name)
+        model = get_model(name, vocab_size=7) if task == "language_model" else get_model(name)
+        assert model.task == task, name
+        jax.eval_shape(model.init, jax.random.key(0), examples[inputs])
+    ranks = {"images": 3, "sequences": 2, "tokens": 1}
+    for name, options in [
+        ("digits", {}),
+        ("seq-digits", {}),
+        ("adding", {"seq_len": 4, "train_size": 2, "test_size": 1}),
+        ("copy", {"seq_len": 4, "train_size": 2, "test_size": 1}),
+    ]:
+        ds = get_dataset(name, **options)
+        task, inputs = DATASET_KINDS[name]
+        assert ds.task == task and len(ds.input_shape) == ranks[inputs], name
+
+
+def test_char_models_train_from_the_command_line(tmp_path, capsys):
+    """char-lstm and char-rnn on a text file and char-lstm on the copy task (the vocabulary comes
+    from the data; the models were once built without it and could not be trained at all)."""
+    text = tmp_path / "input.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    steps = ["--max-steps", "2", "--batch-size", "4", "--no-progress"]
+    for model, data in [
+        ("char-lstm", ["--dataset", "text", "--data-file", str(text), "--seq-len", "8"]),
+        ("char-rnn", ["--dataset", "text", "--data-file", str(text), "--seq-len", "8"]),
+        ("char-lstm", ["--dataset", "copy", "--seq-len", "4"]),
+    ]:
+        workdir = tmp_path / f"{model}-{data[1]}"
+        assert main(["train", model, *data, *steps, "--workdir", str(workdir)]) == 0
+        assert f"{model} on {data[1]}: test accuracy" in capsys.readouterr().out
+        assert _rows(workdir)[-1]["kind"] == "eval"
+
+
+# ------------------------------------------------------------------------------ a run's folder
+
+
+def _used(workdir, model="cnn", dataset="digits"):
+    """A folder as a run leaves it: config.json and a checkpoint folder."""
+    (workdir / "checkpoints" / "50").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"model": model, "dataset": dataset}))
+    return workdir
+
+
+def test_a_fresh_run_refuses_a_used_workdir_and_overwrite_moves_it_aside(tmp_path, capsys):
+    used = _used(tmp_path / "run")
+    assert main(["train", "cnn", "--workdir", str(used), "--max-steps", "2", *QUICK]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "already holds a run (config.json, checkpoints up to step 50)" in line
+    assert "--resume" in line and "--overwrite" in line
+
+    argv = ["train", "cnn", "--workdir", str(used), "--max-steps", "2", "--overwrite", *QUICK]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    (aside,) = tmp_path.glob("run.old-*")
+    assert f"moved the run that was in {used} to {aside}" in out
+    assert (aside / "checkpoints" / "50").is_dir()  # the old run, whole
+    assert rundir.saved_steps(used) == [2]  # the new run alone: eval and --resume see only it
+
+
+def test_resume_refuses_a_run_of_another_model_or_data_set(tmp_path, capsys):
+    used = _used(tmp_path / "run", "lstm-classifier", "seq-digits")
+    assert main(["train", "cnn", "--workdir", str(used), "--resume", *QUICK]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "holds a run of lstm-classifier on seq-digits, not cnn on digits" in line
+    assert rundir.saved_steps(used) == [50]  # untouched
+
+
+def test_unwritable_workdirs_are_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    """A file, a folder under a file, and a read-only folder (the refusal simulated where files are
+    created: root ignores permissions); eval stops before it evaluates, not when writing."""
+    (tmp_path / "file").write_text("")
+    for workdir, fragment in [
+        (tmp_path / "file", "work folder " + str(tmp_path / "file") + " is a file, not a folder"),
+        (tmp_path / "file" / "sub", "cannot create the work folder"),
+    ]:
+        assert main(["train", "cnn", "--workdir", str(workdir), *QUICK]) == 1
+        assert fragment in _one_error_line(capsys.readouterr().err)
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    real_open = rundir.os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).startswith(str(read_only)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(rundir.os, "open", refuse)
+    assert main(["train", "cnn", "--workdir", str(read_only), *QUICK]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"cannot write in the work folder {read_only}: Permission denied" in line
+
+    _used(read_only)
+    monkeypatch.setattr("jaxmodels.train.evaluate_checkpoint", pytest.fail)  # never reached
+    assert main(["eval", "--workdir", str(read_only)]) == 1
+    assert "cannot write in the output folder" in _one_error_line(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------- eval
+
+
+def test_eval_reads_the_run_from_its_config(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "input.txt"
+    text.write_text("abcdefgh " * 60, encoding="utf-8")
+    workdir = tmp_path / "run"
+    data = ["--dataset", "text", "--data-file", str(text), "--seq-len", "8"]
+    train = ["train", "char-rnn", *data, "--max-steps", "2", "--batch-size", "4", "--no-progress"]
+    assert main([*train, "--workdir", str(workdir)]) == 0
+    capsys.readouterr()
+    settings = rundir.load_run_settings(workdir)
+    assert (settings.model, settings.dataset, settings.dtype) == ("char-rnn", "text", "float32")
+    assert (
+        settings.dataset_options["path"] == str(text) and settings.dataset_options["seq_len"] == 8
+    )
+
+    shown = []
+    monkeypatch.setattr(  # what is printed is on disk first
+        commands, "print", lambda t: shown.append((t, (workdir / "eval.json").read_text())), False
+    )
+    assert main(["eval", "--workdir", str(workdir)]) == 0  # no MODEL, no data options
+    printed, on_disk = shown[-1]
+    result = json.loads(printed)
+    assert result["model"] == "char-rnn" and result["dataset"] == "text" and result["step"] == 2
+    assert on_disk == printed + "\n"
+    monkeypatch.undo()
+
+    for argv, fragment in [
+        (["char-lstm"], "MODEL char-lstm contradicts the run in"),
+        (["--dataset", "copy"], "--dataset copy contradicts the run in"),
+        (["--seq-len", "9"], "--seq-len 9 contradicts the run in"),
+        (["--dtype", "bfloat16"], "--dtype bfloat16 contradicts the run in"),
+    ]:
+        assert main(["eval", *argv, "--workdir", str(workdir)]) == 1
+        assert fragment in _one_error_line(capsys.readouterr().err)
+
+    moved = tmp_path / "moved.txt"  # the data moved: its new place may be given
+    shutil.move(text, moved)
+    assert main(["eval", "char-rnn", "--workdir", str(workdir), "--data-file", str(moved)]) == 0
+    assert json.loads(capsys.readouterr().out)["test"] == result["test"]
+
+
+def test_metrics_are_on_disk_before_they_are_shown(tmp_path, monkeypatch):
+    """Each epoch line and the final summary are printed only once their numbers are in the run's
+    files (metrics.jsonl, test_metrics.json)."""
+    import rich.console
+
+    workdir, seen = tmp_path / "run", []
+    real = rich.console.Console.print
+
+    def console_print(self, text, *args, **kwargs):
+        seen.append((text, [r["step"] for r in _rows(workdir) if r["kind"] == "eval"]))
+        return real(self, text, *args, **kwargs)
+
+    def summary_print(text):
+        seen.append((text, (workdir / "test_metrics.json").is_file()))
+
+    monkeypatch.setattr(rich.console.Console, "print", console_print)
+    monkeypatch.setattr(commands, "print", summary_print, False)
+    argv = ["train", "cnn", "--epochs", "3", "--max-steps", "7", "--workdir", str(workdir)]
+    assert main([*argv, "--batch-size", "256", "--no-progress"]) == 0  # 5 steps an epoch
+    assert seen[0][0].startswith("epoch 1/2  step 5/7  test") and seen[0][1] == [5]
+    assert seen[1][0].startswith("epoch 2/2  step 7/7  test") and seen[1][1] == [5, 7]
+    assert seen[2][0].startswith("cnn on digits: test") and seen[2][1] is True
+
+
+# ----------------------------------------------------------------------- every option, bad values
+
+# {file}: an existing file; {used}: a folder holding a run; {tmp}: a fresh folder.
+BAD = [
+    # train: MODEL and the data options
+    ["train"],
+    ["train", "resnet"],
+    ["train", "cnn", "--dataset", "cifar"],
+    ["train", "lstm-classifier"],  # digits are images
+    ["train", "cnn", "--dataset", "adding"],
+    ["train", "char-lstm"],  # digits again: the vocabulary is not the question
+    ["train", "cnn", "--data-dir", "{tmp}"],  # digits take no data folder
+    ["train", "cnn", "--dataset", "mnist", "--data-dir", "{tmp}/absent"],
+    ["train", "cnn", "--dataset", "mnist", "--data-dir", "{file}"],
+    ["train", "cnn", "--dataset", "mnist", "--data-dir", "{tmp}"],  # no MNIST files
+    ["train", "cnn", "--download"],
+    ["train", "char-lstm", "--dataset", "text", "--data-file", "{tmp}/absent.txt"],
+    ["train", "char-lstm", "--dataset", "text", "--data-file", "{tmp}"],
+    ["train", "char-lstm", "--dataset", "text"],  # no file at all
+    ["train", "cnn", "--data-file", "{file}"],
+    ["train", "cnn", "--seq-len", "5"],
+    *[["train", "char-lstm", "--dataset", "copy", "--seq-len", v] for v in ("0", "-1", "x")],
+    ["train", "cnn", "--dtype", "float16"],
+    # train: the numbers
+    *[["train", "cnn", flag, v] for flag in ("--epochs", "--batch-size") for v in ("0", "-2", "x")],
+    *[
+        ["train", "cnn", flag, v]
+        for flag in ("--lr", "--clip-norm")
+        for v in ("0", "-1", "x", "nan")
+    ],
+    *[["train", "cnn", "--weight-decay", v] for v in ("-0.1", "x", "inf")],
+    *[["train", "cnn", flag, v] for flag in ("--seed", "--warmup-steps") for v in ("-1", "1.5")],
+    *[["train", "cnn", flag, "0"] for flag in ("--max-steps", "--log-every", "--checkpoint-every")],
+    ["train", "cnn", "--keep", "0"],
+    ["train", "cnn", "--batch-size", "5000"],
+    ["train", "cnn", "--optimizer", "adamax"],
+    ["train", "cnn", "--schedule", "step"],
+    ["train", "cnn", "--strategy", "fsdp"],
+    # train: the work folder
+    ["train", "cnn", "--workdir", "{file}"],
+    ["train", "cnn", "--workdir", "{file}/sub"],
+    ["train", "cnn", "--workdir", "{used}"],
+    ["train", "lstm-classifier", "--dataset", "seq-digits", "--workdir", "{used}", "--resume"],
+    ["train", "cnn", "--workdir", "{used}", "--resume", "--overwrite"],
+    # train: multi-host
+    ["train", "cnn", "--num-processes", "2"],
+    ["train", "cnn", "--coordinator-address", "127.0.0.1:1234"],
+    ["train", "cnn", "--coordinator-address", "nohost"],
+    ["train", "cnn", "--coordinator-address", "h:99999"],
+    ["train", "cnn", "--num-processes", "0"],
+    ["train", "cnn", "--process-id", "-1"],
+    ["train", "cnn", "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"],
+    # eval
+    ["eval"],
+    ["eval", "resnet"],
+    ["eval", "--workdir", "{tmp}/absent"],
+    ["eval", "--workdir", "{file}"],
+    ["eval", "--workdir", "{tmp}"],  # a folder without config.json or checkpoints
+    ["eval", "cnn", "--workdir", "{tmp}"],  # MODEL given: no checkpoint there
+    ["eval", "--workdir", "{used}", "--dataset", "mnist"],
+    ["eval", "lstm-classifier", "--workdir", "{used}"],
+    ["eval", "--workdir", "{used}", "--dtype", "bfloat16"],
+    ["eval", "--workdir", "{used}", "--data-file", "{file}"],
+    ["eval", "--workdir", "{used}", "--output", "{tmp}"],
+    ["eval", "--workdir", "{used}", "--output", "{file}/eval.json"],
+    *[["eval", "cnn", flag, v] for flag in ("--step", "--batch-size") for v in ("0", "x")],
+    ["eval", "cnn", "--dataset", "cifar"],
+    # bench and info
+    ["bench"],
+    ["bench", "gru"],
+    *[["bench", "lstm", flag, v] for flag in ("--repeats", "--torch-threads") for v in ("0", "x")],
+    ["bench", "lstm", "--shapes", "huge"],
+    ["bench", "lstm", "--isolation", "thread"],
+    ["bench", "lstm", "--out", "{file}"],
+    ["info", "extra"],
+    ["nothing"],
+    [],
+]
+USAGE = re.compile(r"^jaxmodels( \w+)?: error: ")
+
+
+@pytest.mark.parametrize("argv", BAD, ids=[" ".join(a) or "(none)" for a in BAD])
+def test_every_bad_option_is_one_line_and_no_traceback(argv, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    used = _used(tmp_path / "used")
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    argv = [a.format(file=tmp_path / "file", used=used, tmp=fresh) for a in argv]
+    monkeypatch.chdir(tmp_path)  # default work folders (runs/MODEL-DATASET) land here
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("JAXMODELS_TEXT", raising=False)
+    monkeypatch.setattr("jaxmodels.train.fit", pytest.fail)  # an error comes before any training
+    monkeypatch.setattr("jaxmodels.train.evaluate_checkpoint", pytest.fail)
+    monkeypatch.setattr("jaxmodels.bench.run", pytest.fail)
+    try:
+        status = main(argv)
+    except SystemExit as exit_info:  # argparse: usage lines, then one error line
+        status = exit_info.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and USAGE.match(lines[-1]), lines
+        assert all(line.startswith(("usage:", " ")) for line in lines[:-1]), lines
+    else:
+        assert status == 1
+        _one_error_line(capsys.readouterr().err)
+    assert "Traceback" not in capsys.readouterr().err
