@@ -4,9 +4,11 @@
     jaxmodels train cnn --dataset mnist --data-dir ~/data --epochs 5
     jaxmodels train lstm-classifier --dataset seq-digits   # image rows as time steps, offline
     jaxmodels train char-lstm --dataset text --data-file input.txt --seq-len 100
+    jaxmodels train lstm-classifier --dataset seq-digits --model-arg hidden_size=64 --model-arg num_layers=2
     jaxmodels train cnn --checkpoint-every 100 --resume   # continue from runs/cnn-digits/checkpoints
     jaxmodels train cnn --overwrite           # a fresh run; the one in runs/cnn-digits moved aside
     jaxmodels eval --workdir runs/cnn-digits  # test metrics of the latest checkpoint (JSON)
+    jaxmodels sample --workdir runs/char-lstm-text --prompt "ROMEO:" --length 300 --temperature 0.8
     jaxmodels info                            # versions, backend, devices
     jaxmodels bench lstm --repeats 10         # timings vs Flax, PyTorch: benchmarks/results/lstm.{json,md,png}
 
@@ -27,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxmodels.commands import run_bench, run_eval, run_info, run_train
+from jaxmodels.commands import run_bench, run_eval, run_info, run_sample, run_train
 from jaxmodels.data import list_datasets
 from jaxmodels.models import list_models
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES
@@ -85,6 +87,13 @@ def _host_port(text: str) -> str:
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return text
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or not value:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. hidden_size=128), got {text!r}")
+    return key.strip(), value
 
 
 def _add_model_and_data_options(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
@@ -173,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a model on a data set", description="Train a model on a data set."
     )
     _add_model_and_data_options(train)
+    train.add_argument(
+        "--model-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an option of the model (repeatable), e.g. hidden_size=128, num_layers=2, "
+        "features=[32,64,64]; VALUE is JSON or text; recorded in config.json",
+    )
     train.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs)
     train.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size)
     train.add_argument(
@@ -266,6 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)"
     )
 
+    sample = commands.add_parser(
+        "sample",
+        help="text from a character model's checkpoint",
+        description="Restore the latest checkpoint of a char-lstm or char-rnn run in --workdir and "
+        "print the prompt followed by sampled characters. The model, data set (its vocabulary) and "
+        "data options are the run's (WORKDIR/config.json).",
+    )
+    _add_model_and_data_options(sample, run=False)
+    sample.add_argument(
+        "--workdir", default=None, help="the run's folder (default: runs/MODEL-text)"
+    )
+    sample.add_argument(
+        "--step", type=positive_int, default=None, help="this checkpoint instead of the latest"
+    )
+    sample.add_argument(
+        "--prompt", default=None, help="text to continue (default: the vocabulary's first token)"
+    )
+    sample.add_argument(
+        "--length", type=positive_int, default=200, help="characters to sample (default: 200)"
+    )
+    sample.add_argument(
+        "--temperature",
+        type=_non_negative_float,
+        default=1.0,
+        help="softmax temperature; 0 takes the most likely character (default: 1.0)",
+    )
+    sample.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
+
     bench = commands.add_parser(
         "bench",
         help="time models side by side with their peers",
@@ -327,7 +373,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxmodels: {text}", file=sys.stderr)
         return status
 
-    commands = {"train": run_train, "eval": run_eval, "bench": run_bench, "info": run_info}
+    commands = {
+        "train": run_train,
+        "eval": run_eval,
+        "sample": run_sample,
+        "bench": run_bench,
+        "info": run_info,
+    }
     with _one_line_warnings():
         try:
             return commands[args.command](args)

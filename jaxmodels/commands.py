@@ -1,5 +1,5 @@
 """What the ``jaxmodels`` commands do once their arguments are parsed (``jaxmodels.cli``): train,
-eval, bench and info. Each ``run_*`` takes the parsed arguments and returns the exit status; a
+eval, sample, bench and info. Each ``run_*`` takes the parsed arguments and returns the exit status; a
 user's problem is raised as ValueError or OSError before anything is computed where it can be
 known then (a model on data it cannot read, data flags a data set does not take, a used or
 unwritable work folder, multi-host flags without their coordinator).
@@ -8,6 +8,7 @@ unwritable work folder, multi-host flags without their coordinator).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from jaxmodels.data import DATASET_KINDS, dataset_options
 from jaxmodels.mnist import MNIST_FILES
-from jaxmodels.models import get_model, model_kind
+from jaxmodels.models import get_model, model_kind, model_options
+from jaxmodels.rundir import tuples
 from jaxmodels.train import TrainConfig
 
 # The get_dataset option behind each data flag.
@@ -60,6 +62,39 @@ def data_options(args: argparse.Namespace, dataset: str) -> dict:
     return given
 
 
+def parse_model_args(model: str, pairs: Sequence[tuple[str, str]]) -> dict:
+    """``--model-arg KEY=VALUE`` pairs as ``get_model`` options of ``model`` (a later KEY wins).
+    VALUE is read as JSON (``128``, ``true``, ``[32, 64]``), else taken as text (``pallas``), and
+    must have the type of the option's default (``models.model_options``; lists become tuples).
+    ValueError naming the model's options for an unknown KEY, and the expected type for a value."""
+    options = model_options(model)
+    parsed = {}
+    for key, text in pairs:
+        if key not in options:
+            raise ValueError(
+                f"--model-arg {key}: {model} has no option {key!r}; its options are "
+                + ", ".join(f"{k} (default {v!r})" for k, v in options.items())
+            )
+        parsed[key] = _option_value(key, text, options[key])
+    return parsed
+
+
+def _option_value(key: str, text: str, default):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    value = tuples(value)
+    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    kind = next((k for k in kinds if isinstance(default, k)), tuple)
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple,)}
+    fits = isinstance(value, accepted[kind]) and (kind is bool or not isinstance(value, bool))
+    if not fits:
+        expected = kinds.get(kind, "a JSON list such as " + json.dumps(default))
+        raise ValueError(f"--model-arg {key}={text}: expected {expected} (default {default!r})")
+    return float(value) if kind is float else value
+
+
 def _missing_split(dataset, split: str) -> str:
     message = f"dataset {dataset.name} has no {split} split"
     if "data_dir" in dataset.info:  # MNIST's files
@@ -68,9 +103,17 @@ def _missing_split(dataset, split: str) -> str:
     return message
 
 
-def load(model_name: str, dataset_name: str, options: dict, dtype: str, splits: Sequence[str]):
-    """The data set and the model (its classes or vocabulary sized to the data) to run; each of
-    ``splits`` ("train", "test") must be in the data."""
+def load(
+    model_name: str,
+    dataset_name: str,
+    options: dict,
+    dtype: str,
+    splits: Sequence[str],
+    model_args: dict | None = None,
+):
+    """The data set and the model (its classes or vocabulary sized to the data, and
+    ``model_args``, its options) to run; each of ``splits`` ("train", "test") must be in the
+    data."""
     import jax.numpy as jnp
 
     from jaxmodels.data import get_dataset
@@ -83,7 +126,7 @@ def load(model_name: str, dataset_name: str, options: dict, dtype: str, splits: 
     size = {"classification": "num_classes", "language_model": "vocab_size"}.get(dataset.task)
     if size is not None and dataset.num_classes is not None:
         config[size] = dataset.num_classes
-    return get_model(model_name, **config), dataset
+    return get_model(model_name, **config, **(model_args or {})), dataset
 
 
 def _check_distributed(args: argparse.Namespace) -> None:
@@ -119,6 +162,7 @@ def run_train(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options = data_options(args, args.dataset)
     check_pairing(args.model, args.dataset)
+    model_args = parse_model_args(args.model, args.model_arg)
     _check_distributed(args)
     initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
@@ -131,7 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
     )
-    model, dataset = load(args.model, args.dataset, options, args.dtype, ("train",))
+    model, dataset = load(args.model, args.dataset, options, args.dtype, ("train",), model_args)
     if args.batch_size > len(dataset.x_train):
         n = len(dataset.x_train)
         raise ValueError(
@@ -168,10 +212,10 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, dict, str]:
-    """(model, dataset, dataset options, dtype) of the run in ``workdir``: from its config.json,
-    which the command line may repeat but not contradict (the data may have moved: --data-dir and
-    --data-file replace its locations), else from the command line."""
+def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, dict, str, dict]:
+    """(model, dataset, dataset options, dtype, model options) of the run in ``workdir``: from its
+    config.json, which the command line may repeat but not contradict (the data may have moved:
+    --data-dir and --data-file replace its locations), else from the command line."""
     from jaxmodels.rundir import CONFIG_FILE, load_run_settings
 
     if workdir.exists() and not workdir.is_dir():
@@ -182,7 +226,7 @@ def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, d
         if args.model is None:
             raise ValueError(f"{workdir} has no {CONFIG_FILE} naming the run's model: give MODEL")
         dataset = args.dataset or "digits"
-        return args.model, dataset, data_options(args, dataset), args.dtype or "float32"
+        return args.model, dataset, data_options(args, dataset), args.dtype or "float32", {}
     run = load_run_settings(workdir)
     recorded = run.dataset_options
     for flag, given, saved in (
@@ -196,7 +240,8 @@ def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, d
                 f"{flag} {given} contradicts the run in {workdir}, which has {saved}; leave it "
                 f"out to use the run's"
             )
-    return run.model, run.dataset, recorded | data_options(args, run.dataset), run.dtype
+    options = recorded | data_options(args, run.dataset)
+    return run.model, run.dataset, options, run.dtype, run.model_options
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -212,7 +257,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.workdir is None and args.model is None:
         raise ValueError("eval needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
     workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
-    model_name, dataset_name, options, dtype = _eval_settings(args, workdir)
+    model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
     check_pairing(model_name, dataset_name)
     steps = saved_steps(workdir)
     if not steps or args.step not in (None, *steps):
@@ -226,7 +271,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"--output {output} is a folder; expected a file name")
     if lead:  # before the evaluation, not after it
         check_writable(output.parent, "output folder")
-    model, dataset = load(model_name, dataset_name, options, dtype, ("test",))
+    model, dataset = load(model_name, dataset_name, options, dtype, ("test",), model_args)
     step, metrics = evaluate_checkpoint(
         model, dataset, workdir, step=args.step, batch_size=args.batch_size
     )
@@ -241,6 +286,50 @@ def run_eval(args: argparse.Namespace) -> int:
     if lead:
         write_atomic(output, text + "\n")  # on disk before it is shown
     print(text)
+    return 0
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    """Text from a character model's checkpoint: the prompt, then ``--length`` sampled
+    characters (``models.generate`` at ``--temperature``), printed."""
+    import jax
+    import numpy as np
+
+    from jaxmodels.checkpoint import checkpoint_dir
+    from jaxmodels.models import generate
+    from jaxmodels.rundir import saved_steps
+    from jaxmodels.train import restore_params
+
+    if args.workdir is None and args.model is None:
+        raise ValueError("sample needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
+    default = f"runs/{args.model}-{args.dataset or 'text'}"
+    workdir = Path(args.workdir or default).expanduser()
+    if args.dataset is None and not (workdir / "config.json").is_file():
+        args.dataset = "text"
+    model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
+    if model_kind(model_name)[0] != "language_model":
+        raise ValueError(
+            f"sample needs a character model (char-lstm, char-rnn); {workdir} holds a run of "
+            f"{model_name}"
+        )
+    check_pairing(model_name, dataset_name)
+    steps = saved_steps(workdir)
+    if not steps or args.step not in (None, *steps):
+        wanted = "no checkpoint" if args.step is None else f"no checkpoint for step {args.step}"
+        raise FileNotFoundError(
+            f"{wanted} in {checkpoint_dir(workdir)} (saved: {steps or 'none'}): nothing to sample"
+        )
+    model, dataset = load(model_name, dataset_name, options, dtype, (), model_args)
+    prompt = dataset.vocab[0] if args.prompt is None else args.prompt
+    if not prompt:
+        raise ValueError("--prompt is empty; give at least one character")
+    tokens = np.asarray(dataset.encode(prompt))[None]
+    _, state = restore_params(model, tokens, workdir, step=args.step)
+    key = jax.random.key(args.seed)
+    sampled = generate(
+        model, {"params": state.params}, tokens, args.length, key, temperature=args.temperature
+    )
+    print(prompt + dataset.decode(np.asarray(sampled[0])))
     return 0
 
 

@@ -161,36 +161,47 @@ class Model:
 class _Entry(NamedTuple):
     task: str  # "classification", "regression" or "language_model"
     inputs: str  # what it reads: "images", "sequences" or "tokens" (as data.DATASET_KINDS)
+    module: type[nn.Module]  # the class factory builds
     factory: Callable[..., nn.Module]
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "cnn": _Entry("classification", "images", CNN),
+    "cnn": _Entry("classification", "images", CNN, CNN),
     "lstm-classifier": _Entry(
         "classification",
         "sequences",
+        SequenceModel,
         lambda num_classes=10, **kw: SequenceModel(num_classes, cell="lstm", **kw),
     ),
     "rnn-classifier": _Entry(
         "classification",
         "sequences",
+        SequenceModel,
         lambda num_classes=10, **kw: SequenceModel(num_classes, cell="rnn", **kw),
     ),
     "lstm-regressor": _Entry(
         "regression",
         "sequences",
+        SequenceModel,
         lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="lstm", **kw),
     ),
     "rnn-regressor": _Entry(
         "regression",
         "sequences",
+        SequenceModel,
         lambda num_outputs=1, **kw: SequenceModel(num_outputs, cell="rnn", **kw),
     ),
     "char-lstm": _Entry(
-        "language_model", "tokens", lambda vocab_size, **kw: CharLM(vocab_size, cell="lstm", **kw)
+        "language_model",
+        "tokens",
+        CharLM,
+        lambda vocab_size, **kw: CharLM(vocab_size, cell="lstm", **kw),
     ),
     "char-rnn": _Entry(
-        "language_model", "tokens", lambda vocab_size, **kw: CharLM(vocab_size, cell="rnn", **kw)
+        "language_model",
+        "tokens",
+        CharLM,
+        lambda vocab_size, **kw: CharLM(vocab_size, cell="rnn", **kw),
     ),
 }
 
@@ -211,6 +222,30 @@ def model_kind(name: str) -> tuple[str, str]:
     needs its data's vocab_size first): e.g. ("language_model", "tokens") for "char-lstm"."""
     entry = _entry(name)
     return entry.task, entry.inputs
+
+
+# Module fields that are not a model's options: Flax's own, the cell its name fixes, the sizes its
+# data sets, and the dtypes (the compute dtype is chosen on its own, e.g. by --dtype).
+_NOT_OPTIONS = frozenset(
+    {"parent", "name", "cell", "num_outputs", "num_classes", "vocab_size", "dtype", "param_dtype"}
+)
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The options of the registered model ``name`` with their defaults: the fields of its module
+    that ``get_model(name, **options)`` sets, less those its data sets (num_classes, num_outputs,
+    vocab_size), its cell and dtypes. E.g. for "lstm-classifier": hidden_size 128, num_layers 1,
+    bidirectional False, dropout_rate 0.0, impl "auto"."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(_entry(name).module)
+        if f.name not in _NOT_OPTIONS and f.default is not dataclasses.MISSING
+    }
+
+
+def options_of(model: Model) -> dict[str, Any]:
+    """The values of ``model_options(model.name)`` in ``model`` (what a run records to rebuild it)."""
+    return {key: getattr(model.module, key) for key in model_options(model.name)}
 
 
 def get_model(name: str, **config) -> Model:

@@ -169,7 +169,8 @@ class RunSettings:
     model, dataset: registry names (``get_model``, ``get_dataset``). dataset_options: the
     ``get_dataset`` options it was loaded with (e.g. data_dir, path, seq_len; {} for a run written
     before they were recorded). dtype: the model's compute dtype, "float32" or "bfloat16".
-    config: the whole config.json.
+    model_options: the model's options (``models.model_options``; lists read back as tuples; {}
+    for a run written before they were recorded). config: the whole config.json.
     """
 
     workdir: Path
@@ -177,6 +178,7 @@ class RunSettings:
     dataset: str
     dataset_options: dict
     dtype: str
+    model_options: dict
     config: dict
 
 
@@ -190,5 +192,11 @@ def load_run_settings(workdir: str | Path) -> RunSettings:
         dataset=config["dataset"],
         dataset_options=dict(config.get("dataset_options") or {}),
         dtype=(config.get("model_config") or {}).get("dtype") or "float32",
+        model_options={k: tuples(v) for k, v in (config.get("model_options") or {}).items()},
         config=config,
     )
+
+
+def tuples(value):
+    """JSON's lists (nested too) as the tuples they were written from; other values as they are."""
+    return tuple(map(tuples, value)) if isinstance(value, list) else value

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxmodels.batches import BatchIterator
 from jaxmodels.checkpoint import checkpoint_dir
 from jaxmodels.data import Dataset
-from jaxmodels.models import Model
+from jaxmodels.models import Model, options_of
 from jaxmodels.optim import make_optimizer, make_schedule
 from jaxmodels.parallel import SingleDevice, Strategy, get_strategy
 from jaxmodels.records import version
@@ -176,6 +176,7 @@ def fit(
         "dataset": dataset.name,
         "dataset_options": dict(dataset.options),
         "model_config": _module_config(model),
+        "model_options": options_of(model),
         "train": dataclasses.asdict(cfg),
         "strategy": strategy.name,
         "total_steps": total_steps,
@@ -248,6 +249,33 @@ def fit(
     return FitResult(strategy.fetch(state), writer.history, test_metrics)
 
 
+def restore_params(
+    model: Model, example, workdir: str | Path, *, step: int | None = None, dataset: str = ""
+) -> tuple[int, TrainState]:
+    """``(step, state)``: the TrainState (params and rng; no optimizer state) of step ``step``
+    (default: the latest readable one, falling back past corrupt ones) of workdir/checkpoints,
+    read-only. ``example``: an input batch of the model (its shape and dtype check the restored
+    parameters). The checkpoint must come from the same model and model config
+    (``IncompatibleCheckpointError`` otherwise); ``dataset``, when given, is compared with the
+    run's with a warning only."""
+    from jaxmodels.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
+
+    config = {"model": model.name, "task": model.task, "model_config": _module_config(model)}
+    config |= {"dataset": dataset} if dataset else {}
+    with Checkpoints(checkpoint_dir(workdir), read_only=True) as checkpoints:
+        restored = checkpoints.restore(
+            step=step,
+            config=config,
+            required=REQUIRED_FOR_EVAL,
+            preferred=("dataset",) if dataset else (),
+        )
+    params = restored.state["params"]
+    target = jax.eval_shape(model.init, jax.random.key(0), example)["params"]
+    check_structure(params, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
+    state = TrainState(jnp.asarray(restored.step, jnp.int32), params, None, restored.state["rng"])
+    return restored.step, state
+
+
 def evaluate_checkpoint(
     model: Model,
     dataset: Dataset,
@@ -259,13 +287,9 @@ def evaluate_checkpoint(
 ) -> tuple[int, dict[str, float]]:
     """Test metrics of a checkpoint of the run in ``workdir``: ``(step, {"loss", "accuracy", ...})``.
 
-    Restores step ``step`` (default: the latest readable one, falling back past corrupt ones) of
-    workdir/checkpoints, read-only, and evaluates its parameters on ``dataset``'s
-    test split. The checkpoint must come from the same model and model config
-    (``IncompatibleCheckpointError`` otherwise); another data set of the same task is allowed.
+    Restores it with ``restore_params`` (another data set of the same task is allowed, with a
+    warning) and evaluates its parameters on ``dataset``'s test split.
     """
-    from jaxmodels.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
-
     strategy = strategy or SingleDevice()
     if dataset.x_test is None:
         raise ValueError(f"dataset {dataset.name!r} has no test split")
@@ -273,27 +297,16 @@ def evaluate_checkpoint(
         raise ValueError(
             f"model {model.name!r} does the task {model.task!r}, dataset {dataset.name!r} {dataset.task!r}"
         )
-    config = {
-        "model": model.name,
-        "task": model.task,
-        "dataset": dataset.name,
-        "model_config": _module_config(model),
-    }
-    with Checkpoints(checkpoint_dir(workdir), read_only=True) as checkpoints:
-        restored = checkpoints.restore(
-            step=step, config=config, required=REQUIRED_FOR_EVAL, preferred=("dataset",)
-        )
-    params = restored.state["params"]
-    target = jax.eval_shape(model.init, jax.random.key(0), dataset.x_test[:1])["params"]
-    check_structure(params, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
-    state = TrainState(jnp.asarray(restored.step, jnp.int32), params, None, restored.state["rng"])
+    step, state = restore_params(
+        model, dataset.x_test[:1], workdir, step=step, dataset=dataset.name
+    )
     eval_bs = min(batch_size, len(dataset.x_test))
     eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices
     test_it = BatchIterator(
         (dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad"
     )
     eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
-    return restored.step, evaluate(eval_step, strategy.put_state(state), test_it, strategy)
+    return step, evaluate(eval_step, strategy.put_state(state), test_it, strategy)
 
 
 def _open_checkpoints(

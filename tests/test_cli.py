@@ -112,6 +112,71 @@ def test_char_models_train_from_the_command_line(tmp_path, capsys):
         assert _rows(workdir)[-1]["kind"] == "eval"
 
 
+def test_model_args_set_the_model_and_eval_rebuilds_it(tmp_path, capsys):
+    """--model-arg sets any option of the registry model, recorded in config.json, from which
+    eval rebuilds the same model (a checkpoint of hidden 16 would not restore into the default)."""
+    workdir = tmp_path / "run"
+    argv = ["train", "lstm-classifier", "--dataset", "seq-digits", "--workdir", str(workdir)]
+    argv += ["--model-arg", "hidden_size=16", "--model-arg", "num_layers=2", "--model-arg"]
+    argv += ["bidirectional=true", "--model-arg", "dropout_rate=0", "--max-steps", "2", *QUICK]
+    assert main(argv) == 0
+    recorded = rundir.load_run_settings(workdir).model_options
+    assert recorded == dict(
+        hidden_size=16, num_layers=2, bidirectional=True, dropout_rate=0.0, impl="auto"
+    )
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2
+
+    cnn = ["train", "cnn", "--workdir", str(tmp_path / "cnn"), "--max-steps", "1", *QUICK]
+    assert main([*cnn, "--model-arg", "features=[8,16,16]", "--model-arg", "padding=SAME"]) == 0
+    options = rundir.load_run_settings(tmp_path / "cnn").model_options
+    assert options["features"] == (8, 16, 16) and options["padding"] == "SAME"
+
+
+def test_a_bad_model_arg_names_the_options(tmp_path, capsys):
+    argv = ["train", "lstm-classifier", "--dataset", "seq-digits", *QUICK]
+    assert main([*argv, "--workdir", str(tmp_path / "a"), "--model-arg", "hiden_size=8"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "lstm-classifier has no option 'hiden_size'" in line
+    assert "hidden_size (default 128), num_layers (default 1)" in line
+    assert main([*argv, "--workdir", str(tmp_path / "b"), "--model-arg", "hidden_size=1.5"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.endswith("--model-arg hidden_size=1.5: expected an integer (default 128)")
+    assert main([*argv, "--workdir", str(tmp_path / "c"), "--model-arg", "hidden_size=0"]) == 1
+    assert "expected hidden_size to be an integer >= 1, got 0" in _one_error_line(
+        capsys.readouterr().err
+    )
+
+
+def test_sample_prints_text_from_a_character_model(tmp_path, capsys):
+    text = tmp_path / "input.txt"
+    text.write_text("ROMEO: the quick brown fox jumps over the lazy dog.\n" * 20, encoding="utf-8")
+    workdir = tmp_path / "run"
+    data = ["--dataset", "text", "--data-file", str(text), "--seq-len", "8"]
+    train = ["train", "char-lstm", *data, "--max-steps", "3", "--batch-size", "4", "--no-progress"]
+    assert main([*train, "--workdir", str(workdir), "--model-arg", "hidden_size=32"]) == 0
+    capsys.readouterr()
+    sample = ["sample", "--workdir", str(workdir), "--prompt", "ROMEO:", "--length", "40"]
+    assert main([*sample, "--temperature", "0"]) == 0
+    out = capsys.readouterr().out.rstrip("\n")
+    assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 40
+    assert set(out) <= set(text.read_text())
+    assert main([*sample, "--temperature", "0"]) == 0  # the most likely characters: the same
+    assert capsys.readouterr().out.rstrip("\n") == out
+    assert main([*sample, "--temperature", "0.8", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+    assert main(["sample", "--workdir", str(workdir), "--prompt", "ROMEO: ~"]) == 1
+    assert "not in the vocabulary" in _one_error_line(capsys.readouterr().err)
+    cnn = tmp_path / "cnn"
+    assert main(["train", "cnn", "--workdir", str(cnn), "--max-steps", "1", *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--workdir", str(cnn)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "sample needs a character model (char-lstm, char-rnn)" in line
+
+
 # ------------------------------------------------------------------------------ a run's folder
 
 
@@ -267,6 +332,13 @@ BAD = [
     ["train", "cnn", "--seq-len", "5"],
     *[["train", "char-lstm", "--dataset", "copy", "--seq-len", v] for v in ("0", "-1", "x")],
     ["train", "cnn", "--dtype", "float16"],
+    ["train", "cnn", "--model-arg", "hidden_size=8"],  # the CNN has no hidden size
+    ["train", "cnn", "--model-arg", "padding"],  # no value
+    ["train", "cnn", "--model-arg", "=3"],
+    ["train", "cnn", "--model-arg", "features=32"],  # a list expected
+    ["train", "cnn", "--model-arg", "num_classes=3"],  # the data's to set
+    ["train", "lstm-classifier", "--dataset", "seq-digits", "--model-arg", "hidden_size=x"],
+    ["train", "lstm-classifier", "--dataset", "seq-digits", "--model-arg", "bidirectional=1"],
     # train: the numbers
     *[["train", "cnn", flag, v] for flag in ("--epochs", "--batch-size") for v in ("0", "-2", "x")],
     *[
@@ -297,6 +369,12 @@ BAD = [
     ["train", "cnn", "--process-id", "-1"],
     ["train", "cnn", "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"],
     # eval
+    ["sample"],
+    ["sample", "--workdir", "{tmp}/absent"],
+    ["sample", "--workdir", "{used}"],  # a cnn run
+    ["sample", "char-lstm", "--workdir", "{tmp}"],  # no checkpoint there
+    ["sample", "--workdir", "{used}", "--length", "0"],
+    ["sample", "--workdir", "{used}", "--temperature", "-1"],
     ["eval"],
     ["eval", "resnet"],
     ["eval", "--workdir", "{tmp}/absent"],
