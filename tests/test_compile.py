@@ -11,10 +11,9 @@ for every CI run on two cores.
 
 Needs the compilers (``pip install "jax[tpu]==<jax>" "jax-cuda12-plugin==<jax>"
 nvidia-cuda-nvcc-cu12``, as .ci/run does); a target whose compiler is missing is skipped with the
-reason. Each compile is timed and bounded (COMPILE_SECONDS).
+reason. A compile that hangs fails at the test's timeout; compile times are
+``benchmarks/compile_matrix.py``'s to report (a timed assertion fails on a loaded machine).
 """
-
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,6 @@ TARGETS = ("h100", "a100", "v5e", "v6e")
 # persistent kernel's limit: v6e runs v5e's XLA:TPU compiler with the same VMEM budget
 # (test_budgets_are_the_targets), and the kernels themselves are compiled for v6e.
 XLA_TARGETS = ("h100", "a100", "v5e")
-COMPILE_SECONDS = 60  # the slowest compile measured here took a few seconds
 KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -57,22 +55,9 @@ def require(target):
         pytest.skip(str(e))
 
 
-_compiled = {}  # (target, program text) -> compiled: impl "auto" and "pallas" often give one program
-
-
 def compile_for(target, fn, *args):
-    """targets.compile with timing: (compiled, seconds). A program already compiled for the
-    target (the same lowered text) is not compiled again."""
-    with targets.on_device(target):
-        key = (target, jax.jit(fn).lower(*args).as_text())
-    if key in _compiled:
-        return _compiled[key], 0.0
-    start = time.perf_counter()
-    compiled = targets.compile(fn, *args, target=target)
-    seconds = time.perf_counter() - start
-    assert seconds < COMPILE_SECONDS, f"compiling took {seconds:.0f} s"
-    _compiled[key] = compiled
-    return compiled, seconds
+    """``fn`` compiled (not just lowered) for ``target`` at these abstract arguments."""
+    return targets.compile(fn, *args, target=target)
 
 
 def kernel_calls(target, compiled) -> int:
@@ -115,7 +100,7 @@ def test_lstm_scan_compiles(target, impl, dtype, hidden, batch, time):
     if impl == "pallas" and fits:
         pytest.skip("impl='pallas' takes the persistent kernel, as impl='auto' (compiled there)")
     for fn in (forward, gradient):
-        compiled, _ = compile_for(target, fn, params, xs)
+        compiled = compile_for(target, fn, params, xs)
         calls = kernel_calls(target, compiled)
         if impl == "pallas":
             assert calls >= 1, "impl='pallas' must run a kernel"
@@ -239,7 +224,7 @@ def test_dense_compiles(target, rows, features, out, dtype):
     )
     fn = lambda x, w, b: dense(x, w, b, "tanh")
     for f in (fn, jax.grad(loss_of(fn), argnums=(0, 1, 2))):
-        assert kernel_calls(target, compile_for(target, f, x, w, b)[0]) >= 1
+        assert kernel_calls(target, compile_for(target, f, x, w, b)) >= 1
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -252,7 +237,7 @@ def test_lstm_cell_compiles(target, hidden, batch, dtype):
     w_h = targets.abstract((hidden, 4 * hidden), dtype, target)
     carry = (targets.abstract((batch, hidden), dtype, target),) * 2
     for f in (lstm_cell, jax.grad(loss_of(lstm_cell), argnums=(0, 1, 2))):
-        assert kernel_calls(target, compile_for(target, f, x_proj, w_h, carry)[0]) >= 1
+        assert kernel_calls(target, compile_for(target, f, x_proj, w_h, carry)) >= 1
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -268,7 +253,7 @@ def test_lstm_stepwise_compiles(target, hidden, batch, time, dtype):
     carry = (targets.abstract((batch, hidden), dtype, target),) * 2
     fn = lambda x, w, c: lstm_stepwise(x, w, c, reverse=True)
     for f in (fn, jax.grad(loss_of(fn), argnums=(0, 1, 2))):
-        assert kernel_calls(target, compile_for(target, f, x_proj, w_h, carry)[0]) >= 1
+        assert kernel_calls(target, compile_for(target, f, x_proj, w_h, carry)) >= 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,9 +282,7 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
     fn = lambda x, w, c: lstm_sequence(x, w, c)
     for f in (fn, jax.grad(loss_of(fn), argnums=(0, 1, 2))):
         assert (
-            kernel_calls(
-                target, compile_for(target, f, *sequence_operands(target, inside, dtype))[0]
-            )
+            kernel_calls(target, compile_for(target, f, *sequence_operands(target, inside, dtype)))
             >= 1
         )
     outside = inside + 1
@@ -311,9 +294,7 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
         auto = jax.grad(
             loss_of(lambda p, x: jaxmodels.lstm_scan(p, x, impl="auto")), argnums=(0, 1)
         )
-        assert (
-            kernel_calls(target, compile_for(target, auto, params, xs)[0]) >= 1
-        ) == kernel_expected
+        assert (kernel_calls(target, compile_for(target, auto, params, xs)) >= 1) == kernel_expected
     if targets.TARGETS[target].platform == "cuda":
         # The compiler refuses it too: the kernels (forward and backward) forced past the plan
         # overflow shared memory.
