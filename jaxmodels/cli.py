@@ -141,6 +141,18 @@ def _add_model_and_data_options(parser: argparse.ArgumentParser, *, run: bool = 
     )
 
 
+def _add_run_options(parser: argparse.ArgumentParser, default_workdir: str) -> None:
+    """The options of the commands that read a trained run (eval, sample): MODEL and the data
+    options (all optional: the run's config.json has them), --workdir and --step."""
+    _add_model_and_data_options(parser, run=False)
+    parser.add_argument(
+        "--workdir", default=None, help=f"the run's folder (default: {default_workdir})"
+    )
+    parser.add_argument(
+        "--step", type=positive_int, default=None, help="this checkpoint instead of the latest"
+    )
+
+
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
     """SUITE and the options of ``jaxmodels bench`` (benchmarks/lstm.py and cnn.py pass theirs on)."""
     from jaxmodels.bench import ISOLATIONS, SHAPE_SETS, SUITES
@@ -272,13 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(also written to WORKDIR/eval.json). The model, data set and data options are the run's "
         "(WORKDIR/config.json); options given must agree with them, except the data's location.",
     )
-    _add_model_and_data_options(evaluate, run=False)
-    evaluate.add_argument(
-        "--workdir", default=None, help="the run's folder (default: runs/MODEL-DATASET)"
-    )
-    evaluate.add_argument(
-        "--step", type=positive_int, default=None, help="this checkpoint instead of the latest"
-    )
+    _add_run_options(evaluate, "runs/MODEL-DATASET")
     evaluate.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.eval_batch_size)
     evaluate.add_argument(
         "--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)"
@@ -291,13 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         "print the prompt followed by sampled characters. The model, data set (its vocabulary) and "
         "data options are the run's (WORKDIR/config.json).",
     )
-    _add_model_and_data_options(sample, run=False)
-    sample.add_argument(
-        "--workdir", default=None, help="the run's folder (default: runs/MODEL-text)"
-    )
-    sample.add_argument(
-        "--step", type=positive_int, default=None, help="this checkpoint instead of the latest"
-    )
+    _add_run_options(sample, "runs/MODEL-text")
     sample.add_argument(
         "--prompt", default=None, help="text to continue (default: the vocabulary's first token)"
     )

@@ -244,13 +244,26 @@ def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, d
     return run.model, run.dataset, options, run.dtype, run.model_options
 
 
+def _require_checkpoint(workdir: Path, step: int | None, purpose: str) -> None:
+    """FileNotFoundError naming the saved steps unless ``workdir`` has checkpoint ``step`` (None:
+    any)."""
+    from jaxmodels.checkpoint import checkpoint_dir
+    from jaxmodels.rundir import saved_steps
+
+    steps = saved_steps(workdir)
+    if not steps or step not in (None, *steps):
+        wanted = "no checkpoint" if step is None else f"no checkpoint for step {step}"
+        raise FileNotFoundError(
+            f"{wanted} in {checkpoint_dir(workdir)} (saved: {steps or 'none'}): nothing to {purpose}"
+        )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import json
 
     import jax
 
-    from jaxmodels.checkpoint import checkpoint_dir
-    from jaxmodels.rundir import check_writable, saved_steps
+    from jaxmodels.rundir import check_writable
     from jaxmodels.runlog import write_atomic
     from jaxmodels.train import evaluate_checkpoint
 
@@ -259,12 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
     model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
     check_pairing(model_name, dataset_name)
-    steps = saved_steps(workdir)
-    if not steps or args.step not in (None, *steps):
-        wanted = "no checkpoint" if args.step is None else f"no checkpoint for step {args.step}"
-        raise FileNotFoundError(
-            f"{wanted} in {checkpoint_dir(workdir)} (saved: {steps or 'none'}): nothing to evaluate"
-        )
+    _require_checkpoint(workdir, args.step, "evaluate")
     output = Path(args.output).expanduser() if args.output else workdir / "eval.json"
     lead = jax.process_index() == 0
     if output.is_dir():
@@ -295,9 +303,7 @@ def run_sample(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from jaxmodels.checkpoint import checkpoint_dir
     from jaxmodels.models import generate
-    from jaxmodels.rundir import saved_steps
     from jaxmodels.train import restore_params
 
     if args.workdir is None and args.model is None:
@@ -313,12 +319,7 @@ def run_sample(args: argparse.Namespace) -> int:
             f"{model_name}"
         )
     check_pairing(model_name, dataset_name)
-    steps = saved_steps(workdir)
-    if not steps or args.step not in (None, *steps):
-        wanted = "no checkpoint" if args.step is None else f"no checkpoint for step {args.step}"
-        raise FileNotFoundError(
-            f"{wanted} in {checkpoint_dir(workdir)} (saved: {steps or 'none'}): nothing to sample"
-        )
+    _require_checkpoint(workdir, args.step, "sample")
     model, dataset = load(model_name, dataset_name, options, dtype, (), model_args)
     prompt = dataset.vocab[0] if args.prompt is None else args.prompt
     if not prompt:
