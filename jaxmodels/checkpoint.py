@@ -290,7 +290,7 @@ class Checkpoints:
         """
         if self.read_only:
             raise ValueError(f"checkpoints in {self.directory} were opened read-only")
-        self._manager.wait_until_finished()  # a pending save of an earlier step must be listed
+        self.wait()  # a pending save of an earlier step must be listed
         if step in self._manager.all_steps():
             return False
         host = _host_copy(state)
@@ -346,7 +346,7 @@ class Checkpoints:
         gives one CheckpointWarning naming its step, the reason, the step restored instead and
         where it was moved.
         """
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.reload()
         steps = self.all_steps()
         if not steps:

@@ -138,6 +138,43 @@ def test_save_restore_roundtrip_keeps_the_last_k(tmp_path):
     assert raw.state["rng"].dtype == np.uint32 and raw.state["step"].dtype == np.int32
 
 
+def test_ctrl_c_waits_for_orbax_to_finish_then_interrupts(tmp_path, monkeypatch):
+    """Ctrl-C while orbax saves, waits or closes (a KeyboardInterrupt inside its thread joins logs a
+    traceback and can leave the save half-done): held until the call returns, then delivered."""
+    ckpt = Checkpoints(tmp_path / "ck")
+    finished = []
+
+    def pressed_during(name):
+        real = getattr(ckpt._manager, name)
+
+        def call(*args, **kwargs):
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C as orbax starts
+            out = real(*args, **kwargs)
+            finished.append(name)
+            return out
+
+        monkeypatch.setattr(ckpt._manager, name, call)
+
+    ckpt.save(1, _state(0))
+    pressed_during("wait_until_finished")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, _state(1))  # waits for step 1 first
+    assert finished == ["wait_until_finished"] and ckpt.all_steps() == [1]
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.restore(_state(0))
+    monkeypatch.undo()
+    pressed_during("save")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(2, _state(1))
+    pressed_during("close")
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.close()
+    assert finished == ["wait_until_finished"] * 2 + ["save", "close"]
+    with Checkpoints(tmp_path / "ck", read_only=True) as ckpt:
+        assert ckpt.all_steps() == [1, 2]
+        _assert_bitwise(ckpt.restore(_state(0)).state, _state(1))
+
+
 def test_should_save_and_argument_errors(tmp_path):
     ckpt = Checkpoints(tmp_path / "ck", every=5)
     assert [s for s in range(1, 13) if ckpt.should_save(s, final=s == 12)] == [5, 10, 12]
