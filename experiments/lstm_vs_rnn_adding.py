@@ -36,7 +36,8 @@ from jaxmodels.models import get_model
 from jaxmodels.train import TrainConfig, fit
 
 STEM = "lstm_vs_rnn_adding"
-MODELS = {"lstm": "lstm-regressor", "rnn": "rnn-regressor"}
+# "rnn-matched": the simple RNN with the hidden size whose parameter count is nearest the LSTM's.
+MODELS = {"lstm": "lstm-regressor", "rnn": "rnn-regressor", "rnn-matched": "rnn-regressor"}
 HERE = Path(__file__).resolve().parent
 SOLVED_MSE = 0.01  # "solved": test MSE below 6% of the baseline's 1/6
 
@@ -48,8 +49,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seq-lens", type=int, nargs="+", default=[10, 50, 100], help="sequence lengths T"
     )
-    p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
-    p.add_argument("--hidden", type=int, default=64, help="hidden size of both models")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=tuple(MODELS),
+        default=["lstm", "rnn"],
+        help="rnn-matched: a simple RNN with as many parameters as the LSTM of --hidden",
+    )
+    p.add_argument("--hidden", type=int, default=64, help="hidden size of lstm and rnn")
     p.add_argument("--steps", type=int, default=5000, help="training steps per run")
     p.add_argument(
         "--seeds",
@@ -84,6 +91,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def param_count(model, example: np.ndarray) -> int:
+    """Parameters of ``model`` on inputs like ``example`` (shapes only; nothing is computed)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), example)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def matched_rnn_hidden(hidden: int, example: np.ndarray) -> int:
+    """The simple RNN hidden size whose parameter count is nearest that of the LSTM of ``hidden``
+    (about 2x: the LSTM has four gates' weights, the RNN one)."""
+    target = param_count(get_model("lstm-regressor", hidden_size=hidden), example)
+    sizes = range(hidden, 4 * hidden + 1)
+    counts = [param_count(get_model("rnn-regressor", hidden_size=h), example) for h in sizes]
+    return min(zip(sizes, counts), key=lambda hc: abs(hc[1] - target))[0]
+
+
 def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
     """Train one model on one data set; its final and best test MSE and its test curve."""
     seq_len = ds.info["seq_len"]
@@ -102,7 +124,8 @@ def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
         plot=False,
         checkpoint=False,
     )
-    model = get_model(MODELS[key], hidden_size=args.hidden)
+    hidden = matched_rnn_hidden(args.hidden, ds.x_test[:1]) if key == "rnn-matched" else args.hidden
+    model = get_model(MODELS[key], hidden_size=hidden)
     workdir = args.workdir / f"{key}-T{seq_len}-seed{seed}"
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stdout if args.verbose else io.StringIO()):
@@ -118,6 +141,7 @@ def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
         "registry_name": MODELS[key],
         "seq_len": seq_len,
         "seed": seed,
+        "hidden": hidden,
         "params": params,
         "steps": trains[-1]["step"],
         "final_test_mse": curve[-1][1],
@@ -144,6 +168,8 @@ def summarise(runs: list[dict], baselines: dict[int, dict]) -> list[dict]:
                 {
                     "seq_len": seq_len,
                     "model": key,
+                    "hidden": mine[0]["hidden"],
+                    "params": mine[0]["params"],
                     "seeds": [r["seed"] for r in mine],
                     "final_test_mse": finals,
                     "mean_final_test_mse": float(np.mean(finals)),
@@ -175,15 +201,16 @@ def markdown(result: dict) -> str:
         f"Baseline: always predicting 1, MSE 1/6 = {1 / 6:.4f} in expectation (per-T test-set value below). "
         f"Solved: final test MSE < {SOLVED_MSE}.",
         "",
-        "| T | model | final test MSE per seed | mean | mean / baseline | best per seed | solved seeds "
-        "| first step < " + f"{SOLVED_MSE} |",
-        "|---:|---|---|---:|---:|---|---:|---|",
+        "| T | model | hidden | parameters | final test MSE per seed | mean | mean / baseline "
+        f"| best per seed | solved seeds | first step < {SOLVED_MSE} |",
+        "|---:|---|---:|---:|---|---:|---:|---|---:|---|",
     ]
     fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)
     for row in result["summary"]:
         firsts = ", ".join("-" if s is None else str(s) for s in row["first_step_below_solved_mse"])
         lines.append(
-            f"| {row['seq_len']} | {row['model']} | {fmt(row['final_test_mse'])} | {row['mean_final_test_mse']:.4f} "
+            f"| {row['seq_len']} | {row['model']} | {row['hidden']} | {row['params']:,} "
+            f"| {fmt(row['final_test_mse'])} | {row['mean_final_test_mse']:.4f} "
             f"| {row['mean_over_baseline']:.3f} | {fmt(row['best_test_mse'])} "
             f"| {row['solved_seeds']}/{len(row['seeds'])} | {firsts} |"
         )
@@ -199,7 +226,7 @@ def plot(result: dict, path: Path) -> None:
 
     seq_lens = list(result["baselines"])
     fig = Figure(figsize=(4.2 * len(seq_lens), 3.6), layout="constrained")
-    colors = {"lstm": "tab:blue", "rnn": "tab:red"}
+    colors = {"lstm": "tab:blue", "rnn": "tab:red", "rnn-matched": "tab:orange"}
     for ax, seq_len in zip(fig.subplots(1, len(seq_lens), squeeze=False)[0], seq_lens):
         for run in (r for r in result["runs"] if r["seq_len"] == int(seq_len)):
             steps, mse = zip(*run["test_curve"])
