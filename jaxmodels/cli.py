@@ -34,7 +34,7 @@ from jaxmodels.data import list_datasets
 from jaxmodels.models import list_models
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES
 from jaxmodels.parallel import STRATEGIES
-from jaxmodels.train import TrainConfig
+from jaxmodels.train import RECIPES, TrainConfig
 
 DTYPES = ("float32", "bfloat16")
 _PACKAGE = Path(__file__).resolve().parent
@@ -203,13 +203,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="set an option of the model (repeatable), e.g. hidden_size=128, num_layers=2, "
         "features=[32,64,64]; VALUE is JSON or text; recorded in config.json",
     )
-    train.add_argument("--epochs", type=positive_int, default=_DEFAULTS.epochs)
-    train.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.batch_size)
     train.add_argument(
-        "--lr", type=_positive_float, default=_DEFAULTS.lr, help="peak learning rate"
+        "--data-arg",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set an option of the data set (repeatable), e.g. steps=pixels, permute=0 "
+        "(seq-mnist), train_size=20000 (adding); recorded in config.json",
     )
-    train.add_argument("--optimizer", default=_DEFAULTS.optimizer, choices=OPTIMIZERS)
-    train.add_argument("--schedule", default=_DEFAULTS.schedule, choices=SCHEDULES)
+    recipes = train.add_argument_group(
+        "training recipe", "defaults: the model and data set's recipe (jaxmodels.train.RECIPES)"
+    )
+    for flag, kind, choices, help in (
+        ("--epochs", positive_int, None, ""),
+        ("--batch-size", positive_int, None, ""),
+        ("--lr", _positive_float, None, "peak learning rate; "),
+        ("--optimizer", str, OPTIMIZERS, ""),
+        ("--schedule", str, SCHEDULES, ""),
+    ):
+        key = flag[2:].replace("-", "_")
+        defaults = [f"default {getattr(_DEFAULTS, key)}"] + [
+            f"{model} on {data}: {values[key]}"
+            for (model, data), values in RECIPES.items()
+            if key in values
+        ]
+        recipes.add_argument(
+            flag, type=kind, choices=choices, default=None, help=help + "; ".join(defaults)
+        )
     train.add_argument("--warmup-steps", type=_non_negative_int, default=_DEFAULTS.warmup_steps)
     train.add_argument(
         "--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm"

@@ -20,7 +20,10 @@ from jaxmodels.data import DATASET_KINDS, dataset_options
 from jaxmodels.mnist import MNIST_FILES
 from jaxmodels.models import get_model, model_kind, model_options
 from jaxmodels.rundir import tuples
-from jaxmodels.train import TrainConfig
+from jaxmodels.train import recipe
+
+# Train options whose default comes from the model and data set's recipe (jaxmodels.train.RECIPES).
+RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule")
 
 # The get_dataset option behind each data flag.
 DATA_FLAGS = {
@@ -44,12 +47,14 @@ def check_pairing(model: str, dataset: str) -> None:
 
 
 def data_options(args: argparse.Namespace, dataset: str) -> dict:
-    """The get_dataset options that the data flags in ``args`` give; a flag that ``dataset`` does
-    not take is a ValueError naming the ones it does."""
+    """The get_dataset options that the data flags in ``args`` give (``--data-arg`` pairs too,
+    where the command has them); a flag that ``dataset`` does not take is a ValueError naming the
+    ones it does."""
     given = dict(data_dir=args.data_dir, path=args.data_file, seq_len=args.seq_len)
     given = {k: v for k, v in given.items() if v is not None} | (
         {"download": True} if args.download else {}
     )
+    given |= parse_data_args(dataset, getattr(args, "data_arg", None) or [])
     takes = dataset_options(dataset)
     wrong = [DATA_FLAGS[k] for k in given if k not in takes]
     if wrong:
@@ -60,6 +65,25 @@ def data_options(args: argparse.Namespace, dataset: str) -> dict:
             f"{dataset}, which takes {which}"
         )
     return given
+
+
+def parse_data_args(dataset: str, pairs: Sequence[tuple[str, str]]) -> dict:
+    """``--data-arg KEY=VALUE`` pairs as ``get_dataset`` options of ``dataset`` (a later KEY
+    wins), VALUE read as in ``parse_model_args`` against the option's default. ValueError naming
+    the data set's options for an unknown KEY, and the flag to use for one that has its own."""
+    options = dataset_options(dataset)
+    settable = {k: v for k, v in options.items() if k not in DATA_FLAGS}
+    parsed = {}
+    for key, text in pairs:
+        if key in DATA_FLAGS and key in options:
+            raise ValueError(f"--data-arg {key}: use {DATA_FLAGS[key]}")
+        if key not in settable:
+            raise ValueError(
+                f"--data-arg {key}: dataset {dataset} has no option {key!r}; its options are "
+                + (", ".join(f"{k} (default {v!r})" for k, v in settable.items()) or "none")
+            )
+        parsed[key] = _option_value("--data-arg", key, text, settable[key])
+    return parsed
 
 
 def parse_model_args(model: str, pairs: Sequence[tuple[str, str]]) -> dict:
@@ -75,23 +99,26 @@ def parse_model_args(model: str, pairs: Sequence[tuple[str, str]]) -> dict:
                 f"--model-arg {key}: {model} has no option {key!r}; its options are "
                 + ", ".join(f"{k} (default {v!r})" for k, v in options.items())
             )
-        parsed[key] = _option_value(key, text, options[key])
+        parsed[key] = _option_value("--model-arg", key, text, options[key])
     return parsed
 
 
-def _option_value(key: str, text: str, default):
+def _option_value(flag: str, key: str, text: str, default):
+    """VALUE of ``flag`` KEY=VALUE: JSON, else text, of the type of ``default`` (any without one)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError:
         value = text
     value = tuples(value)
+    if default is None:
+        return value
     kinds = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
     kind = next((k for k in kinds if isinstance(default, k)), tuple)
     accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple,)}
     fits = isinstance(value, accepted[kind]) and (kind is bool or not isinstance(value, bool))
     if not fits:
         expected = kinds.get(kind, "a JSON list such as " + json.dumps(default))
-        raise ValueError(f"--model-arg {key}={text}: expected {expected} (default {default!r})")
+        raise ValueError(f"{flag} {key}={text}: expected {expected} (default {default!r})")
     return float(value) if kind is float else value
 
 
@@ -176,18 +203,11 @@ def run_train(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     model, dataset = load(args.model, args.dataset, options, args.dtype, ("train",), model_args)
-    if args.batch_size > len(dataset.x_train):
-        n = len(dataset.x_train)
-        raise ValueError(
-            f"--batch-size {args.batch_size} is larger than the {n} training examples of "
-            f"{dataset.name}; use --batch-size N with N <= {n}"
-        )
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        schedule=args.schedule,
+    given = {key: getattr(args, key) for key in RECIPE_OPTIONS if getattr(args, key) is not None}
+    config = recipe(
+        args.model,
+        args.dataset,
+        **given,
         warmup_steps=args.warmup_steps,
         clip_norm=args.clip_norm,
         weight_decay=args.weight_decay,
@@ -198,6 +218,12 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         keep=args.keep,
     )
+    if config.batch_size > len(dataset.x_train):
+        n = len(dataset.x_train)
+        raise ValueError(
+            f"--batch-size {config.batch_size} is larger than the {n} training examples of "
+            f"{dataset.name}; use --batch-size N with N <= {n}"
+        )
     args.run_folder = workdir  # from here on, an interruption names its last checkpoint
     result = fit(
         model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume

@@ -189,6 +189,12 @@ def _as_sequences(ds: Dataset, name: str, steps: str, permute: int | None) -> Da
         raise ValueError(
             f"expected images [examples, height, width, 1], got input shape {ds.input_shape}"
         )
+    if permute is not None and (
+        not isinstance(permute, int) or isinstance(permute, bool) or permute < 0
+    ):
+        raise ValueError(
+            f"expected permute to be None or a seed (an integer >= 0), got {permute!r}"
+        )
     shape = (height, width) if steps == "rows" else (height * width, 1)
     order = None if permute is None else np.random.default_rng(permute).permutation(shape[0])
 
@@ -463,13 +469,19 @@ def list_datasets() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def dataset_options(name: str) -> tuple[str, ...]:
-    """The keyword options that data set ``name``'s loader takes (seq-digits: digits' too)."""
+def dataset_options(name: str) -> dict[str, Any]:
+    """The keyword options that data set ``name``'s loader takes (seq-digits: digits' too), each
+    with its default (None where it has none); e.g. for "seq-mnist": data_dir None, steps "rows",
+    permute None, download False."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown dataset {name!r}; expected one of {list_datasets()}")
     loaders = (_REGISTRY[name], load_digits) if name == "seq-digits" else (_REGISTRY[name],)
     params = [p for f in loaders for p in inspect.signature(f).parameters.values()]
-    return tuple(p.name for p in params if p.kind is not p.VAR_KEYWORD)
+    return {
+        p.name: None if p.default is p.empty else p.default
+        for p in params
+        if p.kind is not p.VAR_KEYWORD
+    }
 
 
 def get_dataset(name: str, **opts) -> Dataset:

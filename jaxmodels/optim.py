@@ -72,8 +72,9 @@ def make_optimizer(
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
     """An optax optimizer by name: "adam", "adamw" (decoupled ``weight_decay``), "sgd" (momentum
-    0.9), "rmsprop". For the others a ``weight_decay`` > 0 adds ``weight_decay * params`` to the
-    gradients (L2). ``clip_norm`` clips the gradients' global norm first (``clip_by_global_norm``)."""
+    0.9), "rmsprop" (decay 0.9, eps 1e-7 under the square root: Keras 3's RMSprop). For the others
+    a ``weight_decay`` > 0 adds ``weight_decay * params`` to the gradients (L2).
+    ``clip_norm`` clips the gradients' global norm first (``clip_by_global_norm``)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     if weight_decay < 0 or (clip_norm is not None and clip_norm <= 0):
@@ -91,7 +92,7 @@ def make_optimizer(
             {
                 "adam": lambda: optax.adam(lr_fn),
                 "sgd": lambda: optax.sgd(lr_fn, momentum=0.9),
-                "rmsprop": lambda: optax.rmsprop(lr_fn),
+                "rmsprop": lambda: optax.rmsprop(lr_fn, decay=0.9, eps=1e-7),
             }[name]()
         )
     tx = optax.chain(*parts)

@@ -77,6 +77,27 @@ class TrainConfig:
     keep: int = 3
 
 
+# Recipes: TrainConfig fields that differ from its defaults for a (model, data set) pair; the
+# command line fills the options not given from them. The seed CNN on MNIST follows the Keras
+# example it comes from (Chollet, Deep Learning with Python, 5.1: RMSprop 1e-3, batch 64, 5
+# epochs), which experiments/cnn_mnist.py measures.
+RECIPES: dict[tuple[str, str], dict] = {
+    ("cnn", "mnist"): {
+        "epochs": 5,
+        "batch_size": 64,
+        "optimizer": "rmsprop",
+        "schedule": "constant",
+    },
+}
+
+
+def recipe(model: str, dataset: str, **overrides) -> TrainConfig:
+    """The TrainConfig for ``model`` on ``dataset``: the defaults, then the pair's ``RECIPES``
+    entry, then ``overrides`` (e.g. ``recipe("cnn", "mnist", seed=1)``: batch 64, 5 epochs,
+    RMSprop at a constant 1e-3)."""
+    return TrainConfig(**(RECIPES.get((model, dataset), {}) | overrides))
+
+
 @dataclasses.dataclass
 class FitResult:
     """state: the final TrainState (on the host). history: every metrics row written.

@@ -9,6 +9,7 @@ import shutil
 
 import jax
 import pytest
+from _idx import tiny_mnist
 
 from jaxmodels import commands, rundir
 from jaxmodels.cli import main
@@ -147,6 +148,41 @@ def test_a_bad_model_arg_names_the_options(tmp_path, capsys):
     assert "expected hidden_size to be an integer >= 1, got 0" in _one_error_line(
         capsys.readouterr().err
     )
+
+
+def test_data_args_set_the_data_set_and_eval_reads_them(tmp_path, capsys):
+    """--data-arg sets any option of the data set (pixel-by-pixel, permuted), recorded in
+    config.json, from which eval loads the same sequences."""
+    workdir = tmp_path / "run"
+    argv = ["train", "rnn-classifier", "--dataset", "seq-digits", "--workdir", str(workdir)]
+    argv += ["--data-arg", "steps=pixels", "--data-arg", "permute=3", "--model-arg"]
+    argv += ["hidden_size=8", "--max-steps", "1", *QUICK]
+    assert main(argv) == 0
+    options = rundir.load_run_settings(workdir).dataset_options
+    assert options["steps"] == "pixels" and options["permute"] == 3
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 1
+
+
+def test_cnn_on_mnist_takes_its_recipe_and_flags_override_it(tmp_path, capsys):
+    """The seed CNN on MNIST trains with the Keras example's recipe unless a flag says otherwise;
+    on digits, with TrainConfig's defaults."""
+    tiny_mnist(tmp_path / "mnist", gz=True, sizes=(64, 3))
+    argv = ["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist")]
+    argv += ["--max-steps", "1", "--no-progress"]
+    keys = ("epochs", "batch_size", "optimizer", "schedule", "lr")
+    for name, flags, expected in [
+        ("keras", [], (5, 64, "rmsprop", "constant", 1e-3)),
+        ("mine", ["--optimizer", "adam", "--batch-size", "32"], (5, 32, "adam", "constant", 1e-3)),
+    ]:
+        assert main([*argv, *flags, "--workdir", str(tmp_path / name)]) == 0
+        train = json.loads((tmp_path / name / "config.json").read_text())["train"]
+        assert tuple(train[k] for k in keys) == expected
+    digits = ["train", "cnn", "--max-steps", "1", "--no-progress", "--workdir", str(tmp_path / "d")]
+    assert main(digits) == 0
+    train = json.loads((tmp_path / "d" / "config.json").read_text())["train"]
+    assert tuple(train[k] for k in keys) == (25, 32, "adam", "cosine", 1e-3)
 
 
 def test_sample_prints_text_from_a_character_model(tmp_path, capsys):
@@ -339,6 +375,12 @@ BAD = [
     ["train", "cnn", "--model-arg", "num_classes=3"],  # the data's to set
     ["train", "lstm-classifier", "--dataset", "seq-digits", "--model-arg", "hidden_size=x"],
     ["train", "lstm-classifier", "--dataset", "seq-digits", "--model-arg", "bidirectional=1"],
+    *[
+        ["train", "lstm-classifier", "--dataset", "seq-digits", "--data-arg", pair]
+        for pair in ("steps=diagonal", "stepz=rows", "permute=x", "permute=-1", "test_size=x")
+    ],
+    ["train", "cnn", "--dataset", "mnist", "--data-arg", "data_dir={tmp}"],  # --data-dir's
+    ["train", "rnn-regressor", "--dataset", "adding", "--data-arg", "train_size=0"],
     # train: the numbers
     *[["train", "cnn", flag, v] for flag in ("--epochs", "--batch-size") for v in ("0", "-2", "x")],
     *[

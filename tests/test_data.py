@@ -1,11 +1,10 @@
 """Data sets and the batch iterator: digits layout, IDX/MNIST reading, seeded shuffle, resume."""
 
-import gzip
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _idx import tiny_mnist, write_idx
 from _paths import MNIST_DIR
 
 from jaxmodels.batches import BatchIterator, Position
@@ -93,35 +92,9 @@ def test_digits_examples_come_from_upsampled_sklearn_images(digits):
 # ---------------------------------------------------------------------------------------- MNIST
 
 
-def _write_idx(path: Path, array: np.ndarray, code: int) -> None:
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
-    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    if path.suffix == ".gz":
-        with gzip.open(path, "wb") as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-
-
-def _tiny_mnist(folder: Path, gz: bool, splits=("train", "test")) -> dict:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    ext = ".gz" if gz else ""
-    arrays = {}
-    for split, prefix, n in (("train", "train", 7), ("test", "t10k", 3)):
-        if split not in splits:
-            continue
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte{ext}", images, 0x08)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte{ext}", labels, 0x08)
-        arrays[split] = (images, labels)
-    return arrays
-
-
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
 def test_mnist_reads_tiny_idx_files(tmp_path, gz):
-    arrays = _tiny_mnist(tmp_path, gz)
+    arrays = tiny_mnist(tmp_path, gz)
     ds = load_mnist(tmp_path)
     for (x, y), (images, labels) in zip(
         [(ds.x_train, ds.y_train), (ds.x_test, ds.y_test)], arrays.values()
@@ -132,7 +105,7 @@ def test_mnist_reads_tiny_idx_files(tmp_path, gz):
 
 
 def test_mnist_reads_only_the_splits_present_and_finds_the_env_folder(tmp_path, monkeypatch):
-    _tiny_mnist(tmp_path / "mnist", gz=True, splits=("test",))
+    tiny_mnist(tmp_path / "mnist", gz=True, splits=("test",))
     monkeypatch.setenv("JAXMODELS_DATA", str(tmp_path))  # the parent; the mnist/ subfolder is found
     ds = get_dataset("mnist")
     assert ds.x_train is None and ds.y_train is None and ds.x_test.shape == (3, 28, 28, 1)
@@ -141,7 +114,7 @@ def test_mnist_reads_only_the_splits_present_and_finds_the_env_folder(tmp_path, 
 
 def test_read_idx_other_dtypes_and_bad_files(tmp_path):
     values = np.arange(24, dtype=np.int32).reshape(2, 3, 4) - 5
-    _write_idx(tmp_path / "ints.idx", values, 0x0C)
+    write_idx(tmp_path / "ints.idx", values, 0x0C)
     np.testing.assert_array_equal(read_idx(tmp_path / "ints.idx"), values)
     (tmp_path / "bad.idx").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(ValueError, match="not an IDX file"):
@@ -162,7 +135,7 @@ def test_mnist_errors_name_the_folder_and_the_files(tmp_path, monkeypatch):
     monkeypatch.delenv("JAXMODELS_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="JAXMODELS_DATA"):
         load_mnist()
-    _write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8), 0x08)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8), 0x08)
     with pytest.raises(FileNotFoundError, match="missing t10k-labels-idx1-ubyte"):
         load_mnist(tmp_path)
 

@@ -38,16 +38,12 @@ def lstm(*, hidden: int, batch: int, time: int, features: int, train: bool) -> C
     return step
 
 
-def cnn(*, batch: int, train: bool) -> Callable[[], Any]:
-    """The seed CNN in NCHW on x [batch, 1, 28, 28] float32. Training step: cross-entropy on
-    integer labels, backward, ``torch.optim.Adam`` (lr 1e-3) step. Inference: the logits under
-    ``torch.inference_mode``, in eval mode."""
-    import torch
+def seed_cnn():
+    """The seed CNN as ``torch.nn.Sequential`` in NCHW: [batch, 1, 28, 28] -> logits [batch, 10]
+    (93,322 parameters, as jaxmodels' ``CNN()``)."""
+    from torch import nn
 
-    nn = torch.nn
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(1, 32, 3),
         nn.ReLU(),
         nn.MaxPool2d(2),
@@ -60,7 +56,19 @@ def cnn(*, batch: int, train: bool) -> Callable[[], Any]:
         nn.Linear(3 * 3 * 64, 64),
         nn.ReLU(),
         nn.Linear(64, 10),
-    ).to(device)
+    )
+
+
+def cnn(*, batch: int, train: bool) -> Callable[[], Any]:
+    """The seed CNN in NCHW on x [batch, 1, 28, 28] float32. Training step: cross-entropy on
+    integer labels, backward, ``torch.optim.Adam`` (lr 1e-3) step. Inference: the logits under
+    ``torch.inference_mode``, in eval mode."""
+    import torch
+
+    nn = torch.nn
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = seed_cnn().to(device)
     x = torch.randn(batch, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     if not train:
@@ -81,3 +89,48 @@ def cnn(*, batch: int, train: bool) -> Callable[[], Any]:
         return loss
 
     return step
+
+
+def train_seed_cnn(
+    data: str, *, epochs: int, batch_size: int, optimizer: str, lr: float, seed: int
+) -> dict:
+    """Train ``seed_cnn()`` as a PyTorch user would: shuffled mini-batches of the arrays in the
+    .npz file ``data`` (x_train [n, 1, 28, 28] float32, y_train [n] int, x_test, y_test), cross-
+    entropy, ``optimizer`` "rmsprop" (Keras' rho 0.9 and epsilon 1e-7 as ``alpha`` and ``eps``;
+    PyTorch adds epsilon after the square root, Keras under it) or "adam"; the last partial batch
+    dropped. Returns the training seconds of each epoch (the
+    test evaluation after it not counted), the test accuracy after each epoch and the thread count."""
+    import time
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    arrays = np.load(data)
+    x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"]).long()
+    x_test, y_test = torch.from_numpy(arrays["x_test"]), torch.from_numpy(arrays["y_test"]).long()
+    model = seed_cnn()
+    make = {
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=lr, alpha=0.9, eps=1e-7),
+        "adam": lambda p: torch.optim.Adam(p, lr=lr),
+    }
+    opt = make[optimizer](model.parameters())
+    epoch_s, accuracy = [], []
+    for _ in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        order = torch.randperm(len(x))
+        for i in range(len(x) // batch_size):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+        epoch_s.append(time.perf_counter() - start)
+        model.eval()
+        with torch.inference_mode():
+            correct = sum(
+                int((model(x_test[i : i + 1000]).argmax(1) == y_test[i : i + 1000]).sum())
+                for i in range(0, len(x_test), 1000)
+            )
+        accuracy.append(correct / len(x_test))
+    return {"epoch_s": epoch_s, "test_accuracy": accuracy, "threads": torch.get_num_threads()}
