@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import json
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmodels import records
+from jaxmodels import records, runlog
 from jaxmodels.bench import torch_models
 from jaxmodels.data import get_dataset
 from jaxmodels.models import get_model
@@ -54,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--train-size", type=int, default=None, help="first N training images (all)")
+    p.add_argument("--test-size", type=int, default=None, help="first N test images (all)")
     p.add_argument(
         "--torch",
         action=argparse.BooleanOptionalAction,
@@ -63,15 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("runs") / STEM)
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder of the result files")
     return p.parse_args(argv)
-
-
-def epoch_times(history: list[dict]) -> list[float]:
-    """Training seconds of each epoch from fit's eval rows (time since start, less evaluation);
-    the first includes compilation."""
-    evals = [r for r in history if r["kind"] == "eval"]
-    ends = [r["time_s"] - r["eval_time_s"] for r in evals]
-    starts = [0.0] + [r["time_s"] for r in evals[:-1]]
-    return [end - start for start, end in zip(starts, ends)]
 
 
 def run_jax(args: argparse.Namespace, ds, optimizer: str, seed: int) -> dict:
@@ -99,7 +90,7 @@ def run_jax(args: argparse.Namespace, ds, optimizer: str, seed: int) -> dict:
         },
         "test_accuracy": [r["accuracy"] for r in evals],
         "test_loss": [r["loss"] for r in evals],
-        "epoch_s": epoch_times(result.history),
+        "epoch_s": runlog.epoch_times(result.history),
         "workdir": str(workdir),
     }
 
@@ -235,10 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     study = records.Study(STEM, vars(args))
     ds = get_dataset("mnist", data_dir=args.data_dir)
-    if args.train_size:
-        ds = dataclasses.replace(
-            ds, x_train=ds.x_train[: args.train_size], y_train=ds.y_train[: args.train_size]
-        )
+    ds = ds.head(train=args.train_size, test=args.test_size)
     runs = []
     for optimizer in args.optimizers:
         for seed in args.seeds:

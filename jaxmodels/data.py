@@ -56,6 +56,21 @@ class Dataset:
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
+    def head(self, train: int | None = None, test: int | None = None) -> Dataset:
+        """This data set with only the first ``train`` training and ``test`` test examples
+        (None: all), e.g. a quick run on the first 1,000 MNIST images."""
+        for name, n in (("train", train), ("test", test)):
+            if n is not None and (not isinstance(n, int) or n < 1):
+                raise ValueError(f"expected {name} to be None or an integer >= 1, got {n!r}")
+        cut = lambda a, n: a if a is None or n is None else a[:n]
+        return dataclasses.replace(
+            self,
+            x_train=cut(self.x_train, train),
+            y_train=cut(self.y_train, train),
+            x_test=cut(self.x_test, test),
+            y_test=cut(self.y_test, test),
+        )
+
     def encode(self, text: str) -> np.ndarray:
         """Token ids [len(text)] int32 of ``text``, one per character (``vocab``'s entries must be
         single characters, as for ``text``)."""

@@ -172,3 +172,13 @@ def read_rows(path: Path) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def epoch_times(rows: list[dict]) -> list[float]:
+    """Training seconds of each epoch of a run from its "eval" rows (each has the seconds since
+    the start, ``time_s``, and its own ``eval_time_s``): evaluation left out, the first epoch's
+    compilation in."""
+    evals = [r for r in rows if r["kind"] == "eval"]
+    ends = [r["time_s"] - r["eval_time_s"] for r in evals]
+    starts = [0.0] + [r["time_s"] for r in evals[:-1]]
+    return [end - start for start, end in zip(starts, ends)]
