@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _idx import tiny_mnist
+
+from jaxmodels import records
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -25,6 +28,10 @@ def test_lstm_vs_rnn_adding_tiny(tmp_path):
         [
             "--seq-lens",
             "5",
+            "--models",
+            "lstm",
+            "rnn",
+            "rnn-matched",
             "--hidden",
             "8",
             "--steps",
@@ -48,8 +55,14 @@ def test_lstm_vs_rnn_adding_tiny(tmp_path):
 
     saved = json.loads(paths[0].read_text())
     assert saved["config"]["seq_lens"] == [5] and saved["config"]["steps"] == 6
-    assert {r["model"] for r in saved["runs"]} == {"lstm", "rnn"}
-    assert {(r["model"], r["seq_len"]) for r in saved["summary"]} == {("lstm", 5), ("rnn", 5)}
+    models = {r["model"]: r for r in saved["summary"]}
+    assert set(models) == {"lstm", "rnn", "rnn-matched"} and {
+        r["seq_len"] for r in saved["summary"]
+    } == {5}
+    # the matched RNN: the hidden size whose parameter count is nearest the LSTM's (361 at 8)
+    # h(2 + h) + h weights and biases, h + 1 for the head: 17 gives 358, 18 gives 397
+    assert models["lstm"]["params"] == 4 * (8 * (2 + 8) + 8) + 8 + 1 == 361
+    assert (models["rnn-matched"]["hidden"], models["rnn-matched"]["params"]) == (17, 358)
     for run in saved["runs"]:
         assert run["steps"] == 6
         assert run["test_curve"][-1] == [
@@ -64,7 +77,7 @@ def test_lstm_vs_rnn_adding_tiny(tmp_path):
     assert saved["runs"] == json.loads(json.dumps(result["runs"]))
 
     table = paths[1].read_text()
-    assert "| 5 | lstm |" in table and "| 5 | rnn |" in table
+    assert "| 5 | lstm | 8 | 361 |" in table and "| 5 | rnn-matched | 17 | 358 |" in table
 
 
 def _tiny_text(path: Path) -> Path:
@@ -157,3 +170,48 @@ def test_char_shakespeare_names_what_is_missing(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         script.main(["--steps", "50", "--warmup", "100"])
     assert exit_.value.code == 2
+
+
+def test_cnn_mnist_tiny(tmp_path):
+    """Both optimizers on tiny IDX files; PyTorch (where installed) in its own process."""
+    script = load_script("cnn_mnist")
+    tiny_mnist(tmp_path / "mnist", gz=True, sizes=(128, 16))
+    out = tmp_path / "results"
+    argv = ["--data-dir", str(tmp_path / "mnist"), "--epochs", "2", "--seeds", "0", "1"]
+    result = script.main([*argv, "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    saved = json.loads((out / "cnn_mnist.json").read_text())
+    assert (out / "cnn_mnist.png").stat().st_size > 0
+    assert saved["recipe"] == dict(
+        epochs=2, batch_size=64, lr=1e-3, optimizer="rmsprop", schedule="constant"
+    )
+    jax_runs = [r for r in saved["runs"] if r["framework"] == "jax"]
+    assert [(r["optimizer"], r["seed"]) for r in jax_runs] == [
+        (o, s) for o in ("rmsprop", "adam") for s in (0, 1)
+    ]
+    for run in saved["runs"]:
+        assert len(run["test_accuracy"]) == len(run["epoch_s"]) == 2
+        assert all(0 <= a <= 1 for a in run["test_accuracy"]) and min(run["epoch_s"]) > 0
+    torch_runs = [r for r in saved["runs"] if r["framework"] == "torch"]
+    assert len(torch_runs) == (1 if records.version("torch") else 0)
+    row = saved["summary"][0]
+    assert row["mean"] == pytest.approx(np.mean([r["test_accuracy"][-1] for r in jax_runs[:2]]))
+    assert "| jax | rmsprop |" in (out / "cnn_mnist.md").read_text()
+    assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+
+
+def test_sequential_mnist_tiny(tmp_path):
+    script = load_script("sequential_mnist")
+    tiny_mnist(tmp_path / "mnist", gz=True, sizes=(32, 8))
+    out = tmp_path / "results"
+    argv = ["--data-dir", str(tmp_path / "mnist"), "--tasks", "rows", "permuted", "--epochs", "2"]
+    argv += ["--seeds", "0", "--hidden", "8", "--batch-size", "16"]
+    script.main([*argv, "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    saved = json.loads((out / "sequential_mnist-rows-permuted.json").read_text())
+    assert [(r["task"], r["model"], r["seq_len"]) for r in saved["summary"]] == [
+        (t, m, n) for t, n in (("rows", 28), ("permuted", 784)) for m in ("lstm", "rnn")
+    ]
+    for run in saved["runs"]:
+        assert len(run["test_accuracy"]) == 2 and 0 <= run["test_accuracy"][-1] <= 1
+    commands = [r["command"] for r in saved["summary"]]
+    assert "--data-arg permute=0" in commands[2] and "--data-arg steps=pixels" in commands[2]
+    assert "--model-arg hidden_size=8" in commands[0] and "--data-arg" not in commands[0]
