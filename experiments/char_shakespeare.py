@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import io
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -216,23 +215,17 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    c, env, d = result["config"], result["environment"], result["data"]
-    v = env["versions"]
+    c, d = result["config"], result["data"]
     lines = [
         "# Character-level Tiny Shakespeare: LSTM and simple RNN",
         "",
-        f"{env['date']}; {env['backend']} ({env['cpu_count']} CPUs), jax {v['jax']}, flax {v['flax']}, "
-        f"optax {v['optax']}, python {v['python']}; git {(env['git_commit'] or 'unknown')[:10]}"
-        + (" (with local changes)" if env["git_dirty_files"] else "")
-        + ".",
+        records.provenance(result),
         f"{d['characters']:,} characters, {d['vocab_size']} distinct; training {d['train_characters']:,}, "
         f"validation {d['validation_characters']:,} (the last 10%). {c['layers']} layers of {c['hidden']}, "
         f"embedding {c['embed']}; windows of {c['seq_len']} characters, batch {c['batch_size']}; Adam, peak lr "
         f"{c['lr']}, {c['warmup']} warm-up steps then cosine decay to 0; clip norm {c['clip_norm']}; seeds "
         f"{c['seeds']}. Validation loss: nats per character over the {d['validation_windows']:,} adjacent "
-        f"{c['seq_len']}-character windows of the validation split, each from a zero state. Wall time "
-        f"{result['wall_s']:.0f} s, load average {result['loadavg']['start']} at start, "
-        f"{result['loadavg']['end']} at end.",
+        f"{c['seq_len']}-character windows of the validation split, each from a zero state.",
         "",
         "| steps | characters seen | model | parameters | val loss per seed | mean | bits/char "
         "| accuracy | s per run |",
@@ -309,7 +302,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    load_start, start = list(os.getloadavg()), time.perf_counter()
+    study = records.Study(STEM, {k: v for k, v in vars(args).items() if k != "verbose"})
     ds = load(args)
     runs, samples = [], {}
     for steps in sorted(args.steps):
@@ -326,19 +319,11 @@ def main(argv: list[str] | None = None) -> dict:
                     f"({run['val_bits_per_char']:.3f} bits/char), {run['wall_s']:.0f} s",
                     flush=True,
                 )
-    config = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"
-    }
-    result = {
-        "experiment": STEM,
-        "config": config,
-        "environment": records.environment(),
-        "wall_s": time.perf_counter() - start,
-        "loadavg": {
-            "start": [round(x, 2) for x in load_start],
-            "end": [round(x, 2) for x in os.getloadavg()],
-        },
-        "data": {
+    result, paths = study.finish(
+        args.out,
+        markdown,
+        plot,
+        data={
             "path": ds.info["path"],
             "characters": ds.info["characters"],
             "vocab_size": ds.num_classes,
@@ -346,12 +331,11 @@ def main(argv: list[str] | None = None) -> dict:
             "validation_characters": ds.info["validation_characters"],
             "validation_windows": len(ds.x_test),
         },
-        "references": REFERENCES,
-        "summary": summarise(runs),
-        "runs": runs,
-        "samples": samples,
-    }
-    paths = records.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
+        references=REFERENCES,
+        summary=summarise(runs),
+        runs=runs,
+        samples=samples,
+    )
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result

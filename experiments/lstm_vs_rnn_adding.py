@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import io
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -184,20 +183,14 @@ def summarise(runs: list[dict], baselines: dict[int, dict]) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    c, env = result["config"], result["environment"]
-    v = env["versions"]
+    c = result["config"]
     lines = [
         "# LSTM vs simple RNN on the adding problem",
         "",
-        f"{env['date']}; {env['backend']} ({env['cpu_count']} CPUs), jax {v['jax']}, jaxlib {v['jaxlib']}, "
-        f"flax {v['flax']}, optax {v['optax']}, numpy {v['numpy']}, python {v['python']}; "
-        f"git {(env['git_commit'] or 'unknown')[:10]}"
-        + (" (with local changes)" if env["git_dirty_files"] else "")
-        + ".",
+        records.provenance(result),
         f"Hidden {c['hidden']}, {c['steps']} steps of batch {c['batch_size']}, Adam lr {c['lr']} ({c['schedule']}), "
         f"clip norm {c['clip_norm']}; {c['train_size']} training and {c['test_size']} test examples per T "
-        f"(data seed {c['data_seed']}), seeds {c['seeds']}. Wall time {result['wall_s']:.0f} s, "
-        f"load average {result['loadavg']['start']} at start, {result['loadavg']['end']} at end.",
+        f"(data seed {c['data_seed']}), seeds {c['seeds']}.",
         f"Baseline: always predicting 1, MSE 1/6 = {1 / 6:.4f} in expectation (per-T test-set value below). "
         f"Solved: final test MSE < {SOLVED_MSE}.",
         "",
@@ -247,7 +240,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    load_start, start = list(os.getloadavg()), time.perf_counter()
+    config = {k: v for k, v in vars(args).items() if k != "verbose"} | {"solved_mse": SOLVED_MSE}
+    study = records.Study(STEM, config)
     datasets = {
         t: get_dataset(
             "adding",
@@ -277,24 +271,14 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{run['wall_s']:.0f} s",
                     flush=True,
                 )
-    config = {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "verbose"
-    }
-    config["solved_mse"] = SOLVED_MSE
-    result = {
-        "experiment": STEM,
-        "config": config,
-        "environment": records.environment(),
-        "wall_s": time.perf_counter() - start,
-        "loadavg": {
-            "start": [round(x, 2) for x in load_start],
-            "end": [round(x, 2) for x in os.getloadavg()],
-        },
-        "baselines": {str(t): b for t, b in baselines.items()},
-        "summary": summarise(runs, baselines),
-        "runs": runs,
-    }
-    paths = records.write_results(result, args.out, STEM, render_markdown=markdown, render_png=plot)
+    result, paths = study.finish(
+        args.out,
+        markdown,
+        plot,
+        baselines={str(t): b for t, b in baselines.items()},
+        summary=summarise(runs, baselines),
+        runs=runs,
+    )
     print(markdown(result))
     print("wrote " + ", ".join(str(p) for p in paths))
     return result
