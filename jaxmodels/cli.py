@@ -9,6 +9,7 @@
     jaxmodels train cnn --overwrite           # a fresh run; the one in runs/cnn-digits moved aside
     jaxmodels eval --workdir runs/cnn-digits  # test metrics of the latest checkpoint (JSON)
     jaxmodels sample --workdir runs/char-lstm-text --prompt "ROMEO:" --length 300 --temperature 0.8
+    jaxmodels export --workdir runs/cnn-digits --out cnn.jax   # jax.export artifact: cpu, cuda, tpu
     jaxmodels info                            # versions, backend, devices
     jaxmodels bench lstm --repeats 10         # timings vs Flax, PyTorch: benchmarks/results/lstm.{json,md,png}
 
@@ -29,8 +30,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from jaxmodels.commands import run_bench, run_eval, run_info, run_sample, run_train
+from jaxmodels.commands import run_bench, run_eval, run_export, run_info, run_sample, run_train
 from jaxmodels.data import list_datasets
+from jaxmodels.export import PLATFORMS
 from jaxmodels.models import list_models
 from jaxmodels.optim import OPTIMIZERS, SCHEDULES
 from jaxmodels.parallel import STRATEGIES
@@ -333,6 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
 
+    export = commands.add_parser(
+        "export",
+        help="a run's checkpoint as a jax.export artifact",
+        description="Restore the latest checkpoint in --workdir and write its model's inference "
+        "function, parameters included, as a serialized jax.export artifact: any batch size (and "
+        "any time length for sequence and character models), lowered for each of --platforms. "
+        "jax.export.deserialize(data).call(x) runs it with jax alone. The model, data set and "
+        "data options are the run's (WORKDIR/config.json).",
+    )
+    _add_run_options(export, "runs/MODEL-DATASET")
+    export.add_argument("--out", required=True, help="the artifact's file")
+    export.add_argument(
+        "--platforms",
+        nargs="+",
+        choices=PLATFORMS,
+        default=list(PLATFORMS),
+        help=f"platforms it runs on (default: {' '.join(PLATFORMS)})",
+    )
+
     bench = commands.add_parser(
         "bench",
         help="time models side by side with their peers",
@@ -398,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": run_train,
         "eval": run_eval,
         "sample": run_sample,
+        "export": run_export,
         "bench": run_bench,
         "info": run_info,
     }

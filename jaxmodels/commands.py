@@ -360,6 +360,43 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    """A run's checkpoint as a ``jax.export`` artifact (``jaxmodels.export``) in ``--out``."""
+    import jax
+    import numpy as np
+
+    from jaxmodels.export import export_model
+    from jaxmodels.rundir import check_writable
+    from jaxmodels.train import restore_params
+
+    if args.workdir is None and args.model is None:
+        raise ValueError("export needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
+    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
+    model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
+    check_pairing(model_name, dataset_name)
+    _require_checkpoint(workdir, args.step, "export")
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; expected a file name")
+    check_writable(out.parent, "output folder")  # before the work, not after it
+    model, dataset = load(model_name, dataset_name, options, dtype, (), model_args)
+    tokens = model_kind(model_name)[1] == "tokens"
+    example = np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
+    step, state = restore_params(model, example, workdir, step=args.step)
+    data = export_model(
+        model, {"params": state.params}, dataset.input_shape, platforms=args.platforms
+    )
+    out.write_bytes(data)
+    exported = jax.export.deserialize(data)
+    print(
+        f"wrote {out} ({len(data):,} bytes): {model_name} step {step}, "
+        f"{exported.in_avals[0].str_short()} -> {exported.out_avals[0].str_short()} "
+        f"on {', '.join(exported.platforms)}; run it with "
+        f"jax.export.deserialize(open({str(out)!r}, 'rb').read()).call(x)"
+    )
+    return 0
+
+
 def run_bench(args: argparse.Namespace) -> int:
     from jaxmodels import bench
     from jaxmodels.rundir import check_writable

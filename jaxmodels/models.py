@@ -107,7 +107,7 @@ class CharLM(nn.Module):
             raise ValueError(
                 f"expected integer tokens of rank 2 [batch, time], got shape {tokens.shape} dtype {tokens.dtype}"
             )
-        if min(tokens.shape) < 1:
+        if any(size < 1 for size in tokens.shape):  # per size: symbolic ones (jax.export) too
             raise ValueError(
                 f"expected at least one sequence and one time step, got tokens of shape "
                 f"{tokens.shape} [batch, time]"

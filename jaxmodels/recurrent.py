@@ -258,7 +258,8 @@ def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
     1.4x faster at (256, 1, 150), 1.2x at (512, 16, 25) and (128, 16, 100), 1.04x at (256, 16,
     150), the simple RNN's 1.3x at (256, 16, 150). At batch 1 each step's x_t W_x is a matrix-vector
     product that reads all of W_x: one projection for the whole sequence made the forward 1.6x
-    faster at (256, 1, 150); at batch 4 and more one step was best.
+    faster at (256, 1, 150); at batch 4 and more one step was best. Symbolic sizes (an export with
+    any batch or time) take one step at a time, forward and backward, on every platform.
 
     Measured there too: reading xs and writing its gradient a step or a chunk at a time, rather
     than transposing them whole, made the training step 3% faster; hs is stacked time-major and
@@ -269,6 +270,9 @@ def _recurrence(cell, w_x, b, w_h, carry, xs, mask, reverse, unroll):
 
     def run(chunks):  # chunks: (forward chunk length, backward chunk length), each dividing time
         return lambda *args: _recurrence_core(cell, *args, reverse, unroll, chunks)
+
+    if not isinstance(batch, int) or not isinstance(time, int):  # symbolic sizes (jax.export)
+        return run((1, 1))(*args)
 
     cpu_forward_chunk = time if batch == 1 else 1
     cpu_backward_chunk = chunk_length(time, max(1, CPU_BACKWARD_ROWS // batch))

@@ -185,6 +185,41 @@ def test_cnn_on_mnist_takes_its_recipe_and_flags_override_it(tmp_path, capsys):
     assert tuple(train[k] for k in keys) == (25, 32, "adam", "cosine", 1e-3)
 
 
+@pytest.mark.parametrize("model", ["cnn", "char-lstm"])
+def test_export_writes_an_artifact_that_jax_alone_runs_at_any_batch(model, tmp_path, capsys):
+    """jaxmodels export: the trained model's apply, parameters inside, symbolic batch (and time
+    for a character model), for cpu, cuda and tpu; its outputs are the model's at two sizes."""
+    import numpy as np
+
+    from jaxmodels.train import restore_params
+
+    workdir, out = tmp_path / "run", tmp_path / "model.jax"
+    data = []
+    if model == "char-lstm":
+        text = tmp_path / "input.txt"
+        text.write_text("to be or not to be, that is the question.\n" * 20, encoding="utf-8")
+        data = ["--dataset", "text", "--data-file", str(text), "--seq-len", "8"]
+        data += ["--model-arg", "hidden_size=16"]
+    argv = ["train", model, *data, "--workdir", str(workdir), "--max-steps", "2", *QUICK]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["export", "--workdir", str(workdir), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out} (")
+    exported = jax.export.deserialize(out.read_bytes())
+    assert exported.platforms == ("cpu", "cuda", "tpu")
+    settings = rundir.load_run_settings(workdir)
+    net, ds = commands.load(
+        model, settings.dataset, settings.dataset_options, "float32", (), settings.model_options
+    )
+    _, state = restore_params(net, ds.x_test[:1], workdir)
+    for batch, time in ((1, None), (5, 13)):
+        x = ds.x_test[:batch]
+        if time is not None and model == "char-lstm":
+            x = np.resize(ds.x_test[:batch], (batch, time))  # another time length
+        ours = net.apply({"params": state.params}, x)
+        np.testing.assert_allclose(np.asarray(exported.call(x)), np.asarray(ours), atol=1e-6)
+
+
 def test_sample_prints_text_from_a_character_model(tmp_path, capsys):
     text = tmp_path / "input.txt"
     text.write_text("ROMEO: the quick brown fox jumps over the lazy dog.\n" * 20, encoding="utf-8")
@@ -410,6 +445,13 @@ BAD = [
     ["train", "cnn", "--num-processes", "0"],
     ["train", "cnn", "--process-id", "-1"],
     ["train", "cnn", "--coordinator-address", "h:1", "--num-processes", "2", "--process-id", "2"],
+    # export
+    ["export", "--workdir", "{used}"],  # no --out
+    ["export", "--workdir", "{tmp}/absent", "--out", "{tmp}/m.jax"],
+    ["export", "--workdir", "{used}", "--out", "{tmp}"],
+    ["export", "--workdir", "{used}", "--out", "{file}/m.jax"],
+    ["export", "--workdir", "{used}", "--out", "{tmp}/m.jax", "--platforms", "gpu"],
+    ["export", "--workdir", "{used}", "--out", "{tmp}/m.jax", "--step", "999"],
     # eval
     ["sample"],
     ["sample", "--workdir", "{tmp}/absent"],
