@@ -10,6 +10,8 @@
     jaxmodels eval --workdir runs/cnn-digits  # test metrics of the latest checkpoint (JSON)
     jaxmodels sample --workdir runs/char-lstm-text --prompt "ROMEO:" --length 300 --temperature 0.8
     jaxmodels export --workdir runs/cnn-digits --out cnn.jax   # jax.export artifact: cpu, cuda, tpu
+    jaxmodels export --workdir runs/cnn-digits --out cnn.safetensors  # variables and config
+    jaxmodels eval --weights cnn.safetensors --dataset digits
     jaxmodels info                            # versions, backend, devices
     jaxmodels bench lstm --repeats 10         # timings vs Flax, PyTorch: benchmarks/results/lstm.{json,md,png}
 
@@ -152,6 +154,16 @@ def _add_run_options(parser: argparse.ArgumentParser, default_workdir: str) -> N
     )
     parser.add_argument(
         "--step", type=positive_int, default=None, help="this checkpoint instead of the latest"
+    )
+
+
+def _add_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="a .safetensors file of variables (jaxmodels export --out FILE.safetensors) instead "
+        "of a run's checkpoint; the data set: --dataset (default for the cnn: digits)",
     )
 
 
@@ -308,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(WORKDIR/config.json); options given must agree with them, except the data's location.",
     )
     _add_run_options(evaluate, "runs/MODEL-DATASET")
+    _add_weights_option(evaluate)
     evaluate.add_argument("--batch-size", type=positive_int, default=_DEFAULTS.eval_batch_size)
     evaluate.add_argument(
         "--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)"
@@ -345,7 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         "data options are the run's (WORKDIR/config.json).",
     )
     _add_run_options(export, "runs/MODEL-DATASET")
-    export.add_argument("--out", required=True, help="the artifact's file")
+    _add_weights_option(export)
+    export.add_argument(
+        "--out",
+        required=True,
+        help="the file: a jax.export artifact, or with the suffix .safetensors the variables and "
+        "config (jaxmodels.interop.safetensors)",
+    )
     export.add_argument(
         "--platforms",
         nargs="+",

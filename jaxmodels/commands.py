@@ -291,33 +291,34 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from jaxmodels.rundir import check_writable
     from jaxmodels.runlog import write_atomic
-    from jaxmodels.train import evaluate_checkpoint
+    from jaxmodels.train import evaluate_checkpoint, evaluate_params
 
-    if args.workdir is None and args.model is None:
-        raise ValueError("eval needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
-    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
-    model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
-    check_pairing(model_name, dataset_name)
-    _require_checkpoint(workdir, args.step, "evaluate")
-    output = Path(args.output).expanduser() if args.output else workdir / "eval.json"
+    if args.weights is not None:
+        output = Path(args.output).expanduser() if args.output else None
+    else:
+        workdir = _run_folder(args, "eval")
+        output = Path(args.output).expanduser() if args.output else workdir / "eval.json"
     lead = jax.process_index() == 0
-    if output.is_dir():
+    if output is not None and output.is_dir():
         raise IsADirectoryError(f"--output {output} is a folder; expected a file name")
-    if lead:  # before the evaluation, not after it
+    if output is not None and lead:  # before the evaluation, not after it
         check_writable(output.parent, "output folder")
-    model, dataset = load(model_name, dataset_name, options, dtype, ("test",), model_args)
-    step, metrics = evaluate_checkpoint(
-        model, dataset, workdir, step=args.step, batch_size=args.batch_size
-    )
-    result = {
-        "model": model_name,
-        "dataset": dataset.name,
-        "workdir": str(workdir),
-        "step": step,
-        "test": metrics,
-    }
+    if args.weights is not None:
+        model, dataset, variables = _from_weights(args, ("test",))
+        metrics = evaluate_params(model, dataset, variables["params"], batch_size=args.batch_size)
+        source = {"weights": str(Path(args.weights).expanduser())}
+    else:
+        model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
+        check_pairing(model_name, dataset_name)
+        _require_checkpoint(workdir, args.step, "evaluate")
+        model, dataset = load(model_name, dataset_name, options, dtype, ("test",), model_args)
+        step, metrics = evaluate_checkpoint(
+            model, dataset, workdir, step=args.step, batch_size=args.batch_size
+        )
+        source = {"workdir": str(workdir), "step": step}
+    result = {"model": model.name, "dataset": dataset.name, **source, "test": metrics}
     text = json.dumps(result, indent=2)
-    if lead:
+    if output is not None and lead:
         write_atomic(output, text + "\n")  # on disk before it is shown
     print(text)
     return 0
@@ -366,35 +367,88 @@ def run_export(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jaxmodels.export import export_model
+    from jaxmodels.interop.safetensors import SUFFIX as SAFETENSORS
+    from jaxmodels.interop.safetensors import save_variables
+    from jaxmodels.models import config_of
     from jaxmodels.rundir import check_writable
     from jaxmodels.train import restore_params
 
-    if args.workdir is None and args.model is None:
-        raise ValueError("export needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
-    workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
-    model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
-    check_pairing(model_name, dataset_name)
-    _require_checkpoint(workdir, args.step, "export")
     out = Path(args.out).expanduser()
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a folder; expected a file name")
+    if args.weights is None:
+        workdir = _run_folder(args, "export")
+        model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
+        check_pairing(model_name, dataset_name)
+        _require_checkpoint(workdir, args.step, "export")
     check_writable(out.parent, "output folder")  # before the work, not after it
-    model, dataset = load(model_name, dataset_name, options, dtype, (), model_args)
-    tokens = model_kind(model_name)[1] == "tokens"
-    example = np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
-    step, state = restore_params(model, example, workdir, step=args.step)
-    data = export_model(
-        model, {"params": state.params}, dataset.input_shape, platforms=args.platforms
-    )
+    if args.weights is not None:
+        model, dataset, variables = _from_weights(args, ())
+        what = f"{model.name} from {args.weights}"
+    else:
+        model, dataset = load(model_name, dataset_name, options, dtype, (), model_args)
+        tokens = model_kind(model_name)[1] == "tokens"
+        example = np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
+        step, state = restore_params(model, example, workdir, step=args.step)
+        variables, what = {"params": state.params}, f"{model_name} step {step}"
+    if out.suffix == SAFETENSORS:
+        save_variables(out, variables, model.name, config_of(model))
+        print(
+            f"wrote {out}: {what}, its variables and config; jaxmodels eval --weights {out} reads it"
+        )
+        return 0
+    data = export_model(model, variables, dataset.input_shape, platforms=args.platforms)
     out.write_bytes(data)
     exported = jax.export.deserialize(data)
     print(
-        f"wrote {out} ({len(data):,} bytes): {model_name} step {step}, "
+        f"wrote {out} ({len(data):,} bytes): {what}, "
         f"{exported.in_avals[0].str_short()} -> {exported.out_avals[0].str_short()} "
         f"on {', '.join(exported.platforms)}; run it with "
         f"jax.export.deserialize(open({str(out)!r}, 'rb').read()).call(x)"
     )
     return 0
+
+
+def _run_folder(args: argparse.Namespace, command: str) -> Path:
+    """--workdir, else runs/MODEL-DATASET; ValueError when neither it nor MODEL is given."""
+    if args.workdir is None and args.model is None:
+        raise ValueError(
+            f"{command} needs --workdir (the run's folder), --weights FILE.safetensors or MODEL "
+            "(runs/MODEL-DATASET)"
+        )
+    return Path(args.workdir or f"runs/{args.model}-{args.dataset or 'digits'}").expanduser()
+
+
+def _from_weights(args: argparse.Namespace, splits: Sequence[str]):
+    """(model, dataset, variables) from ``--weights FILE.safetensors`` (``interop.safetensors``):
+    the model and its config from the file, the data set from --dataset (default for an image
+    model: digits) and the data flags; the variables checked against the model built for it."""
+    import jax
+    import numpy as np
+
+    from jaxmodels.checkpoint import check_structure
+    from jaxmodels.interop.safetensors import load_variables
+
+    if args.workdir is not None or args.step is not None:
+        raise ValueError("--weights replaces --workdir and --step: give one source of parameters")
+    path = Path(args.weights).expanduser()
+    variables, model_name, config = load_variables(path)
+    if args.model not in (None, model_name):
+        raise ValueError(f"MODEL is {args.model}, but {path} holds the variables of {model_name}")
+    dataset_name = args.dataset or ("digits" if model_kind(model_name)[1] == "images" else None)
+    if dataset_name is None:
+        raise ValueError(f"{path} holds a {model_name}: give the data set with --dataset")
+    check_pairing(model_name, dataset_name)
+    model_args = {k: v for k, v in config.items() if k in model_options(model_name)}
+    options = data_options(args, dataset_name)
+    model, dataset = load(
+        model_name, dataset_name, options, args.dtype or "float32", splits, model_args
+    )
+    tokens = model_kind(model_name)[1] == "tokens"
+    example = np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
+    target = jax.eval_shape(model.init, jax.random.key(0), example)
+    check_structure(variables.get("params"), target["params"], f"--weights {path}")
+    return model, dataset, variables
 
 
 def run_bench(args: argparse.Namespace) -> int:

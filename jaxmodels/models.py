@@ -248,6 +248,19 @@ def options_of(model: Model) -> dict[str, Any]:
     return {key: getattr(model.module, key) for key in model_options(model.name)}
 
 
+# The option each task's data sets (a classifier's classes, a regressor's outputs, a vocabulary).
+DATA_SIZES = {"classification": "num_classes", "regression": "num_outputs"}
+DATA_SIZES |= {"language_model": "vocab_size"}
+
+
+def config_of(model: Model) -> dict[str, Any]:
+    """What ``get_model(model.name, **config)`` rebuilds ``model`` from: ``options_of(model)`` and
+    the size its data sets (``DATA_SIZES``), e.g. {"hidden_size": 128, ..., "num_classes": 10}."""
+    module, size = model.module, DATA_SIZES[model.task]
+    value = getattr(module, size) if hasattr(module, size) else module.num_outputs
+    return options_of(model) | {size: value}
+
+
 def get_model(name: str, **config) -> Model:
     """The registered model ``name``; ``config`` overrides its module's attributes
     (e.g. ``get_model("char-lstm", vocab_size=65, hidden_size=512)``)."""

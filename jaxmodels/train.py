@@ -309,9 +309,8 @@ def evaluate_checkpoint(
     """Test metrics of a checkpoint of the run in ``workdir``: ``(step, {"loss", "accuracy", ...})``.
 
     Restores it with ``restore_params`` (another data set of the same task is allowed, with a
-    warning) and evaluates its parameters on ``dataset``'s test split.
+    warning) and evaluates its parameters on ``dataset``'s test split (``evaluate_params``).
     """
-    strategy = strategy or SingleDevice()
     if dataset.x_test is None:
         raise ValueError(f"dataset {dataset.name!r} has no test split")
     if model.task != dataset.task:
@@ -321,13 +320,32 @@ def evaluate_checkpoint(
     step, state = restore_params(
         model, dataset.x_test[:1], workdir, step=step, dataset=dataset.name
     )
+    return step, evaluate_params(
+        model, dataset, state.params, batch_size=batch_size, strategy=strategy
+    )
+
+
+def evaluate_params(
+    model: Model,
+    dataset: Dataset,
+    params: dict,
+    *,
+    batch_size: int = 512,
+    strategy: Strategy | None = None,
+) -> dict[str, float]:
+    """Test metrics ({"loss", "accuracy", ...}) of ``model`` with ``params`` on ``dataset``'s test
+    split, every example counted once (the last batch padded)."""
+    strategy = strategy or SingleDevice()
+    if dataset.x_test is None:
+        raise ValueError(f"dataset {dataset.name!r} has no test split")
+    state = TrainState(jnp.zeros((), jnp.int32), params, None, jnp.zeros((2,), jnp.uint32))
     eval_bs = min(batch_size, len(dataset.x_test))
     eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices
     test_it = BatchIterator(
         (dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad"
     )
     eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
-    return step, evaluate(eval_step, strategy.put_state(state), test_it, strategy)
+    return evaluate(eval_step, strategy.put_state(state), test_it, strategy)
 
 
 def _open_checkpoints(

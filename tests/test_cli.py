@@ -220,6 +220,30 @@ def test_export_writes_an_artifact_that_jax_alone_runs_at_any_batch(model, tmp_p
         np.testing.assert_allclose(np.asarray(exported.call(x)), np.asarray(ours), atol=1e-6)
 
 
+def test_safetensors_weights_out_of_a_run_and_into_eval_and_export(tmp_path, capsys):
+    """export --out FILE.safetensors writes a run's variables and config; eval and export take
+    them with --weights: the same test metrics as the run's checkpoint, the same artifact."""
+    workdir, weights = tmp_path / "run", tmp_path / "lstm.safetensors"
+    data = ["--dataset", "seq-digits"]
+    argv = ["train", "lstm-classifier", *data, "--workdir", str(workdir), "--max-steps", "2"]
+    assert main([*argv, "--model-arg", "hidden_size=16", *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["export", "--workdir", str(workdir), "--out", str(weights)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {weights}: lstm-classifier step 2")
+    assert main(["eval", "--weights", str(weights), *data]) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert from_file["test"] == from_run["test"] and from_file["weights"] == str(weights)
+    artifact = tmp_path / "lstm.jax"
+    assert main(["export", "--weights", str(weights), *data, "--out", str(artifact)]) == 0
+    assert (
+        jax.export.deserialize(artifact.read_bytes()).in_avals[0].str_short() == "float32[b,t,28]"
+    )
+    assert main(["eval", "--weights", str(weights)]) == 1  # a sequence model: which data set?
+    assert "give the data set with --dataset" in _one_error_line(capsys.readouterr().err)
+
+
 def test_sample_prints_text_from_a_character_model(tmp_path, capsys):
     text = tmp_path / "input.txt"
     text.write_text("ROMEO: the quick brown fox jumps over the lazy dog.\n" * 20, encoding="utf-8")
@@ -452,7 +476,12 @@ BAD = [
     ["export", "--workdir", "{used}", "--out", "{file}/m.jax"],
     ["export", "--workdir", "{used}", "--out", "{tmp}/m.jax", "--platforms", "gpu"],
     ["export", "--workdir", "{used}", "--out", "{tmp}/m.jax", "--step", "999"],
+    ["export", "--weights", "{file}", "--out", "{tmp}/m.jax"],  # not a safetensors file
+    ["export", "--weights", "{tmp}/absent.safetensors", "--out", "{tmp}/m.jax"],
     # eval
+    ["eval", "--weights", "{file}"],
+    ["eval", "--weights", "{tmp}/absent.safetensors"],
+    ["eval", "--weights", "{file}", "--workdir", "{used}"],
     ["sample"],
     ["sample", "--workdir", "{tmp}/absent"],
     ["sample", "--workdir", "{used}"],  # a cnn run
