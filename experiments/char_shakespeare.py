@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"({run['val_bits_per_char']:.3f} bits/char), {run['wall_s']:.0f} s",
                     flush=True,
                 )
-    result, paths = study.finish(
+    result, _ = study.finish(
         args.out,
         markdown,
         plot,
@@ -336,8 +336,6 @@ def main(argv: list[str] | None = None) -> dict:
         runs=runs,
         samples=samples,
     )
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
     return result
 
 

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"torch rmsprop seed {args.seeds[0]}: test accuracy {runs[-1]['test_accuracy'][-1]:.4f}"
         )
-    result, paths = study.finish(
+    result, _ = study.finish(
         args.out,
         markdown,
         plot,
@@ -252,8 +252,6 @@ def main(argv: list[str] | None = None) -> dict:
         summary=summarise(runs),
         runs=runs,
     )
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
     return result
 
 

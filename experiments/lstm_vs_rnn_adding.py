@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{run['wall_s']:.0f} s",
                     flush=True,
                 )
-    result, paths = study.finish(
+    result, _ = study.finish(
         args.out,
         markdown,
         plot,
@@ -279,8 +279,6 @@ def main(argv: list[str] | None = None) -> dict:
         summary=summarise(runs, baselines),
         runs=runs,
     )
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
     return result
 
 

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"({time.perf_counter() - start:.0f} s)",
                     flush=True,
                 )
-    result, paths = study.finish(
+    result, _ = study.finish(
         args.out,
         markdown,
         plot,
@@ -216,8 +216,6 @@ def main(argv: list[str] | None = None) -> dict:
         summary=summarise(runs, args),
         runs=runs,
     )
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths))
     return result
 
 

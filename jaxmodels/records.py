@@ -151,7 +151,8 @@ class Study:
         >>> result, paths = study.finish(out, markdown, plot, runs=runs, summary=rows)
 
     ``finish`` returns the result {"experiment", "config", "environment", "wall_s", "loadavg",
-    **parts} and writes it as OUT/NAME.json, .md and .png (``write_results``)."""
+    **parts} and writes it as OUT/NAME.json, .md and .png (``write_results``), then prints the
+    markdown and the files' paths."""
 
     def __init__(self, name: str, config: dict):
         self.name, self.config = name, to_json(config)
@@ -175,6 +176,8 @@ class Study:
         paths = write_results(
             result, out, self.name, render_markdown=render_markdown, render_png=render_png
         )
+        print(render_markdown(result))
+        print("wrote " + ", ".join(str(p) for p in paths))
         return result, paths
 
 

@@ -1,7 +1,23 @@
-"""Largest differences to a peer, recorded per (case, quantity) while asserting them, and printed
-at the end of a test module (visible with ``pytest -s``) for the project's closing notes."""
+"""Comparisons of the parity tests: largest differences to a peer, recorded per (case, quantity)
+while asserting them and printed at the end of a test module (visible with ``pytest -s``) for the
+project's closing notes; and bitwise equality, of arrays and of pytrees' leaves by path."""
 
+import jax
 import numpy as np
+
+
+def assert_same_bits(a, b, what=""):
+    """``a`` and ``b`` have one dtype and shape and the same bytes."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert (a.dtype, a.shape) == (b.dtype, b.shape), what
+    assert a.tobytes() == b.tobytes(), f"{what}: not bitwise equal"
+
+
+def leaves(tree) -> dict:
+    """{path string: leaf as a numpy array} of a pytree."""
+    return {
+        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 class DiffLog:

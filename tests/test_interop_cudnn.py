@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _diffs import DiffLog
+from _diffs import DiffLog, assert_same_bits
 from jax.experimental import rnn
 
 import jaxmodels
@@ -66,12 +66,6 @@ def names(sizes):
     """Our layer names in cuDNN's pseudo-layer order."""
     suffixes = ("", "_reverse") if sizes["bidirectional"] else ("",)
     return [f"layer_{k}{s}" for k in range(sizes["num_layers"]) for s in suffixes]
-
-
-def assert_same_bits(a, b, what=""):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape), what
-    assert a.tobytes() == b.tobytes(), f"{what}: not bitwise equal"
 
 
 def assert_negative_zeros(a, what=""):

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 import pytest
-from _diffs import DiffLog
+from _diffs import DiffLog, assert_same_bits, leaves
 from _paths import MNIST_DIR
 
 os.environ["KERAS_BACKEND"] = "jax"  # before Keras is imported
@@ -155,18 +155,6 @@ def check_parity(case, layer, variables, x):
 def numpy(variable) -> np.ndarray:
     """A copy of a Keras variable's value."""
     return keras.ops.convert_to_numpy(variable.value)
-
-
-def leaves(tree) -> dict:
-    return {
-        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def assert_same_bits(a, b, what=""):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape), what
-    assert a.tobytes() == b.tobytes(), f"{what}: not bitwise equal"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 import pytest
-from _diffs import DiffLog
+from _diffs import DiffLog, assert_same_bits, leaves
 
 torch = pytest.importorskip("torch")
 
@@ -101,18 +101,6 @@ def torch_grads_in_our_layout(module, grads: dict) -> dict:
         for name, p in holder.named_parameters():
             p.copy_(torch.zeros_like(p) if name.startswith("bias_hh") else grads[name])
     return from_torch(holder)
-
-
-def leaves(tree) -> dict:
-    return {
-        jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
-    }
-
-
-def assert_same_bits(a, b, what=""):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape), what
-    assert a.tobytes() == b.tobytes(), f"{what}: not bitwise equal"
 
 
 @functools.cache

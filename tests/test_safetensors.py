@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _diffs import assert_same_bits
 
 safetensors = pytest.importorskip("safetensors")
 
@@ -52,12 +53,6 @@ def paths(tree) -> dict[str, jax.Array]:
         "/".join(k.key for k in path): leaf
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
-
-
-def assert_same_bits(a, b, what=""):
-    a, b = np.asarray(a), np.asarray(b)
-    assert (a.dtype, a.shape) == (b.dtype, b.shape), what
-    assert a.tobytes() == b.tobytes(), f"{what}: not bitwise equal"
 
 
 def assert_same_tree(loaded, saved):
