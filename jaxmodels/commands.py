@@ -293,11 +293,15 @@ def run_eval(args: argparse.Namespace) -> int:
     from jaxmodels.runlog import write_atomic
     from jaxmodels.train import evaluate_checkpoint, evaluate_params
 
-    if args.weights is not None:
-        output = Path(args.output).expanduser() if args.output else None
-    else:
+    if args.weights is None:  # the run first: nothing is created for a folder that holds none
         workdir = _run_folder(args, "eval")
-        output = Path(args.output).expanduser() if args.output else workdir / "eval.json"
+        model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
+        check_pairing(model_name, dataset_name)
+        _require_checkpoint(workdir, args.step, "evaluate")
+        default_output = workdir / "eval.json"
+    else:
+        default_output = None
+    output = Path(args.output).expanduser() if args.output else default_output
     lead = jax.process_index() == 0
     if output is not None and output.is_dir():
         raise IsADirectoryError(f"--output {output} is a folder; expected a file name")
@@ -308,9 +312,6 @@ def run_eval(args: argparse.Namespace) -> int:
         metrics = evaluate_params(model, dataset, variables["params"], batch_size=args.batch_size)
         source = {"weights": str(Path(args.weights).expanduser())}
     else:
-        model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
-        check_pairing(model_name, dataset_name)
-        _require_checkpoint(workdir, args.step, "evaluate")
         model, dataset = load(model_name, dataset_name, options, dtype, ("test",), model_args)
         step, metrics = evaluate_checkpoint(
             model, dataset, workdir, step=args.step, batch_size=args.batch_size

@@ -292,6 +292,7 @@ def test_eval_command_restores_the_latest_checkpoint(uninterrupted, capsys):
     assert "--dtype bfloat16 contradicts the run in" in capsys.readouterr().err
     assert main(["eval", "cnn", "--workdir", str(full_dir / "nowhere")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert not (full_dir / "nowhere").exists()  # nothing created for a run that is not there
 
 
 # ------------------------------------------------------------------------- other device counts
