@@ -138,7 +138,16 @@ def test_save_restore_roundtrip_keeps_the_last_k(tmp_path):
     assert raw.state["rng"].dtype == np.uint32 and raw.state["step"].dtype == np.int32
 
 
-def test_ctrl_c_waits_for_orbax_to_finish_then_interrupts(tmp_path, monkeypatch):
+@pytest.fixture
+def terminal_sigint():
+    """Python's own SIGINT handler for the test, as in a terminal: an earlier test in this worker
+    process may have left SIGINT ignored, and an ignored Ctrl-C is rightly never delivered."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_waits_for_orbax_to_finish_then_interrupts(tmp_path, monkeypatch, terminal_sigint):
     """Ctrl-C while orbax saves, waits or closes (a KeyboardInterrupt inside its thread joins logs a
     traceback and can leave the save half-done): held until the call returns, then delivered."""
     ckpt = Checkpoints(tmp_path / "ck")
