@@ -18,7 +18,7 @@ from pathlib import Path
 
 from jaxmodels.data import DATASET_KINDS, dataset_options
 from jaxmodels.mnist import MNIST_FILES
-from jaxmodels.models import get_model, model_kind, model_options
+from jaxmodels.models import DATA_SIZES, get_model, model_kind, model_options
 from jaxmodels.rundir import tuples
 from jaxmodels.train import recipe
 
@@ -150,9 +150,8 @@ def load(
         if getattr(dataset, f"x_{split}") is None:
             raise ValueError(_missing_split(dataset, split))
     config = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
-    size = {"classification": "num_classes", "language_model": "vocab_size"}.get(dataset.task)
-    if size is not None and dataset.num_classes is not None:
-        config[size] = dataset.num_classes
+    if dataset.num_classes is not None:  # a classifier's classes, a language model's vocabulary
+        config[DATA_SIZES[dataset.task]] = dataset.num_classes
     return get_model(model_name, **config, **(model_args or {})), dataset
 
 
@@ -365,7 +364,6 @@ def run_sample(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """A run's checkpoint as a ``jax.export`` artifact (``jaxmodels.export``) in ``--out``."""
     import jax
-    import numpy as np
 
     from jaxmodels.export import export_model
     from jaxmodels.interop.safetensors import SUFFIX as SAFETENSORS
@@ -388,9 +386,7 @@ def run_export(args: argparse.Namespace) -> int:
         what = f"{model.name} from {args.weights}"
     else:
         model, dataset = load(model_name, dataset_name, options, dtype, (), model_args)
-        tokens = model_kind(model_name)[1] == "tokens"
-        example = np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
-        step, state = restore_params(model, example, workdir, step=args.step)
+        step, state = restore_params(model, _example(model, dataset), workdir, step=args.step)
         variables, what = {"params": state.params}, f"{model_name} step {step}"
     if out.suffix == SAFETENSORS:
         save_variables(out, variables, model.name, config_of(model))
@@ -410,6 +406,15 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _example(model, dataset):
+    """One zero input of ``dataset``'s shape for ``model`` (token ids int32, else float32): what
+    checks restored parameters against the model."""
+    import numpy as np
+
+    tokens = model_kind(model.name)[1] == "tokens"
+    return np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
+
+
 def _run_folder(args: argparse.Namespace, command: str) -> Path:
     """--workdir, else runs/MODEL-DATASET; ValueError when neither it nor MODEL is given."""
     if args.workdir is None and args.model is None:
@@ -425,7 +430,6 @@ def _from_weights(args: argparse.Namespace, splits: Sequence[str]):
     the model and its config from the file, the data set from --dataset (default for an image
     model: digits) and the data flags; the variables checked against the model built for it."""
     import jax
-    import numpy as np
 
     from jaxmodels.checkpoint import check_structure
     from jaxmodels.interop.safetensors import load_variables
@@ -445,9 +449,7 @@ def _from_weights(args: argparse.Namespace, splits: Sequence[str]):
     model, dataset = load(
         model_name, dataset_name, options, args.dtype or "float32", splits, model_args
     )
-    tokens = model_kind(model_name)[1] == "tokens"
-    example = np.zeros((1, *dataset.input_shape), np.int32 if tokens else np.float32)
-    target = jax.eval_shape(model.init, jax.random.key(0), example)
+    target = jax.eval_shape(model.init, jax.random.key(0), _example(model, dataset))
     check_structure(variables.get("params"), target["params"], f"--weights {path}")
     return model, dataset, variables
 

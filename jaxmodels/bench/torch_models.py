@@ -98,8 +98,8 @@ def train_seed_cnn(
     .npz file ``data`` (x_train [n, 1, 28, 28] float32, y_train [n] int, x_test, y_test), cross-
     entropy, ``optimizer`` "rmsprop" (Keras' rho 0.9 and epsilon 1e-7 as ``alpha`` and ``eps``;
     PyTorch adds epsilon after the square root, Keras under it) or "adam"; the last partial batch
-    dropped. Returns the training seconds of each epoch (the
-    test evaluation after it not counted), the test accuracy after each epoch and the thread count."""
+    dropped. Returns the training seconds of each epoch (the test evaluation after it not
+    counted), the test accuracy after each epoch and the thread count."""
     import time
 
     import numpy as np
