@@ -86,7 +86,9 @@ def device(name: str) -> jax.Device:
         raise RuntimeError(
             f"cannot compile for {name} here ({type(e).__name__}: {str(e).splitlines()[0]}); install "
             f'"jax[tpu]=={jax.__version__}" "jax-cuda12-plugin=={jax.__version__}" nvidia-cuda-nvcc-cu12 '
-            "and run with JAX_PLATFORMS=cpu"
+            "and run with JAX_PLATFORMS=cpu. The CUDA plugin and libtpu are published after each jax "
+            "release: where pip finds none for this jax, install the newest jax that has both in its "
+            "place (`pip index versions jax-cuda12-plugin` lists them; .ci/run picks it this way)"
         ) from e
     return topology.devices[0]
 

@@ -11,8 +11,9 @@ for every CI run on two cores.
 
 Needs the compilers (``pip install "jax[tpu]==<jax>" "jax-cuda12-plugin==<jax>"
 nvidia-cuda-nvcc-cu12``, as .ci/run does); a target whose compiler is missing is skipped with the
-reason. A compile that hangs fails at the test's timeout; compile times are
-``benchmarks/compile_matrix.py``'s to report (a timed assertion fails on a loaded machine).
+reason. Where a jax release's CUDA plugin or libtpu is not published yet, run these tests on the
+newest jax that has both (.ci/run finds it and does so). A compile that hangs fails at the test's
+timeout; compile times are ``benchmarks/compile_matrix.py``'s to report (a timed assertion fails on a loaded machine).
 """
 
 import jax
