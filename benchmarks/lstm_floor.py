@@ -43,7 +43,8 @@ import jax.numpy as jnp
 from jax import lax
 from jaxmodels.kernels.common import lstm_gate_gradients
 
-from jaxmodels import bench, cells, records
+from jaxmodels import bench, records
+from jaxmodels.nn import cells
 
 DEFAULT_SHAPE = (256, 64, 150)  # (hidden, batch, time): the shape of issue 5's targets
 CONTENDERS = (bench.LSTM_FLAX, bench.LSTM_SCAN)

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import records
-from jaxmodels.data import load_text
-from jaxmodels.models import generate, get_model
-from jaxmodels.train import TrainConfig, fit
+from jaxmodels.data.datasets import load_text
+from jaxmodels.nn.models import generate, get_model
+from jaxmodels.training.fit import TrainConfig, fit
 
 STEM = "char_shakespeare"
 MODELS = {"lstm": "char-lstm", "rnn": "char-rnn"}

@@ -4,7 +4,7 @@ The seed's network is the Keras MNIST example (Chollet, *Deep Learning with Pyth
 3x3 convolutions (32, 64, 64 filters; ReLU; 2x2 max pooling after the first two), a dense layer of
 64 and a 10-way softmax, 93,322 parameters, trained with RMSprop (lr 1e-3), batch 64, for 5 epochs
 on the 60,000 training images; the book reports 0.9913 test accuracy. Here ``CNN()`` is trained
-with that recipe (``jaxmodels.train.recipe("cnn", "mnist")``, which ``jaxmodels train cnn
+with that recipe (``jaxmodels.training.fit.recipe("cnn", "mnist")``, which ``jaxmodels train cnn
 --dataset mnist`` uses) and with Adam at the same rate, over several seeds, and tested on the
 10,000 test images after every epoch. The same network, recipe and data are trained in PyTorch in
 a process of its own (no JAX runtime in it), for its time per epoch on this machine.
@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmodels import records, runlog
+from jaxmodels import records
 from jaxmodels.bench import torch_models
-from jaxmodels.data import get_dataset
-from jaxmodels.models import get_model
-from jaxmodels.train import fit, recipe
+from jaxmodels.data.datasets import get_dataset
+from jaxmodels.nn.models import get_model
+from jaxmodels.training import runlog
+from jaxmodels.training.fit import fit, recipe
 
 STEM = "cnn_mnist"
 HERE = Path(__file__).resolve().parent

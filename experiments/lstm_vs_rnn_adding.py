@@ -6,7 +6,7 @@ adding problem (Hochreiter & Schmidhuber 1997, in the form of Le et al. 2015 and
 target is their sum. Answering 1 always scores MSE 1/6, so a model only beats 1/6 by carrying the
 first marked value across up to T steps. For each T, ``lstm-regressor`` and ``rnn-regressor``
 (same hidden size, same data, same batches, Adam, gradient clipping by global norm, same number of
-steps) are trained with ``jaxmodels.train.fit``, and their test MSE is compared with the baseline.
+steps) are trained with ``jaxmodels.training.fit.fit``, and their test MSE is compared with the baseline.
 
     python experiments/lstm_vs_rnn_adding.py                         # the default study, ~5 min on 2 CPUs
     python experiments/lstm_vs_rnn_adding.py --seq-lens 100 200 --steps 5000 --seeds 0 1 2 --out /tmp/adding
@@ -30,9 +30,9 @@ import jax
 import numpy as np
 
 from jaxmodels import records
-from jaxmodels.data import get_dataset
-from jaxmodels.models import get_model
-from jaxmodels.train import TrainConfig, fit
+from jaxmodels.data.datasets import get_dataset
+from jaxmodels.nn.models import get_model
+from jaxmodels.training.fit import TrainConfig, fit
 
 STEM = "lstm_vs_rnn_adding"
 # "rnn-matched": the simple RNN with the hidden size whose parameter count is nearest the LSTM's.
@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument(
-        "--schedule", default="constant", help="learning-rate schedule (jaxmodels.train.SCHEDULES)"
+        "--schedule",
+        default="constant",
+        help="learning-rate schedule (jaxmodels.training.fit.SCHEDULES)",
     )
     p.add_argument(
         "--clip-norm", type=float, default=1.0, help="clip gradients to this global norm"

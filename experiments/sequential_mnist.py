@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmodels import records, runlog
-from jaxmodels.data import get_dataset
-from jaxmodels.models import get_model
-from jaxmodels.train import TrainConfig, fit
+from jaxmodels import records
+from jaxmodels.data.datasets import get_dataset
+from jaxmodels.nn.models import get_model
+from jaxmodels.training import runlog
+from jaxmodels.training.fit import TrainConfig, fit
 
 STEM = "sequential_mnist"
 HERE = Path(__file__).resolve().parent

@@ -33,12 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxmodels.commands import run_bench, run_eval, run_export, run_info, run_sample, run_train
-from jaxmodels.data import list_datasets
+from jaxmodels.data.datasets import list_datasets
 from jaxmodels.export import PLATFORMS
-from jaxmodels.models import list_models
-from jaxmodels.optim import OPTIMIZERS, SCHEDULES
-from jaxmodels.parallel import STRATEGIES
-from jaxmodels.train import RECIPES, TrainConfig
+from jaxmodels.nn.models import list_models
+from jaxmodels.training.fit import RECIPES, TrainConfig
+from jaxmodels.training.optim import OPTIMIZERS, SCHEDULES
+from jaxmodels.training.parallel import STRATEGIES
 
 DTYPES = ("float32", "bfloat16")
 _PACKAGE = Path(__file__).resolve().parent
@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(seq-mnist), train_size=20000 (adding); recorded in config.json",
     )
     recipes = train.add_argument_group(
-        "training recipe", "defaults: the model and data set's recipe (jaxmodels.train.RECIPES)"
+        "training recipe",
+        "defaults: the model and data set's recipe (jaxmodels.training.fit.RECIPES)",
     )
     for flag, kind, choices, help in (
         ("--epochs", positive_int, None, ""),
@@ -428,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def error(text: str, status: int = 1) -> int:
         if args.run_folder is not None:
-            from jaxmodels.rundir import describe_checkpoints
+            from jaxmodels.training.rundir import describe_checkpoints
 
             text += f"; {describe_checkpoints(args.run_folder)}"
         print(f"jaxmodels: {text}", file=sys.stderr)

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from jaxmodels.data import DATASET_KINDS, dataset_options
-from jaxmodels.mnist import MNIST_FILES
-from jaxmodels.models import DATA_SIZES, get_model, model_kind, model_options
-from jaxmodels.rundir import tuples
-from jaxmodels.train import recipe
+from jaxmodels.data.datasets import DATASET_KINDS, dataset_options
+from jaxmodels.data.mnist import MNIST_FILES
+from jaxmodels.nn.models import DATA_SIZES, get_model, model_kind, model_options
+from jaxmodels.training.fit import recipe
+from jaxmodels.training.rundir import tuples
 
-# Train options whose default comes from the model and data set's recipe (jaxmodels.train.RECIPES).
+# Train options whose default comes from the model and data set's recipe (jaxmodels.training.fit.RECIPES).
 RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule")
 
 # The get_dataset option behind each data flag.
@@ -143,7 +143,7 @@ def load(
     data."""
     import jax.numpy as jnp
 
-    from jaxmodels.data import get_dataset
+    from jaxmodels.data.datasets import get_dataset
 
     dataset = get_dataset(dataset_name, **options)
     for split in splits:
@@ -157,7 +157,7 @@ def load(
 
 def _check_distributed(args: argparse.Namespace) -> None:
     """Multi-host flags come as a set (each or its variable); none: JAX's cluster detection."""
-    from jaxmodels.parallel import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
+    from jaxmodels.training.parallel import ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 
     given = {
         "--coordinator-address": (args.coordinator_address, ENV_COORDINATOR),
@@ -181,9 +181,9 @@ def _check_distributed(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxmodels.parallel import get_strategy, initialize_distributed
-    from jaxmodels.rundir import prepare_workdir
-    from jaxmodels.train import fit
+    from jaxmodels.training.fit import fit
+    from jaxmodels.training.parallel import get_strategy, initialize_distributed
+    from jaxmodels.training.rundir import prepare_workdir
 
     start = time.perf_counter()
     options = data_options(args, args.dataset)
@@ -241,7 +241,7 @@ def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, d
     """(model, dataset, dataset options, dtype, model options) of the run in ``workdir``: from its
     config.json, which the command line may repeat but not contradict (the data may have moved:
     --data-dir and --data-file replace its locations), else from the command line."""
-    from jaxmodels.rundir import CONFIG_FILE, load_run_settings
+    from jaxmodels.training.rundir import CONFIG_FILE, load_run_settings
 
     if workdir.exists() and not workdir.is_dir():
         raise NotADirectoryError(f"--workdir {workdir} is a file, not a run's folder")
@@ -272,8 +272,8 @@ def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, d
 def _require_checkpoint(workdir: Path, step: int | None, purpose: str) -> None:
     """FileNotFoundError naming the saved steps unless ``workdir`` has checkpoint ``step`` (None:
     any)."""
-    from jaxmodels.checkpoint import checkpoint_dir
-    from jaxmodels.rundir import saved_steps
+    from jaxmodels.training.checkpoint import checkpoint_dir
+    from jaxmodels.training.rundir import saved_steps
 
     steps = saved_steps(workdir)
     if not steps or step not in (None, *steps):
@@ -288,9 +288,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     import jax
 
-    from jaxmodels.rundir import check_writable
-    from jaxmodels.runlog import write_atomic
-    from jaxmodels.train import evaluate_checkpoint, evaluate_params
+    from jaxmodels.training.fit import evaluate_checkpoint, evaluate_params
+    from jaxmodels.training.rundir import check_writable
+    from jaxmodels.training.runlog import write_atomic
 
     if args.weights is None:  # the run first: nothing is created for a folder that holds none
         workdir = _run_folder(args, "eval")
@@ -330,8 +330,8 @@ def run_sample(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from jaxmodels.models import generate
-    from jaxmodels.train import restore_params
+    from jaxmodels.nn.models import generate
+    from jaxmodels.training.fit import restore_params
 
     if args.workdir is None and args.model is None:
         raise ValueError("sample needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
@@ -368,9 +368,9 @@ def run_export(args: argparse.Namespace) -> int:
     from jaxmodels.export import export_model
     from jaxmodels.interop.safetensors import SUFFIX as SAFETENSORS
     from jaxmodels.interop.safetensors import save_variables
-    from jaxmodels.models import config_of
-    from jaxmodels.rundir import check_writable
-    from jaxmodels.train import restore_params
+    from jaxmodels.nn.models import config_of
+    from jaxmodels.training.fit import restore_params
+    from jaxmodels.training.rundir import check_writable
 
     out = Path(args.out).expanduser()
     if out.is_dir():
@@ -431,8 +431,8 @@ def _from_weights(args: argparse.Namespace, splits: Sequence[str]):
     model: digits) and the data flags; the variables checked against the model built for it."""
     import jax
 
-    from jaxmodels.checkpoint import check_structure
     from jaxmodels.interop.safetensors import load_variables
+    from jaxmodels.training.checkpoint import check_structure
 
     if args.workdir is not None or args.step is not None:
         raise ValueError("--weights replaces --workdir and --step: give one source of parameters")
@@ -456,7 +456,7 @@ def _from_weights(args: argparse.Namespace, splits: Sequence[str]):
 
 def run_bench(args: argparse.Namespace) -> int:
     from jaxmodels import bench
-    from jaxmodels.rundir import check_writable
+    from jaxmodels.training.rundir import check_writable
 
     suites = bench.SUITES if args.suite == "all" else (args.suite,)
     out = check_writable(args.out or "benchmarks/results", "results folder")  # before timing

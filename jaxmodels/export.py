@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from jaxmodels.models import Model, model_kind
+from jaxmodels.nn.models import Model, model_kind
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 

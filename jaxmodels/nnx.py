@@ -36,7 +36,7 @@ from flax import nnx, traverse_util
 from flax.linen import initializers
 from flax.linen.dtypes import promote_dtype
 
-from jaxmodels import cells, checks, conv, layers, recurrent
+from jaxmodels.nn import cells, checks, conv, layers, recurrent
 
 Array = jax.Array
 

@@ -64,7 +64,7 @@ def dot_f32(a: Array, b: Array, upcast: bool) -> Array:
 
 
 def sigmoid(x: Array) -> Array:
-    """σ(x) = 0.5·tanh(x/2) + 0.5: one tanh, no exp or division (as jaxmodels.cells.sigmoid)."""
+    """σ(x) = 0.5·tanh(x/2) + 0.5: one tanh, no exp or division (as jaxmodels.nn.cells.sigmoid)."""
     return 0.5 * jnp.tanh(0.5 * x) + 0.5
 
 

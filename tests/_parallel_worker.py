@@ -30,7 +30,7 @@ def main(config: dict) -> None:
     jax.config.update("jax_numpy_dtype_promotion", "strict")  # as tests/conftest.py
     jax.config.update("jax_numpy_rank_promotion", "raise")
 
-    from jaxmodels import parallel
+    from jaxmodels.training import parallel
 
     if "coordinator" in config:
         parallel.initialize_distributed(
@@ -39,7 +39,7 @@ def main(config: dict) -> None:
     # No JAX computation may run before initialize: everything below comes after it.
     import numpy as np
 
-    from jaxmodels.train import fit
+    from jaxmodels.training.fit import fit
 
     out = Path(config["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -115,9 +115,9 @@ def setup():
     """(model, dataset, TrainConfig) of every run: 136 digits to train on (batch 32: four full
     batches and one padded one with 8 real rows per epoch, two epochs), 100 to test on (one padded
     evaluation batch), a narrow CNN of the seed's layout so compiling and 8-way CPU steps are quick."""
-    from jaxmodels.data import get_dataset
-    from jaxmodels.models import get_model
-    from jaxmodels.train import TrainConfig
+    from jaxmodels.data.datasets import get_dataset
+    from jaxmodels.nn.models import get_model
+    from jaxmodels.training.fit import TrainConfig
 
     ds = get_dataset("digits")
     ds = dataclasses.replace(
@@ -148,9 +148,9 @@ def uneven_padding_steps(model, ds) -> dict:
     import jax
     import numpy as np
 
-    from jaxmodels import parallel
-    from jaxmodels.optim import make_optimizer
-    from jaxmodels.steps import create_train_state, make_train_step
+    from jaxmodels.training import parallel
+    from jaxmodels.training.optim import make_optimizer
+    from jaxmodels.training.steps import create_train_state, make_train_step
 
     tx = make_optimizer("adam", 3e-3)
     x, y = ds.x_train[:32], ds.y_train[:32]

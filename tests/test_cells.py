@@ -1,4 +1,4 @@
-"""Tests of jaxmodels.cells: the step functions against an independent numpy float64 implementation of
+"""Tests of jaxmodels.nn.cells: the step functions against an independent numpy float64 implementation of
 the seed's equations (tests/_oracles.py, which slices the pinned layout into W_xi, W_hi, b_i, ...
 and writes each gate out separately), the initialisers, gradients and input validation.
 """
@@ -15,7 +15,7 @@ from _oracles import np_dense, np_lstm_step, np_rnn_step, np_sigmoid
 from jax.test_util import check_grads
 
 import jaxmodels
-from jaxmodels import cells
+from jaxmodels.nn import cells
 
 # Per-dtype tolerances for a cell against the float64 numpy reference.
 TOL = {
@@ -309,7 +309,7 @@ def test_init_lstm(features, hidden, dtype):
     b = np.asarray(params["b"], np.float32).reshape(4, hidden)
     np.testing.assert_array_equal(b[1], 1.0)
     np.testing.assert_array_equal(b[[0, 2, 3]], 0.0)
-    assert jaxmodels.LSTM(hidden).forget_bias == jaxmodels.cells.FORGET_BIAS == 1.0
+    assert jaxmodels.LSTM(hidden).forget_bias == jaxmodels.nn.cells.FORGET_BIAS == 1.0
 
 
 @pytest.mark.parametrize("forget_bias", [0.0, 1.0, -2.5])

@@ -22,19 +22,19 @@ import numpy as np
 import pytest
 
 from jaxmodels import get_model
-from jaxmodels.batches import BatchIterator, Position
-from jaxmodels.checkpoint import (
+from jaxmodels.cli import main
+from jaxmodels.data.datasets import get_dataset
+from jaxmodels.training.batches import BatchIterator, Position
+from jaxmodels.training.checkpoint import (
     Checkpoints,
     CheckpointWarning,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
     checkpoint_dir,
 )
-from jaxmodels.cli import main
-from jaxmodels.data import get_dataset
-from jaxmodels.optim import make_optimizer
-from jaxmodels.steps import TrainState, create_train_state
-from jaxmodels.train import TrainConfig, fit
+from jaxmodels.training.fit import TrainConfig, fit
+from jaxmodels.training.optim import make_optimizer
+from jaxmodels.training.steps import TrainState, create_train_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -310,9 +310,9 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import dataclasses, json, shutil, sys
     import jax, numpy as np
     from jaxmodels import get_model
-    from jaxmodels.data import get_dataset
-    from jaxmodels.parallel import get_strategy
-    from jaxmodels.train import TrainConfig, fit
+    from jaxmodels.data.datasets import get_dataset
+    from jaxmodels.training.parallel import get_strategy
+    from jaxmodels.training.fit import TrainConfig, fit
     src, expected = sys.argv[1], np.load(sys.argv[2])
     ds = get_dataset("digits")
     ds = dataclasses.replace(ds, x_train=ds.x_train[:256], y_train=ds.y_train[:256], x_test=ds.x_test[:64],

@@ -11,10 +11,11 @@ import jax
 import pytest
 from _idx import tiny_mnist
 
-from jaxmodels import commands, rundir
+from jaxmodels import commands
 from jaxmodels.cli import main
-from jaxmodels.data import DATASET_KINDS, get_dataset, list_datasets
-from jaxmodels.models import get_model, list_models, model_kind
+from jaxmodels.data.datasets import DATASET_KINDS, get_dataset, list_datasets
+from jaxmodels.nn.models import get_model, list_models, model_kind
+from jaxmodels.training import rundir
 
 QUICK = ["--epochs", "1", "--batch-size", "16", "--no-progress"]
 
@@ -191,7 +192,7 @@ def test_export_writes_an_artifact_that_jax_alone_runs_at_any_batch(model, tmp_p
     for a character model), for cpu, cuda and tpu; its outputs are the model's at two sizes."""
     import numpy as np
 
-    from jaxmodels.train import restore_params
+    from jaxmodels.training.fit import restore_params
 
     workdir, out = tmp_path / "run", tmp_path / "model.jax"
     data = []
@@ -332,7 +333,7 @@ def test_unwritable_workdirs_are_one_line_before_any_work(tmp_path, capsys, monk
     assert f"cannot write in the work folder {read_only}: Permission denied" in line
 
     _used(read_only)
-    monkeypatch.setattr("jaxmodels.train.evaluate_checkpoint", pytest.fail)  # never reached
+    monkeypatch.setattr("jaxmodels.training.fit.evaluate_checkpoint", pytest.fail)  # never reached
     assert main(["eval", "--workdir", str(read_only)]) == 1
     assert "cannot write in the output folder" in _one_error_line(capsys.readouterr().err)
 
@@ -527,8 +528,10 @@ def test_every_bad_option_is_one_line_and_no_traceback(argv, tmp_path, capsys, m
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("JAXMODELS_TEXT", raising=False)
-    monkeypatch.setattr("jaxmodels.train.fit", pytest.fail)  # an error comes before any training
-    monkeypatch.setattr("jaxmodels.train.evaluate_checkpoint", pytest.fail)
+    monkeypatch.setattr(
+        "jaxmodels.training.fit.fit", pytest.fail
+    )  # an error comes before any training
+    monkeypatch.setattr("jaxmodels.training.fit.evaluate_checkpoint", pytest.fail)
     monkeypatch.setattr("jaxmodels.bench.run", pytest.fail)
     try:
         status = main(argv)

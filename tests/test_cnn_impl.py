@@ -1,4 +1,4 @@
-"""``CNN(conv_impl=...)``: the patch-matmul blocks (``jaxmodels.conv``) against XLA's convolutions.
+"""``CNN(conv_impl=...)``: the patch-matmul blocks (``jaxmodels.nn.conv``) against XLA's convolutions.
 
 The reference is independent of the code under test: ``lax.conv_general_dilated``, ReLU and
 ``lax.reduce_window`` max differentiated by JAX autodiff (``select_and_scatter`` for the pool),
@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodels import CNN, conv, layers
+from jaxmodels import CNN
+from jaxmodels.nn import conv, layers
 
 RTOL = ATOL = 1e-5  # float32, relative to each gradient's scale (see _close)
 

@@ -7,9 +7,9 @@ import pytest
 from _idx import tiny_mnist, write_idx
 from _paths import MNIST_DIR
 
-from jaxmodels.batches import BatchIterator, Position
-from jaxmodels.data import get_dataset, list_datasets, load_mnist, upsample_digits
-from jaxmodels.mnist import read_idx
+from jaxmodels.data.datasets import get_dataset, list_datasets, load_mnist, upsample_digits
+from jaxmodels.data.mnist import read_idx
+from jaxmodels.training.batches import BatchIterator, Position
 
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 

@@ -1,6 +1,6 @@
 """Sequence and text data sets (seq-mnist, seq-digits, adding, copy, text) and the MNIST downloader:
 layouts, determinism, targets checked against independent computations, and a few training steps
-of each with its registry model through ``jaxmodels.train.fit``."""
+of each with its registry model through ``jaxmodels.training.fit.fit``."""
 
 import dataclasses
 import gzip
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from _paths import MNIST_DIR, SHARED_DATA
 
-from jaxmodels import mnist
-from jaxmodels.data import get_dataset, list_datasets, load_mnist
-from jaxmodels.mnist import MNIST_SHA256, download_mnist
-from jaxmodels.models import get_model
-from jaxmodels.steps import language_model_loss
-from jaxmodels.train import TrainConfig, fit
+from jaxmodels.data import mnist
+from jaxmodels.data.datasets import get_dataset, list_datasets, load_mnist
+from jaxmodels.data.mnist import MNIST_SHA256, download_mnist
+from jaxmodels.nn.models import get_model
+from jaxmodels.training.fit import TrainConfig, fit
+from jaxmodels.training.steps import language_model_loss
 
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare" / "input.txt"
 MNIST_TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")

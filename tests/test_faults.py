@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmodels import rundir, runlog
 from jaxmodels.cli import main
-from jaxmodels.mnist import read_idx
+from jaxmodels.data.mnist import read_idx
+from jaxmodels.training import rundir, runlog
 
 REPO = Path(__file__).resolve().parents[1]
 # C++ logging of the accelerator plugins (absl), which a machine may print before Python's output.

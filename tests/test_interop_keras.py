@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import jaxmodels  # noqa: E402
-from jaxmodels.data import get_dataset  # noqa: E402
+from jaxmodels.data.datasets import get_dataset  # noqa: E402
 from jaxmodels.interop.keras import flax_module_for, from_keras, to_keras  # noqa: E402
 
 L = keras.layers

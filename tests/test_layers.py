@@ -1,4 +1,4 @@
-"""Tests of the Flax modules in ``jaxmodels.layers``: CNN, SimpleRNN, LSTM.
+"""Tests of the Flax modules in ``jaxmodels.nn.layers``: CNN, SimpleRNN, LSTM.
 
 References are independent of the code under test where possible: parameter counts from the
 convolution arithmetic, the float64 numpy loop over the seed's equations (tests/_oracles.py), JAX

@@ -93,11 +93,13 @@ def test_import_graph_has_no_cycle():
 
 def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
     """The check above would fail on a cycle (here: a copy of the graph with one edge added)."""
-    graph_edges = _project_edges(LIBRARY["jaxmodels.train"], "jaxmodels.train")
-    assert "jaxmodels.steps" in graph_edges and "jaxmodels.parallel" in graph_edges
+    graph_edges = _project_edges(LIBRARY["jaxmodels.training.fit"], "jaxmodels.training.fit")
+    assert (
+        "jaxmodels.training.steps" in graph_edges and "jaxmodels.training.parallel" in graph_edges
+    )
     fake = tmp_path / "steps.py"
-    fake.write_text("from jaxmodels.train import fit\n")
-    monkeypatch.setitem(LIBRARY, "jaxmodels.steps", fake)
+    fake.write_text("from jaxmodels.training.fit import fit\n")
+    monkeypatch.setitem(LIBRARY, "jaxmodels.training.steps", fake)
     with pytest.raises(pytest.fail.Exception, match=r"import cycle: .*jaxmodels\.train"):
         test_import_graph_has_no_cycle()
 

@@ -1,4 +1,4 @@
-"""Tests of the model registry in ``jaxmodels.models``: ``get_model``, ``list_models``, ``Model``.
+"""Tests of the model registry in ``jaxmodels.nn.models``: ``get_model``, ``list_models``, ``Model``.
 
 Every registered model is built with a small configuration, initialised and applied on a suitable
 example; the sequence models are checked against their parts run by hand (the recurrent module and
@@ -19,7 +19,7 @@ from _oracles import np_chain, np_dense
 
 import jaxmodels
 from jaxmodels import get_model, list_models
-from jaxmodels.models import TASKS, Model, generate
+from jaxmodels.nn.models import TASKS, Model, generate
 
 BATCH, TIME, FEATURES, HIDDEN, VOCAB = 3, 6, 4, 8, 11
 LENGTHS = (TIME, 4, 1)

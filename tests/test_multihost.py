@@ -12,8 +12,8 @@ import jax
 import numpy as np
 from test_parallel import TOL, WORKER, finish, largest_difference, load_run, run_worker
 
-from jaxmodels.parallel import SingleDevice
-from jaxmodels.train import fit
+from jaxmodels.training.fit import fit
+from jaxmodels.training.parallel import SingleDevice
 
 
 def free_port() -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmodels import parallel
 from jaxmodels.cli import main
+from jaxmodels.training import parallel
 
 WORKER = Path(__file__).resolve().parent / "_parallel_worker.py"
 TOL = 1e-4  # float32 over 10 Adam steps; measured differences are ~1e-6

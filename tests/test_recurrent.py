@@ -703,7 +703,7 @@ def test_bad_input_raises(cell, overrides, exc, match):
 def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     """Every cut of time into forward and backward chunks (whole sequence: GPU/TPU; 1 step forward
     and a few backward: CPU) gives the outputs and gradients of the per-step loop, with masks."""
-    from jaxmodels import recurrent
+    from jaxmodels.nn import recurrent
 
     ks = jax.random.split(jax.random.key(7), 3)
     params = make_params(cell, features=3, hidden=5, seed=7)
@@ -734,7 +734,7 @@ def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     [(150, 12, 10), (100, 12, 10), (28, 12, 7), (97, 12, 1), (8, 12, 8), (0, 12, 1)],
 )
 def test_chunk_length_is_the_largest_divisor_within_bound(time, most, expected):
-    from jaxmodels import recurrent
+    from jaxmodels.nn import recurrent
 
     assert recurrent.chunk_length(time, most) == expected
 

@@ -23,7 +23,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from jaxmodels.interop.safetensors import DTYPES, load_variables, save_variables  # noqa: E402
-from jaxmodels.models import get_model, list_models  # noqa: E402
+from jaxmodels.nn.models import get_model, list_models  # noqa: E402
 
 # name -> (config, example input); configs off the defaults, the CNN's with tuples.
 CASES = {

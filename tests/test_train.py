@@ -13,12 +13,13 @@ import pytest
 from _paths import MNIST_DIR
 
 from jaxmodels import get_model
-from jaxmodels.batches import BatchIterator
-from jaxmodels.data import get_dataset
-from jaxmodels.optim import make_optimizer, make_schedule
-from jaxmodels.parallel import SingleDevice
-from jaxmodels.rundir import RunFolderError, saved_steps
-from jaxmodels.steps import (
+from jaxmodels.data.datasets import get_dataset
+from jaxmodels.training.batches import BatchIterator
+from jaxmodels.training.fit import TrainConfig, evaluate, fit
+from jaxmodels.training.optim import make_optimizer, make_schedule
+from jaxmodels.training.parallel import SingleDevice
+from jaxmodels.training.rundir import RunFolderError, saved_steps
+from jaxmodels.training.steps import (
     TrainState,
     classification_loss,
     create_train_state,
@@ -28,7 +29,6 @@ from jaxmodels.steps import (
     masked_mean,
     regression_loss,
 )
-from jaxmodels.train import TrainConfig, evaluate, fit
 
 
 @pytest.fixture(scope="module")

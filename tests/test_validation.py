@@ -1,4 +1,4 @@
-"""Input validation across the public API (``jaxmodels.checks``): what is checked eagerly, with
+"""Input validation across the public API (``jaxmodels.nn.checks``): what is checked eagerly, with
 errors naming the expected value and what was got; what under ``jax.jit`` is left to
 ``jaxmodels.checked`` (out-of-range ``seq_lengths`` and token ids); inputs made to work instead of
 raising (mixed dtypes in the scans, nested lists, activation names).
@@ -18,7 +18,7 @@ from jax.experimental import checkify
 
 import jaxmodels
 from jaxmodels import CNN, LSTM, SimpleRNN, checked, get_model
-from jaxmodels.models import generate
+from jaxmodels.nn.models import generate
 
 BATCH, TIME, FEATURES, HIDDEN, VOCAB = 2, 5, 3, 4, 6
 KEY = jax.random.key(0)

@@ -80,7 +80,7 @@ def _plain_cnn():
 def cnn_variants() -> list[tuple[str, dict]]:
     """(contender name, CNN kwargs): one ``jaxmodels.CNN`` contender per ``conv_impl``
     (``layers.CONV_IMPLS``)."""
-    from jaxmodels import layers
+    from jaxmodels.nn import layers
 
     return [(f"jaxmodels CNN(conv_impl={v!r})", {"conv_impl": v}) for v in layers.CONV_IMPLS]
 

@@ -48,7 +48,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxmodels import checks
+from jaxmodels.nn import checks
 
 Array = jax.Array
 
@@ -63,7 +63,7 @@ def to_cudnn(
     "b" [4*hidden]}}}, I_k = input_size for k = 0, else directions*hidden. Layout and biases: see
     the module docstring.
 
-    Raises TypeError / ValueError for bad sizes (as ``jaxmodels.checks.size``; bidirectional a
+    Raises TypeError / ValueError for bad sizes (as ``jaxmodels.nn.checks.size``; bidirectional a
     bool), ValueError for variables missing a parameter or having one more, a shape other than the
     sizes give (naming the parameter and both shapes), or parameters not all of one floating dtype.
     """

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from jaxmodels.layers import CNN, LSTM, SimpleRNN
+from jaxmodels.nn.layers import CNN, LSTM, SimpleRNN
 
 SUPPORTED = (
     "keras.layers.LSTM, keras.layers.SimpleRNN, keras.layers.Conv2D, keras.layers.Dense, and the "

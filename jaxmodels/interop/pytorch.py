@@ -45,7 +45,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.layers import CNN, LSTM, SimpleRNN
+from jaxmodels.nn.layers import CNN, LSTM, SimpleRNN
 
 SUPPORTED = (
     "torch.nn.LSTM, torch.nn.RNN (tanh or relu), torch.nn.Linear, and the seed CNN as a "

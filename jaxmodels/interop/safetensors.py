@@ -12,10 +12,10 @@ The file, in the safetensors format (safetensors.numpy's ``save_file`` / ``safe_
     tensors   one per leaf of the variables, named by its path joined with "/" (e.g.
               "params/layer_0/w_x", "params/Dense_0/kernel"), dtype and shape the leaf's
     metadata  "format": "jaxmodels.variables", "format_version": "1",
-              "model_name": a name of ``jaxmodels.models.list_models()``,
+              "model_name": a name of ``jaxmodels.nn.models.list_models()``,
               "config": the ``get_model`` options as JSON, e.g. {"hidden_size": 64, "num_classes": 10}
 
-JSON has no tuples: every list in the config comes back as a tuple (``jaxmodels.rundir.tuples``,
+JSON has no tuples: every list in the config comes back as a tuple (``jaxmodels.training.rundir.tuples``,
 as a run's recorded options), so tuples round-trip and lists come back as tuples.
 
 Written: variables as nested mappings (Flax's) of arrays (jax or numpy) of the dtypes in ``DTYPES``
@@ -38,8 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.models import get_model, list_models
-from jaxmodels.rundir import tuples
+from jaxmodels.nn.models import get_model, list_models
+from jaxmodels.training.rundir import tuples
 
 FORMAT = "jaxmodels.variables"
 FORMAT_VERSION = "1"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxmodels import checks
+from jaxmodels.nn import checks
 
 Array = jax.Array
 Activation = Callable[[Array], Array]

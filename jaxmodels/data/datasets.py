@@ -1,9 +1,9 @@
-"""Data sets by name, as host numpy arrays (batching: ``jaxmodels.batches``).
+"""Data sets by name, as host numpy arrays (batching: ``jaxmodels.training.batches``).
 
     >>> ds = get_dataset("digits")                     # ds.x_train [1437, 28, 28, 1] float32 in [0, 1]
 
 Data sets (``list_datasets()``): images for ``cnn``: "digits" (bundled), "mnist" (IDX files;
-``jaxmodels.mnist.download_mnist`` fetches them); sequences for the *-classifier models: "seq-mnist", "seq-digits"
+``jaxmodels.data.mnist.download_mnist`` fetches them); sequences for the *-classifier models: "seq-mnist", "seq-digits"
 (image rows as time steps); for the *-regressor models: "adding"; for ``char-lstm``: "copy" and
 "text" (character-level language modelling over a UTF-8 file).
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxmodels.mnist import download_mnist, read_mnist, resolve_data_dir
-from jaxmodels.synthetic import COPY_BLANK, adding_problem, copy_problem
+from jaxmodels.data.mnist import download_mnist, read_mnist, resolve_data_dir
+from jaxmodels.data.synthetic import COPY_BLANK, adding_problem, copy_problem
 
 
 @dataclasses.dataclass(frozen=True)

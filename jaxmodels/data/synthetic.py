@@ -1,5 +1,5 @@
 """Generators of the synthetic long-range tasks, as numpy arrays from a numpy Generator: the adding
-problem and the copy problem. ``jaxmodels.data`` makes data sets of them ("adding", "copy"), one
+problem and the copy problem. ``jaxmodels.data.datasets`` makes data sets of them ("adding", "copy"), one
 seeded stream per split.
 """
 

@@ -4,9 +4,9 @@
     >>> result = fit(model, ds, TrainConfig(epochs=10), "runs/cnn-digits")
     >>> result.test_metrics                                   # {"loss": ..., "accuracy": ...}
 
-``fit`` builds the optimizer (``jaxmodels.optim``) and the pure steps (``jaxmodels.steps``), runs
-them under a strategy (``jaxmodels.parallel``; one device by default), saves and resumes
-checkpoints (``jaxmodels.checkpoint``) and writes the run's log (``jaxmodels.runlog``).
+``fit`` builds the optimizer (``jaxmodels.training.optim``) and the pure steps (``jaxmodels.training.steps``), runs
+them under a strategy (``jaxmodels.training.parallel``; one device by default), saves and resumes
+checkpoints (``jaxmodels.training.checkpoint``) and writes the run's log (``jaxmodels.training.runlog``).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.batches import BatchIterator
-from jaxmodels.checkpoint import checkpoint_dir
-from jaxmodels.data import Dataset
-from jaxmodels.models import Model, options_of
-from jaxmodels.optim import make_optimizer, make_schedule
-from jaxmodels.parallel import SingleDevice, Strategy, get_strategy
+from jaxmodels.data.datasets import Dataset
+from jaxmodels.nn.models import Model, options_of
 from jaxmodels.records import version
-from jaxmodels.rundir import prepare_workdir
-from jaxmodels.runlog import MetricsWindow, RunWriter, progress_bar
-from jaxmodels.steps import TrainState, create_train_state, make_eval_step, make_train_step
+from jaxmodels.training.batches import BatchIterator
+from jaxmodels.training.checkpoint import checkpoint_dir
+from jaxmodels.training.optim import make_optimizer, make_schedule
+from jaxmodels.training.parallel import SingleDevice, Strategy, get_strategy
+from jaxmodels.training.rundir import prepare_workdir
+from jaxmodels.training.runlog import MetricsWindow, RunWriter, progress_bar
+from jaxmodels.training.steps import TrainState, create_train_state, make_eval_step, make_train_step
 
 
 def evaluate(
@@ -55,7 +55,7 @@ class TrainConfig:
     evaluation always pads, so every test example counts once. ``log_every``: steps per metrics
     row and progress update. ``max_steps``: stop early after that many steps (None: all epochs).
     ``checkpoint``: save checkpoints to WORKDIR/checkpoints every ``checkpoint_every`` steps (None:
-    none on the way) and after the last step, keeping the latest ``keep`` (``jaxmodels.checkpoint``)."""
+    none on the way) and after the last step, keeping the latest ``keep`` (``jaxmodels.training.checkpoint``)."""
 
     epochs: int = 25
     batch_size: int = 32
@@ -136,7 +136,7 @@ def fit(
     "eval" rows per epoch with test loss and accuracy), test_metrics.json (the final test metrics)
     and learning_curves.png.
 
-    The work folder is checked before anything is computed (``jaxmodels.rundir.prepare_workdir``):
+    The work folder is checked before anything is computed (``jaxmodels.training.rundir.prepare_workdir``):
     a fresh run refuses a folder that holds another run (``RunFolderError``) unless ``overwrite``,
     which moves that run aside to WORKDIR.old-<date>-<time>; it must be writable.
 
@@ -279,7 +279,7 @@ def restore_params(
     parameters). The checkpoint must come from the same model and model config
     (``IncompatibleCheckpointError`` otherwise); ``dataset``, when given, is compared with the
     run's with a warning only."""
-    from jaxmodels.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
+    from jaxmodels.training.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
 
     config = {"model": model.name, "task": model.task, "model_config": _module_config(model)}
     config |= {"dataset": dataset} if dataset else {}
@@ -356,7 +356,7 @@ def _open_checkpoints(
     is none yet); the caller places it with its strategy's ``put_state``, on however many devices."""
     if not (cfg.checkpoint or resume):
         return None, None
-    from jaxmodels.checkpoint import Checkpoints
+    from jaxmodels.training.checkpoint import Checkpoints
 
     checkpoints = Checkpoints(checkpoint_dir(workdir), every=cfg.checkpoint_every, keep=cfg.keep)
     if not resume or checkpoints.latest_step() is None:

@@ -3,7 +3,7 @@
     >>> download_mnist("~/data")                     # ~/data/mnist/*.gz, verified by SHA-256
     >>> splits = read_mnist("~/data")                # {"train": (x, y), "test": (x, y)}
 
-``jaxmodels.data.load_mnist`` turns the splits into a ``Dataset``.
+``jaxmodels.data.datasets.load_mnist`` turns the splits into a ``Dataset``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 Steps are pure functions ``(state, batch) -> (state, metrics)`` that know a model only through
 ``init`` / ``apply`` and ``task``; how they are compiled and where state and batches live is a
-strategy's business (``jaxmodels.parallel``). A data-parallel strategy makes the same step reduce
+strategy's business (``jaxmodels.training.parallel``). A data-parallel strategy makes the same step reduce
 over its device axis by passing ``axis_name``.
 """
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmodels.models import Model
+from jaxmodels.nn.models import Model
 
 Array = jax.Array
 Batch = dict[str, Array]  # {"x": [batch, ...], "y": [batch, ...], "mask": [batch]}

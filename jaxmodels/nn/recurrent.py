@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmodels import cells, checks
 from jaxmodels.kernels import lstm_sequence, lstm_stepwise
 from jaxmodels.kernels.common import lstm_gate_gradients, on_platforms
+from jaxmodels.nn import cells, checks
 
 Array = jax.Array
 

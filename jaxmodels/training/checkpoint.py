@@ -44,8 +44,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmodels.batches import Position
 from jaxmodels.records import to_json
+from jaxmodels.training.batches import Position
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE, META = "state", "meta"

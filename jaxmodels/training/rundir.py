@@ -7,7 +7,7 @@ mixing in it, and reading a run's settings back.
     >>> settings = load_run_settings("runs/cnn-digits")  # model, dataset, dataset_options, dtype
 
 A folder holds a run when it has config.json, metrics.jsonl or a non-empty checkpoints/ (what
-``jaxmodels.train.fit`` writes). A fresh run never starts in such a folder: its old checkpoints,
+``jaxmodels.training.fit.fit`` writes). A fresh run never starts in such a folder: its old checkpoints,
 with higher steps, would be taken for the new run's by ``eval`` and ``resume``.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 
-from jaxmodels.checkpoint import checkpoint_dir
+from jaxmodels.training.checkpoint import checkpoint_dir
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

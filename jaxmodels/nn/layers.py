@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmodels import cells, checks, conv, recurrent
+from jaxmodels.nn import cells, checks, conv, recurrent
 
 Array = jax.Array
 

@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxmodels import checks
-from jaxmodels.layers import CNN, LSTM, SimpleRNN
+from jaxmodels.nn import checks
+from jaxmodels.nn.layers import CNN, LSTM, SimpleRNN
 
 Array = jax.Array
 
