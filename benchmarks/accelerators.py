@@ -8,8 +8,9 @@ One command for a GPU or TPU machine, a few minutes end to end:
 
 What it does, in order:
 
-1. Records the environment: jax/jaxlib (and torch) versions, platform and device kind, XLA_FLAGS,
-   the date and the git commit.
+1. Records the environment (``jaxmodels.records.environment``, as the bench harness does: versions,
+   backend and devices, XLA_FLAGS and related settings, the date and the git commit) and the device
+   under test (platform, kind, platform version).
 2. Correctness on the device: every Pallas kernel (``dense``, ``lstm_cell``, ``lstm_sequence``,
    ``lstm_stepwise``, and ``lstm_scan(impl="pallas")``) against its jnp reference (``lstm_scan``'s
    is ``impl="scan"``; ``lstm_sequence`` is skipped where its w_h does not fit on chip), forward
@@ -23,17 +24,19 @@ What it does, in order:
    forward+backward (the gradients of sum(outputs) with respect to the weights and the inputs),
    ``lstm_scan`` with impl "scan", "pallas" and "auto", beside ``jax.experimental.rnn.lstm``
    (cuDNN, CUDA GPUs only) and PyTorch's ``nn.LSTM`` on CUDA (cuDNN) when torch is installed with
-   CUDA. Each contender is jitted, warmed up (compile + 2 calls) and then timed over ``--repeats``
-   rounds, one waited call per contender per round, in a new shuffled order each round; reported
-   are the median and min-max in ms, and the speed-up against cuDNN (cuDNN's median / this one's)
-   in the same run. A contender that fails is recorded with the first line of its error.
-4. Writes ``accelerators-<platform>-<device kind>.json`` and ``.md`` (the correctness table, the
-   timing table and the environment) into benchmarks/results/ (``--out DIR`` to change), rewritten
-   after each step so that a crash leaves what was done, and prints the markdown.
+   CUDA. The bench harness times them (``jaxmodels.bench.timing.time_workload``, in this process):
+   each contender set up and called once (``compile_s``), warmed up, then sampled over
+   ``--repeats`` rounds in a new shuffled order each round, a sample being calls back to back for
+   at least ``MIN_SAMPLE_S``, each waited on; reported are the median and min-max in ms, and the speed-up
+   against cuDNN (cuDNN's median / this one's) in the same run. A contender that cannot run here is
+   recorded as skipped with the reason, one that fails with its error.
+4. Writes ``accelerators-<platform>-<device kind>.json`` and ``.md`` (the conditions, the
+   correctness table and the timing table) into benchmarks/results/ (``--out DIR`` to change),
+   rewritten after each step so that a crash leaves what was done, and prints the markdown.
 
 ``--dry-run`` runs the same pipeline on CPU with tiny shapes: kernels interpreted, two timing
-rounds at one tiny shape, cuDNN and PyTorch skipped; its files are named and marked dry-run, and
-their times are interpret mode on CPU, not a speed. Without it, on a CPU-only machine the script
+rounds of one call per sample at one tiny shape, cuDNN and PyTorch skipped; its files are named
+and marked dry-run, and their times are interpret mode on CPU, not a speed. Without it, on a CPU-only machine the script
 exits with status 2. The exit status is 1 when a correctness case fails (after writing results).
 """
 
@@ -41,11 +44,8 @@ from __future__ import annotations
 
 import argparse
 import functools
-import random
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -59,7 +59,10 @@ from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
 
 import jaxmodels
 from jaxmodels import records
-from jaxmodels.cli import positive_int
+from jaxmodels.arguments import positive_int
+from jaxmodels.bench import report
+from jaxmodels.bench.lstm import lstm_flops
+from jaxmodels.bench.timing import Contender, Skipped, Workload, time_workload
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,22 +120,22 @@ PUBLISHED = {
     "note": "a published figure, not measured here",
 }
 DRY_RUN_NOTE = "interpret mode on CPU: not a speed"
+MIN_SAMPLE_S = (
+    0.05  # a sample's calls last at least this long on a device (one call in the dry run)
+)
 
 
 # ---------------------------------------------------------------------------------------------
-# Environment
+# The device
 
 
-def environment() -> dict:
-    """``jaxmodels.records.environment()`` (versions, devices, XLA flags, git state) and the device
-    under test."""
-    device = jax.devices()[0]
-    return records.environment() | {
-        "device": {
-            "platform": device.platform,
-            "kind": device.device_kind,
-            "platform_version": device.client.platform_version,
-        },
+def device() -> dict:
+    """The device under test: platform, kind and the platform's version (CUDA, ROCm, libtpu)."""
+    d = jax.devices()[0]
+    return {
+        "platform": d.platform,
+        "kind": d.device_kind,
+        "platform_version": d.client.platform_version,
     }
 
 
@@ -340,16 +343,16 @@ def jax_step(f: Callable, weights, xs, train: bool) -> Callable[[], object]:
         fn = jax.jit(jax.grad(lambda w, x: jnp.sum(f(w, x).astype(jnp.float32)), argnums=(0, 1)))
     else:
         fn = jax.jit(f)
-    return lambda: jax.block_until_ready(fn(weights, xs))
+    return lambda: fn(weights, xs)
 
 
-def lstm_contenders(
-    hidden: int, batch: int, time_: int, dtype_name: str, train: bool, dry_run: bool
-) -> list[dict]:
-    """The contenders of one workload: {name, path, setup (-> step) or skip reason}. Inputs are
-    xs [batch, time, hidden] (features = hidden) from N(0, 1), in ``dtype_name``."""
-    dtype = jnp.dtype(dtype_name)
+def lstm_workload(hidden: int, batch: int, time_: int, dtype_name: str, pass_name: str) -> Workload:
+    """One timed workload (the harness's ``Workload``): ``lstm_scan`` with each impl, cuDNN and
+    PyTorch's cuDNN LSTM, on xs [batch, time, hidden] (features = hidden) from N(0, 1) in
+    ``dtype_name``. A contender that cannot run here raises ``Skipped`` from its setup."""
+    dtype, train = jnp.dtype(dtype_name), pass_name != "forward"
     xs = jax.random.normal(jax.random.key(1), (batch, time_, hidden), jnp.float32).astype(dtype)
+    cuda = is_cuda()
 
     def ours(impl: str) -> Callable:
         def setup():
@@ -359,6 +362,8 @@ def lstm_contenders(
         return setup
 
     def cudnn():
+        if not cuda:
+            raise Skipped(f"cuDNN needs a CUDA GPU, not {jax.devices()[0].device_kind}")
         from jax.experimental import rnn
 
         weights = rnn.init_lstm_weight(jax.random.key(0), hidden, hidden, 1, False).astype(dtype)
@@ -367,34 +372,24 @@ def lstm_contenders(
         f = lambda w, x: rnn.lstm(x, zeros, zeros, w, lengths, hidden, hidden, 1, 0.0, False)[0]
         return jax_step(f, weights, xs, train)
 
-    contenders = [
-        {
-            "name": f"jaxmodels lstm_scan({impl})",
-            "impl": impl,
-            "path": pallas_path(impl, hidden, dtype),
-            "setup": ours(impl),
-        }
-        for impl in IMPLS
-    ]
-    cuda = is_cuda()
-    contenders.append(
-        {"name": CUDNN, "setup": cudnn}
-        if cuda
-        else {
-            "name": CUDNN,
-            "skip": "dry run on CPU: cuDNN needs a CUDA GPU" if dry_run else "not a CUDA GPU",
-        }
+    contenders = [Contender(f"jaxmodels lstm_scan({impl})", ours(impl)) for impl in IMPLS]
+    contenders.append(Contender(CUDNN, cudnn))
+    torch_setup = functools.partial(_torch_setup, cuda, hidden, batch, time_, dtype_name, train)
+    contenders.append(Contender(TORCH, torch_setup, framework="torch"))
+    shape = {
+        "hidden": hidden,
+        "batch": batch,
+        "time": time_,
+        "dtype": dtype_name,
+        "pass": pass_name,
+    }
+    return Workload(
+        name=f"({hidden}, {batch}, {time_})",
+        group=pass_name,
+        flops=lstm_flops(hidden, batch, time_, train=train),
+        contenders=contenders,
+        info=shape,
     )
-    torch_skip = _torch_skip(cuda)
-    contenders.append(
-        {"name": TORCH, "skip": torch_skip}
-        if torch_skip
-        else {
-            "name": TORCH,
-            "setup": functools.partial(_torch_setup, hidden, batch, time_, dtype_name, train),
-        }
-    )
-    return contenders
 
 
 def _torch_skip(cuda: bool) -> str | None:
@@ -412,10 +407,13 @@ def _torch_skip(cuda: bool) -> str | None:
 
 
 def _torch_setup(
-    hidden: int, batch: int, time_: int, dtype_name: str, train: bool
+    cuda: bool, hidden: int, batch: int, time_: int, dtype_name: str, train: bool
 ) -> Callable[[], object]:
     """``nn.LSTM(batch_first=True)`` on cuda: forward under no_grad, or the gradients of sum(outputs)
-    wrt the parameters and the inputs (returned, not accumulated); each call synchronises."""
+    wrt the parameters and the inputs (returned, not accumulated); the harness waits on the device."""
+    skip = _torch_skip(cuda)
+    if skip:
+        raise Skipped(skip)
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -426,91 +424,39 @@ def _torch_setup(
 
     def step():
         if train:
-            out = torch.autograd.grad(lstm(xs)[0].float().sum(), wrt)
-        else:
-            with torch.no_grad():
-                out = lstm(xs)[0]
-        torch.cuda.synchronize()
-        return out
+            return torch.autograd.grad(lstm(xs)[0].float().sum(), wrt)
+        with torch.no_grad():
+            return lstm(xs)[0]
 
     return step
-
-
-def time_contenders(contenders: list[dict], repeats: int, warmup: int = 2) -> list[dict]:
-    """Set up, compile (first call) and warm up every contender, then time ``repeats`` rounds, one
-    call each per round, in a new random order each round (seeded). Returns one record per
-    contender: name, status ("ok", "skipped", "error"), reason or error (its first line), and for
-    "ok" compile_s, samples_ms, median_ms, min_ms, max_ms."""
-    records, steps = [], []
-    for contender in contenders:
-        record = {k: v for k, v in contender.items() if k in ("name", "impl", "path")}
-        records.append(record)
-        if "skip" in contender:
-            record.update(status="skipped", reason=contender["skip"])
-            continue
-        try:
-            step = contender["setup"]()
-            start = time.perf_counter()
-            step()
-            record["compile_s"] = time.perf_counter() - start
-            for _ in range(warmup):
-                step()
-        except Exception as err:  # a contender that fails is reported; the others still run
-            record.update(status="error", error=first_line(err))
-            continue
-        record.update(status="ok", samples_ms=[])
-        steps.append((record, step))
-    rng = random.Random(0)
-    for _ in range(repeats):
-        for record, step in rng.sample(steps, len(steps)):
-            if record["status"] != "ok":
-                continue
-            try:
-                start = time.perf_counter()
-                step()
-                record["samples_ms"].append(1e3 * (time.perf_counter() - start))
-            except Exception as err:
-                record.update(status="error", error=first_line(err))
-    for record in records:
-        if record["status"] == "ok":
-            samples = record["samples_ms"]
-            record.update(
-                median_ms=statistics.median(samples), min_ms=min(samples), max_ms=max(samples)
-            )
-        else:
-            record.pop("samples_ms", None)
-    return records
 
 
 def run_timing(
     dry_run: bool,
     repeats: int,
+    min_sample_s: float,
     progress: Callable[[str], None],
     on_workload: Callable[[list], None],
 ):
-    """Time every workload of ``TIMING_SHAPES`` x ``PASSES``; ``on_workload(rows so far)`` after each.
-    Rows: the workload (hidden, batch, time, dtype, pass), the contender's record, and x_cudnn =
-    cuDNN's median / this median where cuDNN ran."""
+    """Time every workload of ``TIMING_SHAPES`` x ``PASSES`` with the harness (``time_workload``:
+    interleaved rounds, this process); ``on_workload(rows so far)`` after each. Rows: the workload
+    (hidden, batch, time, dtype, pass), the contender's record, the path ``lstm_scan`` takes, and
+    x_cudnn = cuDNN's median / this median where cuDNN ran."""
     rows = []
     for hidden, batch, time_, dtype_name in TIMING_SHAPES[dry_run]:
         for pass_name in PASSES:
-            workload = {
-                "hidden": hidden,
-                "batch": batch,
-                "time": time_,
-                "dtype": dtype_name,
-                "pass": pass_name,
-            }
-            progress(f"timing {workload}")
-            contenders = lstm_contenders(
-                hidden, batch, time_, dtype_name, pass_name != "forward", dry_run
-            )
-            records = time_contenders(contenders, repeats)
-            cudnn = next((r for r in records if r["name"] == CUDNN and r["status"] == "ok"), None)
+            workload = lstm_workload(hidden, batch, time_, dtype_name, pass_name)
+            progress(f"timing {workload.group} {workload.name} {dtype_name}")
+            records = time_workload(workload, repeats=repeats, min_sample_s=min_sample_s)
+            cudnn = next((r for r in records if r["name"] == CUDNN and "median_s" in r), None)
+            dtype = jnp.dtype(dtype_name)
+            paths = {f"jaxmodels lstm_scan({i})": pallas_path(i, hidden, dtype) for i in IMPLS}
             for record in records:
-                if cudnn and record["status"] == "ok":
-                    record["x_cudnn"] = cudnn["median_ms"] / record["median_ms"]
-                rows.append(workload | record)
+                if record["name"] in paths:
+                    record["path"] = paths[record["name"]]
+                if cudnn and "median_s" in record:
+                    record["x_cudnn"] = cudnn["median_s"] / record["median_s"]
+                rows.append(workload.info | record)
             on_workload(rows)
     return rows
 
@@ -524,11 +470,19 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 
 
+def status(record: dict) -> str:
+    """A timing record's last column: ok, or why it has no times."""
+    if "skipped" in record:
+        return f"skipped: {record['skipped']}"
+    return f"error: {record['error']}" if "error" in record else "ok"
+
+
 def markdown(result: dict) -> str:
     """The result as markdown: a dry-run banner where it applies, the correctness table, the timing
-    table with the published cuDNN figure for context, and the environment."""
+    table with the published cuDNN figure for context; the environment as the bench harness's reports
+    give it (the full record is in the JSON)."""
     env = result["environment"]
-    title = f"# Accelerator check: {env['device']['kind']} ({env['device']['platform']})"
+    title = f"# Accelerator check: {result['device']['kind']} ({result['device']['platform']})"
     lines = [title + (" - DRY RUN" if result["dry_run"] else ""), ""]
     if result["dry_run"]:
         lines += [
@@ -536,10 +490,11 @@ def markdown(result: dict) -> str:
             "skipped: this checks the pipeline, not the device.",
             "",
         ]
+    dev = result["device"]
     lines += [
-        f"`{result['command']}`, {env['date']}, commit {env['git_commit'] or 'unknown'}"
-        + (" with local changes" if env["git_dirty_files"] else "")
-        + ".",
+        f"`{result['command']}`: {report.machine(env)}; device {dev['kind']} "
+        f"({dev['platform_version']}).",
+        report.software(env) + ".",
         "",
     ]
     if not result["complete"]:
@@ -577,27 +532,34 @@ def markdown(result: dict) -> str:
         )
     lines += ["", "## Timings", ""]
     timing = result["timing"]
+    sample = (
+        f">= {result['min_sample_s'] * 1e3:.0f} ms of back-to-back calls"
+        if result["min_sample_s"]
+        else "one call"
+    )
     if timing is None:
-        lines += ["Not run yet.", ""]
+        lines += ["Not run yet."]
     else:
         lines += [
             ("Dry run: " + DRY_RUN_NOTE + ". " if result["dry_run"] else "")
-            + f"{result['repeats']} rounds, one call per contender per round in shuffled order, after compile "
-            "and 2 warm-up calls. Forward: the outputs [batch, time, hidden]; forward+backward: the gradients of "
-            "sum(outputs) wrt weights and inputs. Input features = hidden. x cuDNN = jax.experimental.rnn's median / "
-            "this median (above 1 is faster). JAX's default matmul precision: float32 matmuls may use TF32 on "
-            "NVIDIA GPUs (XLA, the kernels and cuDNN alike) and bfloat16 passes on TPU.",
+            + f"{result['repeats']} rounds, contenders in a new random order each round, after compile (the "
+            f"first call) and 2 warm-up calls; a sample is {sample}, each waited on (the harness of "
+            "`jaxmodels.bench.timing`). Forward: the "
+            "outputs [batch, time, hidden]; forward+backward: the gradients of sum(outputs) wrt weights and "
+            "inputs. Input features = hidden. x cuDNN = jax.experimental.rnn's median / this median (above 1 "
+            "is faster). JAX's default matmul precision: float32 matmuls may use TF32 on NVIDIA GPUs (XLA, "
+            "the kernels and cuDNN alike) and bfloat16 passes on TPU.",
             "",
-            "| (H, B, T) | dtype | pass | contender | path | median ms | min-max ms | x cuDNN | compile s | note |",
+            "| (H, B, T) | dtype | pass | contender | path | median ms | min-max ms | x cuDNN | compile s | status |",
             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for r in timing:
-            span = f"{r['min_ms']:.3g}-{r['max_ms']:.3g}" if r["status"] == "ok" else ""
-            note = r.get("error") or r.get("reason") or ""
+            timed = "median_s" in r
+            span = f"{report.fmt_ms(r['min_s'])}-{report.fmt_ms(r['max_s'])}" if timed else ""
             lines.append(
                 f"| ({r['hidden']}, {r['batch']}, {r['time']}) | {r['dtype']} | {r['pass']} | {r['name']} | "
-                f"{r.get('path', '')} | {_fmt(r.get('median_ms'))} | {span} | {_fmt(r.get('x_cudnn'))} | "
-                f"{_fmt(r.get('compile_s'))} | {r['status']}{': ' + note if note else ''} |"
+                f"{r.get('path', '')} | {report.fmt_ms(r['median_s']) if timed else ''} | {span} | "
+                f"{_fmt(r.get('x_cudnn'))} | {_fmt(r.get('compile_s'))} | {status(r)} |"
             )
         p = PUBLISHED
         shape = p["shape"]
@@ -606,22 +568,14 @@ def markdown(result: dict) -> str:
             f"For context, {p['note']}: {p['contender']} at ({shape['hidden']}, {shape['batch']}, {shape['time']}), "
             f"{shape['dtype']}, on an {p['device']}: {p['forward_ms']} ms forward, {p['forward+backward_ms']} ms "
             f"forward+backward ({p['source']}).",
-            "",
         ]
-    lines += ["## Environment", "", "| | |", "| --- | --- |"]
-    for key, value in env.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items())
-        elif isinstance(value, list):
-            value = ", ".join(value)
-        lines.append(f"| {key} | {value or '-'} |")
     return "\n".join(lines) + "\n"
 
 
 def write_results(result: dict, out: Path) -> list[Path]:
     """Write the JSON and markdown files (``jaxmodels.records.write_results``); return their paths."""
-    env = result["environment"]
-    stem = f"accelerators-{slug(env['device']['platform'])}-{slug(env['device']['kind'])}"
+    dev = result["device"]
+    stem = f"accelerators-{slug(dev['platform'])}-{slug(dev['kind'])}"
     stem += "-dry-run" if result["dry_run"] else ""
     return records.write_results(result, out, stem, render_markdown=markdown, render_png=None)
 
@@ -663,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     repeats = args.repeats or (2 if args.dry_run else 20)
+    min_sample_s = 0.0 if args.dry_run else MIN_SAMPLE_S
     progress = lambda text: print(text, file=sys.stderr, flush=True)
     result = {
         "dry_run": args.dry_run,
@@ -670,8 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python benchmarks/accelerators.py", *(sys.argv[1:] if argv is None else argv)]
         ),
-        "environment": environment(),
+        "environment": records.environment(),
+        "device": device(),
         "repeats": repeats,
+        "min_sample_s": min_sample_s,
         "tolerances": {k: {"forward": f, "gradient": g} for k, (f, g) in TOLERANCES.items()},
         "correctness": [],
         "timing": None,
@@ -687,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         result["timing"] = rows
         write_results(result, args.out)
 
-    run_timing(args.dry_run, repeats, progress, on_workload)
+    run_timing(args.dry_run, repeats, min_sample_s, progress, on_workload)
     result["complete"] = True
     json_path, md_path = write_results(result, args.out)
     print(markdown(result))

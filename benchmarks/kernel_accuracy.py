@@ -14,12 +14,22 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jaxmodels.kernels.common import BlockSizes
+from jaxmodels.kernels import dense as dense_kernel
+from jaxmodels.kernels import lstm_cell as cell_kernel
+from jaxmodels.kernels import lstm_sequence as sequence_kernel
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
 from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference
+from jaxmodels.kernels.lstm_stepwise import lstm_stepwise, lstm_stepwise_reference
 
-BLOCKS = [BlockSizes(block_rows=8, block_cols=8, block_reduce=8, block_time=4), BlockSizes()]
+# Each kernel's blocks: small ones (several programs and padding at these shapes), then the
+# backend's defaults (None). lstm_stepwise runs the lstm_cell kernel and takes its blocks.
+SMALL_BLOCKS = {
+    "dense": dense_kernel.BlockSizes(block_m=8, block_n=8, block_k=8),
+    "lstm_cell": cell_kernel.BlockSizes(block_batch=8, block_hidden=8, block_contraction=8),
+    "lstm_sequence": sequence_kernel.BlockSizes(block_batch=8, block_time=4, hidden_multiple=8),
+}
+BLOCKS = [SMALL_BLOCKS, dict.fromkeys(SMALL_BLOCKS)]
 DENSE = [(5, 13, 19, "relu"), (17, 9, 24, "tanh"), (3, 30, 7, "sigmoid"), (33, 70, 130, "identity")]
 CELL = [(5, 12), (8, 8), (20, 130)]
 SEQUENCE = [(7, 5, 6, [7, 3, 0, 5, 1], False), (5, 9, 12, None, True), (12, 20, 130, None, False)]
@@ -58,14 +68,14 @@ def cases(dtype, blocks):
             rand(keys[1], (features, out), 0.3),
             rand(keys[2], (out,)),
         )
-        kernel = functools.partial(dense, activation=act, block_sizes=blocks)
+        kernel = functools.partial(dense, activation=act, block_sizes=blocks["dense"])
         yield "dense", kernel, functools.partial(dense_reference, activation=act), args
     for batch, hidden in CELL:
         carry = (rand(keys[2], (batch, hidden)), rand(keys[3], (batch, hidden)))
         args = (rand(keys[0], (batch, 4 * hidden)), rand(keys[1], (hidden, 4 * hidden), 0.4), carry)
         yield (
             "lstm_cell",
-            functools.partial(lstm_cell, block_sizes=blocks),
+            functools.partial(lstm_cell, block_sizes=blocks["lstm_cell"]),
             lstm_cell_reference,
             args,
         )
@@ -77,13 +87,15 @@ def cases(dtype, blocks):
             carry,
         )
         lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
-        kernel = lambda x, w, c, lengths=lengths, reverse=reverse: lstm_sequence(
-            x, w, c, lengths, reverse=reverse, block_sizes=blocks
-        )
-        reference = lambda x, w, c, lengths=lengths, reverse=reverse: lstm_sequence_reference(
-            x, w, c, lengths, reverse=reverse
-        )
-        yield "lstm_sequence", kernel, reference, args
+        for name, recurrence, reference, recurrence_blocks in (
+            ("lstm_sequence", lstm_sequence, lstm_sequence_reference, blocks["lstm_sequence"]),
+            ("lstm_stepwise", lstm_stepwise, lstm_stepwise_reference, blocks["lstm_cell"]),
+        ):
+            kernel = functools.partial(
+                recurrence, seq_lengths=lengths, reverse=reverse, block_sizes=recurrence_blocks
+            )
+            specification = functools.partial(reference, seq_lengths=lengths, reverse=reverse)
+            yield name, kernel, specification, args
 
 
 def main():

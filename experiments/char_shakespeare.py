@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import records
+from jaxmodels import report
 from jaxmodels.data.datasets import load_text
 from jaxmodels.nn.models import generate, get_model
 from jaxmodels.training.fit import TrainConfig, fit
@@ -189,120 +189,104 @@ def sample(args: argparse.Namespace, ds, model, variables: dict) -> str:
     return ds.decode(np.asarray(tokens[0]))
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (steps, model): validation loss per seed, mean, min and max."""
-    rows = []
-    for steps in sorted({r["steps"] for r in runs}):
-        for key in MODELS:
-            mine = [r for r in runs if r["steps"] == steps and r["model"] == key]
-            if mine:
-                losses = [r["val_loss"] for r in mine]
-                rows.append(
-                    {
-                        "steps": steps,
-                        "model": key,
-                        "params": mine[0]["params"],
-                        "characters_seen": mine[0]["characters_seen"],
-                        "seeds": [r["seed"] for r in mine],
-                        "val_loss": losses,
-                        "mean_val_loss": float(np.mean(losses)),
-                        "mean_val_bits_per_char": float(np.mean(losses)) / math.log(2),
-                        "mean_val_accuracy": float(np.mean([r["val_accuracy"] for r in mine])),
-                        "mean_wall_s": float(np.mean([r["wall_s"] for r in mine])),
-                    }
-                )
-    return rows
+SUMMARY = {  # one row per (steps, model): validation loss per seed, means
+    "params": report.first("params"),
+    "characters_seen": report.first("characters_seen"),
+    "seeds": report.each("seed"),
+    "val_loss": report.each("val_loss"),
+    "mean_val_loss": report.mean("val_loss"),
+    "mean_val_bits_per_char": lambda runs: report.mean("val_loss")(runs) / math.log(2),
+    "mean_val_accuracy": report.mean("val_accuracy"),
+    "mean_wall_s": report.mean("wall_s"),
+}
 
 
-def markdown(result: dict) -> str:
+def setup(result: dict) -> list[str]:
     c, d = result["config"], result["data"]
-    lines = [
-        "# Character-level Tiny Shakespeare: LSTM and simple RNN",
-        "",
-        records.provenance(result),
+    return [
         f"{d['characters']:,} characters, {d['vocab_size']} distinct; training {d['train_characters']:,}, "
         f"validation {d['validation_characters']:,} (the last 10%). {c['layers']} layers of {c['hidden']}, "
         f"embedding {c['embed']}; windows of {c['seq_len']} characters, batch {c['batch_size']}; Adam, peak lr "
         f"{c['lr']}, {c['warmup']} warm-up steps then cosine decay to 0; clip norm {c['clip_norm']}; seeds "
         f"{c['seeds']}. Validation loss: nats per character over the {d['validation_windows']:,} adjacent "
-        f"{c['seq_len']}-character windows of the validation split, each from a zero state.",
-        "",
-        "| steps | characters seen | model | parameters | val loss per seed | mean | bits/char "
-        "| accuracy | s per run |",
-        "|---:|---:|---|---:|---|---:|---:|---:|---:|",
+        f"{c['seq_len']}-character windows of the validation split, each from a zero state."
     ]
-    for row in result["summary"]:
-        lines.append(
-            f"| {row['steps']:,} | {row['characters_seen'] / 1e6:.2f}M | {row['model']} | {row['params']:,} "
-            f"| {', '.join(f'{x:.3f}' for x in row['val_loss'])} | {row['mean_val_loss']:.3f} "
-            f"| {row['mean_val_bits_per_char']:.3f} | {row['mean_val_accuracy']:.3f} | {row['mean_wall_s']:.0f} |"
-        )
-    lines += [
+
+
+def references_and_samples(result: dict) -> list[str]:
+    """The published references' table, then the samples."""
+    columns = [
+        report.Column("run", "{name}"),
+        report.Column("val loss", "{val_loss}", right=True),
+        report.Column(
+            "characters seen",
+            lambda ref: f"{ref['characters_per_step'] * ref['steps'] / 1e6:.1f}M",
+            right=True,
+        ),
+        report.Column("what", "{what}"),
+    ]
+    lines = [
         "",
         "Published references (nanoGPT's README and its config/train_shakespeare_char.py):",
         "",
-        "| run | val loss | characters seen | what |",
-        "|---|---:|---:|---|",
     ]
-    for ref in result["references"]:
-        lines.append(
-            f"| {ref['name']} | {ref['val_loss']} | {ref['characters_per_step'] * ref['steps'] / 1e6:.1f}M "
-            f"| {ref['what']} |"
-        )
+    lines += report.table(columns, result["references"])
+    temperature = result["config"]["temperature"]
     for name, text in result["samples"].items():
         lines += [
             "",
-            f"Sample, {name} (after a newline, temperature {c['temperature']}):",
+            f"Sample, {name} (after a newline, temperature {temperature}):",
             "",
             "```",
             text,
             "```",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def plot(result: dict, path: Path) -> None:
-    """Training loss against characters seen, one line per run; final validation losses as dots;
-    the references as dashed lines."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
-    ax = fig.subplots()
-    colors = {"lstm": "tab:blue", "rnn": "tab:red"}
-    styles = {
-        s: style
-        for s, style in zip(sorted({r["steps"] for r in result["runs"]}), ["-", ":", "-."] * 4)
-    }
-    for run in result["runs"]:
-        chars, loss = zip(*run["train_curve"])
-        label = (
-            f"{run['model']}, {run['steps']:,} steps"
-            if run["seed"] == result["config"]["seeds"][0]
-            else None
-        )
-        ax.plot(
-            chars, loss, styles[run["steps"]], color=colors[run["model"]], alpha=0.7, label=label
-        )
-        ax.plot(run["characters_seen"], run["val_loss"], "o", color=colors[run["model"]])
-    for ref, color in zip(result["references"], ("tab:gray", "black")):
-        ax.axhline(
-            ref["val_loss"], color=color, linestyle="--", linewidth=1, label=f"{ref['name']} (val)"
-        )
-    ax.set(
-        xscale="log",
+REPORT = report.Report(
+    title="Character-level Tiny Shakespeare: LSTM and simple RNN",
+    setup=setup,
+    columns=[
+        report.Column("steps", "{steps:,}", right=True),
+        report.Column(
+            "characters seen", lambda row: f"{row['characters_seen'] / 1e6:.2f}M", right=True
+        ),
+        report.Column("model", "{model}"),
+        report.Column("parameters", "{params:,}", right=True),
+        report.Column("val loss per seed", report.joined("val_loss", ".3f")),
+        report.Column("mean", "{mean_val_loss:.3f}", right=True),
+        report.Column("bits/char", "{mean_val_bits_per_char:.3f}", right=True),
+        report.Column("accuracy", "{mean_val_accuracy:.3f}", right=True),
+        report.Column("s per run", "{mean_wall_s:.0f}", right=True),
+    ],
+    notes=references_and_samples,
+    curves=report.Curves(  # training loss (lines) and final validation loss (dots), the references dashed
+        curve=lambda run: tuple(zip(*run["train_curve"])),
+        color_by="model",
+        colors={"lstm": "tab:blue", "rnn": "tab:red"},
+        dash_by="steps",
+        label="{model}, {steps:,} steps",
+        style={"alpha": 0.7},
+        point=lambda run: (run["characters_seen"], run["val_loss"]),
+        hlines=lambda result, panel: [
+            (ref["val_loss"], color, f"{ref['name']} (val)")
+            for ref, color in zip(result["references"], ("tab:gray", "black"))
+        ],
+        axes={"xscale": "log", "ylim": (1.0, 4.5)},
+        grid="both",
         xlabel="training characters seen",
         ylabel="loss (nats/char)",
         title="Tiny Shakespeare: training loss (lines), validation loss (dots)",
-        ylim=(1.0, 4.5),
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+        size=(7.5, 4.5),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    study = records.Study(STEM, {k: v for k, v in vars(args).items() if k != "verbose"})
+    config = {k: v for k, v in vars(args).items() if k != "verbose"}
+    study = report.Study(STEM, config, REPORT)
     ds = load(args)
     runs, samples = [], {}
     for steps in sorted(args.steps):
@@ -321,8 +305,6 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     result, _ = study.finish(
         args.out,
-        markdown,
-        plot,
         data={
             "path": ds.info["path"],
             "characters": ds.info["characters"],
@@ -332,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             "validation_windows": len(ds.x_test),
         },
         references=REFERENCES,
-        summary=summarise(runs),
+        summary=report.summarise(runs, ("steps", "model"), SUMMARY),
         runs=runs,
         samples=samples,
     )

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmodels import records
+from jaxmodels import records, report
 from jaxmodels.bench import torch_models
 from jaxmodels.data.datasets import get_dataset
 from jaxmodels.nn.models import get_model
@@ -131,101 +131,83 @@ def run_torch(args: argparse.Namespace, ds, optimizer: str, seed: int) -> dict:
     }
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per (framework, optimizer): final accuracy per seed, mean, spread, epoch time."""
-    rows = []
-    for framework, optimizer in dict.fromkeys((r["framework"], r["optimizer"]) for r in runs):
-        mine = [r for r in runs if r["framework"] == framework and r["optimizer"] == optimizer]
-        finals = [r["test_accuracy"][-1] for r in mine]
-        steady = [s for r in mine for s in r["epoch_s"][1:]] or [r["epoch_s"][0] for r in mine]
-        rows.append(
-            {
-                "framework": framework,
-                "optimizer": optimizer,
-                "seeds": [r["seed"] for r in mine],
-                "final_test_accuracy": finals,
-                "mean": float(np.mean(finals)),
-                "std": float(np.std(finals)),
-                "min": float(min(finals)),
-                "epoch_s_median": float(np.median(steady)),
-                "first_epoch_s": [r["epoch_s"][0] for r in mine],
-            }
-        )
-    return rows
+def steady_epoch_s(runs: list[dict]) -> float:
+    """The median epoch time over epochs 2 on (the first compiles); the first epochs' with one."""
+    steady = [s for r in runs for s in r["epoch_s"][1:]] or [r["epoch_s"][0] for r in runs]
+    return float(np.median(steady))
 
 
-def markdown(result: dict) -> str:
+final = lambda run: run["test_accuracy"][-1]
+SUMMARY = {  # one row per (framework, optimizer): final accuracy per seed, mean, spread, epoch time
+    "seeds": report.each("seed"),
+    "final_test_accuracy": report.each(final),
+    "mean": report.mean(final),
+    "std": report.std(final),
+    "min": report.minimum(final),
+    "epoch_s_median": steady_epoch_s,
+    "first_epoch_s": report.each(lambda run: run["epoch_s"][0]),
+}
+
+
+def setup(result: dict) -> list[str]:
     c = result["config"]
-    lines = [
-        "# The seed CNN on MNIST (60,000 training, 10,000 test images)",
-        "",
-        records.provenance(result),
+    return [
         f"Recipe: {result['recipe']}; {c['epochs']} epochs, seeds {c['seeds']}. Anchor: "
         f"{ANCHOR['test_accuracy']} test accuracy ({ANCHOR['source']}); goal: mean >= {GOAL}. "
-        "Epoch time: training only, the median over epochs 2 on (the first compiles).",
-        "",
-        "| framework | optimizer | test accuracy per seed | mean ± std | goal met | s per epoch | first epoch s |",
-        "|---|---|---|---:|---|---:|---|",
+        "Epoch time: training only, the median over epochs 2 on (the first compiles)."
     ]
-    for r in result["summary"]:
-        met = "yes" if r["mean"] >= GOAL else "no"
-        lines.append(
-            f"| {r['framework']} | {r['optimizer']} | {', '.join(f'{a:.4f}' for a in r['final_test_accuracy'])} "
-            f"| {r['mean']:.4f} ± {r['std']:.4f} | {met} | {r['epoch_s_median']:.1f} "
-            f"| {', '.join(f'{s:.1f}' for s in r['first_epoch_s'])} |"
-        )
-    jax_rms = next(
-        (r for r in result["summary"] if r["framework"] == "jax" and r["optimizer"] == "rmsprop"),
-        None,
-    )
-    torch_rms = next((r for r in result["summary"] if r["framework"] == "torch"), None)
-    if jax_rms and torch_rms:
-        lines += [
-            "",
-            f"PyTorch's epoch over ours: {torch_rms['epoch_s_median'] / jax_rms['epoch_s_median']:.2f}x "
-            f"(PyTorch {torch_rms['epoch_s_median']:.1f} s with {result['runs'][-1].get('threads')} "
-            f"threads, ours {jax_rms['epoch_s_median']:.1f} s).",
-        ]
-    return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """Test accuracy against epoch, one line per run."""
-    from matplotlib.figure import Figure
+def torch_over_ours(result: dict) -> list[str]:
+    """PyTorch's epoch time over ours with the same recipe, where both ran."""
+    rows = {(r["framework"], r["optimizer"]): r for r in result["summary"]}
+    ours, torch = rows.get(("jax", "rmsprop")), rows.get(("torch", "rmsprop"))
+    if not (ours and torch):
+        return []
+    return [
+        "",
+        f"PyTorch's epoch over ours: {torch['epoch_s_median'] / ours['epoch_s_median']:.2f}x "
+        f"(PyTorch {torch['epoch_s_median']:.1f} s with {result['runs'][-1].get('threads')} "
+        f"threads, ours {ours['epoch_s_median']:.1f} s).",
+    ]
 
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    colors = {
-        ("jax", "rmsprop"): "tab:blue",
-        ("jax", "adam"): "tab:green",
-        ("torch", "rmsprop"): "tab:red",
-        ("torch", "adam"): "tab:orange",
-    }
-    seen = set()
-    for run in result["runs"]:
-        key = (run["framework"], run["optimizer"])
-        epochs = range(1, len(run["test_accuracy"]) + 1)
-        ax.plot(
-            epochs,
-            run["test_accuracy"],
-            color=colors[key],
-            marker="o",
-            alpha=0.8,
-            label=None if key in seen else f"{key[0]}, {key[1]}",
-        )
-        seen.add(key)
-    ax.axhline(
-        ANCHOR["test_accuracy"], color="black", linestyle="--", linewidth=1, label="Keras (book)"
-    )
-    ax.set(xlabel="epoch", ylabel="test accuracy", title="seed CNN on MNIST")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+
+REPORT = report.Report(
+    title="The seed CNN on MNIST (60,000 training, 10,000 test images)",
+    setup=setup,
+    columns=[
+        report.Column("framework", "{framework}"),
+        report.Column("optimizer", "{optimizer}"),
+        report.Column("test accuracy per seed", report.joined("final_test_accuracy", ".4f")),
+        report.Column("mean ± std", "{mean:.4f} ± {std:.4f}", right=True),
+        report.Column("goal met", lambda row: "yes" if row["mean"] >= GOAL else "no"),
+        report.Column("s per epoch", "{epoch_s_median:.1f}", right=True),
+        report.Column("first epoch s", report.joined("first_epoch_s", ".1f")),
+    ],
+    notes=torch_over_ours,
+    curves=report.Curves(  # test accuracy against epoch, one line per run
+        curve=lambda run: (range(1, len(run["test_accuracy"]) + 1), run["test_accuracy"]),
+        color_by=("framework", "optimizer"),
+        colors={
+            ("jax", "rmsprop"): "tab:blue",
+            ("jax", "adam"): "tab:green",
+            ("torch", "rmsprop"): "tab:red",
+            ("torch", "adam"): "tab:orange",
+        },
+        label="{framework}, {optimizer}",
+        style={"marker": "o", "alpha": 0.8},
+        hlines=lambda result, panel: [(ANCHOR["test_accuracy"], "black", "Keras (book)")],
+        xlabel="epoch",
+        ylabel="test accuracy",
+        title="seed CNN on MNIST",
+        size=(6, 4),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    study = records.Study(STEM, vars(args))
+    study = report.Study(STEM, vars(args), REPORT)
     ds = get_dataset("mnist", data_dir=args.data_dir)
     ds = ds.head(train=args.train_size, test=args.test_size)
     runs = []
@@ -245,12 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result, _ = study.finish(
         args.out,
-        markdown,
-        plot,
         recipe=runs[0]["recipe"],
         anchor=ANCHOR,
         goal=GOAL,
-        summary=summarise(runs),
+        summary=report.summarise(runs, ("framework", "optimizer"), SUMMARY),
         runs=runs,
     )
     return result

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmodels import records
+from jaxmodels import report
 from jaxmodels.data.datasets import get_dataset
 from jaxmodels.nn.models import get_model
 from jaxmodels.training.fit import TrainConfig, fit
@@ -156,94 +156,96 @@ def run_one(args: argparse.Namespace, key: str, ds, seed: int) -> dict:
     }
 
 
-def summarise(runs: list[dict], baselines: dict[int, dict]) -> list[dict]:
-    """One row per (T, model): per-seed final MSEs, their mean, the mean over the baseline."""
-    rows = []
-    for seq_len in baselines:
-        for key in MODELS:
-            mine = [r for r in runs if r["seq_len"] == seq_len and r["model"] == key]
-            if not mine:
-                continue
-            finals = [r["final_test_mse"] for r in mine]
-            rows.append(
-                {
-                    "seq_len": seq_len,
-                    "model": key,
-                    "hidden": mine[0]["hidden"],
-                    "params": mine[0]["params"],
-                    "seeds": [r["seed"] for r in mine],
-                    "final_test_mse": finals,
-                    "mean_final_test_mse": float(np.mean(finals)),
-                    "mean_over_baseline": float(np.mean(finals))
-                    / baselines[seq_len]["baseline_mse"],
-                    "best_test_mse": [r["best_test_mse"] for r in mine],
-                    "solved_seeds": sum(f < SOLVED_MSE for f in finals),
-                    "first_step_below_solved_mse": [r["first_step_below_solved_mse"] for r in mine],
-                }
-            )
-    return rows
+def summary_fields(baselines: dict) -> dict:
+    """One row per (T, model): per-seed final MSEs, their mean, the mean over the baseline
+    (``baselines``: per T as text, its "baseline_mse")."""
+    final = "final_test_mse"
+    over = lambda runs: (
+        report.mean(final)(runs) / baselines[str(runs[0]["seq_len"])]["baseline_mse"]
+    )
+    return {
+        "hidden": report.first("hidden"),
+        "params": report.first("params"),
+        "seeds": report.each("seed"),
+        "final_test_mse": report.each(final),
+        "mean_final_test_mse": report.mean(final),
+        "mean_over_baseline": over,
+        "best_test_mse": report.each("best_test_mse"),
+        "solved_seeds": lambda runs: sum(r[final] < SOLVED_MSE for r in runs),
+        "first_step_below_solved_mse": report.each("first_step_below_solved_mse"),
+    }
 
 
-def markdown(result: dict) -> str:
+def setup(result: dict) -> list[str]:
     c = result["config"]
-    lines = [
-        "# LSTM vs simple RNN on the adding problem",
-        "",
-        records.provenance(result),
+    return [
         f"Hidden {c['hidden']}, {c['steps']} steps of batch {c['batch_size']}, Adam lr {c['lr']} ({c['schedule']}), "
         f"clip norm {c['clip_norm']}; {c['train_size']} training and {c['test_size']} test examples per T "
         f"(data seed {c['data_seed']}), seeds {c['seeds']}.",
         f"Baseline: always predicting 1, MSE 1/6 = {1 / 6:.4f} in expectation (per-T test-set value below). "
         f"Solved: final test MSE < {SOLVED_MSE}.",
-        "",
-        "| T | model | hidden | parameters | final test MSE per seed | mean | mean / baseline "
-        f"| best per seed | solved seeds | first step < {SOLVED_MSE} |",
-        "|---:|---|---:|---:|---|---:|---:|---|---:|---|",
     ]
-    fmt = lambda xs: ", ".join(f"{x:.4f}" for x in xs)
-    for row in result["summary"]:
-        firsts = ", ".join("-" if s is None else str(s) for s in row["first_step_below_solved_mse"])
-        lines.append(
-            f"| {row['seq_len']} | {row['model']} | {row['hidden']} | {row['params']:,} "
-            f"| {fmt(row['final_test_mse'])} | {row['mean_final_test_mse']:.4f} "
-            f"| {row['mean_over_baseline']:.3f} | {fmt(row['best_test_mse'])} "
-            f"| {row['solved_seeds']}/{len(row['seeds'])} | {firsts} |"
-        )
-    lines += ["", "| T | baseline MSE (predict 1) on the test set | expected |", "|---:|---:|---:|"]
-    for seq_len, b in result["baselines"].items():
-        lines.append(f"| {seq_len} | {b['test_mse_predict_1']:.4f} | {b['baseline_mse']:.4f} |")
-    return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """Test MSE against step, one panel per T, one line per (model, seed), the baseline dashed."""
-    from matplotlib.figure import Figure
+def baseline_table(result: dict) -> list[str]:
+    """Per T: the test set's MSE of predicting 1, and its expectation."""
+    columns = [
+        report.Column("T", "{T}", right=True),
+        report.Column(
+            "baseline MSE (predict 1) on the test set", "{test_mse_predict_1:.4f}", right=True
+        ),
+        report.Column("expected", "{baseline_mse:.4f}", right=True),
+    ]
+    return ["", *report.table(columns, [b | {"T": t} for t, b in result["baselines"].items()])]
 
-    seq_lens = list(result["baselines"])
-    fig = Figure(figsize=(4.2 * len(seq_lens), 3.6), layout="constrained")
-    colors = {"lstm": "tab:blue", "rnn": "tab:red", "rnn-matched": "tab:orange"}
-    for ax, seq_len in zip(fig.subplots(1, len(seq_lens), squeeze=False)[0], seq_lens):
-        for run in (r for r in result["runs"] if r["seq_len"] == int(seq_len)):
-            steps, mse = zip(*run["test_curve"])
-            label = run["model"] if run["seed"] == result["config"]["seeds"][0] else None
-            ax.plot(steps, mse, color=colors[run["model"]], alpha=0.8, label=label)
-        ax.axhline(
-            result["baselines"][seq_len]["baseline_mse"],
-            color="black",
-            linestyle="--",
-            linewidth=1,
-            label="predict 1 (1/6)",
-        )
-        ax.set(yscale="log", xlabel="step", ylabel="test MSE", title=f"adding, T = {seq_len}")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+
+REPORT = report.Report(
+    title="LSTM vs simple RNN on the adding problem",
+    setup=setup,
+    columns=[
+        report.Column("T", "{seq_len}", right=True),
+        report.Column("model", "{model}"),
+        report.Column("hidden", "{hidden}", right=True),
+        report.Column("parameters", "{params:,}", right=True),
+        report.Column("final test MSE per seed", report.joined("final_test_mse", ".4f")),
+        report.Column("mean", "{mean_final_test_mse:.4f}", right=True),
+        report.Column("mean / baseline", "{mean_over_baseline:.3f}", right=True),
+        report.Column("best per seed", report.joined("best_test_mse", ".4f")),
+        report.Column(
+            "solved seeds", lambda row: f"{row['solved_seeds']}/{len(row['seeds'])}", right=True
+        ),
+        report.Column(
+            f"first step < {SOLVED_MSE}",
+            lambda row: ", ".join(
+                "-" if s is None else str(s) for s in row["first_step_below_solved_mse"]
+            ),
+        ),
+    ],
+    notes=baseline_table,
+    curves=report.Curves(  # test MSE against step, one panel per T, the baseline dashed
+        curve=lambda run: tuple(zip(*run["test_curve"])),
+        panel_by="seq_len",
+        color_by="model",
+        colors={"lstm": "tab:blue", "rnn": "tab:red", "rnn-matched": "tab:orange"},
+        label="{model}",
+        style={"alpha": 0.8},
+        hlines=lambda result, t: [
+            (result["baselines"][str(t)]["baseline_mse"], "black", "predict 1 (1/6)")
+        ],
+        axes={"yscale": "log"},
+        grid="both",
+        xlabel="step",
+        ylabel="test MSE",
+        title="adding, T = {panel}",
+        size=(4.2, 3.6),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config = {k: v for k, v in vars(args).items() if k != "verbose"} | {"solved_mse": SOLVED_MSE}
-    study = records.Study(STEM, config)
+    study = report.Study(STEM, config, REPORT)
     datasets = {
         t: get_dataset(
             "adding",
@@ -255,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         for t in args.seq_lens
     }
     baselines = {
-        t: {
+        str(t): {
             "baseline_mse": ds.info["baseline_mse"],
             "test_mse_predict_1": float(np.mean((ds.y_test - 1.0) ** 2)),
         }
@@ -269,16 +271,14 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append(run)
                 print(
                     f"T={t:4d} {key:4s} seed {seed}: final test MSE {run['final_test_mse']:.4f} "
-                    f"(best {run['best_test_mse']:.4f}, baseline {baselines[t]['baseline_mse']:.4f}), "
+                    f"(best {run['best_test_mse']:.4f}, baseline {baselines[str(t)]['baseline_mse']:.4f}), "
                     f"{run['wall_s']:.0f} s",
                     flush=True,
                 )
     result, _ = study.finish(
         args.out,
-        markdown,
-        plot,
-        baselines={str(t): b for t, b in baselines.items()},
-        summary=summarise(runs, baselines),
+        baselines=baselines,
+        summary=report.summarise(runs, ("seq_len", "model"), summary_fields(baselines)),
         runs=runs,
     )
     return result

@@ -23,9 +23,7 @@ import io
 import time
 from pathlib import Path
 
-import numpy as np
-
-from jaxmodels import records
+from jaxmodels import report
 from jaxmodels.data.datasets import get_dataset
 from jaxmodels.nn.models import get_model
 from jaxmodels.training import runlog
@@ -113,87 +111,77 @@ def run_one(args: argparse.Namespace, ds, task: str, model: str, seed: int) -> d
     }
 
 
-def summarise(runs: list[dict], args: argparse.Namespace) -> list[dict]:
-    rows = []
-    for task, model in dict.fromkeys((r["task"], r["model"]) for r in runs):
-        mine = [r for r in runs if r["task"] == task and r["model"] == model]
-        finals = [r["test_accuracy"][-1] for r in mine]
-        rows.append(
-            {
-                "task": task,
-                "model": model,
-                "seq_len": mine[0]["seq_len"],
-                "epochs": len(mine[0]["test_accuracy"]),
-                "seeds": [r["seed"] for r in mine],
-                "final_test_accuracy": finals,
-                "mean": float(np.mean(finals)),
-                "std": float(np.std(finals)),
-                "best_epoch_accuracy": [max(r["test_accuracy"]) for r in mine],
-                "epoch_s_median": float(np.median([s for r in mine for s in r["epoch_s"]])),
-                "anchor": ANCHORS.get((task, model)),
-                "command": cli_command(args, task, model),
-            }
-        )
-    return rows
+def summary_fields(args: argparse.Namespace) -> dict:
+    """One row per (task, model): final accuracy per seed, mean, spread, the anchor, the command."""
+    final = lambda run: run["test_accuracy"][-1]
+    return {
+        "seq_len": report.first("seq_len"),
+        "epochs": report.first(lambda run: len(run["test_accuracy"])),
+        "seeds": report.each("seed"),
+        "final_test_accuracy": report.each(final),
+        "mean": report.mean(final),
+        "std": report.std(final),
+        "best_epoch_accuracy": report.each(lambda run: max(run["test_accuracy"])),
+        "epoch_s_median": report.median("epoch_s"),
+        "anchor": report.first(lambda run: ANCHORS.get((run["task"], run["model"]))),
+        "command": report.first(lambda run: cli_command(args, run["task"], run["model"])),
+    }
 
 
-def markdown(result: dict) -> str:
+def setup(result: dict) -> list[str]:
     c = result["config"]
-    lines = [
-        "# Sequential MNIST: LSTM and simple RNN",
-        "",
-        records.provenance(result),
+    return [
         f"Hidden {c['hidden']}; {c['epochs']} epochs of batch {c['batch_size']} over "
         f"{result['train_examples']:,} training images; Adam, peak lr {c['lr']}, cosine decay to 0, "
         f"clip norm {c['clip_norm']}; seeds {c['seeds']}; test accuracy on {result['test_examples']:,} "
-        "test images.",
-        "",
-        "| task | T | model | epochs | test accuracy per seed | mean ± std | anchor | s per epoch |",
-        "|---|---:|---|---:|---|---:|---|---:|",
+        "test images."
     ]
-    for r in result["summary"]:
-        anchor = f"{r['anchor']['accuracy']:.3f} ({r['anchor']['source']})" if r["anchor"] else "-"
-        lines.append(
-            f"| {r['task']} | {r['seq_len']} | {r['model']} | {r['epochs']} "
-            f"| {', '.join(f'{a:.4f}' for a in r['final_test_accuracy'])} "
-            f"| {r['mean']:.4f} ± {r['std']:.4f} | {anchor} | {r['epoch_s_median']:.0f} |"
-        )
-    lines += ["", "The same runs from the command line:", ""]
-    lines += [f"- {r['task']}, {r['model']}: `{r['command']}`" for r in result["summary"]]
-    return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """Test accuracy against epoch, one panel per task, one line per (model, seed)."""
-    from matplotlib.figure import Figure
+def commands(result: dict) -> list[str]:
+    """Each row's equivalent ``jaxmodels train`` command."""
+    lines = ["", "The same runs from the command line:", ""]
+    return lines + [f"- {r['task']}, {r['model']}: `{r['command']}`" for r in result["summary"]]
 
-    tasks = list(dict.fromkeys(r["task"] for r in result["runs"]))
-    fig = Figure(figsize=(4.5 * len(tasks), 3.6), layout="constrained")
-    colors = {"lstm": "tab:blue", "rnn": "tab:red"}
-    for ax, task in zip(fig.subplots(1, len(tasks), squeeze=False)[0], tasks):
-        seen = set()
-        for run in (r for r in result["runs"] if r["task"] == task):
-            epochs = range(1, len(run["test_accuracy"]) + 1)
-            ax.plot(
-                epochs,
-                run["test_accuracy"],
-                color=colors[run["model"]],
-                marker="o",
-                alpha=0.8,
-                label=None if run["model"] in seen else run["model"],
-            )
-            seen.add(run["model"])
-        ax.set(xlabel="epoch", ylabel="test accuracy", title=f"sequential MNIST, {task}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.savefig(path, dpi=100)
+
+def anchor(row: dict) -> str:
+    a = row["anchor"]
+    return f"{a['accuracy']:.3f} ({a['source']})" if a else "-"
+
+
+REPORT = report.Report(
+    title="Sequential MNIST: LSTM and simple RNN",
+    setup=setup,
+    columns=[
+        report.Column("task", "{task}"),
+        report.Column("T", "{seq_len}", right=True),
+        report.Column("model", "{model}"),
+        report.Column("epochs", "{epochs}", right=True),
+        report.Column("test accuracy per seed", report.joined("final_test_accuracy", ".4f")),
+        report.Column("mean ± std", "{mean:.4f} ± {std:.4f}", right=True),
+        report.Column("anchor", anchor),
+        report.Column("s per epoch", "{epoch_s_median:.0f}", right=True),
+    ],
+    notes=commands,
+    curves=report.Curves(  # test accuracy against epoch, one panel per task, a line per run
+        curve=lambda run: (range(1, len(run["test_accuracy"]) + 1), run["test_accuracy"]),
+        panel_by="task",
+        color_by="model",
+        colors={"lstm": "tab:blue", "rnn": "tab:red"},
+        label="{model}",
+        style={"marker": "o", "alpha": 0.8},
+        xlabel="epoch",
+        ylabel="test accuracy",
+        title="sequential MNIST, {panel}",
+        size=(4.5, 3.6),
+    ),
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    study = records.Study(
-        STEM if args.tasks == ["rows"] else f"{STEM}-{'-'.join(args.tasks)}", vars(args)
-    )
+    name = STEM if args.tasks == ["rows"] else f"{STEM}-{'-'.join(args.tasks)}"
+    study = report.Study(name, vars(args), REPORT)
     runs, train_examples, test_examples = [], None, None
     for task in args.tasks:
         ds = get_dataset("seq-mnist", data_dir=args.data_dir, **TASKS[task])
@@ -210,11 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
                 )
     result, _ = study.finish(
         args.out,
-        markdown,
-        plot,
         train_examples=train_examples,
         test_examples=test_examples,
-        summary=summarise(runs, args),
+        summary=report.summarise(runs, ("task", "model"), summary_fields(args)),
         runs=runs,
     )
     return result

@@ -32,6 +32,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxmodels.arguments import (
+    host_port,
+    key_value,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from jaxmodels.commands import run_bench, run_eval, run_export, run_info, run_sample, run_train
 from jaxmodels.data.datasets import list_datasets
 from jaxmodels.export import PLATFORMS
@@ -43,61 +51,6 @@ from jaxmodels.training.parallel import STRATEGIES
 DTYPES = ("float32", "bfloat16")
 _PACKAGE = Path(__file__).resolve().parent
 _DEFAULTS = TrainConfig()
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer above 0 (the one such type of the project's commands and scripts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _number(text: str, *, strict: bool) -> float:
-    """A finite float above 0 (``strict``) or at least 0."""
-    what = "a positive number" if strict else "a number >= 0"
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if not (value > 0 if strict else value >= 0) or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _number(text, strict=True)
-
-
-def _non_negative_float(text: str) -> float:
-    return _number(text, strict=False)
-
-
-def _host_port(text: str) -> str:
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return text
-
-
-def _key_value(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip() or not value:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. hidden_size=128), got {text!r}")
-    return key.strip(), value
 
 
 def _add_model_and_data_options(parser: argparse.ArgumentParser, *, run: bool = True) -> None:
@@ -199,18 +152,29 @@ def _add_bench_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxmodels`` parser: a subcommand from each ``_add_*_command``."""
     parser = argparse.ArgumentParser(
         prog="jaxmodels", description="Train and inspect jaxmodels models."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_command(commands)
+    _add_eval_command(commands)
+    _add_sample_command(commands)
+    _add_export_command(commands)
+    _add_bench_command(commands)
+    _add_info_command(commands)
+    return parser
 
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    """``jaxmodels train MODEL``: the model, data, recipe, run folder and multi-host options."""
     train = commands.add_parser(
         "train", help="train a model on a data set", description="Train a model on a data set."
     )
     _add_model_and_data_options(train)
     train.add_argument(
         "--model-arg",
-        type=_key_value,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
@@ -219,13 +183,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--data-arg",
-        type=_key_value,
+        type=key_value,
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="set an option of the data set (repeatable), e.g. steps=pixels, permute=0 "
         "(seq-mnist), train_size=20000 (adding); recorded in config.json",
     )
+    _add_recipe_options(train)
+    train.add_argument("--warmup-steps", type=non_negative_int, default=_DEFAULTS.warmup_steps)
+    train.add_argument(
+        "--clip-norm", type=positive_float, default=None, help="clip gradients to this global norm"
+    )
+    train.add_argument("--weight-decay", type=non_negative_float, default=_DEFAULTS.weight_decay)
+    train.add_argument("--seed", type=non_negative_int, default=_DEFAULTS.seed)
+    train.add_argument(
+        "--max-steps", type=positive_int, default=None, help="stop after this many steps"
+    )
+    train.add_argument(
+        "--log-every", type=positive_int, default=_DEFAULTS.log_every, help="steps per metrics row"
+    )
+    _add_run_folder_options(train)
+    train.add_argument(
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
+        help="how steps use the devices (default: sharded with more than one device, else single)",
+    )
+    _add_multi_host_options(train)
+
+
+def _add_recipe_options(train: argparse.ArgumentParser) -> None:
+    """The training recipe's options: their defaults come from the model and data set (``RECIPES``)."""
     recipes = train.add_argument_group(
         "training recipe",
         "defaults: the model and data set's recipe (jaxmodels.training.fit.RECIPES)",
@@ -233,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind, choices, help in (
         ("--epochs", positive_int, None, ""),
         ("--batch-size", positive_int, None, ""),
-        ("--lr", _positive_float, None, "peak learning rate; "),
+        ("--lr", positive_float, None, "peak learning rate; "),
         ("--optimizer", str, OPTIMIZERS, ""),
         ("--schedule", str, SCHEDULES, ""),
     ):
@@ -246,18 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
         recipes.add_argument(
             flag, type=kind, choices=choices, default=None, help=help + "; ".join(defaults)
         )
-    train.add_argument("--warmup-steps", type=_non_negative_int, default=_DEFAULTS.warmup_steps)
-    train.add_argument(
-        "--clip-norm", type=_positive_float, default=None, help="clip gradients to this global norm"
-    )
-    train.add_argument("--weight-decay", type=_non_negative_float, default=_DEFAULTS.weight_decay)
-    train.add_argument("--seed", type=_non_negative_int, default=_DEFAULTS.seed)
-    train.add_argument(
-        "--max-steps", type=positive_int, default=None, help="stop after this many steps"
-    )
-    train.add_argument(
-        "--log-every", type=positive_int, default=_DEFAULTS.log_every, help="steps per metrics row"
-    )
+
+
+def _add_run_folder_options(train: argparse.ArgumentParser) -> None:
+    """The run's output: --workdir, the progress bar, checkpoints, --resume or --overwrite."""
     train.add_argument(
         "--workdir", default=None, help="output folder (default: runs/MODEL-DATASET)"
     )
@@ -287,12 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="--workdir holds another run: move it aside to WORKDIR.old-DATE-TIME, start afresh",
     )
-    train.add_argument(
-        "--strategy",
-        default=None,
-        choices=STRATEGIES,
-        help="how steps use the devices (default: sharded with more than one device, else single)",
-    )
+
+
+def _add_multi_host_options(train: argparse.ArgumentParser) -> None:
+    """The jax.distributed options of a multi-host run."""
     hosts = train.add_argument_group(
         "multi-host",
         "start jax.distributed (default: from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, "
@@ -300,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hosts.add_argument(
         "--coordinator-address",
-        type=_host_port,
+        type=host_port,
         default=None,
         metavar="HOST:PORT",
         help="process 0's address",
@@ -308,11 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--num-processes", type=positive_int, default=None)
     hosts.add_argument(
         "--process-id",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=None,
         help="this process, 0 .. num-processes - 1",
     )
 
+
+def _add_eval_command(commands: argparse._SubParsersAction) -> None:
+    """``jaxmodels eval``: test metrics of a run's checkpoint or a weights file."""
     evaluate = commands.add_parser(
         "eval",
         help="test metrics of a run's latest checkpoint",
@@ -327,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="JSON file to write (default: WORKDIR/eval.json)"
     )
 
+
+def _add_sample_command(commands: argparse._SubParsersAction) -> None:
+    """``jaxmodels sample``: text from a character model's checkpoint."""
     sample = commands.add_parser(
         "sample",
         help="text from a character model's checkpoint",
@@ -343,12 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument(
         "--temperature",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=1.0,
         help="softmax temperature; 0 takes the most likely character (default: 1.0)",
     )
-    sample.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
+    sample.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
 
+
+def _add_export_command(commands: argparse._SubParsersAction) -> None:
+    """``jaxmodels export``: a run's checkpoint as a jax.export artifact or safetensors."""
     export = commands.add_parser(
         "export",
         help="a run's checkpoint as a jax.export artifact",
@@ -374,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"platforms it runs on (default: {' '.join(PLATFORMS)})",
     )
 
+
+def _add_bench_command(commands: argparse._SubParsersAction) -> None:
+    """``jaxmodels bench SUITE``: timings against the models' peers."""
     bench = commands.add_parser(
         "bench",
         help="time models side by side with their peers",
@@ -383,9 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_bench_options(bench)
 
+
+def _add_info_command(commands: argparse._SubParsersAction) -> None:
+    """``jaxmodels info``: versions, backend and devices."""
     info_help = "versions, backend and devices"
     commands.add_parser("info", help=info_help, description=f"Print {info_help}.")
-    return parser
 
 
 def _raised_here(err: BaseException) -> bool:

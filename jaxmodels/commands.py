@@ -8,7 +8,6 @@ unwritable work folder, multi-host flags without their coordinator).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,143 +15,9 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from jaxmodels.data.datasets import DATASET_KINDS, dataset_options
-from jaxmodels.data.mnist import MNIST_FILES
-from jaxmodels.nn.models import DATA_SIZES, get_model, model_kind, model_options
+from jaxmodels.inputs import RECIPE_OPTIONS, check_pairing, data_options, load, parse_model_args
+from jaxmodels.nn.models import model_kind, model_options
 from jaxmodels.training.fit import recipe
-from jaxmodels.training.rundir import tuples
-
-# Train options whose default comes from the model and data set's recipe (jaxmodels.training.fit.RECIPES).
-RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "optimizer", "schedule")
-
-# The get_dataset option behind each data flag.
-DATA_FLAGS = {
-    "data_dir": "--data-dir",
-    "download": "--download",
-    "path": "--data-file",
-    "seq_len": "--seq-len",
-}
-
-
-def check_pairing(model: str, dataset: str) -> None:
-    """ValueError naming the data sets ``model`` reads when ``dataset`` is not one of them."""
-    task, inputs = model_kind(model)
-    if DATASET_KINDS[dataset] != (task, inputs):
-        fits = " or ".join(d for d, kind in DATASET_KINDS.items() if kind == (task, inputs))
-        has = DATASET_KINDS[dataset]
-        raise ValueError(
-            f"{model} reads {inputs} ({task}), and {dataset} holds {has[1]} ({has[0]}): use "
-            f"--dataset {fits}"
-        )
-
-
-def data_options(args: argparse.Namespace, dataset: str) -> dict:
-    """The get_dataset options that the data flags in ``args`` give (``--data-arg`` pairs too,
-    where the command has them); a flag that ``dataset`` does not take is a ValueError naming the
-    ones it does."""
-    given = dict(data_dir=args.data_dir, path=args.data_file, seq_len=args.seq_len)
-    given = {k: v for k, v in given.items() if v is not None} | (
-        {"download": True} if args.download else {}
-    )
-    given |= parse_data_args(dataset, getattr(args, "data_arg", None) or [])
-    takes = dataset_options(dataset)
-    wrong = [DATA_FLAGS[k] for k in given if k not in takes]
-    if wrong:
-        accepted = [flag for k, flag in DATA_FLAGS.items() if k in takes]
-        which = ", ".join(accepted) if accepted else f"none of {', '.join(DATA_FLAGS.values())}"
-        raise ValueError(
-            f"{' and '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to --dataset "
-            f"{dataset}, which takes {which}"
-        )
-    return given
-
-
-def parse_data_args(dataset: str, pairs: Sequence[tuple[str, str]]) -> dict:
-    """``--data-arg KEY=VALUE`` pairs as ``get_dataset`` options of ``dataset`` (a later KEY
-    wins), VALUE read as in ``parse_model_args`` against the option's default. ValueError naming
-    the data set's options for an unknown KEY, and the flag to use for one that has its own."""
-    options = dataset_options(dataset)
-    settable = {k: v for k, v in options.items() if k not in DATA_FLAGS}
-    parsed = {}
-    for key, text in pairs:
-        if key in DATA_FLAGS and key in options:
-            raise ValueError(f"--data-arg {key}: use {DATA_FLAGS[key]}")
-        if key not in settable:
-            raise ValueError(
-                f"--data-arg {key}: dataset {dataset} has no option {key!r}; its options are "
-                + (", ".join(f"{k} (default {v!r})" for k, v in settable.items()) or "none")
-            )
-        parsed[key] = _option_value("--data-arg", key, text, settable[key])
-    return parsed
-
-
-def parse_model_args(model: str, pairs: Sequence[tuple[str, str]]) -> dict:
-    """``--model-arg KEY=VALUE`` pairs as ``get_model`` options of ``model`` (a later KEY wins).
-    VALUE is read as JSON (``128``, ``true``, ``[32, 64]``), else taken as text (``pallas``), and
-    must have the type of the option's default (``models.model_options``; lists become tuples).
-    ValueError naming the model's options for an unknown KEY, and the expected type for a value."""
-    options = model_options(model)
-    parsed = {}
-    for key, text in pairs:
-        if key not in options:
-            raise ValueError(
-                f"--model-arg {key}: {model} has no option {key!r}; its options are "
-                + ", ".join(f"{k} (default {v!r})" for k, v in options.items())
-            )
-        parsed[key] = _option_value("--model-arg", key, text, options[key])
-    return parsed
-
-
-def _option_value(flag: str, key: str, text: str, default):
-    """VALUE of ``flag`` KEY=VALUE: JSON, else text, of the type of ``default`` (any without one)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    value = tuples(value)
-    if default is None:
-        return value
-    kinds = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-    kind = next((k for k in kinds if isinstance(default, k)), tuple)
-    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple,)}
-    fits = isinstance(value, accepted[kind]) and (kind is bool or not isinstance(value, bool))
-    if not fits:
-        expected = kinds.get(kind, "a JSON list such as " + json.dumps(default))
-        raise ValueError(f"{flag} {key}={text}: expected {expected} (default {default!r})")
-    return float(value) if kind is float else value
-
-
-def _missing_split(dataset, split: str) -> str:
-    message = f"dataset {dataset.name} has no {split} split"
-    if "data_dir" in dataset.info:  # MNIST's files
-        files = " and ".join(f"{name}[.gz]" for name in MNIST_FILES[split])
-        message += f": {files} are not in {dataset.info['data_dir']}; fetch them with --download"
-    return message
-
-
-def load(
-    model_name: str,
-    dataset_name: str,
-    options: dict,
-    dtype: str,
-    splits: Sequence[str],
-    model_args: dict | None = None,
-):
-    """The data set and the model (its classes or vocabulary sized to the data, and
-    ``model_args``, its options) to run; each of ``splits`` ("train", "test") must be in the
-    data."""
-    import jax.numpy as jnp
-
-    from jaxmodels.data.datasets import get_dataset
-
-    dataset = get_dataset(dataset_name, **options)
-    for split in splits:
-        if getattr(dataset, f"x_{split}") is None:
-            raise ValueError(_missing_split(dataset, split))
-    config = {"dtype": jnp.bfloat16} if dtype == "bfloat16" else {}
-    if dataset.num_classes is not None:  # a classifier's classes, a language model's vocabulary
-        config[DATA_SIZES[dataset.task]] = dataset.num_classes
-    return get_model(model_name, **config, **(model_args or {})), dataset
 
 
 def _check_distributed(args: argparse.Namespace) -> None:
@@ -181,9 +46,9 @@ def _check_distributed(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxmodels.training.fit import fit
-    from jaxmodels.training.parallel import get_strategy, initialize_distributed
-    from jaxmodels.training.rundir import prepare_workdir
+    from jaxmodels.training.parallel import initialize_distributed
+    from jaxmodels.training.rundir import RUN_FILES
+    from jaxmodels.training.runlock import claim
 
     start = time.perf_counter()
     options = data_options(args, args.dataset)
@@ -194,13 +59,30 @@ def run_train(args: argparse.Namespace) -> int:
         args.coordinator_address, args.num_processes, args.process_id
     )  # before any JAX work
     workdir = Path(args.workdir or f"runs/{args.model}-{args.dataset}")
-    prepare_workdir(
+    # The folder is claimed before the data is loaded, and held until fit's own claim ends.
+    with claim(
         workdir,
         model=args.model,
         dataset=args.dataset,
         resume=args.resume,
         overwrite=args.overwrite,
-    )
+    ):
+        result = _train(args, workdir, options, model_args)
+    elapsed = time.perf_counter() - start
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
+    steps = int(result.state.step)
+    if jax.process_index() == 0:  # the process that wrote the files
+        print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
+        written = ", ".join(RUN_FILES)
+        print(f"wrote {workdir}/{written}")
+    return 0
+
+
+def _train(args: argparse.Namespace, workdir: Path, options: dict, model_args: dict):
+    """``run_train``'s work inside the claimed folder: load the model and data, then ``fit``."""
+    from jaxmodels.training.fit import fit
+    from jaxmodels.training.parallel import get_strategy
+
     model, dataset = load(args.model, args.dataset, options, args.dtype, ("train",), model_args)
     given = {key: getattr(args, key) for key in RECIPE_OPTIONS if getattr(args, key) is not None}
     config = recipe(
@@ -224,17 +106,9 @@ def run_train(args: argparse.Namespace) -> int:
             f"{dataset.name}; use --batch-size N with N <= {n}"
         )
     args.run_folder = workdir  # from here on, an interruption names its last checkpoint
-    result = fit(
+    return fit(
         model, dataset, config, workdir, strategy=get_strategy(args.strategy), resume=args.resume
     )
-    elapsed = time.perf_counter() - start
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.test_metrics.items()) or "(no test split)"
-    steps = int(result.state.step)
-    if jax.process_index() == 0:  # the process that wrote the files
-        print(f"{args.model} on {args.dataset}: test {shown}  ({steps} steps, {elapsed:.1f} s)")
-        written = "config.json, metrics.jsonl, test_metrics.json, learning_curves.png, checkpoints/"
-        print(f"wrote {workdir}/{written}")
-    return 0
 
 
 def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, dict, str, dict]:
@@ -272,8 +146,7 @@ def _eval_settings(args: argparse.Namespace, workdir: Path) -> tuple[str, str, d
 def _require_checkpoint(workdir: Path, step: int | None, purpose: str) -> None:
     """FileNotFoundError naming the saved steps unless ``workdir`` has checkpoint ``step`` (None:
     any)."""
-    from jaxmodels.training.checkpoint import checkpoint_dir
-    from jaxmodels.training.rundir import saved_steps
+    from jaxmodels.training.rundir import checkpoint_dir, saved_steps
 
     steps = saved_steps(workdir)
     if not steps or step not in (None, *steps):
@@ -284,20 +157,17 @@ def _require_checkpoint(workdir: Path, step: int | None, purpose: str) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import json
-
     import jax
 
-    from jaxmodels.training.fit import evaluate_checkpoint, evaluate_params
-    from jaxmodels.training.rundir import check_writable
-    from jaxmodels.training.runlog import write_atomic
+    from jaxmodels.training.evaluate import evaluate_checkpoint, evaluate_params
+    from jaxmodels.training.rundir import EVAL_FILE, check_writable, eval_text, write_eval
 
     if args.weights is None:  # the run first: nothing is created for a folder that holds none
         workdir = _run_folder(args, "eval")
         model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
         check_pairing(model_name, dataset_name)
         _require_checkpoint(workdir, args.step, "evaluate")
-        default_output = workdir / "eval.json"
+        default_output = workdir / EVAL_FILE
     else:
         default_output = None
     output = Path(args.output).expanduser() if args.output else default_output
@@ -317,9 +187,9 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         source = {"workdir": str(workdir), "step": step}
     result = {"model": model.name, "dataset": dataset.name, **source, "test": metrics}
-    text = json.dumps(result, indent=2)
+    text = eval_text(result)
     if output is not None and lead:
-        write_atomic(output, text + "\n")  # on disk before it is shown
+        write_eval(output, result)  # on disk before it is shown
     print(text)
     return 0
 
@@ -331,13 +201,14 @@ def run_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from jaxmodels.nn.models import generate
-    from jaxmodels.training.fit import restore_params
+    from jaxmodels.training.evaluate import restore_params
+    from jaxmodels.training.rundir import CONFIG_FILE
 
     if args.workdir is None and args.model is None:
         raise ValueError("sample needs --workdir (the run's folder) or MODEL (runs/MODEL-DATASET)")
     default = f"runs/{args.model}-{args.dataset or 'text'}"
     workdir = Path(args.workdir or default).expanduser()
-    if args.dataset is None and not (workdir / "config.json").is_file():
+    if args.dataset is None and not (workdir / CONFIG_FILE).is_file():
         args.dataset = "text"
     model_name, dataset_name, options, dtype, model_args = _eval_settings(args, workdir)
     if model_kind(model_name)[0] != "language_model":
@@ -369,7 +240,7 @@ def run_export(args: argparse.Namespace) -> int:
     from jaxmodels.interop.safetensors import SUFFIX as SAFETENSORS
     from jaxmodels.interop.safetensors import save_variables
     from jaxmodels.nn.models import config_of
-    from jaxmodels.training.fit import restore_params
+    from jaxmodels.training.evaluate import restore_params
     from jaxmodels.training.rundir import check_writable
 
     out = Path(args.out).expanduser()

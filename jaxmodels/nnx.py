@@ -79,32 +79,15 @@ class CNN(nnx.Module):
         conv_impl: str = "patches",
         rngs: nnx.Rngs,
     ):
-        if conv_impl not in layers.CONV_IMPLS:
-            raise ValueError(f"expected conv_impl in {layers.CONV_IMPLS}, got {conv_impl!r}")
-        if padding not in conv.PADDINGS:
-            raise ValueError(f"expected padding in {conv.PADDINGS}, got {padding!r}")
-        if len(pool_after) != len(features):
-            raise ValueError(
-                f"expected pool_after with one entry per convolution ({len(features)}), "
-                f"got {len(pool_after)}"
-            )
-        pairs = {"image_size": image_size, "kernel_size": kernel_size, "pool_size": pool_size}
-        for name, pair in pairs.items():
-            if len(pair) != 2:
-                raise ValueError(f"expected {name} to be (height, width), got {pair!r}")
-            for a, v in enumerate(pair):
-                checks.size(f"{name}[{a}]", v)
         self.in_features = checks.size("in_features", in_features)
-        self.features = tuple(checks.size(f"features[{k}]", w) for k, w in enumerate(features))
-        self.dense_features = tuple(
-            checks.size(f"dense_features[{k}]", w) for k, w in enumerate(dense_features)
-        )
-        self.image_size, self.kernel_size = tuple(image_size), tuple(kernel_size)
-        self.pool_after, self.pool_size = tuple(map(bool, pool_after)), tuple(pool_size)
-        self.num_classes = checks.size("num_classes", num_classes)
-        self.dropout_rate = checks.rate("dropout_rate", dropout_rate)
-        self.padding, self.conv_impl, self.dtype = padding, conv_impl, dtype
-        self.param_dtype = param_dtype
+        self.image_size = layers.pair("image_size", image_size)
+        self.features, self.kernel_size, self.pool_after = features, kernel_size, pool_after
+        self.pool_size, self.padding, self.dense_features = pool_size, padding, dense_features
+        self.num_classes, self.dropout_rate, self.conv_impl = num_classes, dropout_rate, conv_impl
+        self.dtype, self.param_dtype = dtype, param_dtype
+        for name, value in layers.check_cnn_fields(self, any_xla_padding=False).items():
+            setattr(self, name, value)
+        layers.check_image_size(self, self.image_size, f"image_size={self.image_size}")
         self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs)
         lecun = initializers.lecun_normal()  # Linen's nn.Conv / nn.Dense defaults, zero biases
 
@@ -117,12 +100,7 @@ class CNN(nnx.Module):
             setattr(self, f"Conv_{k}", kernel_and_bias((*self.kernel_size, channels, width)))
             channels = width
         probe = jax.ShapeDtypeStruct((1, *self.image_size, self.in_features), param_dtype)
-        try:
-            width = jax.eval_shape(self.convolutions, probe).shape[-1]
-        except ValueError as error:
-            raise ValueError(
-                f"expected image_size={self.image_size} large enough: {error}"
-            ) from None
+        width = jax.eval_shape(self.convolutions, probe).shape[-1]
         for k, out in enumerate((*self.dense_features, self.num_classes)):
             setattr(self, f"Dense_{k}", kernel_and_bias((width, out)))
             width = out
@@ -142,12 +120,7 @@ class CNN(nnx.Module):
         """x: [batch, height, width, in_features] floats, of ``image_size`` -> logits [batch,
         num_classes]. Dropout before each dense layer when ``train`` (rng stream 'dropout')."""
         x = jnp.asarray(x)
-        if x.ndim != 4 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"expected x [batch, height, width, channels={self.in_features}], got shape {x.shape}"
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"expected floating-point x, got dtype {x.dtype}")
+        layers.check_images(x, self.in_features, f"in_features={self.in_features}")
         image, x = x.shape, self.convolutions(x)
         if x.shape[-1] != self.Dense_0.kernel.shape[0]:
             raise ValueError(
@@ -160,7 +133,7 @@ class CNN(nnx.Module):
             p = getattr(self, f"Dense_{k}")
             x = self.dropout(x, deterministic=not train)
             x, kernel, bias = promote_dtype(x, p.kernel[...], p.bias[...], dtype=self.dtype)
-            activation = cells.identity if k == last else jax.nn.relu
+            activation = "identity" if k == last else jax.nn.relu
             x = cells.dense({"w": kernel, "b": bias}, x, activation)
         return x
 
@@ -207,12 +180,12 @@ class _Recurrent(nnx.Module):
     def __call__(
         self,
         xs: Array,
-        seq_lengths: Array | None = None,
         initial_carry: Any = None,
         *,
+        seq_lengths: Array | None = None,
         train: bool = False,
     ):
-        """xs: [batch, time, in_features]; seq_lengths: [batch] or None.
+        """xs: [batch, time, in_features]; seq_lengths: [batch] or None (full length).
 
         Returns (outputs, final_carry) as ``layers.LSTM`` / ``SimpleRNN``: outputs [batch, time,
         directions*hidden] of the last layer; final_carry [num_layers*directions, batch, hidden]
@@ -224,25 +197,19 @@ class _Recurrent(nnx.Module):
             raise ValueError(
                 f"expected xs [batch, time, features={self.in_features}], got shape {xs.shape}"
             )
-        dtype = self.dtype or checks.promote_types(xs.dtype, self.param_dtype)
-        options = {"seq_lengths": seq_lengths, "unroll": self.unroll, "impl": self.impl}
-        finals = []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                xs = self.dropout(xs, deterministic=not train)
-            outs = []
-            for direction in range(self.directions):
-                name = f"layer_{layer}" + ("_reverse" if direction else "")
-                params = jax.tree.map(lambda p: p.astype(dtype), getattr(self, name).arrays())
-                index = layer * self.directions + direction
-                carry = jax.tree.map(lambda a: a[index].astype(dtype), initial_carry)  # or None
-                final, hs = self.scan(
-                    params, xs.astype(dtype), carry, reverse=bool(direction), **options
-                )
-                finals.append(final)
-                outs.append(hs)
-            xs = outs[0] if self.directions == 1 else jnp.concatenate(outs, axis=-1)
-        return xs, jax.tree.map(lambda *a: jnp.stack(a), *finals)
+        return layers.stacked_scans(
+            self.scan,
+            lambda name, _features: getattr(self, name).arrays(),
+            lambda xs: self.dropout(xs, deterministic=not train),
+            xs,
+            initial_carry,
+            num_layers=self.num_layers,
+            directions=self.directions,
+            dtype=self.dtype or checks.promote_types(xs.dtype, self.param_dtype),
+            seq_lengths=seq_lengths,
+            unroll=self.unroll,
+            impl=self.impl,
+        )
 
 
 class SimpleRNN(_Recurrent):

@@ -2,10 +2,10 @@
 
 ``environment()`` describes the machine and the code (versions, backend and devices, CPU count,
 XLA and allocator settings, the git commit and local changes); ``write_results`` writes a result
-dict as OUT/STEM.json with its markdown (and optionally PNG) rendering; ``Study`` is an
-experiment's record from start to files (config, environment, wall time, load), and
-``provenance`` its one-line markdown summary; ``to_json`` is the JSON form of configurations
-(dtypes by name), shared by config.json and checkpoint metadata.
+dict as OUT/STEM.json with its markdown (and optionally PNG) rendering, for the benchmarks and
+for the experiments' report (``jaxmodels.report``); ``to_json`` is the JSON form of an experiment's
+configuration (dtypes by name) and ``json_default`` what writes a result's numpy values. (A training
+run's own files, config.json and the rest, are ``jaxmodels.training.rundir``'s.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -141,57 +140,3 @@ def write_results(
         paths.append(out / f"{stem}.png")
         render_png(result, paths[2])
     return paths
-
-
-class Study:
-    """One experiment's record, started when created (wall clock and load average).
-
-        >>> study = Study("cnn_mnist", config)
-        >>> ...                                              # the runs
-        >>> result, paths = study.finish(out, markdown, plot, runs=runs, summary=rows)
-
-    ``finish`` returns the result {"experiment", "config", "environment", "wall_s", "loadavg",
-    **parts} and writes it as OUT/NAME.json, .md and .png (``write_results``), then prints the
-    markdown and the files' paths."""
-
-    def __init__(self, name: str, config: dict):
-        self.name, self.config = name, to_json(config)
-        self.start, self.load_start = time.perf_counter(), load_average()
-
-    def finish(
-        self,
-        out: Path | str,
-        render_markdown: Callable[[dict], str],
-        render_png: Callable[[dict, Path], None] | None = None,
-        **parts: Any,
-    ) -> tuple[dict, list[Path]]:
-        result = {
-            "experiment": self.name,
-            "config": self.config,
-            "environment": environment(),
-            "wall_s": time.perf_counter() - self.start,
-            "loadavg": {"start": self.load_start, "end": load_average()},
-            **parts,
-        }
-        paths = write_results(
-            result, out, self.name, render_markdown=render_markdown, render_png=render_png
-        )
-        print(render_markdown(result))
-        print("wrote " + ", ".join(str(p) for p in paths))
-        return result, paths
-
-
-def provenance(result: dict) -> str:
-    """A result's "where, when, with what" in one markdown sentence: date, backend and CPU count,
-    versions, git commit (and whether it had local changes), wall time and load average."""
-    env, v = result["environment"], result["environment"]["versions"]
-    versions = ", ".join(f"{p} {v[p]}" for p in ("jax", "flax", "optax", "torch") if v.get(p))
-    commit = (env["git_commit"] or "unknown")[:10] + (
-        " with local changes" if env["git_dirty_files"] else ""
-    )
-    load = result.get("loadavg", {})
-    return (
-        f"{env['date']}; {env['backend']} ({env['cpu_count']} CPUs), {versions}, python "
-        f"{v['python']}; git {commit}. Wall time {result['wall_s']:.0f} s, load average "
-        f"{load.get('start')} at start, {load.get('end')} at end."
-    )

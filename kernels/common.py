@@ -1,4 +1,5 @@
-"""What every kernel shares: block sizes, activations, and the per-platform choice of how to run.
+"""What every kernel shares: the check of block sizes, activations, and the per-platform choice of
+how to run.
 
 A kernel runs interpreted on CPU (``interpret=True``, for tests; never timed) and compiled on GPU
 (Triton) and TPU (Mosaic). The choice is made per *lowering* platform with
@@ -20,37 +21,16 @@ from jax.experimental.pallas import triton as pl_triton
 Array = jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Tile sizes of a kernel, each a power of two (Triton's requirement; TPU tiles are (8, 128)).
-
-    block_rows: rows of the output per program (batch for the LSTM kernels, M for dense).
-    block_cols: output columns per program (hidden for the LSTM kernels, N for dense).
-    block_reduce: width of each slice of the reduction axis (K) in a matmul loop.
-    block_time: time steps per grid step of ``lstm_sequence`` (TPU and interpreter).
-    """
-
-    block_rows: int = 16
-    block_cols: int = 128
-    block_reduce: int = 128
-    block_time: int = 16
-
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value < 1 or value & (value - 1):
-                raise ValueError(
-                    f"expected {field.name} to be a positive power of two, got {value!r}"
-                )
-
-
-# Tiles of the Triton kernels, chosen by compiling every shape of tests/test_compile.py for H100
-# and A100 without a register spill. Triton's register use moves with tile, dtype and loop length:
-# dense at 16 x 128 (slices of 128) spilled in float32 on A100 (K = 3072) and at 16 x 64 (slices
-# of 64) in bfloat16 on H100 (K = 256); lstm_cell at 16 x 64 with slices of 32 in bfloat16 on H100
-# (hidden 768).
-GPU_DENSE_BLOCKS = BlockSizes(block_rows=32, block_cols=64, block_reduce=32)
-GPU_CELL_BLOCKS = BlockSizes(block_rows=16, block_cols=64, block_reduce=64)
+def check_block_sizes(block_sizes, whole: tuple[str, ...] = ()) -> None:
+    """Check that every field of a kernel's ``BlockSizes`` is a positive power of two (Triton's
+    block shapes must be; Mosaic's tiles are (8, 128)); the fields named in ``whole`` may also be
+    None, which the kernel reads as the whole axis."""
+    for field in dataclasses.fields(block_sizes):
+        value = getattr(block_sizes, field.name)
+        if value is None and field.name in whole:
+            continue
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"expected {field.name} to be a positive power of two, got {value!r}")
 
 
 def dot_f32(a: Array, b: Array, upcast: bool) -> Array:
@@ -64,7 +44,7 @@ def dot_f32(a: Array, b: Array, upcast: bool) -> Array:
 
 
 def sigmoid(x: Array) -> Array:
-    """σ(x) = 0.5·tanh(x/2) + 0.5: one tanh, no exp or division (as jaxmodels.nn.cells.sigmoid)."""
+    """σ(x) = 0.5·tanh(x/2) + 0.5: one tanh, no exp or division (the cells' σ too)."""
     return 0.5 * jnp.tanh(0.5 * x) + 0.5
 
 
@@ -205,8 +185,10 @@ def target_device_kind() -> str:
 # Shared memory one Triton program may use (cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes), by
 # device kind; XLA's target descriptions of these GPUs give the same figures.
 GPU_SHARED_MEMORY = {"H100": 232448, "H200": 232448, "GH200": 232448, "A100": 166912, "A30": 166912}
-UNKNOWN_GPU_SHARED_MEMORY = 101376  # sm_86/sm_89 (RTX 30/40, L4, A10): the smallest current figure
-UNKNOWN_TPU_VMEM = 16 * 2**20  # Mosaic's scoped-VMEM default, which every TPU generation has
+# Any other GPU: the smallest current figure, sm_86/sm_89's (RTX 30/40, L4, A10).
+UNKNOWN_GPU_SHARED_MEMORY = 101376
+# Any other target: Mosaic's scoped-VMEM default, which every TPU generation has.
+UNKNOWN_TPU_VMEM = 16 * 2**20
 
 
 def gpu_shared_memory() -> int:

@@ -1,13 +1,15 @@
 """Fused dense layer: y = f(x W + b) as one blocked matmul with bias and activation in the epilogue.
 
-Grid over (row blocks, column blocks); each program accumulates x[rows, :] W[:, cols] in float32
-over slices of the reduction axis, then adds b and applies f before the single store. The backward
-pass reuses the same kernel: δpre = δy ⊙ f'(y) (f' from the saved output), δx = δpre Wᵀ and
-δW = xᵀ δpre as two more blocked matmuls, δb = Σ_rows δpre.
+With x [M, K], W [K, N] and y [M, N], the grid runs over (M / block_m, N / block_n) tiles of y;
+each program accumulates x[tile rows, :] W[:, tile columns] in float32 over slices of block_k of
+the contraction K, then adds b and applies f before the single store. The backward pass reuses
+the same kernel: δpre = δy ⊙ f'(y) (f' from the saved output), δx = δpre Wᵀ and δW = xᵀ δpre as
+two more blocked matmuls, δb = Σ_rows δpre.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -16,9 +18,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxmodels.kernels.common import (
     ACTIVATIONS,
-    GPU_DENSE_BLOCKS,
-    BlockSizes,
     check_activation,
+    check_block_sizes,
     check_float,
     compiler_params,
     dot_f32,
@@ -30,16 +31,47 @@ from jaxmodels.kernels.common import (
 Array = jax.Array
 
 
-def _dense_kernel(x_ref, w_ref, b_ref, y_ref, *, activation: str, block_reduce: int, upcast: bool):
-    """x_ref [block_rows, K], w_ref [K, block_cols], b_ref [1, block_cols] -> y_ref [block_rows, block_cols]."""
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the matmul y [M, N] = f(x [M, K] W [K, N] + b), each a power of two. The
+    backward's matmuls δx = δpre Wᵀ and δW = xᵀ δpre are tiled alike, with their own M, N, K.
+    Shapes that are not multiples are zero-padded inside.
+
+    Attributes:
+      block_m: rows of y per program.
+      block_n: columns of y per program.
+      block_k: width of each slice of the contraction K that a program's loop multiplies.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+
+    def __post_init__(self):
+        check_block_sizes(self)
+
+    @classmethod
+    def get_default(cls, backend: str) -> BlockSizes:
+        """Tiles for ``backend`` (see ``common.BACKENDS``). Triton: 32 x 64 with slices of 32,
+        chosen by compiling every shape of tests/test_compile.py for H100 and A100 without a
+        register spill (16 x 128 with slices of 128 spilled in float32 on A100 at K = 3072, 16 x 64
+        with slices of 64 in bfloat16 on H100 at K = 256). Mosaic and the interpreter: 16 x 128
+        (whole (8, 128) tiles) with slices of 128."""
+        if backend == "triton":
+            return cls(block_m=32, block_n=64, block_k=32)
+        return cls(block_m=16, block_n=128, block_k=128)
+
+
+def _dense_kernel(x_ref, w_ref, b_ref, y_ref, *, activation: str, block_k: int, upcast: bool):
+    """x_ref [block_m, K], w_ref [K, block_n], b_ref [1, block_n] -> y_ref [block_m, block_n]."""
 
     def accumulate(k, acc):
-        x = x_ref[:, pl.ds(k * block_reduce, block_reduce)]
-        w = w_ref[pl.ds(k * block_reduce, block_reduce), :]
+        x = x_ref[:, pl.ds(k * block_k, block_k)]
+        w = w_ref[pl.ds(k * block_k, block_k), :]
         return acc + dot_f32(x, w, upcast)
 
     acc = lax.fori_loop(
-        0, x_ref.shape[1] // block_reduce, accumulate, jnp.zeros(y_ref.shape, jnp.float32)
+        0, x_ref.shape[1] // block_k, accumulate, jnp.zeros(y_ref.shape, jnp.float32)
     )
     y_ref[...] = ACTIVATIONS[activation][0](acc + b_ref[...].astype(jnp.float32)).astype(
         y_ref.dtype
@@ -62,8 +94,8 @@ def dense(
       w: [features, out], same dtype as x.
       b: [out] or None (no bias).
       activation: "identity", "relu", "tanh" or "sigmoid".
-      block_sizes: tiles (block_rows, block_cols, block_reduce); shapes that are not multiples are
-        zero-padded inside. Default: ``default_blocks`` of the backend.
+      block_sizes: the tiles (``BlockSizes``); default: ``BlockSizes.get_default`` of the
+        backend.
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       y [rows, out] in x's dtype, accumulated in float32.
@@ -83,15 +115,10 @@ def dense(
     branch = lambda backend: functools.partial(
         _dense,
         activation=activation,
-        block_sizes=block_sizes or default_blocks(backend),
+        block_sizes=block_sizes or BlockSizes.get_default(backend),
         backend=backend,
     )
     return on_platforms(branch, interpret, x, w, b.astype(x.dtype))
-
-
-def default_blocks(backend: str) -> BlockSizes:
-    """``common.GPU_DENSE_BLOCKS`` for Triton, 16 x 128 tiles with slices of 128 elsewhere."""
-    return GPU_DENSE_BLOCKS if backend == "triton" else BlockSizes()
 
 
 def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, backend: str):
@@ -99,7 +126,7 @@ def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, backend: str):
     f(x w + b) [rows, out], operands zero-padded to whole blocks inside."""
     rows, features = x.shape
     out = w.shape[1]
-    bm, bn, bk = block_sizes.block_rows, block_sizes.block_cols, block_sizes.block_reduce
+    bm, bn, bk = block_sizes.block_m, block_sizes.block_n, block_sizes.block_k
     padded = (round_up(rows, bm), round_up(features, bk), round_up(out, bn))
     xp = pad_to(x, padded[:2])
     wp = pad_to(w, padded[1:])
@@ -107,7 +134,7 @@ def matmul_bias_act(x, w, b, activation, block_sizes: BlockSizes, backend: str):
 
     interpret = backend == "interpret"
     return pl.pallas_call(
-        functools.partial(_dense_kernel, activation=activation, block_reduce=bk, upcast=interpret),
+        functools.partial(_dense_kernel, activation=activation, block_k=bk, upcast=interpret),
         grid=(padded[0] // bm, padded[2] // bn),
         in_specs=[
             pl.BlockSpec((bm, padded[1]), lambda i, j: (i, 0)),

@@ -10,9 +10,9 @@ The backward pass is a kernel too: the reverse-time recurrence that turns output
 gradients into gate gradients δgates [time, batch, 4*hidden], again with w_hᵀ on chip. The weight
 gradient is then one large matmul outside, δw_h = Σ_t h_{t-1}ᵀ δgates_t, and δ(x_proj) = δgates.
 
-Shapes handed to the kernels are padded (``plan``): batch to a multiple of ``block_rows``, hidden
+Shapes handed to the kernels are padded (``plan``): batch to a multiple of ``block_batch``, hidden
 to a power of two on GPU (Triton's block shapes), a multiple of 128 on TPU, a multiple of
-``block_cols`` when interpreted; zero weights keep padded units at exactly zero.
+``hidden_multiple`` when interpreted; zero weights keep padded units at exactly zero.
 
 The input projections stream in by blocks of ``block_time`` steps: grid axis 1 walks the time
 blocks in order (backwards for ``reverse``) and h and c pass from one block to the next in the
@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jaxmodels.kernels import lstm_stepwise
 from jaxmodels.kernels.common import (
-    BlockSizes,
+    check_block_sizes,
     check_sequence_operands,
     compiler_params,
     dot_f32,
@@ -62,70 +62,105 @@ Array = jax.Array
 # (4 warps spilled registers in bfloat16 at hidden 128).
 GPU_EXTRA_SHARED_MEMORY = 56 * 2**10
 GPU_NUM_WARPS = 8
+# Triton: the smallest padded hidden, as a dot's operands must be at least 16 on each side.
+GPU_MIN_HIDDEN = 16
+# Triton: the fewest steps of the kernels' time loop (the extra step masked): with a one-step loop
+# Triton keeps the whole unrolled step live, and the residual-saving kernel spilled registers at
+# hidden 64 on H100.
+GPU_MIN_TIME_STEPS = 2
 # Mosaic: the share of VMEM to compile with (vmem_limit_bytes), and what the compiler allocates in
 # it beyond the blocks (measured on v5e: up to 7.7 MiB, in the backward kernel at hidden 2432).
 TPU_VMEM_SHARE = 0.75
 TPU_COMPILER_SCRATCH = 8 * 2**20
+# Mosaic tiles a 32-bit array by 8 sublanes x 128 lanes (a 16-bit one by 16 x 128: two rows packed
+# a sublane); the last axis of a block is padded to whole lanes.
+TPU_SUBLANES = 8
+TPU_LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Blocks of the persistent kernels, each a power of two. A program holds all of w_h and all
+    of hidden, so the kernels are blocked over batch and time only; hidden is padded as the
+    backend needs (see the module's docstring).
+
+    Attributes:
+      block_batch: batch rows per program (at least a whole tile on Mosaic: 8 rows in float32,
+        16 in bfloat16).
+      block_time: the most time steps per grid step on Mosaic and in the interpreter (time is
+        padded to a multiple, the padded steps masked; Mosaic shortens it until the blocks fit
+        VMEM). Triton runs a grid's programs concurrently, so there one block spans all of time
+        whatever block_time says.
+      hidden_multiple: when interpreted, hidden is padded to a multiple of this (compiled, the
+        compiler decides: a power of two for Triton, whole lanes for Mosaic).
+    """
+
+    block_batch: int
+    block_time: int
+    hidden_multiple: int
+
+    def __post_init__(self):
+        check_block_sizes(self)
+
+    @classmethod
+    def get_default(cls) -> BlockSizes:
+        """The same on every backend: 16 batch rows (a whole bfloat16 tile on TPU), 16 time steps
+        a grid step, hidden padded to whole TPU lanes when interpreted."""
+        return cls(block_batch=16, block_time=16, hidden_multiple=TPU_LANES)
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How the kernels run for one shape on one backend: batch rows per program, hidden padded to
-    ``hidden_p``, ``block_time`` steps per grid step, and (Mosaic) the VMEM limit to compile with."""
+    """How the kernels run for one shape on one backend: ``block_batch`` rows per program, hidden
+    padded to ``hidden_p``, ``block_time`` steps per grid step (None: all of time in one block, as
+    on Triton), and (Mosaic) the VMEM limit to compile with."""
 
     backend: str
-    block_rows: int
+    block_batch: int
     hidden_p: int
-    block_time: int
+    block_time: int | None
     vmem_limit_bytes: int | None = None
 
 
-def _tpu_bytes(plan_rows: int, hidden_p: int, block_time: int, itemsize: int) -> int:
+def _tpu_bytes(rows: int, hidden_p: int, block_time: int, itemsize: int) -> int:
     """VMEM of the larger of the two kernels (forward with residuals, backward): each streamed
-    block twice (double-buffered), w_h once, and the compiler's scratch."""
-    seq = block_time * plan_rows * hidden_p  # elements of one [block_time, rows, hidden] block
-    state = plan_rows * hidden_p
-    forward = (
-        4 * seq * itemsize + seq * itemsize + 4 * seq * 4 + 2 * seq * 4 + 2 * state * (itemsize + 4)
-    )
-    backward = seq * itemsize + 4 * seq * 4 + seq * 4 + 4 * seq * 4 + 2 * state * (itemsize + 4)
-    lengths = plan_rows * 128 * 4
-    return (
-        2 * (max(forward, backward) + lengths)
-        + 4 * hidden_p * hidden_p * itemsize
-        + TPU_COMPILER_SCRATCH
-    )
+    block twice (double-buffered), w_h once, and the compiler's scratch. Blocks of float32 (4
+    bytes) and of x_proj's dtype (``itemsize``); the lengths [rows, 1] int32 fill whole lanes."""
+    seq = block_time * rows * hidden_p  # elements of one [block_time, rows, hidden] block
+    state = rows * hidden_p
+    carries = 2 * state * (itemsize + 4)
+    forward = 4 * seq * itemsize + seq * itemsize + 4 * seq * 4 + 2 * seq * 4 + carries
+    backward = seq * itemsize + 4 * seq * 4 + seq * 4 + 4 * seq * 4 + carries
+    lengths = rows * TPU_LANES * 4
+    weights = 4 * hidden_p * hidden_p * itemsize
+    return 2 * (max(forward, backward) + lengths) + weights + TPU_COMPILER_SCRATCH
 
 
 def plan(hidden: int, dtype, backend: str, block_sizes: BlockSizes | None = None) -> Plan | None:
     """The kernels' plan for ``hidden`` and ``dtype`` on ``backend`` ("interpret", "triton",
     "mosaic"), for the device being compiled for; None where w_h does not fit on chip.
 
-    Triton: hidden padded to a power of two, fits when 4·hidden_p²·itemsize plus
-    ``GPU_EXTRA_SHARED_MEMORY`` is within the GPU's shared memory per program
-    (``common.gpu_shared_memory``). Mosaic: hidden padded to a multiple of 128, the longest
-    ``block_time`` (up to block_sizes.block_time) whose blocks and the compiler's scratch fill at
-    most ``TPU_VMEM_SHARE`` of the TPU's VMEM (``common.tpu_vmem``); the limit is set to that
-    share. Interpreted: always.
+    Triton: hidden padded to a power of two (at least ``GPU_MIN_HIDDEN``), fits when
+    4·hidden_p²·itemsize plus ``GPU_EXTRA_SHARED_MEMORY`` is within the GPU's shared memory per
+    program (``common.gpu_shared_memory``); all of time in one block. Mosaic: hidden padded to
+    whole lanes, the longest ``block_time`` (up to block_sizes.block_time) whose blocks and the
+    compiler's scratch fill at most ``TPU_VMEM_SHARE`` of the TPU's VMEM (``common.tpu_vmem``);
+    the limit is set to that share. Interpreted: always. ``block_sizes``:
+    ``BlockSizes.get_default()`` when None.
     """
-    block_sizes = block_sizes or BlockSizes()
+    block_sizes = block_sizes or BlockSizes.get_default()
     itemsize = jnp.dtype(dtype).itemsize
     if backend == "interpret":
-        return Plan(
-            backend,
-            block_sizes.block_rows,
-            round_up(hidden, block_sizes.block_cols),
-            block_sizes.block_time,
-        )
+        hidden_p = round_up(hidden, block_sizes.hidden_multiple)
+        return Plan(backend, block_sizes.block_batch, hidden_p, block_sizes.block_time)
     if backend == "triton":
-        hidden_p = max(16, 1 << (hidden - 1).bit_length())
+        hidden_p = max(GPU_MIN_HIDDEN, 1 << (hidden - 1).bit_length())
         if 4 * hidden_p * hidden_p * itemsize + GPU_EXTRA_SHARED_MEMORY > gpu_shared_memory():
             return None
-        return Plan(backend, block_sizes.block_rows, hidden_p, 0)
-    rows = max(
-        block_sizes.block_rows, 8 * 4 // itemsize
-    )  # whole (8, 128) tiles, (16, 128) for bfloat16
-    hidden_p = round_up(hidden, 128)
+        return Plan(backend, block_sizes.block_batch, hidden_p, None)
+    # whole tiles: 8 rows of 32-bit values, 16 of bfloat16
+    rows = max(block_sizes.block_batch, TPU_SUBLANES * 4 // itemsize)
+    hidden_p = round_up(hidden, TPU_LANES)
     budget = int(TPU_VMEM_SHARE * tpu_vmem())
     block_time = block_sizes.block_time
     while block_time >= 1:
@@ -170,13 +205,13 @@ def _lstm_forward_kernel(
     w_ref,
     h0_ref,
     c0_ref,
-    len_ref,  # inputs
+    len_ref,
     hs_ref,
     h_ref,
     c_ref,
     acts_ref,
     hprev_ref,
-    cprev_ref,  # outputs
+    cprev_ref,
     *,
     reverse: bool,
     save_residuals: bool,
@@ -226,10 +261,10 @@ def _lstm_backward_kernel(
     acts_ref,
     cprev_ref,
     wt_ref,
-    len_ref,  # inputs
+    len_ref,
     dgates_ref,
     dh0_ref,
-    dc0_ref,  # outputs
+    dc0_ref,
     *,
     reverse: bool,
     upcast: bool,
@@ -288,9 +323,7 @@ def lstm_sequence(
       initial_carry: (h_0, c_0), each [batch, hidden].
       seq_lengths: [batch] integers in [0, time], or None for full length.
       reverse: walk time from the last step to the first.
-      block_sizes: block_rows (batch per program), block_cols (hidden padding multiple when
-        interpreted) and block_time (the most time steps per grid step on TPU and when
-        interpreted; time is padded to a multiple, the padded steps masked).
+      block_sizes: the blocks (``BlockSizes``); default: ``BlockSizes.get_default()``.
       interpret: True to interpret everywhere; None interprets on CPU only.
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [time, batch, hidden], in x_proj's dtype.
@@ -299,7 +332,6 @@ def lstm_sequence(
       ``lstm_stepwise`` takes every hidden size.
     """
     time, batch, hidden = check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths)
-    block_sizes = block_sizes or BlockSizes()
     platform = target_platform()
     if (
         not interpret
@@ -316,11 +348,11 @@ def lstm_sequence(
     h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
     args = (x_proj, w_h, h0, c0, jnp.asarray(seq_lengths, jnp.int32))
 
-    def branch(backend):  # the check above covers the target platform; another one's branch (when
-        # lowering for several) falls back to the stepwise kernels where w_h does not fit there
-        return sequence_kernel(
-            backend, hidden, x_proj.dtype, reverse, block_sizes
-        ) or lstm_stepwise.stepwise_kernel(backend, reverse)
+    # The check above covers the target platform; another platform's branch (when lowering for
+    # several) falls back to the stepwise kernels where w_h does not fit there.
+    def branch(backend):
+        persistent = sequence_kernel(backend, hidden, x_proj.dtype, reverse, block_sizes)
+        return persistent or lstm_stepwise.stepwise_kernel(backend, reverse)
 
     return on_platforms(branch, interpret, *args)
 
@@ -358,25 +390,26 @@ def un_pad_gates(a: Array, hidden: int) -> Array:
 
 
 def _layout(time: int, batch: int, plan: Plan):
-    """(time_p, batch_p, block_time) of the padded operands. Triton runs a grid's programs
-    concurrently, so there one time block spans all of time (grid axis 1 must run in order), at
-    least two steps long: with a one-step loop, Triton keeps the whole unrolled step live and
-    the residual-saving kernels spilled registers at hidden 64 on H100 (the extra step is masked)."""
-    block_time = max(time, 2) if plan.backend == "triton" else min(plan.block_time, time)
-    return round_up(time, block_time), round_up(batch, plan.block_rows), block_time
+    """(time_p, batch_p, block_time) of the padded operands. A plan without ``block_time``
+    (Triton, which runs a grid's programs concurrently while grid axis 1 must run in order) takes
+    all of time as one block, at least ``GPU_MIN_TIME_STEPS`` long."""
+    if plan.block_time is None:
+        block_time = max(time, GPU_MIN_TIME_STEPS)
+    else:
+        block_time = min(plan.block_time, time)
+    return round_up(time, block_time), round_up(batch, plan.block_batch), block_time
 
 
 def _specs(time_p: int, batch_p: int, block_time: int, plan: Plan, reverse: bool):
     """(grid, BlockSpec maker for [time, batch, width] arrays, for [batch, width] state, for w_h).
     Grid axis 1 walks blocks of time in order, carrying h and c from one block to the next."""
-    rows = plan.block_rows
+    rows = plan.block_batch
     blocks = time_p // block_time
     time_block = (lambda t: blocks - 1 - t) if reverse else (lambda t: t)
     seq = lambda width: pl.BlockSpec((block_time, rows, width), lambda b, t: (time_block(t), b, 0))
     state = lambda width: pl.BlockSpec((rows, width), lambda b, t: (b, 0))
-    once = (
-        {"pipeline_mode": pl.Buffered(1)} if plan.backend == "mosaic" else {}
-    )  # its block never changes
+    # w_h's block never changes: Mosaic keeps one buffer of it, not two
+    once = {"pipeline_mode": pl.Buffered(1)} if plan.backend == "mosaic" else {}
 
     def weights(shape):
         return pl.BlockSpec(shape, lambda b, t: (0, 0), **once)

@@ -1,11 +1,12 @@
 """The LSTM recurrence as one ``lstm_cell`` kernel per step inside a ``lax.scan``: for recurrent
 weights too large to stay on chip in one program (see ``lstm_sequence.plan``).
 
-Each step's kernel is blocked over batch, hidden and the contraction (``lstm_cell``), so it fits
-any hidden size; w_h streams from device memory (L2 on GPU) at every step. w_h and x_proj are laid
-out for the kernel (gate-major, padded) once, before the loop, and the carry stays in that layout
-from step to step; the cell state c is carried in float32, as in the persistent kernel. Steps at t >= seq_lengths[b]
-leave the carry unchanged and output zeros (packed-sequence semantics).
+Each step's kernel is blocked over batch, hidden and the contraction (``lstm_cell``, whose
+``BlockSizes`` are this kernel's tiles), so it fits any hidden size; w_h streams from device memory
+(L2 on GPU) at every step. w_h and x_proj are laid out for the kernel (gate-major, padded) once,
+before the loop, and the carry stays in that layout from step to step; the cell state c is carried
+in float32, as in the persistent kernel. Steps at t >= seq_lengths[b] leave the carry unchanged
+and output zeros (packed-sequence semantics).
 
 Backward (a ``custom_vjp`` over the whole sequence, not per step): a reverse-time ``lax.scan`` of
 the gate gradients (``common.lstm_gate_gradients``) and δh_{t-1} = δpre_t w_hᵀ, one matmul a step
@@ -22,11 +23,12 @@ import jax.numpy as jnp
 from jax import lax
 from jaxmodels.kernels import lstm_cell
 from jaxmodels.kernels.common import (
-    BlockSizes,
     check_sequence_operands,
+    dot_f32,
     lstm_gate_gradients,
     on_platforms,
     pad_to,
+    sigmoid,
 )
 
 Array = jax.Array
@@ -39,13 +41,14 @@ def lstm_stepwise(
     seq_lengths: Array | None = None,
     *,
     reverse: bool = False,
-    block_sizes: BlockSizes | None = None,
+    block_sizes: lstm_cell.BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> tuple[tuple[Array, Array], Array]:
     """Run the LSTM recurrence with one fused kernel per step, for any hidden size. Arguments and
     results as ``lstm_sequence.lstm_sequence`` (x_proj [time, batch, 4*hidden], w_h [hidden,
     4*hidden], carry (h_0, c_0) [batch, hidden] -> ((h_T, c_T), hs [time, batch, hidden])), except
-    ``block_sizes``: the step kernel's tiles, ``lstm_cell.default_blocks`` of the backend when None.
+    ``block_sizes``: the step kernel's tiles, ``lstm_cell.BlockSizes.get_default`` of the backend
+    when None.
     """
     time, batch, _ = check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths)
     if seq_lengths is None:
@@ -57,13 +60,13 @@ def lstm_stepwise(
     )
 
 
-def stepwise_kernel(backend: str, reverse: bool, block_sizes: BlockSizes | None = None):
+def stepwise_kernel(backend: str, reverse: bool, block_sizes: lstm_cell.BlockSizes | None = None):
     """The stepwise recurrence on ``backend`` as one differentiable function (x_proj, w_h, h0,
     c0, lengths) -> ((h_T, c_T), hs)."""
     return functools.partial(
         _lstm_stepwise,
         reverse=reverse,
-        block_sizes=block_sizes or lstm_cell.default_blocks(backend),
+        block_sizes=block_sizes or lstm_cell.BlockSizes.get_default(backend),
         backend=backend,
     )
 
@@ -115,11 +118,8 @@ def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
     (dh_T, dc_T), dhs = cotangents
     time, batch, hidden = dhs.shape
     batch_p, hidden_p = h_in.shape[1:]
-    w_t = (
-        lstm_cell.gate_major(w_h, hidden_p, hidden_p)
-        .transpose(0, 2, 1)
-        .reshape(4 * hidden_p, hidden_p)
-    )
+    w = lstm_cell.gate_major(w_h, hidden_p, hidden_p)  # [4, hidden_p, hidden_p]
+    w_t = w.transpose(0, 2, 1).reshape(4 * hidden_p, hidden_p)
 
     def step(carry, inputs):
         dh_next, dc_next = carry
@@ -135,9 +135,8 @@ def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
     carry = (padded(dh_T), padded(dc_T))
     (dh0, dc0), dpre = lax.scan(step, carry, (padded(dhs), acts, c_in, mask), reverse=not reverse)
     dtype = w_h.dtype
-    dpre = dpre.astype(dtype).reshape(time, batch_p, 4, hidden_p)[
-        :, :, :, :hidden
-    ]  # [time, batch_p, 4, hidden]
+    # [time, batch_p, 4, hidden]
+    dpre = dpre.astype(dtype).reshape(time, batch_p, 4, hidden_p)[..., :hidden]
     dw_h = jnp.einsum(
         "tbh,tbkg->hkg", h_in[:, :, :hidden], dpre, preferred_element_type=jnp.float32
     )
@@ -147,3 +146,40 @@ def _lstm_stepwise_bwd(reverse, block_sizes, backend, saved, cotangents):
 
 
 _lstm_stepwise.defvjp(_lstm_stepwise_fwd, _lstm_stepwise_bwd)
+
+
+def lstm_stepwise_reference(
+    x_proj: Array,
+    w_h: Array,
+    initial_carry: tuple[Array, Array],
+    seq_lengths: Array | None = None,
+    *,
+    reverse: bool = False,
+) -> tuple[tuple[Array, Array], Array]:
+    """The specification in plain jnp (same arguments and results as ``lstm_stepwise``): a
+    ``lax.scan`` of the LSTM step, carried as the kernel carries it (h in x_proj's dtype, C in
+    float32, the gate math in float32)::
+
+        pre = x_t + h_{t-1} w_h                      (gates i, f, g, o of pre [batch, 4*hidden])
+        C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)        h_t = σ(pre_o) ⊙ tanh(C_t)
+
+    At t >= seq_lengths[b] row b keeps its carry and outputs zeros.
+    """
+    time, batch, gates = x_proj.shape
+    hidden = gates // 4
+    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
+
+    def step(carry, inputs):
+        h, c = carry
+        x_t, t = inputs
+        pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
+        i, f, g, o = (pre[:, k * hidden : (k + 1) * hidden] for k in range(4))
+        new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
+        new_h = (sigmoid(o) * jnp.tanh(new_c)).astype(x_proj.dtype)
+        keep = (t < lengths)[:, None]
+        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), jnp.where(keep, new_h, 0)
+
+    h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
+    carry = (h0, c0.astype(jnp.float32))
+    (h, c), hs = lax.scan(step, carry, (x_proj, jnp.arange(time)), reverse=reverse)
+    return (h, c.astype(x_proj.dtype)), hs

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from _oracles import np_dense, np_lstm_step, np_rnn_step, np_sigmoid
 from jax.test_util import check_grads
+from jaxmodels.kernels.common import ACTIVATIONS
 
 import jaxmodels
-from jaxmodels.nn import cells
 
 # Per-dtype tolerances for a cell against the float64 numpy reference.
 TOL = {
@@ -146,11 +147,32 @@ def test_rnn_cell_matches_numpy(batch, features, hidden, dtype, activation):
     params, h, x = _rnn_inputs(1, batch, features, hidden)
     (params, h, x), (p64, h64, x64) = zip(*[_cast(t, dtype) for t in (params, h, x)])
     if activation == "tanh":
-        out = jax.jit(jaxmodels.rnn_cell)(params, h, x)  # tanh is the default
+        h_new, out = jax.jit(jaxmodels.rnn_cell)(params, h, x)  # tanh is the default
     else:
-        out = jax.jit(functools.partial(jaxmodels.rnn_cell, activation=jax_act))(params, h, x)
+        step = functools.partial(jaxmodels.rnn_cell, activation=jax_act)
+        h_new, out = jax.jit(step)(params, h, x)
     assert out.shape == (batch, hidden)
     _assert_close(out, np_rnn_step(p64["w_x"], p64["w_h"], p64["b"], h64, x64, np_act), dtype)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(h_new))  # returns (h_t, h_t)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_cells_scan_with_one_protocol(cell):
+    """Every cell is (params, carry, x) -> (carry, y), so ``lax.scan`` runs each unchanged, and
+    over a whole sequence it gives what ``lstm_scan`` / ``rnn_scan`` give (ys time-major there)."""
+    batch, time, features, hidden = 2, 4, 3, 5
+    key = jax.random.key(13)
+    init, step, scan = {
+        "lstm": (jaxmodels.init_lstm, jaxmodels.lstm_cell, jaxmodels.lstm_scan),
+        "rnn": (jaxmodels.init_rnn, jaxmodels.rnn_cell, jaxmodels.rnn_scan),
+    }[cell]
+    params = init(key, features, hidden)
+    xs = jax.random.normal(jax.random.key(14), (batch, time, features))
+    zeros = jnp.zeros((batch, hidden), jnp.float32)
+    carry0 = (zeros, zeros) if cell == "lstm" else zeros
+    carry, ys = jax.lax.scan(functools.partial(step, params), carry0, jnp.swapaxes(xs, 0, 1))
+    scan_carry, hs = scan(params, xs, carry0, impl="scan")
+    chex.assert_trees_all_close((carry, jnp.swapaxes(ys, 0, 1)), (scan_carry, hs), atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -176,10 +198,12 @@ def test_dense_matches_numpy(lead, features, out, dtype):
 
 
 def test_sigmoid_matches_logistic():
-    """cells.sigmoid (0.5·tanh(x/2) + 0.5) is σ(x) = 1 / (1 + e^-x), including far in the tails."""
+    """The cells' σ, ``ACTIVATIONS["sigmoid"]`` (0.5·tanh(x/2) + 0.5), is 1 / (1 + e^-x),
+    including far in the tails."""
     x = np.linspace(-40.0, 40.0, 801)
+    sigmoid = ACTIVATIONS["sigmoid"][0]
     np.testing.assert_allclose(
-        np.asarray(cells.sigmoid(jnp.asarray(x, jnp.float32)), np.float64),
+        np.asarray(sigmoid(jnp.asarray(x, jnp.float32)), np.float64),
         np_sigmoid(x),
         rtol=1e-6,
         atol=2e-7,
@@ -405,5 +429,6 @@ def test_init_params_run_through_cells():
         jaxmodels.init_lstm(key, 3, 5), (jnp.zeros((2, 5)), jnp.zeros((2, 5))), x
     )
     assert h.shape == c.shape == (2, 5)
-    assert jaxmodels.rnn_cell(jaxmodels.init_rnn(key, 3, 5), jnp.zeros((2, 5)), x).shape == (2, 5)
+    h, _ = jaxmodels.rnn_cell(jaxmodels.init_rnn(key, 3, 5), jnp.zeros((2, 5)), x)
+    assert h.shape == (2, 5)
     assert jaxmodels.dense(jaxmodels.init_dense(key, 3, 5), x).shape == (2, 5)

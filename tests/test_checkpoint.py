@@ -24,16 +24,17 @@ import pytest
 from jaxmodels import get_model
 from jaxmodels.cli import main
 from jaxmodels.data.datasets import get_dataset
+from jaxmodels.training import rundir
 from jaxmodels.training.batches import BatchIterator, Position
 from jaxmodels.training.checkpoint import (
     Checkpoints,
     CheckpointWarning,
     CorruptCheckpointError,
     IncompatibleCheckpointError,
-    checkpoint_dir,
 )
 from jaxmodels.training.fit import TrainConfig, fit
 from jaxmodels.training.optim import make_optimizer
+from jaxmodels.training.rundir import checkpoint_dir
 from jaxmodels.training.steps import TrainState, create_train_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -419,6 +420,18 @@ def test_resume_past_a_corrupt_checkpoint_matches_the_uninterrupted_run(small, t
 
 
 # ------------------------------------------------------------------------------- incompatible
+
+
+def test_a_run_config_is_json_with_dtypes_by_name(tmp_path):
+    """config.json and the checkpoints' metadata (``rundir.to_json``): dtypes by name, numpy values
+    as numbers, tuples as lists."""
+    config = {"model_config": {"dtype": jax.numpy.bfloat16, "features": (32, 64)}}
+    config |= {"lr": np.float32(0.5), "shape": np.array([2, 3])}
+    expected = {"model_config": {"dtype": "bfloat16", "features": [32, 64]}, "lr": 0.5}
+    expected |= {"shape": [2, 3]}
+    assert rundir.to_json(config) == expected
+    rundir.write_config(tmp_path, config)
+    assert (tmp_path / "config.json").read_text() == json.dumps(expected, indent=2) + "\n"
 
 
 def test_incompatible_resume_is_a_clear_error(small, tmp_path, capsys):

@@ -11,7 +11,7 @@ import jax
 import pytest
 from _idx import tiny_mnist
 
-from jaxmodels import commands
+from jaxmodels import commands, inputs
 from jaxmodels.cli import main
 from jaxmodels.data.datasets import DATASET_KINDS, get_dataset, list_datasets
 from jaxmodels.nn.models import get_model, list_models, model_kind
@@ -39,6 +39,8 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cnn on digits: test accuracy" in out
     assert "epoch 1/1  step 6/6  test" in out  # the steps the run does, not the epochs it would
+    written = "config.json, metrics.jsonl, test_metrics.json, learning_curves.png, checkpoints/"
+    assert f"wrote {workdir}/{written}" in out
     rows = _rows(workdir)
     assert [r["step"] for r in rows if r["kind"] == "train"] == [3, 6] and rows[-1][
         "kind"
@@ -192,7 +194,7 @@ def test_export_writes_an_artifact_that_jax_alone_runs_at_any_batch(model, tmp_p
     for a character model), for cpu, cuda and tpu; its outputs are the model's at two sizes."""
     import numpy as np
 
-    from jaxmodels.training.fit import restore_params
+    from jaxmodels.training.evaluate import restore_params
 
     workdir, out = tmp_path / "run", tmp_path / "model.jax"
     data = []
@@ -209,7 +211,7 @@ def test_export_writes_an_artifact_that_jax_alone_runs_at_any_batch(model, tmp_p
     exported = jax.export.deserialize(out.read_bytes())
     assert exported.platforms == ("cpu", "cuda", "tpu")
     settings = rundir.load_run_settings(workdir)
-    net, ds = commands.load(
+    net, ds = inputs.load(
         model, settings.dataset, settings.dataset_options, "float32", (), settings.model_options
     )
     _, state = restore_params(net, ds.x_test[:1], workdir)
@@ -333,7 +335,9 @@ def test_unwritable_workdirs_are_one_line_before_any_work(tmp_path, capsys, monk
     assert f"cannot write in the work folder {read_only}: Permission denied" in line
 
     _used(read_only)
-    monkeypatch.setattr("jaxmodels.training.fit.evaluate_checkpoint", pytest.fail)  # never reached
+    monkeypatch.setattr(
+        "jaxmodels.training.evaluate.evaluate_checkpoint", pytest.fail
+    )  # never reached
     assert main(["eval", "--workdir", str(read_only)]) == 1
     assert "cannot write in the output folder" in _one_error_line(capsys.readouterr().err)
 
@@ -531,7 +535,7 @@ def test_every_bad_option_is_one_line_and_no_traceback(argv, tmp_path, capsys, m
     monkeypatch.setattr(
         "jaxmodels.training.fit.fit", pytest.fail
     )  # an error comes before any training
-    monkeypatch.setattr("jaxmodels.training.fit.evaluate_checkpoint", pytest.fail)
+    monkeypatch.setattr("jaxmodels.training.evaluate.evaluate_checkpoint", pytest.fail)
     monkeypatch.setattr("jaxmodels.bench.run", pytest.fail)
     try:
         status = main(argv)

@@ -300,7 +300,7 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
         # The compiler refuses it too: the kernels (forward and backward) forced past the plan
         # overflow shared memory.
         hidden_p = 1 << (outside - 1).bit_length()
-        forced = persistent.Plan("triton", 16, hidden_p, 0)
+        forced = persistent.Plan("triton", block_batch=16, hidden_p=hidden_p, block_time=None)
         kernel = lambda x, w, c: persistent._lstm_sequence(
             x, w, *c, jnp.full((16,), 20, jnp.int32), False, forced
         )

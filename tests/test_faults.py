@@ -58,7 +58,14 @@ def _ours(stderr: str) -> list[str]:
 
 
 def _rows(workdir: Path) -> list[dict]:
-    return runlog.read_rows(workdir / "metrics.jsonl")
+    return rundir.read_rows(workdir)
+
+
+def test_a_row_cut_short_by_a_killed_run_is_skipped(tmp_path):
+    rundir.write_rows(tmp_path, [{"kind": "train", "step": 1}, {"kind": "train", "step": 2}])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # killed mid-write
+    assert [r["step"] for r in rundir.read_rows(tmp_path)] == [1, 2]
 
 
 # ----------------------------------------------------------------------------------- interrupt

@@ -161,7 +161,8 @@ def check_parity(case, weights, sizes, theirs, impl="auto"):
     module = jaxmodels.LSTM(HIDDEN, sizes["num_layers"], sizes["bidirectional"], impl=impl)
 
     def ours(weights, x, h_0, c_0):
-        y, (h_n, c_n) = module.apply(from_cudnn(weights, **sizes), x, SEQ_LENGTHS, (h_0, c_0))
+        variables = from_cudnn(weights, **sizes)
+        y, (h_n, c_n) = module.apply(variables, x, (h_0, c_0), seq_lengths=SEQ_LENGTHS)
         return y, h_n, c_n
 
     rng = np.random.default_rng(3)

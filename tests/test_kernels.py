@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh
-from jaxmodels.kernels.common import BlockSizes
+from jaxmodels.kernels import dense as dense_kernel
+from jaxmodels.kernels import lstm_cell as cell_kernel
+from jaxmodels.kernels import lstm_sequence as sequence_kernel
 from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
 from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference
-from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
+from jaxmodels.kernels.lstm_stepwise import lstm_stepwise, lstm_stepwise_reference
 
 import jaxmodels
 
@@ -23,8 +25,11 @@ TOLERANCE = {
     jnp.float32: {"forward": 1e-5, "gradient": 1e-4},
     jnp.bfloat16: {"forward": 2e-2, "gradient": 1e-1},
 }
-# Small tiles so that small shapes still span several programs (and time blocks) and need padding.
-SMALL_BLOCKS = BlockSizes(block_rows=8, block_cols=8, block_reduce=8, block_time=4)
+# Small blocks, so that small shapes still span several programs (contraction slices, time blocks)
+# and need padding.
+DENSE_BLOCKS = dense_kernel.BlockSizes(block_m=8, block_n=8, block_k=8)
+CELL_BLOCKS = cell_kernel.BlockSizes(block_batch=8, block_hidden=8, block_contraction=8)
+SEQUENCE_BLOCKS = sequence_kernel.BlockSizes(block_batch=8, block_time=4, hidden_multiple=8)
 
 
 def max_error(a, b):
@@ -65,7 +70,7 @@ def test_dense_matches_reference(rows, features, out, activation, dtype):
         random(ks[1], (features, out), dtype, 0.3),
         random(ks[2], (out,), dtype),
     )
-    kernel = jax.jit(functools.partial(dense, activation=activation, block_sizes=SMALL_BLOCKS))
+    kernel = jax.jit(functools.partial(dense, activation=activation, block_sizes=DENSE_BLOCKS))
     reference = functools.partial(dense_reference, activation=activation)
     tol = TOLERANCE[dtype]
     assert kernel(x, w, b).shape == (rows, out) and kernel(x, w, b).dtype == dtype
@@ -92,23 +97,34 @@ def test_dense_rejects_bad_input():
 
 
 def test_block_sizes_validate():
-    with pytest.raises(ValueError, match="block_rows to be a positive power of two"):
-        BlockSizes(block_rows=12)
-    with pytest.raises(ValueError, match="block_reduce"):
-        BlockSizes(block_reduce=0)
+    with pytest.raises(ValueError, match="block_m to be a positive power of two, got 12"):
+        dense_kernel.BlockSizes(block_m=12, block_n=8, block_k=8)
+    with pytest.raises(ValueError, match="block_k to be a positive power of two, got None"):
+        dense_kernel.BlockSizes(block_m=8, block_n=8, block_k=None)
+    with pytest.raises(ValueError, match="block_contraction to be a positive power of two, got 0"):
+        cell_kernel.BlockSizes(block_batch=8, block_hidden=8, block_contraction=0)
+    with pytest.raises(ValueError, match="block_time to be a positive power of two, got None"):
+        sequence_kernel.BlockSizes(block_batch=8, block_time=None, hidden_multiple=8)
+    for backend in ("interpret", "triton", "mosaic"):
+        dense_kernel.BlockSizes.get_default(backend)
+        cell_kernel.BlockSizes.get_default(backend)
+    assert cell_kernel.BlockSizes.get_default("mosaic").block_contraction is None
 
 
 # ---------------------------------------------------------------------------------------------
 # LSTM step
 
 
+@pytest.mark.parametrize("blocks", [CELL_BLOCKS, None], ids=["small", "default"])
 @pytest.mark.parametrize("batch,hidden,dtype", [(8, 8, jnp.bfloat16), (5, 12, jnp.float32)])
-def test_lstm_cell_matches_reference(batch, hidden, dtype):
+def test_lstm_cell_matches_reference(batch, hidden, dtype, blocks):
+    """Small blocks (several programs and contraction slices) and the interpreter's default (the
+    whole contraction in one slice)."""
     ks = jax.random.split(jax.random.key(batch + hidden), 4)
     x_proj = random(ks[0], (batch, 4 * hidden), dtype)
     w_h = random(ks[1], (hidden, 4 * hidden), dtype, 0.4)
     h, c = random(ks[2], (batch, hidden), dtype), random(ks[3], (batch, hidden), dtype)
-    kernel = jax.jit(functools.partial(lstm_cell, block_sizes=SMALL_BLOCKS))
+    kernel = jax.jit(functools.partial(lstm_cell, block_sizes=blocks))
     tol = TOLERANCE[dtype]
     assert (
         max_error(kernel(x_proj, w_h, (h, c)), lstm_cell_reference(x_proj, w_h, (h, c)))
@@ -144,7 +160,14 @@ def test_lstm_cell_rejects_bad_input():
 # whole-sequence LSTM
 
 
-@pytest.mark.parametrize("recurrence", [lstm_sequence, lstm_stepwise])
+@pytest.mark.parametrize(
+    "recurrence,blocks,specification",
+    [
+        (lstm_sequence, SEQUENCE_BLOCKS, lstm_sequence_reference),
+        (lstm_stepwise, CELL_BLOCKS, lstm_stepwise_reference),
+    ],
+    ids=["lstm_sequence", "lstm_stepwise"],
+)
 @pytest.mark.parametrize(
     "dtype,time,batch,hidden,lengths,reverse",
     [
@@ -154,20 +177,20 @@ def test_lstm_cell_rejects_bad_input():
         (jnp.bfloat16, 9, 2, 20, [9, 4], False),
     ],
 )
-def test_lstm_sequence_matches_reference(recurrence, dtype, time, batch, hidden, lengths, reverse):
-    """The persistent kernel and the stepwise one (SMALL_BLOCKS: several programs, time blocks and
-    contraction slices, and padding) against the reference, forward and gradients."""
+def test_lstm_sequence_matches_reference(
+    recurrence, blocks, specification, dtype, time, batch, hidden, lengths, reverse
+):
+    """The persistent kernel and the stepwise one (small blocks: several programs, time blocks or
+    contraction slices, and padding) against their references, forward and gradients."""
     ks = jax.random.split(jax.random.key(time * batch), 4)
     x_proj = random(ks[0], (time, batch, 4 * hidden), dtype)
     w_h = random(ks[1], (hidden, 4 * hidden), dtype, 0.4)
     carry = (random(ks[2], (batch, hidden), dtype), random(ks[3], (batch, hidden), dtype))
     lengths = None if lengths is None else jnp.array(lengths, jnp.int32)
     kernel = jax.jit(
-        lambda x, w, carry: recurrence(
-            x, w, carry, lengths, reverse=reverse, block_sizes=SMALL_BLOCKS
-        )
+        lambda x, w, carry: recurrence(x, w, carry, lengths, reverse=reverse, block_sizes=blocks)
     )
-    reference = lambda x, w, carry: lstm_sequence_reference(x, w, carry, lengths, reverse=reverse)
+    reference = lambda x, w, carry: specification(x, w, carry, lengths, reverse=reverse)
     tol = TOLERANCE[dtype]
     (h, c), hs = kernel(x_proj, w_h, carry)
     assert hs.shape == (time, batch, hidden) and h.shape == c.shape == (batch, hidden)
@@ -177,6 +200,24 @@ def test_lstm_sequence_matches_reference(recurrence, dtype, time, batch, hidden,
         max_error(grads, jax.grad(sin_loss(reference), (0, 1, 2))(x_proj, w_h, carry))
         <= tol["gradient"]
     )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_the_two_recurrences_have_one_specification(dtype):
+    """The stepwise reference (h carried in x_proj's dtype) equals the persistent one (h carried in
+    float32): h enters the next step's matmul and the outputs rounded to x_proj's dtype either way,
+    so lstm_scan(impl="pallas") computes one function whichever kernel the plan picks."""
+    ks = jax.random.split(jax.random.key(0), 4)
+    x_proj, w_h = random(ks[0], (9, 5, 48), dtype), random(ks[1], (12, 48), dtype, 0.4)
+    carry = (random(ks[2], (5, 12), dtype), random(ks[3], (5, 12), dtype))
+    lengths = jnp.array([9, 3, 0, 5, 1])
+
+    def outputs_and_gradients(reference):
+        fn = lambda x, w, c: reference(x, w, c, lengths, reverse=True)
+        return fn(x_proj, w_h, carry), jax.grad(sin_loss(fn), (0, 1, 2))(x_proj, w_h, carry)
+
+    stepwise = outputs_and_gradients(lstm_stepwise_reference)
+    assert max_error(stepwise, outputs_and_gradients(lstm_sequence_reference)) == 0
 
 
 @pytest.mark.parametrize("recurrence", [lstm_sequence, lstm_stepwise])
@@ -203,10 +244,13 @@ def test_lstm_module_pallas_equals_scan():
     pallas = scan.clone(impl="pallas")
     variables = scan.init(jax.random.key(1), xs)
     assert (
-        max_error(scan.apply(variables, xs, lengths), jax.jit(pallas.apply)(variables, xs, lengths))
+        max_error(
+            scan.apply(variables, xs, seq_lengths=lengths),
+            jax.jit(pallas.apply)(variables, xs, seq_lengths=lengths),
+        )
         <= 1e-5
     )
-    loss = lambda module: sin_loss(lambda v, x: module.apply(v, x, lengths))
+    loss = lambda module: sin_loss(lambda v, x: module.apply(v, x, seq_lengths=lengths))
     grads = jax.jit(jax.grad(loss(pallas), (0, 1)))(variables, xs)
     assert max_error(grads, jax.grad(loss(scan), (0, 1))(variables, xs)) <= 1e-4
 

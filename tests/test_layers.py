@@ -526,7 +526,7 @@ def test_two_layers_equal_chained_scans(cell):
 def test_bidirectional_equals_forward_and_reverse_scans_with_seq_lengths(cell, num_layers):
     _, variables, apply = _built(cell, num_layers=num_layers, bidirectional=True)
     xs, lengths = _xs(), jnp.array(LENGTHS)
-    outputs, carry = apply(variables, xs, lengths)
+    outputs, carry = apply(variables, xs, seq_lengths=lengths)
     ref_out, finals = _chain(cell, variables["params"], xs, num_layers, True, seq_lengths=lengths)
     np.testing.assert_allclose(outputs, ref_out, **TIGHT)
     _leaves_close(carry, _stack(finals), **TIGHT)
@@ -543,7 +543,7 @@ def test_stacked_bidirectional_with_seq_lengths_matches_numpy_seed_equations(cel
     the last real step."""
     _, variables, apply = _built(cell, num_layers=2, bidirectional=True)
     xs = _xs()
-    outputs, carry = apply(variables, xs, jnp.array(LENGTHS))
+    outputs, carry = apply(variables, xs, seq_lengths=jnp.array(LENGTHS))
     ref_out, ref_carry = np_chain(cell, variables["params"], xs, 2, True, LENGTHS)
     np.testing.assert_allclose(outputs, ref_out, **REF)
     _leaves_close(carry, ref_carry, **REF)
@@ -557,7 +557,7 @@ def test_initial_carry_is_indexed_layer_times_directions_plus_direction(cell):
     xs = _xs()
     h0 = _normal((4, BATCH, HIDDEN), 4)
     init = (h0, _normal((4, BATCH, HIDDEN), 5)) if cell == "lstm" else h0
-    outputs, carry = apply(variables, xs, None, init)
+    outputs, carry = apply(variables, xs, init)
     ref_out, finals = _chain(cell, variables["params"], xs, 2, True, initial_carry=init)
     np.testing.assert_allclose(outputs, ref_out, **TIGHT)
     _leaves_close(carry, _stack(finals), **TIGHT)
@@ -622,8 +622,8 @@ def test_bfloat16_computation_with_float32_initial_carry(cell):
     xs = _xs()
     h0 = 0.5 * _normal((4, BATCH, HIDDEN), 4)
     init = (h0, 0.5 * _normal((4, BATCH, HIDDEN), 5)) if cell == "lstm" else h0
-    out32, carry32 = apply32(variables, xs, None, init)
-    out16, carry16 = apply16(variables, xs, None, init)
+    out32, carry32 = apply32(variables, xs, init)
+    out16, carry16 = apply16(variables, xs, init)
     assert out16.dtype == jnp.bfloat16
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(carry16))
     _leaves_close((out16, carry16), (out32, carry32), atol=5e-2, rtol=5e-2)
@@ -668,7 +668,7 @@ class ModuleVariantsTest(chex.TestCase):
 
         @self.variant
         def run(variables, xs, lengths):
-            return module.apply(variables, xs, lengths)
+            return module.apply(variables, xs, seq_lengths=lengths)
 
         outputs, carry = run(variables, xs, lengths)
         np.testing.assert_allclose(outputs, ref_out, rtol=1e-5, atol=1e-6)
@@ -694,7 +694,7 @@ def test_gradients_match_autodiff_of_plain_scan(cell):
 
     def loss(params, xs, use_module):
         if use_module:
-            out, carry = module.apply({"params": params}, xs, lengths)
+            out, carry = module.apply({"params": params}, xs, seq_lengths=lengths)
         else:
             out, finals = _chain(cell, params, xs, 1, True, seq_lengths=lengths, scan=ref_scan)
             carry = _stack(finals)

@@ -104,6 +104,59 @@ def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
         test_import_graph_has_no_cycle()
 
 
+# The layers: what each unit (a subpackage, or a module at the package's top) may import besides
+# itself. Model math sees only the kernels; training sees models and data, never the reverse;
+# the front-ends over the models (nnx, interop, export) see only the models; results and compile
+# targets stand alone; the commands and the CLI sit on top of everything.
+MODELS = {"jaxmodels.nn", "jaxmodels.kernels"}
+LAYERS = {
+    "jaxmodels.kernels": set(),
+    "jaxmodels.data": set(),
+    "jaxmodels.records": set(),
+    "jaxmodels.arguments": set(),
+    "jaxmodels.report": {"jaxmodels.records"},
+    "jaxmodels.targets": set(),
+    "jaxmodels.nn": {"jaxmodels.kernels"},
+    "jaxmodels": MODELS,  # the package's public names
+    "jaxmodels.nnx": MODELS,
+    "jaxmodels.export": MODELS,
+    "jaxmodels.interop": MODELS,
+    "jaxmodels.training": {*MODELS, "jaxmodels.data"},
+    "jaxmodels.bench": {*MODELS, "jaxmodels", "jaxmodels.records"},
+}
+TOP = {"jaxmodels.commands", "jaxmodels.inputs", "jaxmodels.cli"}  # may import any unit
+
+
+def _unit(name: str) -> str:
+    """The layer a library module belongs to: its subpackage, or itself at the package's top."""
+    return ".".join(name.split(".")[:2])
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({_unit(n) for n in LIBRARY} - LAYERS.keys() - TOP)
+    assert not missing, f"units without a place in LAYERS: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in LIBRARY if _unit(n) not in TOP))
+def test_imports_follow_the_layers(name):
+    unit = _unit(name)
+    upward = sorted(
+        edge
+        for edge in _project_edges(LIBRARY[name], name)
+        if _unit(edge) != unit and _unit(edge) not in LAYERS.get(unit, set())
+    )
+    assert not upward, f"{name} ({unit}) imports outside its layer {sorted(LAYERS[unit])}: {upward}"
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """A model module that imported training would fail the check above."""
+    fake = tmp_path / "cells.py"
+    fake.write_text("from jaxmodels.training.fit import fit\n")
+    monkeypatch.setitem(LIBRARY, "jaxmodels.nn.cells", fake)
+    with pytest.raises(AssertionError, match=r"jaxmodels\.training\.fit"):
+        test_imports_follow_the_layers("jaxmodels.nn.cells")
+
+
 @pytest.mark.parametrize("where", [*sorted(LIBRARY), *sorted(SCRIPTS)])
 def test_no_private_names_across_modules(where):
     """A name starting with one underscore belongs to its module: no ``from m import _x`` and no

@@ -77,11 +77,11 @@ def _value(outputs):
     return _loss(outputs), outputs
 
 
-def _check_jit_grad(case: str, linen, variables, ours, *args) -> None:
+def _check_jit_grad(case: str, linen, variables, ours, *args, **kwargs) -> None:
     """Outputs and parameter gradients of ``_loss``: nnx.jit(nnx.grad) against jax.jit(jax.grad)."""
-    linen_value = lambda params: _value(linen.apply({"params": params}, *args))
+    linen_value = lambda params: _value(linen.apply({"params": params}, *args, **kwargs))
     expected_grads, expected = jax.jit(jax.grad(linen_value, has_aux=True))(variables["params"])
-    grads, outputs = nnx.jit(nnx.grad(lambda m: _value(m(*args)), has_aux=True))(ours)
+    grads, outputs = nnx.jit(nnx.grad(lambda m: _value(m(*args, **kwargs)), has_aux=True))(ours)
     _equal(case, "outputs (jit)", outputs, expected)
     _equal(case, "d params (jit)", nnx.to_pure_dict(grads), expected_grads)
 
@@ -103,9 +103,10 @@ def test_recurrent_matches_linen(kind, fields):
     case = f"{kind} {fields}"
     directions = 2 if fields["bidirectional"] else 1
     h0 = jax.random.normal(jax.random.key(2), (fields["num_layers"] * directions, BATCH, HIDDEN))
-    args = (xs, LENGTHS, (h0, -h0) if kind == "lstm" else h0)
-    _equal(case, "outputs (eager)", ours(*args), linen.apply(variables, *args))
-    _check_jit_grad(case, linen, variables, ours, xs, LENGTHS)
+    args = (xs, (h0, -h0) if kind == "lstm" else h0)
+    eager = ours(*args, seq_lengths=LENGTHS)
+    _equal(case, "outputs (eager)", eager, linen.apply(variables, *args, seq_lengths=LENGTHS))
+    _check_jit_grad(case, linen, variables, ours, xs, seq_lengths=LENGTHS)
 
 
 @pytest.mark.parametrize("conv_impl, padding", [("patches", "VALID"), ("xla", "SAME")])

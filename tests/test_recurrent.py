@@ -23,6 +23,7 @@ from jax.experimental import rnn as jax_rnn
 from jax.test_util import check_grads
 
 import jaxmodels
+from jaxmodels.nn import fused
 
 B, T, F, H = 3, 7, 3, 5  # batch, time, features, hidden
 
@@ -98,6 +99,11 @@ def reference_scan(cell, params, xs, initial_carry, lengths, reverse, activation
     last processed step (the initial carry when L_b = 0)."""
     batch, time, _ = xs.shape
     lengths = [time] * batch if lengths is None else [int(n) for n in lengths]
+    step = (
+        jaxmodels.lstm_cell
+        if cell == "lstm"
+        else functools.partial(jaxmodels.rnn_cell, activation=activation)
+    )
     finals, rows = [], []
     for b in range(batch):
         carry = jax.tree.map(lambda a: a[b : b + 1], initial_carry)
@@ -105,13 +111,7 @@ def reference_scan(cell, params, xs, initial_carry, lengths, reverse, activation
         outs = [jnp.zeros((1, hidden), xs.dtype)] * time
         steps = range(lengths[b] - 1, -1, -1) if reverse else range(lengths[b])
         for t in steps:
-            if cell == "lstm":
-                carry, y = jaxmodels.lstm_cell(params, carry, xs[b : b + 1, t])
-            else:
-                carry = y = jaxmodels.rnn_cell(
-                    params, carry, xs[b : b + 1, t], activation=activation
-                )
-            outs[t] = y
+            carry, outs[t] = step(params, carry, xs[b : b + 1, t])
         finals.append(carry)
         rows.append(jnp.stack(outs, axis=1))
     final = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *finals)
@@ -703,20 +703,19 @@ def test_bad_input_raises(cell, overrides, exc, match):
 def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     """Every cut of time into forward and backward chunks (whole sequence: GPU/TPU; 1 step forward
     and a few backward: CPU) gives the outputs and gradients of the per-step loop, with masks."""
-    from jaxmodels.nn import recurrent
 
     ks = jax.random.split(jax.random.key(7), 3)
     params = make_params(cell, features=3, hidden=5, seed=7)
     xs = jax.random.normal(ks[0], (4, 6, 3))
     h0 = jax.random.normal(ks[1], (4, 5))
     carry = (h0, jax.random.normal(ks[2], (4, 5))) if cell == "lstm" else (h0,)
-    step = recurrent._LSTM if cell == "lstm" else recurrent._rnn(jnp.tanh)
+    step = fused.LSTM_CELL if cell == "lstm" else fused.rnn_cell_ops(jnp.tanh)
     mask = jnp.arange(6)[:, None] < jnp.array([6, 2, 0, 4])[None, :]
 
     def loss(chunks):
         def f(p, xs, carry):
-            final, hs = recurrent._recurrence_core(
-                step, p["w_x"], p["b"], p["w_h"], carry, xs, mask, reverse, 1, chunks
+            final, hs = fused.recurrence_in_chunks(
+                step, p["w_x"], p["w_h"], p["b"], carry, xs, mask, reverse, 1, chunks
             )
             return jnp.sum(jnp.sin(hs)) + sum(jnp.sum(jnp.cos(c)) for c in final)
 
@@ -734,9 +733,8 @@ def test_chunked_recurrence_matches_per_step(cell, chunks, reverse):
     [(150, 12, 10), (100, 12, 10), (28, 12, 7), (97, 12, 1), (8, 12, 8), (0, 12, 1)],
 )
 def test_chunk_length_is_the_largest_divisor_within_bound(time, most, expected):
-    from jaxmodels.nn import recurrent
 
-    assert recurrent.chunk_length(time, most) == expected
+    assert fused.chunk_length(time, most) == expected
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])

@@ -1,8 +1,10 @@
 """Training: optimizers and schedules, losses against numpy, jitted steps (no retrace, masks),
-fit on digits (and MNIST when present). The command line: tests/test_cli.py."""
+fit on digits (and MNIST when present), fit with a user's optax transformation (resumed bitwise).
+The command line: tests/test_cli.py."""
 
 import dataclasses
 import json
+import shutil
 
 import chex
 import jax
@@ -15,10 +17,17 @@ from _paths import MNIST_DIR
 from jaxmodels import get_model
 from jaxmodels.data.datasets import get_dataset
 from jaxmodels.training.batches import BatchIterator
-from jaxmodels.training.fit import TrainConfig, evaluate, fit
-from jaxmodels.training.optim import make_optimizer, make_schedule
+from jaxmodels.training.checkpoint import IncompatibleCheckpointError
+from jaxmodels.training.evaluate import evaluate
+from jaxmodels.training.fit import TrainConfig, fit
+from jaxmodels.training.optim import (
+    describe_transformation,
+    make_optimizer,
+    make_schedule,
+    optax_promotion,
+)
 from jaxmodels.training.parallel import SingleDevice
-from jaxmodels.training.rundir import RunFolderError, saved_steps
+from jaxmodels.training.rundir import RunFolderError, checkpoint_dir, saved_steps
 from jaxmodels.training.steps import (
     TrainState,
     classification_loss,
@@ -84,7 +93,8 @@ def test_optimizers_descend_a_quadratic(name):
     state = tx.init(params)
     loss = lambda p: jnp.sum(p["w"] ** 2)
     for _ in range(30):
-        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        with optax_promotion():  # as the train step calls optax
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
     assert float(loss(params)) < 13.0 * 0.5
 
@@ -93,11 +103,13 @@ def test_clip_by_global_norm_and_decoupled_weight_decay():
     grads = {"a": jnp.full((4,), 5.0)}  # global norm 10
     params = {"a": jnp.ones((4,))}
     tx = make_optimizer("sgd", lr=1.0, clip_norm=0.5)
-    updates, _ = tx.update(grads, tx.init(params), params)
+    with optax_promotion():  # as the train step calls optax
+        updates, _ = tx.update(grads, tx.init(params), params)
     assert float(optax.global_norm(updates)) == pytest.approx(0.5, rel=1e-5)
     zero = {"a": jnp.zeros((4,))}
     tx = make_optimizer("adamw", lr=0.1, weight_decay=0.01)
-    updates, _ = tx.update(zero, tx.init(params), params)
+    with optax_promotion():
+        updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["a"], -0.1 * 0.01 * np.ones(4), rtol=1e-5)
     with pytest.raises(
         ValueError, match=r"unknown optimizer 'lion'; expected one of \('adam', 'adamw', 'sgd'"
@@ -297,3 +309,62 @@ def test_fit_never_mixes_two_runs_in_one_workdir(digits, tmp_path, capsys):
     assert saved_steps(aside) == [1, 2] and saved_steps(tmp_path / "run") == [1]
     with pytest.raises(RunFolderError, match="holds a run of cnn on digits, not rnn-classifier"):
         fit(get_model("rnn-classifier"), small, _quiet(), tmp_path / "run", resume=True)
+
+
+# ------------------------------------------------------------------ fit with an optax transformation
+
+
+def _lion(lr=3e-3):
+    """A user's optax chain, none of the named optimizers, with a schedule of its own."""
+    schedule = optax.cosine_decay_schedule(lr, 12)
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.lion(schedule, weight_decay=1e-4))
+
+
+def test_fit_trains_with_an_optax_transformation_and_resumes_it_bitwise(digits, tmp_path):
+    """Under the suite's strict dtype promotion too (tests/conftest.py)."""
+    small = _subset(digits, 128, 32)  # 4 steps per epoch
+    config = _quiet(epochs=3, checkpoint_every=4, keep=5, log_every=2)
+    full = fit(get_model("cnn"), small, config, tmp_path / "full", optimizer=_lion())
+    rows = [r for r in full.history if r["kind"] == "train"]
+    assert rows[-1]["loss"] < rows[0]["loss"] and "lr" not in rows[-1]
+    train = json.loads((tmp_path / "full" / "config.json").read_text())["train"]
+    assert train["optimizer"].startswith("optax transformation ") and "lr" not in train
+
+    shutil.copytree(tmp_path / "full", tmp_path / "run")
+    shutil.rmtree(checkpoint_dir(tmp_path / "run") / "12")  # killed after step 8's checkpoint
+    again = fit(get_model("cnn"), small, config, tmp_path / "run", resume=True, optimizer=_lion())
+    chex.assert_trees_all_equal(again.state, full.state)
+    assert again.test_metrics == full.test_metrics
+
+    other = r"train.optimizer: saved 'optax transformation [0-9a-f]{16}', now"
+    with pytest.raises(IncompatibleCheckpointError, match=other + r" 'optax transformation "):
+        fit(get_model("cnn"), small, config, tmp_path / "run", resume=True, optimizer=_lion(1e-3))
+    with pytest.raises(IncompatibleCheckpointError, match=other + " 'adam'"):
+        fit(get_model("cnn"), small, config, tmp_path / "run", resume=True)
+
+
+def test_describe_transformation_and_optimizer_errors(digits, tmp_path):
+    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros((2,))}
+    first = describe_transformation(_lion(), params)
+    assert first == describe_transformation(_lion(), params)  # built anew: the same
+    assert first != describe_transformation(_lion(1e-3), params)
+    masked = optax.masked(optax.sgd(0.1), {"w": True, "b": False})
+    assert describe_transformation(masked, params) != describe_transformation(
+        optax.sgd(0.1), params
+    )
+    with pytest.raises(
+        TypeError, match=r"expected optimizer to be an optax\.GradientTransformation, got 'adam'"
+    ):
+        fit(get_model("cnn"), digits, _quiet(), tmp_path, optimizer="adam")
+    with pytest.raises(
+        ValueError,
+        match=r"at their defaults with fit\(optimizer=...\), which replaces them; "
+        r"got lr=0.01, schedule='constant'$",
+    ):
+        fit(
+            get_model("cnn"),
+            digits,
+            _quiet(lr=1e-2, schedule="constant"),
+            tmp_path,
+            optimizer=_lion(),
+        )

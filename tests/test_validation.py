@@ -424,7 +424,7 @@ def test_bad_step_and_scan_arguments_raise(call, match):
 def test_seq_lengths_out_of_range_raise_eagerly_in_the_module():
     module = LSTM(HIDDEN)
     with pytest.raises(ValueError, match=r"seq_lengths in \[0, time=5\], got values from 2 to 7"):
-        module.init(KEY, _xs(), jnp.asarray([7, 2]))
+        module.init(KEY, _xs(), seq_lengths=jnp.asarray([7, 2]))
 
 
 @pytest.mark.parametrize("cell", SCANS)
@@ -455,7 +455,7 @@ def test_checked_catches_seq_lengths_through_a_module():
     module = LSTM(HIDDEN, bidirectional=True)
     variables = module.init(KEY, _xs())
     with pytest.raises(ValueError, match=r"seq_lengths in \[0, time=5\], got values from 2 to 9"):
-        checked(module.apply)(variables, _xs(), jnp.asarray([9, 2]))
+        checked(module.apply)(variables, _xs(), seq_lengths=jnp.asarray([9, 2]))
 
 
 @pytest.mark.parametrize("name", ["char-lstm", "char-rnn"])

@@ -15,7 +15,8 @@ from pathlib import Path
 from jaxmodels.bench.torch_configs import label
 
 
-def _fmt_ms(seconds: float) -> str:
+def fmt_ms(seconds: float) -> str:
+    """Seconds as milliseconds, 3 significant digits (whole ones from 100 ms)."""
     ms = seconds * 1e3
     return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
 
@@ -104,9 +105,9 @@ def _torch_table(workloads: list[dict]) -> list[str]:
             elif "median_s" not in r:
                 cells.append("error")
             elif r["name"] == workload.get("strongest_torch"):
-                cells.append(f"**{_fmt_ms(r['median_s'])}**")
+                cells.append(f"**{fmt_ms(r['median_s'])}**")
             else:
-                cells.append(_fmt_ms(r["median_s"]))
+                cells.append(fmt_ms(r["median_s"]))
         strongest = workload.get("strongest_torch") or ""
         lines.append(f"| {workload['name']} | " + " | ".join(cells) + f" | {strongest} |")
     return lines
@@ -127,27 +128,38 @@ def _skipped(result: dict) -> list[str]:
     return lines
 
 
+def machine(env: dict) -> str:
+    """Where a result was measured (a ``records.environment()``): date, backend and devices, CPUs."""
+    return (
+        f"{env['date']}; backend {env['backend']} ({', '.join(sorted(set(env['devices'])))}), "
+        f"{env['cpu_count']} CPUs ({env['processor']})"
+    )
+
+
+def software(env: dict) -> str:
+    """What was measured (a ``records.environment()``): versions, XLA_FLAGS, the git commit and the
+    files it had changed."""
+    v = env["versions"]
+    dirty = env["git_dirty_files"]
+    return (
+        f"jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax {v['optax']}, torch {v['torch']}, "
+        f"numpy {v['numpy']}, python {v['python']}; XLA_FLAGS={env['xla_flags'] or '(unset)'}; "
+        f"git {(env['git_commit'] or 'unknown')[:10]}"
+        + (f" with local changes in {', '.join(f.split()[-1] for f in dirty)}" if dirty else "")
+    )
+
+
 def markdown(result: dict) -> str:
     """Tables, one per workload group, with the run's conditions above them."""
     env = result["environment"]
-    v = env["versions"]
     load = result["loadavg"]
     peak = result["peak"]
     isolation = result.get("isolation", "shared")
     lines = [
         f"# Benchmark: {result['suite']}",
         "",
-        f"{env['date']}; backend {env['backend']} ({', '.join(sorted(set(env['devices'])))}), "
-        f"{env['cpu_count']} CPUs ({env['processor']}); isolation `{isolation}` "
-        "(the processes are listed below).",
-        f"jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, optax {v['optax']}, torch {v['torch']}, "
-        f"numpy {v['numpy']}, python {v['python']}; XLA_FLAGS={env['xla_flags'] or '(unset)'}; "
-        f"git {(env['git_commit'] or 'unknown')[:10]}"
-        + (
-            f" with local changes in {', '.join(f.split()[-1] for f in env['git_dirty_files'])}"
-            if env["git_dirty_files"]
-            else ""
-        ),
+        f"{machine(env)}; isolation `{isolation}` (the processes are listed below).",
+        software(env),
         f"Peak: {peak['gflops']:.1f} GFLOP/s, a float32 {peak['runs'][0]['n']}^3 jnp matmul in the same run "
         f"(before: {peak['runs'][0]['gflops']:.1f}, after: {peak['runs'][1]['gflops']:.1f}).",
     ]
@@ -197,8 +209,8 @@ def markdown(result: dict) -> str:
                     row = [
                         workload["name"],
                         r["name"],
-                        _fmt_ms(r["median_s"]),
-                        f"{_fmt_ms(r['min_s'])}-{_fmt_ms(r['max_s'])}",
+                        fmt_ms(r["median_s"]),
+                        f"{fmt_ms(r['min_s'])}-{fmt_ms(r['max_s'])}",
                         f"{r['compile_s']:.2f}",
                         f"{r['gflops']:.1f}",
                         f"{100 * r['frac_peak']:.1f}",

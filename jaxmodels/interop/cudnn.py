@@ -7,7 +7,7 @@ num_layers=N, dropout=0.0, bidirectional=bi)`` reads one vector ``weights``; our
 i, f, g, o in both. Both are batch-major and compute the same: with ``w = to_cudnn(v, ...)``,
 
     y, h_n, c_n = jax.experimental.rnn.lstm(x, h_0, c_0, w, seq_lengths, ...)
-    y, (h_n, c_n) = jaxmodels.LSTM(H, N, bi).apply(v, x, seq_lengths, (h_0, c_0))
+    y, (h_n, c_n) = jaxmodels.LSTM(H, N, bi).apply(v, x, (h_0, c_0), seq_lengths=seq_lengths)
 
 x [batch, time, I], y [batch, time, D*H], h_0, c_0, h_n, c_n [N*D, batch, H] (D = 2 if
 bidirectional else 1, index k*D + d), seq_lengths [batch] int32 in [1, time] (padded steps output

@@ -15,8 +15,8 @@ The file, in the safetensors format (safetensors.numpy's ``save_file`` / ``safe_
               "model_name": a name of ``jaxmodels.nn.models.list_models()``,
               "config": the ``get_model`` options as JSON, e.g. {"hidden_size": 64, "num_classes": 10}
 
-JSON has no tuples: every list in the config comes back as a tuple (``jaxmodels.training.rundir.tuples``,
-as a run's recorded options), so tuples round-trip and lists come back as tuples.
+JSON has no tuples: every list in the config comes back as a tuple (``jaxmodels.nn.models.tuples``, as
+a run's recorded options), so tuples round-trip and lists come back as tuples.
 
 Written: variables as nested mappings (Flax's) of arrays (jax or numpy) of the dtypes in ``DTYPES``
 under keys that are non-empty strings without "/"; no empty mapping (it would not come back).
@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.nn.models import get_model, list_models
-from jaxmodels.training.rundir import tuples
+from jaxmodels.nn.models import get_model, list_models, tuples
 
 FORMAT = "jaxmodels.variables"
 FORMAT_VERSION = "1"

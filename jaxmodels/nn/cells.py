@@ -1,5 +1,9 @@
 """Pure step functions of the seed's equations, and their initialisers.
 
+Every cell follows one protocol, Flax's: ``cell(params, carry, x) -> (carry, y)``, the carry after
+the step and the step's output (``rnn_cell``: (h_t, h_t); ``lstm_cell``: ((h_t, C_t), h_t)), so a
+cell runs over time as ``lax.scan(functools.partial(cell, params), carry, xs_time_major)``.
+
 Shapes use one vocabulary: batch, time, features (input size), hidden. Parameters are plain dicts
 in the pinned layout (README, "The math"), gate blocks along the last axis in the order i, f, g, o::
 
@@ -15,6 +19,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxmodels.kernels.common import ACTIVATIONS
 from jaxmodels.nn import checks
 
 Array = jax.Array
@@ -23,24 +28,16 @@ Activation = Callable[[Array], Array]
 GATES = ("i", "f", "g", "o")  # order of the 4 blocks of an LSTM's gate axis
 
 
-def sigmoid(x: Array) -> Array:
-    """σ(x) = 1 / (1 + e^-x), computed as 0.5·tanh(x/2) + 0.5.
-
-    The same function in exact arithmetic; one tanh instead of an exp and a division, which XLA
-    fuses into the surrounding gate math (XLA's logistic op was a third of the LSTM loop on CPU).
-    """
-    return 0.5 * jnp.tanh(0.5 * x) + 0.5
-
-
-def identity(x: Array) -> Array:
-    return x
+# σ(x) = 1 / (1 + e^-x), computed as 0.5·tanh(x/2) + 0.5: the same function in exact arithmetic,
+# one tanh instead of an exp and a division, which XLA fuses into the surrounding gate math.
+_SIGMOID = ACTIVATIONS["sigmoid"][0]
 
 
 # ---------------------------------------------------------------------------------------------
 # Steps
 
 
-def dense(params: dict, x: Array, activation: Activation | str = identity) -> Array:
+def dense(params: dict, x: Array, activation: Activation | str = "identity") -> Array:
     """y = f(x W + b).  x: [..., features] -> y: [..., out].
 
     ``activation``: a callable, or a name in ``kernels.common.ACTIVATIONS`` ('identity', 'relu',
@@ -51,17 +48,19 @@ def dense(params: dict, x: Array, activation: Activation | str = identity) -> Ar
     return checks.activation(activation)(add_bias(x @ params["w"], params["b"]))
 
 
-def rnn_cell(params: dict, h: Array, x: Array, activation: Activation | str = jnp.tanh) -> Array:
-    """h_t = f(x_t W + h_{t-1} U + b).
+def rnn_cell(
+    params: dict, carry: Array, x: Array, activation: Activation | str = jnp.tanh
+) -> tuple[Array, Array]:
+    """One simple-RNN step, h_t = f(x_t W + h_{t-1} U + b).
 
-    h: [batch, hidden], x: [batch, features] -> h_t: [batch, hidden]. ``activation`` as for
-    ``dense``. Validated: x's rank and features, h's shape, the activation.
+    carry: h_{t-1} [batch, hidden]; x: [batch, features]. Returns (h_t, h_t), the new carry and
+    the output, each [batch, hidden]. ``activation`` as for ``dense``. Validated: x's rank and
+    features, the carry's shape, the activation.
     """
     x = jnp.asarray(x)
-    (h,) = _check_step(params, (h,), x)
-    return checks.activation(activation)(
-        add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"]
-    )
+    (h,) = _check_step(params, (carry,), x, blocks=1, cell="RNN")
+    h = checks.activation(activation)(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"])
+    return h, h
 
 
 def lstm_cell(
@@ -79,7 +78,7 @@ def lstm_cell(
     x = jnp.asarray(x)
     if not (isinstance(carry, (tuple, list)) and len(carry) == 2):
         raise ValueError("expected carry to be a pair (h, c), each [batch, hidden]")
-    h, c = _check_step(params, carry, x)
+    h, c = _check_step(params, carry, x, blocks=4, cell="LSTM")
     h, c, _, _ = lstm_update(add_bias(x @ params["w_x"], params["b"]) + h @ params["w_h"], c)
     return (h, c), h
 
@@ -95,7 +94,7 @@ def lstm_update(
     """The step after the matmuls: fused pre-activations pre [batch, 4*hidden] (blocks i, f, g, o)
     and C_{t-1} [batch, hidden] -> (h_t, C_t, (i, f, g, o) activated, tanh(C_t))."""
     i, f, g, o = jnp.split(pre, 4, axis=-1)
-    i, f, g, o = sigmoid(i), sigmoid(f), jnp.tanh(g), sigmoid(o)
+    i, f, g, o = _SIGMOID(i), _SIGMOID(f), jnp.tanh(g), _SIGMOID(o)
     c = f * c + i * g
     tanh_c = jnp.tanh(c)
     return o * tanh_c, c, (i, f, g, o), tanh_c
@@ -109,12 +108,17 @@ def _check_features(x: Array, features: int, name: str) -> None:
         )
 
 
-def _check_step(params: dict, carry, x: Array) -> tuple[Array, ...]:
-    """A step's x [batch, features] and carry parts, each [batch, hidden]; returns the carry."""
+def _check_step(params: dict, carry, x: Array, *, blocks: int, cell: str) -> tuple[Array, ...]:
+    """A step's params (``checks.layer_params``), x [batch, features] and carry parts, each
+    [batch, hidden]; returns the carry."""
+    features, hidden = checks.layer_params(params, blocks=blocks, cell=cell)
     if x.ndim != 2:
         raise ValueError(f"expected x of rank 2 [batch, features], got shape {x.shape}")
-    _check_features(x, jnp.shape(params["w_x"])[0], "x")
-    expected = (x.shape[0], jnp.shape(params["w_h"])[0])
+    _check_features(x, features, "x")
+    expected = (x.shape[0], hidden)
+    if not isinstance(carry, tuple | list) or len(carry) != blocks // 4 + 1:
+        want = "(h, c), each" if blocks == 4 else "h"
+        raise TypeError(f"expected the {cell} carry {want} [batch, hidden]={expected}")
     carry = tuple(jnp.asarray(part) for part in carry)
     for part, name in zip(carry, "hc"):
         if part.shape != expected:

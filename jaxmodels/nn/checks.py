@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,29 @@ def activation(f) -> Callable[[Array], Array]:
         return ACTIVATIONS[f][0]
     error = ValueError if isinstance(f, str) else TypeError
     raise error(f"expected activation to be a callable or one of {tuple(ACTIVATIONS)}, got {f!r}")
+
+
+def layer_params(params, *, blocks: int, cell: str) -> tuple[int, int]:
+    """(features, hidden) of one recurrent layer's params in the pinned layout {"w_x": [features,
+    G*hidden], "w_h": [hidden, G*hidden], "b": [G*hidden]} with G = ``blocks`` (4 for the LSTM's
+    gates, 1 for the simple RNN) and hidden >= 1; TypeError / ValueError naming the layout else."""
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"expected {cell} params: a dict with keys w_x, w_h, b, got {type(params).__name__}"
+        )
+    missing = {"w_x", "w_h", "b"} - set(params)
+    if missing:
+        raise ValueError(f"expected {cell} params with keys w_x, w_h, b; missing {sorted(missing)}")
+    w_x, w_h, b = (np.shape(params[k]) for k in ("w_x", "w_h", "b"))
+    hidden = w_h[0] if len(w_h) == 2 else -1
+    gates = blocks * hidden
+    if hidden < 1 or w_h != (hidden, gates) or len(w_x) != 2 or w_x[1] != gates or b != (gates,):
+        g = "4*hidden" if blocks == 4 else "hidden"
+        raise ValueError(
+            f"expected {cell} params w_x [features, {g}], w_h [hidden, {g}], b [{g}] (hidden >= 1), "
+            f"got w_x {w_x}, w_h {w_h}, b {b}"
+        )
+    return w_x[0], hidden
 
 
 def sequences(xs) -> Array:

@@ -95,7 +95,11 @@ class CNN(nn.Module):
         convolutions and pools; with existing parameters, x's channels and image size.
         """
         x = jnp.asarray(x)
-        self._check(x)
+        check_cnn_fields(self, any_xla_padding=True)
+        made = _made_shape(self, "Conv_0", "kernel")
+        check_images(x, None if made is None else made[2], f"Conv_0's kernel {made} was made for")
+        if self.padding in conv.PADDINGS:
+            check_image_size(self, x.shape[1:3], f"shape {x.shape}")
         image = x.shape
         for k, (width, pool) in enumerate(zip(self.features, self.pool_after)):
             if self.conv_impl == "patches":
@@ -135,62 +139,85 @@ class CNN(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
-    def _check(self, x: Array) -> None:
-        """The attributes, and x [batch, height, width, channels] against them."""
-        if self.conv_impl not in CONV_IMPLS:
-            raise ValueError(f"expected conv_impl in {CONV_IMPLS}, got {self.conv_impl!r}")
-        if len(self.pool_after) != len(self.features):
-            raise ValueError(
-                f"expected pool_after with one entry per convolution ({len(self.features)}), "
-                f"got {len(self.pool_after)}"
-            )
-        if self.conv_impl == "patches" and self.padding not in conv.PADDINGS:
-            raise ValueError(
-                f"expected padding in {conv.PADDINGS} with conv_impl='patches', got {self.padding!r}"
-            )
-        for k, width in enumerate(self.features):
-            checks.size(f"features[{k}]", width)
-        for k, width in enumerate(self.dense_features):
-            checks.size(f"dense_features[{k}]", width)
-        checks.size("num_classes", self.num_classes)
-        checks.rate("dropout_rate", self.dropout_rate)
-        kernel = _pair("kernel_size", self.kernel_size)
-        pool = _pair("pool_size", self.pool_size)
-        if x.ndim != 4:
-            raise ValueError(
-                f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}"
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(
-                f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}"
-            )
-        if x.shape[0] < 1:
-            raise ValueError(
-                f"expected at least one image (batch >= 1), got x of shape {x.shape} "
-                "[batch, height, width, channels]"
-            )
-        if self.padding in conv.PADDINGS:
-            least = [1, 1]  # the smallest output of the last block, walked back to the input
-            for pooled in reversed(self.pool_after):
-                for a in range(2):
-                    least[a] = least[a] * (pool[a] if pooled else 1)
-                    least[a] += kernel[a] - 1 if self.padding == "VALID" else 0
-            if x.shape[1] < least[0] or x.shape[2] < least[1]:
-                raise ValueError(
-                    f"expected x [batch, height, width, channels] of at least {least[0]}x"
-                    f"{least[1]} pixels for {len(self.features)} {kernel[0]}x{kernel[1]} "
-                    f"{self.padding} convolutions and {sum(map(bool, self.pool_after))} "
-                    f"{pool[0]}x{pool[1]} max-pools, got shape {x.shape}"
-                )
-        made = _made_shape(self, "Conv_0", "kernel")
-        if made is not None and made[2] != x.shape[3]:
-            raise ValueError(
-                f"expected x [batch, height, width, channels={made[2]}] as Conv_0's kernel "
-                f"{made} was made for, got shape {x.shape}"
-            )
+
+def check_cnn_fields(cnn, *, any_xla_padding: bool) -> dict[str, Any]:
+    """Validate the fields of a CNN, ``layers.CNN`` or ``nnx.CNN`` (read as attributes of ``cnn``):
+    conv_impl in ``CONV_IMPLS``, one pool_after per convolution, sizes integers >= 1
+    (kernel_size and pool_size pairs of them), dropout_rate in [0, 1], padding in
+    ``conv.PADDINGS`` unless ``any_xla_padding`` and conv_impl is "xla" (Linen's ``nn.Conv`` takes
+    more paddings; NNX's "xla" runs ``conv.conv_relu_pool_reference``, which does not).
+
+    Returns the numeric fields normalised: features, kernel_size, pool_after, pool_size and
+    dense_features as tuples of ints (bools for pool_after), num_classes an int, dropout_rate a
+    float."""
+    if cnn.conv_impl not in CONV_IMPLS:
+        raise ValueError(f"expected conv_impl in {CONV_IMPLS}, got {cnn.conv_impl!r}")
+    if len(cnn.pool_after) != len(cnn.features):
+        raise ValueError(
+            f"expected pool_after with one entry per convolution ({len(cnn.features)}), "
+            f"got {len(cnn.pool_after)}"
+        )
+    if cnn.padding not in conv.PADDINGS and not (any_xla_padding and cnn.conv_impl == "xla"):
+        raise ValueError(
+            f"expected padding in {conv.PADDINGS} with conv_impl={cnn.conv_impl!r}, "
+            f"got {cnn.padding!r}"
+        )
+    return {
+        "features": tuple(checks.size(f"features[{k}]", w) for k, w in enumerate(cnn.features)),
+        "dense_features": tuple(
+            checks.size(f"dense_features[{k}]", w) for k, w in enumerate(cnn.dense_features)
+        ),
+        "num_classes": checks.size("num_classes", cnn.num_classes),
+        "dropout_rate": checks.rate("dropout_rate", cnn.dropout_rate),
+        "kernel_size": pair("kernel_size", cnn.kernel_size),
+        "pool_size": pair("pool_size", cnn.pool_size),
+        "pool_after": tuple(map(bool, cnn.pool_after)),
+    }
 
 
-def _pair(name: str, value) -> tuple[int, int]:
+def check_images(x: Array, channels: int | None, made_for: str) -> None:
+    """x [batch, height, width, channels]: rank 4, floating point, batch >= 1, and ``channels``
+    channels unless None (``made_for`` says what fixed that number, for the message)."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"expected x of rank 4 [batch, height, width, channels], got shape {x.shape}"
+        )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"expected floating-point x [batch, height, width, channels], got dtype {x.dtype}"
+        )
+    if x.shape[0] < 1:
+        raise ValueError(
+            f"expected at least one image (batch >= 1), got x of shape {x.shape} "
+            "[batch, height, width, channels]"
+        )
+    if channels is not None and x.shape[3] != channels:
+        raise ValueError(
+            f"expected x [batch, height, width, channels={channels}] as {made_for}, "
+            f"got shape {x.shape}"
+        )
+
+
+def check_image_size(cnn, size: tuple[int, int], given: str) -> None:
+    """Images of ``size`` (height, width) large enough for the convolutions and pools of ``cnn``
+    (a ``layers.CNN`` or ``nnx.CNN``, padding in ``conv.PADDINGS``): each 'VALID' k x k
+    convolution takes k - 1 pixels, each p x p pool divides by p (rounding down) and every block
+    must leave at least one pixel. ``given`` names the size in the message."""
+    kernel, pool = pair("kernel_size", cnn.kernel_size), pair("pool_size", cnn.pool_size)
+    least = [1, 1]  # the smallest output of the last block, walked back to the input
+    for pooled in reversed(cnn.pool_after):
+        for a in range(2):
+            least[a] = least[a] * (pool[a] if pooled else 1)
+            least[a] += kernel[a] - 1 if cnn.padding == "VALID" else 0
+    if size[0] < least[0] or size[1] < least[1]:
+        raise ValueError(
+            f"expected images of at least {least[0]}x{least[1]} pixels for "
+            f"{len(cnn.features)} {kernel[0]}x{kernel[1]} {cnn.padding} convolutions and "
+            f"{sum(map(bool, cnn.pool_after))} {pool[0]}x{pool[1]} max-pools, got {given}"
+        )
+
+
+def pair(name: str, value) -> tuple[int, int]:
     """(height, width) of positive integers."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
         raise ValueError(f"expected {name} to be (height, width), got {value!r}")
@@ -221,25 +248,27 @@ class _Recurrent(nn.Module):
     def _init_layer(self, key: Array, features: int) -> dict:
         raise NotImplementedError
 
-    def _scan(self, params: dict, xs: Array, carry: Any, seq_lengths: Array | None, reverse: bool):
+    def _scan(self, params: dict, xs: Array, carry: Any, **options) -> tuple[Any, Array]:
+        """The layer's scan, ``recurrent.lstm_scan`` or ``rnn_scan``, with ``options``."""
         raise NotImplementedError
 
     @nn.compact
     def __call__(
         self,
         xs: Array,
-        seq_lengths: Array | None = None,
         initial_carry: Any = None,
         *,
+        seq_lengths: Array | None = None,
         train: bool = False,
     ):
-        """xs: [batch, time, features].
+        """xs: [batch, time, features]; seq_lengths: [batch] or None (full length).
 
-        Returns (outputs, final_carry): outputs [batch, time, directions*hidden] from the last layer
-        (forward and backward halves concatenated); final_carry stacked like PyTorch's h_n,
-        [num_layers*directions, batch, hidden] (a pair (h_n, c_n) for the LSTM), index
-        layer*directions + direction. ``initial_carry`` has that same form. Dropout with
-        ``dropout_rate`` is applied between layers when ``train`` is True (rng stream 'dropout').
+        Returns (outputs, final_carry), as PyTorch's ``nn.LSTM`` / ``nn.RNN`` do: outputs [batch,
+        time, directions*hidden] from the last layer (forward and backward halves concatenated);
+        final_carry stacked like PyTorch's h_n, [num_layers*directions, batch, hidden] (a pair
+        (h_n, c_n) for the LSTM), index layer*directions + direction. ``initial_carry`` has that
+        same form (zeros when None). Dropout with ``dropout_rate`` is applied between layers when
+        ``train`` is True (rng stream 'dropout').
 
         Validated (ValueError / TypeError naming the expected value): hidden_size and num_layers
         integers >= 1, dropout_rate in [0, 1]; xs floating point of rank 3 with batch, time >= 1,
@@ -256,30 +285,61 @@ class _Recurrent(nn.Module):
                 f"expected xs [batch, time, features={made[0]}] as layer_0's w_x {made} was made "
                 f"for, got shape {xs.shape}"
             )
-        dtype = self.dtype or checks.promote_types(xs.dtype, self.param_dtype)
-        directions = 2 if self.bidirectional else 1
-        finals = []
-        for layer in range(self.num_layers):
-            if layer > 0:
-                xs = nn.Dropout(self.dropout_rate, deterministic=not train)(xs)
-            outs = []
-            for direction in range(directions):
-                name = f"layer_{layer}" + ("_reverse" if direction else "")
-                params = self.param(name, self._init_layer, xs.shape[-1])
-                params = jax.tree.map(lambda p: p.astype(dtype), params)
-                index = layer * directions + direction
-                carry = (
-                    None
-                    if initial_carry is None
-                    else jax.tree.map(lambda a: a[index].astype(dtype), initial_carry)
-                )
-                final, hs = self._scan(
-                    params, xs.astype(dtype), carry, seq_lengths, reverse=bool(direction)
-                )
-                finals.append(final)
-                outs.append(hs)
-            xs = outs[0] if directions == 1 else jnp.concatenate(outs, axis=-1)
-        return xs, jax.tree.map(lambda *a: jnp.stack(a), *finals)
+        return stacked_scans(
+            self._scan,
+            lambda name, features: self.param(name, self._init_layer, features),
+            lambda xs: nn.Dropout(self.dropout_rate, deterministic=not train)(xs),
+            xs,
+            initial_carry,
+            num_layers=self.num_layers,
+            directions=2 if self.bidirectional else 1,
+            dtype=self.dtype or checks.promote_types(xs.dtype, self.param_dtype),
+            seq_lengths=seq_lengths,
+            unroll=self.unroll,
+            impl=self.impl,
+        )
+
+
+def stacked_scans(
+    scan: Callable[..., tuple[Any, Array]],
+    layer: Callable[[str, int], dict],
+    dropout: Callable[[Array], Array],
+    xs: Array,
+    initial_carry: Any,
+    *,
+    num_layers: int,
+    directions: int,
+    dtype: Any,
+    **options,
+) -> tuple[Array, Any]:
+    """A stack of ``num_layers`` recurrent layers, each in ``directions`` (1, or 2: forward and
+    backward), the loop of the Linen and the NNX modules.
+
+    Layer k, direction d runs ``scan(params, inputs, carry, reverse=bool(d), **options)`` in
+    ``dtype`` with params = ``layer(name, features)`` (name ``layer_{k}``, or
+    ``layer_{k}_reverse`` for d = 1; features the inputs' last axis), inputs xs [batch, time,
+    features] for k = 0 and ``dropout`` of the previous layer's outputs [batch, time,
+    directions*hidden] (directions concatenated) after, carry ``initial_carry``'s entry
+    k*directions + d (a pytree of [num_layers*directions, batch, hidden] arrays, or None).
+
+    Returns (outputs of the last layer [batch, time, directions*hidden], the final carries
+    stacked in that same form as ``initial_carry``).
+    """
+    finals = []
+    for k in range(num_layers):
+        if k > 0:
+            xs = dropout(xs)
+        outs = []
+        for direction in range(directions):
+            name = f"layer_{k}" + ("_reverse" if direction else "")
+            params = jax.tree.map(lambda p: p.astype(dtype), layer(name, xs.shape[-1]))
+            index = k * directions + direction
+            carry = jax.tree.map(lambda a, i=index: a[i].astype(dtype), initial_carry)
+            final, hs = scan(params, xs.astype(dtype), carry, reverse=bool(direction), **options)
+            finals.append(final)
+            outs.append(hs)
+        xs = outs[0] if directions == 1 else jnp.concatenate(outs, axis=-1)
+    return xs, jax.tree.map(lambda *a: jnp.stack(a), *finals)
 
 
 class SimpleRNN(_Recurrent):
@@ -295,17 +355,8 @@ class SimpleRNN(_Recurrent):
     def _init_layer(self, key, features):
         return cells.init_rnn(key, features, self.hidden_size, self.param_dtype)
 
-    def _scan(self, params, xs, carry, seq_lengths, reverse):
-        return recurrent.rnn_scan(
-            params,
-            xs,
-            carry,
-            seq_lengths=seq_lengths,
-            reverse=reverse,
-            unroll=self.unroll,
-            impl=self.impl,
-            activation=self.activation,
-        )
+    def _scan(self, params, xs, carry, **options):
+        return recurrent.rnn_scan(params, xs, carry, activation=self.activation, **options)
 
 
 class LSTM(_Recurrent):
@@ -323,13 +374,5 @@ class LSTM(_Recurrent):
             key, features, self.hidden_size, forget_bias=self.forget_bias, dtype=self.param_dtype
         )
 
-    def _scan(self, params, xs, carry, seq_lengths, reverse):
-        return recurrent.lstm_scan(
-            params,
-            xs,
-            carry,
-            seq_lengths=seq_lengths,
-            reverse=reverse,
-            unroll=self.unroll,
-            impl=self.impl,
-        )
+    def _scan(self, params, xs, carry, **options):
+        return recurrent.lstm_scan(params, xs, carry, **options)

@@ -30,7 +30,7 @@ TASKS = ("classification", "regression", "language_model")
 class SequenceModel(nn.Module):
     """A recurrent encoder (``cell`` "lstm" or "rnn") and a dense head on its final hidden state.
 
-    xs [batch, time, features] (+ optional seq_lengths [batch]) -> [batch, num_outputs]: class
+    xs [batch, time, features] (+ keyword seq_lengths [batch]) -> [batch, num_outputs]: class
     logits for a classifier, values for a regressor. With ``bidirectional`` the head reads the last
     layer's forward and backward final states, concatenated. Validated: num_outputs an integer
     >= 1 (a classifier's num_classes), the rest as in ``LSTM`` / ``SimpleRNN``.
@@ -47,7 +47,7 @@ class SequenceModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, xs: Array, seq_lengths: Array | None = None, *, train: bool = False
+        self, xs: Array, *, seq_lengths: Array | None = None, train: bool = False
     ) -> Array:
         checks.size("num_outputs (num_classes of a classifier)", self.num_outputs)
         encoder = _recurrent(self.cell)(
@@ -58,7 +58,7 @@ class SequenceModel(nn.Module):
             self.impl,
             dtype=self.dtype,
         )
-        _, final = encoder(xs, seq_lengths, train=train)
+        _, final = encoder(xs, seq_lengths=seq_lengths, train=train)
         h_n = final[0] if self.cell == "lstm" else final  # [layers*directions, batch, hidden]
         directions = 2 if self.bidirectional else 1
         last = jnp.concatenate(list(h_n[-directions:]), axis=-1)
@@ -121,7 +121,7 @@ class CharLM(nn.Module):
             impl=self.impl,
             dtype=self.dtype,
         )
-        hs, carry = recurrent(xs, None, initial_carry, train=train)
+        hs, carry = recurrent(xs, initial_carry, train=train)
         hs = nn.Dropout(self.dropout_rate, deterministic=not train)(hs)
         logits = nn.Dense(self.vocab_size, dtype=self.dtype)(hs)
         return (logits, carry) if return_carry else logits
@@ -259,6 +259,12 @@ def config_of(model: Model) -> dict[str, Any]:
     module, size = model.module, DATA_SIZES[model.task]
     value = getattr(module, size) if hasattr(module, size) else module.num_outputs
     return options_of(model) | {size: value}
+
+
+def tuples(value: Any) -> Any:
+    """A config value read back from JSON as ``get_model`` takes it: JSON's lists (nested too) as
+    the tuples they were written from (e.g. a CNN's features); other values as they are."""
+    return tuple(map(tuples, value)) if isinstance(value, list) else value
 
 
 def get_model(name: str, **config) -> Model:

@@ -1,6 +1,6 @@
 """Checkpoints: orbax save, restore and resume of a training run.
 
-    >>> ckpt = Checkpoints(workdir / "checkpoints", every=100, keep=3)
+    >>> ckpt = Checkpoints(checkpoint_dir(workdir), every=100, keep=3)   # rundir: WORKDIR/checkpoints
     >>> if ckpt.should_save(step):
     ...     ckpt.save(step, host_state, position=iterator.position, config=run_config)  # async
     >>> restored = ckpt.restore(host_template, config=run_config)   # the latest readable one
@@ -44,10 +44,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxmodels.records import to_json
 from jaxmodels.training.batches import Position
+from jaxmodels.training.rundir import to_json
 
-CHECKPOINT_SUBDIR = "checkpoints"
 STATE, META = "state", "meta"
 
 # Config entries (dotted paths into the run config fit writes to config.json) that a resumed run
@@ -94,11 +93,6 @@ class Restored:
     position: Position
     config: dict
     directory: Path
-
-
-def checkpoint_dir(workdir: str | Path) -> Path:
-    """Where a run in ``workdir`` keeps its checkpoints: ``workdir/checkpoints``."""
-    return Path(workdir) / CHECKPOINT_SUBDIR
 
 
 def _lookup(config: dict, dotted: str) -> Any:

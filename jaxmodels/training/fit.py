@@ -1,12 +1,16 @@
-"""Training: ``fit`` a model on a data set, and evaluate a saved run's checkpoint.
+"""Training: ``fit`` a model on a data set (evaluation is ``jaxmodels.training.evaluate``'s).
 
     >>> model, ds = get_model("cnn"), get_dataset("digits")
     >>> result = fit(model, ds, TrainConfig(epochs=10), "runs/cnn-digits")
     >>> result.test_metrics                                   # {"loss": ..., "accuracy": ...}
 
-``fit`` builds the optimizer (``jaxmodels.training.optim``) and the pure steps (``jaxmodels.training.steps``), runs
-them under a strategy (``jaxmodels.training.parallel``; one device by default), saves and resumes
-checkpoints (``jaxmodels.training.checkpoint``) and writes the run's log (``jaxmodels.training.runlog``).
+    >>> fit(model, ds, TrainConfig(epochs=10), "runs/lion", optimizer=optax.lion(1e-4))
+
+``fit`` sets up (``_setup``: the optimizer by name from ``jaxmodels.training.optim`` or the
+optax transformation given, the pure steps of ``jaxmodels.training.steps`` compiled by a strategy
+of ``jaxmodels.training.parallel``, one device by default), loops (``_loop``: saves and resumes
+checkpoints, ``jaxmodels.training.checkpoint``; writes the run's log,
+``jaxmodels.training.runlog``) and finishes (``_finish``: the final test metrics and plot).
 """
 
 from __future__ import annotations
@@ -15,35 +19,26 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
+import optax
 
 from jaxmodels.data.datasets import Dataset
 from jaxmodels.nn.models import Model, options_of
-from jaxmodels.records import version
 from jaxmodels.training.batches import BatchIterator
-from jaxmodels.training.checkpoint import checkpoint_dir
-from jaxmodels.training.optim import make_optimizer, make_schedule
-from jaxmodels.training.parallel import SingleDevice, Strategy, get_strategy
-from jaxmodels.training.rundir import prepare_workdir
+from jaxmodels.training.evaluate import check_task, evaluate, module_config, test_iterator
+from jaxmodels.training.optim import describe_transformation, make_optimizer, make_schedule
+from jaxmodels.training.parallel import Strategy, get_strategy
+from jaxmodels.training.rundir import checkpoint_dir
+from jaxmodels.training.runlock import claim
 from jaxmodels.training.runlog import MetricsWindow, RunWriter, progress_bar
 from jaxmodels.training.steps import TrainState, create_train_state, make_eval_step, make_train_step
 
-
-def evaluate(
-    eval_step: Callable, state: TrainState, iterator: BatchIterator, strategy: Strategy
-) -> dict[str, float]:
-    """Mean loss (and accuracy) of ``state`` over one pass of ``iterator``; sums stay on device
-    until the end."""
-    total = None
-    for batch in iterator.epoch():
-        sums = eval_step(state, strategy.put_batch(batch))
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    host = strategy.fetch(total)
-    count = float(host.pop("count"))
-    return {k: float(v) / count for k, v in host.items()}
+if TYPE_CHECKING:
+    from jaxmodels.training.checkpoint import Checkpoints
 
 
 # -------------------------------------------------------------------------------------------- fit
@@ -108,21 +103,13 @@ class FitResult:
     test_metrics: dict[str, float]
 
 
-def _module_config(model: Model) -> dict:
-    module = model.module
-    return {
-        f.name: getattr(module, f.name)
-        for f in dataclasses.fields(module)
-        if f.name not in ("parent", "name")
-    }
-
-
 def fit(
     model: Model,
     dataset: Dataset,
     config: TrainConfig | dict | None = None,
     workdir: str | Path = "runs/latest",
     *,
+    optimizer: optax.GradientTransformation | None = None,
     strategy: Strategy | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -130,80 +117,105 @@ def fit(
     """Train ``model`` on ``dataset``'s train split for ``config.epochs`` epochs, evaluating on the
     test split after each epoch.
 
+    ``optimizer``: any optax transformation to train with, e.g.
+    ``optax.chain(optax.clip_by_global_norm(1.0), optax.lion(1e-4))``; it replaces the one that
+    ``config`` names (its ``OPTIMIZER_SETTINGS`` must then keep their defaults), and the train
+    rows have no "lr". None: ``make_optimizer`` builds the named one.
+
     Writes to ``workdir``: config.json (model, dataset and its ``options``, model and train
     settings, versions), metrics.jsonl (one JSON row per line, each on disk before it is shown:
     "train" rows every ``log_every`` steps with loss, accuracy, grad_norm, lr, examples_per_sec;
     "eval" rows per epoch with test loss and accuracy), test_metrics.json (the final test metrics)
-    and learning_curves.png.
+    and learning_curves.png. config.json's "train" has the optimizer's name and settings, or for
+    a given ``optimizer`` its description (``describe_transformation``) in their place.
 
-    The work folder is checked before anything is computed (``jaxmodels.training.rundir.prepare_workdir``):
-    a fresh run refuses a folder that holds another run (``RunFolderError``) unless ``overwrite``,
-    which moves that run aside to WORKDIR.old-<date>-<time>; it must be writable.
+    The work folder is claimed before anything is computed (``jaxmodels.training.runlock.claim``):
+    a run holds its lock to the end (another process training there: ``RunLockedError``); a fresh
+    run refuses a folder that holds another run (``RunFolderError``) unless ``overwrite``, which
+    moves that run aside to WORKDIR.old-<date>-<time>; it must be writable.
 
     Checkpoints (``config.checkpoint``) go to workdir/checkpoints. ``resume``: continue from the
     latest readable checkpoint there (state, data position, RNG; printed), so that the run ends
     with exactly the parameters of an uninterrupted one; metrics.jsonl keeps its rows up to that
     step and is appended to. No checkpoint yet: a fresh start. A run of another model or data set
     raises ``RunFolderError``, a checkpoint of a different run (optimizer, batch size, ...)
-    ``IncompatibleCheckpointError``.
+    ``IncompatibleCheckpointError``: a given ``optimizer`` resumes only a run of the same
+    transformation (the same description).
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
-    if strategy is None:  # "sharded" over all devices when there are several, else "single"
-        strategy = get_strategy()
-    if model.task != dataset.task:
-        raise ValueError(
-            f"model {model.name!r} does the task {model.task!r}, dataset {dataset.name!r} {dataset.task!r}"
-        )
-    if dataset.x_train is None:
-        raise ValueError(f"dataset {dataset.name!r} has no train split")
-    if cfg.epochs < 1 or cfg.log_every < 1:
-        raise ValueError(
-            f"expected epochs >= 1 and log_every >= 1, got {cfg.epochs} and {cfg.log_every}"
-        )
+    _check_fit(model, dataset, cfg, optimizer)
+    with claim(workdir, model=model.name, dataset=dataset.name, resume=resume, overwrite=overwrite):
+        run = _setup(model, dataset, cfg, workdir, optimizer, strategy, resume)
+        with progress_bar(run.cfg.progress and run.lead) as progress, _closing(run.checkpoints):
+            keep_until = run.start_step if run.start_step else None  # resumed: rows up to it stay
+            writer = RunWriter(Path(workdir), enabled=run.lead, keep_until=keep_until)
+            writer.save_config(run.config)
+            state, step, test_metrics = _loop(run, writer, progress)
+        return _finish(run, writer, state, step, test_metrics)
+
+
+# TrainConfig fields that choose and set up the optimizer by name (``make_optimizer``); a
+# transformation given to ``fit`` replaces them.
+OPTIMIZER_SETTINGS = ("optimizer", "lr", "schedule", "warmup_steps", "clip_norm", "weight_decay")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What ``_setup`` prepares for the loop: the settings, iterators, placed state and compiled
+    steps, the run's config (config.json) and its checkpoints (None when it neither saves nor
+    resumes). ``start_step``: the restored checkpoint's step (0 for a fresh start)."""
+
+    cfg: TrainConfig
+    strategy: Strategy
+    train_it: BatchIterator
+    test_it: BatchIterator | None
+    total_steps: int
+    state: TrainState
+    train_step: Callable
+    eval_step: Callable
+    config: dict
+    checkpoints: Checkpoints | None
+    start_step: int
+
+    @property
+    def last_epoch(self) -> int:
+        """The epochs the run reaches."""
+        return -(-self.total_steps // self.train_it.steps_per_epoch)
+
+    @property
+    def lead(self) -> bool:
+        """Whether this is the one process that writes files and prints."""
+        return jax.process_index() == 0
+
+
+def _setup(model, dataset, cfg: TrainConfig, workdir, optimizer, strategy, resume) -> _Run:
+    """The optimizer, state and steps built for ``fit``'s checked inputs, and with ``resume`` the
+    latest checkpoint restored into the state and the train iterator."""
+    strategy = strategy or get_strategy()  # "sharded" over several devices, else "single"
     train_it = BatchIterator(
         (dataset.x_train, dataset.y_train), cfg.batch_size, seed=cfg.seed, remainder=cfg.remainder
     )
-    test_it = None
-    if dataset.x_test is not None:
-        eval_bs = min(cfg.eval_batch_size, len(dataset.x_test))
-        eval_bs = (
-            -(-eval_bs // strategy.num_devices) * strategy.num_devices
-        )  # padded, so splits evenly
-        test_it = BatchIterator(
-            (dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad"
-        )
+    test_it = (
+        None if dataset.x_test is None else test_iterator(dataset, cfg.eval_batch_size, strategy)
+    )
     total_steps = cfg.epochs * train_it.steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    last_epoch = -(-total_steps // train_it.steps_per_epoch)  # the epochs the run reaches
-    lead = jax.process_index() == 0  # the one process that writes files and prints
-    prepare_workdir(
-        workdir, model=model.name, dataset=dataset.name, resume=resume, overwrite=overwrite
-    )
 
-    opt_args = (cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps)
-    tx = make_optimizer(
-        cfg.optimizer, *opt_args, clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay
-    )
-    schedule = make_schedule(*opt_args)
+    lead = jax.process_index() == 0  # the one process that prints
+    tx, schedule = optimizer, None
+    if optimizer is None:
+        opt_args = (cfg.lr, cfg.schedule, cfg.warmup_steps, total_steps)
+        tx = make_optimizer(
+            cfg.optimizer, *opt_args, clip_norm=cfg.clip_norm, weight_decay=cfg.weight_decay
+        )
+        schedule = make_schedule(*opt_args)
     state = create_train_state(model, tx, dataset.x_train[: cfg.batch_size], cfg.seed)
     train_step = make_train_step(model, tx, schedule=schedule, axis_name=strategy.axis_name)
     train_step = strategy.compile(train_step, donate_state=True)
     eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
-
-    run_config = {
-        "model": model.name,
-        "task": model.task,
-        "dataset": dataset.name,
-        "dataset_options": dict(dataset.options),
-        "model_config": _module_config(model),
-        "model_options": options_of(model),
-        "train": dataclasses.asdict(cfg),
-        "strategy": strategy.name,
-        "total_steps": total_steps,
-        "versions": {p: version(p) for p in ("jax", "optax", "flax")},
-        "devices": [str(d) for d in jax.devices()],
-    }
+    train = _train_settings(cfg, optimizer, state.params)
+    run_config = _run_config(model, dataset, train, strategy, total_steps)
     checkpoints, restored = _open_checkpoints(cfg, workdir, resume, state, run_config)
     if restored is not None:
         state = restored.state
@@ -212,140 +224,129 @@ def fit(
             print(f"resumed from step {restored.step} ({checkpoints.directory})")
     elif resume and lead:
         print(f"no checkpoint in {checkpoint_dir(workdir)} yet: starting afresh")
-    state = strategy.put_state(state)
-    start_step = restored.step if restored is not None else 0
+    return _Run(
+        cfg, strategy, train_it, test_it, total_steps, strategy.put_state(state), train_step,
+        eval_step, run_config, checkpoints, restored.step if restored is not None else 0,
+    )  # fmt: skip
+
+
+def _run_config(model: Model, dataset: Dataset, train: dict, strategy, total_steps: int) -> dict:
+    """config.json: what the run trains on and how (``train``: ``_train_settings``), with the
+    versions and devices it ran with; ``resume`` compares it with a checkpoint's."""
+    return {
+        "model": model.name,
+        "task": model.task,
+        "dataset": dataset.name,
+        "dataset_options": dict(dataset.options),
+        "model_config": module_config(model),
+        "model_options": options_of(model),
+        "train": train,
+        "strategy": strategy.name,
+        "total_steps": total_steps,
+        "versions": {p: version(p) for p in ("jax", "optax", "flax")},
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def _check_fit(model: Model, dataset: Dataset, cfg: TrainConfig, optimizer) -> None:
+    """ValueError (TypeError for ``optimizer``) for inputs ``fit`` cannot train on."""
+    check_task(model, dataset)
+    if dataset.x_train is None:
+        raise ValueError(f"dataset {dataset.name!r} has no train split")
+    if cfg.epochs < 1 or cfg.log_every < 1:
+        raise ValueError(
+            f"expected epochs >= 1 and log_every >= 1, got {cfg.epochs} and {cfg.log_every}"
+        )
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"expected optimizer to be an optax.GradientTransformation, got {optimizer!r} (an "
+            f"optimizer by name goes in TrainConfig(optimizer=...))"
+        )
+    default = TrainConfig()
+    changed = [
+        f"{k}={getattr(cfg, k)!r}"
+        for k in OPTIMIZER_SETTINGS
+        if getattr(cfg, k) != getattr(default, k)
+    ]
+    if changed:
+        raise ValueError(
+            f"expected TrainConfig's {', '.join(OPTIMIZER_SETTINGS)} at their defaults with "
+            f"fit(optimizer=...), which replaces them; got {', '.join(changed)}"
+        )
+
+
+def _train_settings(cfg: TrainConfig, optimizer, params) -> dict:
+    """config.json's "train": ``cfg``'s fields; for a given ``optimizer`` "optimizer" holds its
+    description (``describe_transformation``, which a resume compares) and the other
+    ``OPTIMIZER_SETTINGS``, which it replaces, are left out."""
+    settings = dataclasses.asdict(cfg)
+    if optimizer is None:
+        return settings
+    settings = {k: v for k, v in settings.items() if k not in OPTIMIZER_SETTINGS[1:]}
+    return settings | {"optimizer": describe_transformation(optimizer, params)}
+
+
+def _loop(run: _Run, writer: RunWriter, progress) -> tuple[TrainState, int, dict[str, float]]:
+    """Train from ``run.start_step`` to ``run.total_steps``: a metrics row every ``log_every``
+    steps and at each epoch's end, a checkpoint when due, a test evaluation after each epoch.
+    Returns the state, the last step and the last test metrics ({} when none ran)."""
+    cfg, strategy, state, step = run.cfg, run.strategy, run.state, run.start_step
     test_metrics: dict[str, float] = {}
-    t0, step, window = time.perf_counter(), start_step, MetricsWindow()
-    with progress_bar(cfg.progress and lead) as progress, _closing(checkpoints):
-        keep_until = start_step if restored else None
-        writer = RunWriter(Path(workdir), enabled=lead, keep_until=keep_until)
-        writer.save_config(run_config)
-        task = progress.add_task("train", total=total_steps, completed=step, loss="-")
-        for epoch in range(train_it.position.epoch + 1, cfg.epochs + 1):
-            if step >= total_steps:  # resumed from the last checkpoint of a finished run
-                break
-            progress.update(task, description=f"epoch {epoch}/{last_epoch}")
-            for batch in train_it.epoch():
-                state, metrics = train_step(state, strategy.put_batch(batch))
-                step += 1
-                window.add(metrics, int(batch["mask"].sum()), first=step == start_step + 1)
-                if step % cfg.log_every == 0 or step == total_steps or train_it.position.step == 0:
-                    row = window.row(strategy.fetch, epoch, step, t0)
-                    writer.log(row)
-                    progress.update(task, completed=step, loss=f"{row['loss']:.4f}")
-                if cfg.checkpoint and checkpoints.should_save(step, final=step == total_steps):
-                    window.check_finite(strategy.fetch, step)  # never save a diverged state
-                    checkpoints.save(
-                        step, strategy.fetch(state), position=train_it.position, config=run_config
-                    )
-                if step == total_steps:
-                    break
-            if test_it is not None:
-                start = time.perf_counter()
-                test_metrics = evaluate(eval_step, state, test_it, strategy)
-                now = time.perf_counter()
-                writer.log(
-                    {
-                        "kind": "eval",
-                        "epoch": epoch,
-                        "step": step,
-                        **test_metrics,
-                        "time_s": now - t0,
-                        "eval_time_s": now - start,
-                    }
+    t0, window = time.perf_counter(), MetricsWindow()
+    task = progress.add_task("train", total=run.total_steps, completed=step, loss="-")
+    for epoch in range(run.train_it.position.epoch + 1, cfg.epochs + 1):
+        if step >= run.total_steps:  # resumed from the last checkpoint of a finished run
+            break
+        progress.update(task, description=f"epoch {epoch}/{run.last_epoch}")
+        for batch in run.train_it.epoch():
+            state, metrics = run.train_step(state, strategy.put_batch(batch))
+            step += 1
+            final = step == run.total_steps
+            window.add(metrics, int(batch["mask"].sum()), first=step == run.start_step + 1)
+            if step % cfg.log_every == 0 or final or run.train_it.position.step == 0:
+                row = window.row(strategy.fetch, epoch, step, t0)
+                writer.log(row)
+                progress.update(task, completed=step, loss=f"{row['loss']:.4f}")
+            if cfg.checkpoint and run.checkpoints.should_save(step, final=final):
+                window.check_finite(strategy.fetch, step)  # never save a diverged state
+                run.checkpoints.save(
+                    step, strategy.fetch(state), position=run.train_it.position, config=run.config
                 )
-                shown = "  ".join(f"{k} {v:.4f}" for k, v in test_metrics.items())
-                if lead:
-                    progress.console.print(
-                        f"epoch {epoch}/{last_epoch}  step {step}/{total_steps}  test {shown}"
-                    )
-            if step == total_steps:
+            if final:
                 break
-    if test_it is not None and not test_metrics:  # resumed after the last step: evaluate once
-        test_metrics = evaluate(eval_step, state, test_it, strategy)
+        if run.test_it is not None:
+            test_metrics = _test_epoch(run, state, epoch, step, t0, writer, progress)
+        if step == run.total_steps:
+            break
+    return state, step, test_metrics
+
+
+def _test_epoch(run: _Run, state, epoch: int, step: int, t0: float, writer, progress) -> dict:
+    """Evaluate ``state`` on the test split: an "eval" row in the log, a line on the console."""
+    start = time.perf_counter()
+    metrics = evaluate(run.eval_step, state, run.test_it, run.strategy)
+    now = time.perf_counter()
+    times = {"time_s": now - t0, "eval_time_s": now - start}
+    writer.log({"kind": "eval", "epoch": epoch, "step": step, **metrics, **times})
+    if run.lead:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        where = f"epoch {epoch}/{run.last_epoch}  step {step}/{run.total_steps}"
+        progress.console.print(f"{where}  test {shown}")
+    return metrics
+
+
+def _finish(run: _Run, writer: RunWriter, state, step: int, test_metrics: dict) -> FitResult:
+    """After the loop (checkpoints on disk): the final test metrics (evaluated here for a run
+    resumed after its last step), test_metrics.json and the plot."""
+    if run.test_it is not None and not test_metrics:
+        test_metrics = evaluate(run.eval_step, state, run.test_it, run.strategy)
     if test_metrics:
         writer.save_test_metrics(step, test_metrics)
-    if cfg.plot:
+    if run.cfg.plot:
         writer.plot()
-    return FitResult(strategy.fetch(state), writer.history, test_metrics)
-
-
-def restore_params(
-    model: Model, example, workdir: str | Path, *, step: int | None = None, dataset: str = ""
-) -> tuple[int, TrainState]:
-    """``(step, state)``: the TrainState (params and rng; no optimizer state) of step ``step``
-    (default: the latest readable one, falling back past corrupt ones) of workdir/checkpoints,
-    read-only. ``example``: an input batch of the model (its shape and dtype check the restored
-    parameters). The checkpoint must come from the same model and model config
-    (``IncompatibleCheckpointError`` otherwise); ``dataset``, when given, is compared with the
-    run's with a warning only."""
-    from jaxmodels.training.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
-
-    config = {"model": model.name, "task": model.task, "model_config": _module_config(model)}
-    config |= {"dataset": dataset} if dataset else {}
-    with Checkpoints(checkpoint_dir(workdir), read_only=True) as checkpoints:
-        restored = checkpoints.restore(
-            step=step,
-            config=config,
-            required=REQUIRED_FOR_EVAL,
-            preferred=("dataset",) if dataset else (),
-        )
-    params = restored.state["params"]
-    target = jax.eval_shape(model.init, jax.random.key(0), example)["params"]
-    check_structure(params, target, f"checkpoint step {restored.step} in {checkpoints.directory}")
-    state = TrainState(jnp.asarray(restored.step, jnp.int32), params, None, restored.state["rng"])
-    return restored.step, state
-
-
-def evaluate_checkpoint(
-    model: Model,
-    dataset: Dataset,
-    workdir: str | Path,
-    *,
-    step: int | None = None,
-    batch_size: int = 512,
-    strategy: Strategy | None = None,
-) -> tuple[int, dict[str, float]]:
-    """Test metrics of a checkpoint of the run in ``workdir``: ``(step, {"loss", "accuracy", ...})``.
-
-    Restores it with ``restore_params`` (another data set of the same task is allowed, with a
-    warning) and evaluates its parameters on ``dataset``'s test split (``evaluate_params``).
-    """
-    if dataset.x_test is None:
-        raise ValueError(f"dataset {dataset.name!r} has no test split")
-    if model.task != dataset.task:
-        raise ValueError(
-            f"model {model.name!r} does the task {model.task!r}, dataset {dataset.name!r} {dataset.task!r}"
-        )
-    step, state = restore_params(
-        model, dataset.x_test[:1], workdir, step=step, dataset=dataset.name
-    )
-    return step, evaluate_params(
-        model, dataset, state.params, batch_size=batch_size, strategy=strategy
-    )
-
-
-def evaluate_params(
-    model: Model,
-    dataset: Dataset,
-    params: dict,
-    *,
-    batch_size: int = 512,
-    strategy: Strategy | None = None,
-) -> dict[str, float]:
-    """Test metrics ({"loss", "accuracy", ...}) of ``model`` with ``params`` on ``dataset``'s test
-    split, every example counted once (the last batch padded)."""
-    strategy = strategy or SingleDevice()
-    if dataset.x_test is None:
-        raise ValueError(f"dataset {dataset.name!r} has no test split")
-    state = TrainState(jnp.zeros((), jnp.int32), params, None, jnp.zeros((2,), jnp.uint32))
-    eval_bs = min(batch_size, len(dataset.x_test))
-    eval_bs = -(-eval_bs // strategy.num_devices) * strategy.num_devices
-    test_it = BatchIterator(
-        (dataset.x_test, dataset.y_test), eval_bs, shuffle=False, remainder="pad"
-    )
-    eval_step = strategy.compile(make_eval_step(model, axis_name=strategy.axis_name))
-    return evaluate(eval_step, strategy.put_state(state), test_it, strategy)
+    return FitResult(run.strategy.fetch(state), writer.history, test_metrics)
 
 
 def _open_checkpoints(

@@ -1,33 +1,33 @@
-"""Optimizers and learning-rate schedules by name, as optax transformations.
+"""Optimizers and learning-rate schedules by name, as optax transformations, and what a run
+records of any optax transformation.
 
     >>> tx = make_optimizer("adam", lr=1e-3, schedule="cosine", total_steps=1000, clip_norm=1.0)
+    >>> describe_transformation(optax.lion(1e-4), params)     # "optax transformation 5e1f..."
 
-``OPTIMIZERS`` and ``SCHEDULES`` are the names the trainer and the command line accept.
+``OPTIMIZERS`` and ``SCHEDULES`` are the names the trainer and the command line accept; ``fit``
+also takes any ``optax.GradientTransformation`` (``fit(..., optimizer=tx)``).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import hashlib
 
 import jax
+import numpy as np
 import optax
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "cosine", "warmup-cosine")
 
 
-def _standard_promotion(fn: Callable) -> Callable:
-    """``fn`` traced under standard dtype promotion. optax's internals mix Python floats with int32
-    step counts (e.g. adam's bias correction ``b1 ** count``), which strict promotion rejects;
-    our own code stays under whatever promotion mode the caller chose."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        with jax.numpy_dtype_promotion("standard"):
-            return fn(*args, **kwargs)
-
-    return wrapped
+def optax_promotion():
+    """The dtype promotion optax runs under: JAX's "standard", whatever the caller's
+    ``jax_numpy_dtype_promotion``. optax mixes Python floats with its int32 step counts (adam's
+    bias correction ``1 - b1 ** count``, the cosine schedule's ``pi * count / steps``), which
+    "strict" rejects; under "standard" the context changes nothing. The steps
+    (``jaxmodels.training.steps``) call every transformation's ``init`` and ``update`` and the
+    schedule in it, so the model, losses and metrics stay under the caller's setting."""
+    return jax.numpy_dtype_promotion("standard")
 
 
 def make_schedule(
@@ -45,21 +45,17 @@ def make_schedule(
         )
     if schedule == "constant":
         if warmup_steps == 0:
-            return _standard_promotion(optax.constant_schedule(lr))
+            return optax.constant_schedule(lr)
         warmup = optax.linear_schedule(0.0, lr, warmup_steps)
-        return _standard_promotion(
-            optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps])
-        )
+        return optax.join_schedules([warmup, optax.constant_schedule(lr)], [warmup_steps])
     if total_steps is None or total_steps <= warmup_steps:
         raise ValueError(
             f"schedule {schedule!r} needs total_steps > warmup_steps, got total_steps={total_steps} "
             f"warmup_steps={warmup_steps}"
         )
     if schedule == "cosine":
-        return _standard_promotion(optax.cosine_decay_schedule(lr, total_steps))
-    return _standard_promotion(
-        optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps)
-    )
+        return optax.cosine_decay_schedule(lr, total_steps)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), total_steps)
 
 
 def make_optimizer(
@@ -95,7 +91,21 @@ def make_optimizer(
                 "rmsprop": lambda: optax.rmsprop(lr_fn, decay=0.9, eps=1e-7),
             }[name]()
         )
-    tx = optax.chain(*parts)
-    return optax.GradientTransformation(
-        _standard_promotion(tx.init), _standard_promotion(tx.update)
-    )
+    return optax.chain(*parts)
+
+
+def describe_transformation(tx: optax.GradientTransformation, params) -> str:
+    """What a run records of an optax transformation it did not build by name, so that a resume
+    can tell it from another: "optax transformation <hash>", the sha256 of its update on
+    ``params``' shapes and dtypes (the jaxpr of ``tx.update(grads, state, params)``, whose
+    literals hold the hyperparameters, and the values of the arrays it closes over). The same
+    transformation always gets the same description; another learning rate, schedule or chain
+    another one, and so may a JAX release that traces the same optax code differently."""
+    shapes = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+    with optax_promotion():
+        state = jax.eval_shape(tx.init, shapes)
+        closed = jax.make_jaxpr(tx.update)(shapes, state, shapes)
+    digest = hashlib.sha256(str(closed.jaxpr).encode())
+    for const in map(np.asarray, closed.consts):
+        digest.update(f"{const.dtype}{const.shape}".encode() + const.tobytes())
+    return f"optax transformation {digest.hexdigest()[:16]}"

@@ -1,5 +1,18 @@
-"""A run's folder (WORKDIR): what marks it as holding a run, the rules that keep two runs from
-mixing in it, and reading a run's settings back.
+"""A run's folder (WORKDIR): the names and the formats of the files in it, what marks it as
+holding a run, the rules that keep two runs from mixing in it, and reading a run's settings back.
+
+    WORKDIR/config.json          the run's settings (``write_config``, ``read_config``,
+                                 ``load_run_settings``)
+    WORKDIR/metrics.jsonl        one JSON row per line (``write_rows``, ``append_row``, ``read_rows``)
+    WORKDIR/test_metrics.json    the final test metrics (``write_test_metrics``)
+    WORKDIR/learning_curves.png  the loss (and accuracy) curves (``CURVES_FILE``, drawn by runlog)
+    WORKDIR/eval.json            ``jaxmodels eval``'s result (``eval_text``, ``write_eval``)
+    WORKDIR/checkpoints/         orbax checkpoints (``checkpoint_dir``; ``jaxmodels.training.checkpoint``)
+    WORKDIR/train.lock           who trains here (``jaxmodels.training.runlock``)
+
+Whole files are replaced atomically (``write_atomic``). A run's config is JSON with dtypes by name
+and numpy values as numbers (``json_default``; ``to_json`` is its round trip, which checkpoint
+metadata stores and resumed runs compare); lists of a model's options are read back as tuples.
 
     >>> prepare_workdir("runs/cnn-digits", model="cnn", dataset="digits")   # fresh: refuses a used one
     >>> prepare_workdir(w, model="cnn", dataset="digits", overwrite=True)  # moves the old run aside
@@ -19,19 +32,34 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 
-from jaxmodels.training.checkpoint import checkpoint_dir
+from jaxmodels.nn.models import tuples
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
+TEST_METRICS_FILE = "test_metrics.json"
+CURVES_FILE = "learning_curves.png"
+EVAL_FILE = "eval.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+LOCK_FILE = "train.lock"  # who trains here (jaxmodels.training.runlock); not a mark of a run
+# What a training run leaves in its folder, for messages ("wrote WORKDIR/config.json, ...").
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, TEST_METRICS_FILE, CURVES_FILE, CHECKPOINT_SUBDIR + "/")
 
 
 class RunFolderError(ValueError):
     """A work folder that cannot be used as asked: it holds another run (a fresh start), or a run
     of another model or data set (a resume)."""
+
+
+def checkpoint_dir(workdir: str | Path) -> Path:
+    """Where a run in ``workdir`` keeps its checkpoints: ``workdir/checkpoints``."""
+    return Path(workdir) / CHECKPOINT_SUBDIR
 
 
 def saved_steps(workdir: str | Path) -> list[int]:
@@ -145,6 +173,88 @@ def prepare_workdir(
     return moved
 
 
+# ---------------------------------------------------------------------------- the files, as JSON
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for what JSON cannot write in a run's config: a dtype (or type)
+    by its numpy name, numpy scalars and arrays as numbers and lists, anything else its str()."""
+    if isinstance(value, np.generic | np.ndarray):
+        return value.tolist()
+    try:
+        return np.dtype(value).name
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def to_json(tree: Any) -> Any:
+    """A JSON round trip of ``tree`` (a run's config): dtypes become names, tuples lists, anything
+    else its str(); what checkpoint metadata stores and what resumed runs compare."""
+    return json.loads(json.dumps(tree, default=json_default))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old
+    text or the new, never a part (the temporary file is removed when the write fails)."""
+    partial = path.with_name(path.name + ".part")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    """WORKDIR/config.json: ``config`` as indented JSON (``json_default``), replaced atomically."""
+    text = json.dumps(config, indent=2, default=json_default) + "\n"
+    write_atomic(workdir / CONFIG_FILE, text)
+
+
+def _row_line(row: dict) -> str:
+    return json.dumps(row) + "\n"
+
+
+def write_rows(workdir: Path, rows: Iterable[dict]) -> None:
+    """WORKDIR/metrics.jsonl holding ``rows`` (none: empty), replaced atomically."""
+    write_atomic(workdir / METRICS_FILE, "".join(map(_row_line, rows)))
+
+
+def append_row(workdir: Path, row: dict) -> None:
+    """Append ``row`` to WORKDIR/metrics.jsonl; it is on disk (flushed, closed) when this returns."""
+    with open(workdir / METRICS_FILE, "a") as f:
+        f.write(_row_line(row))
+
+
+def read_rows(workdir: Path) -> list[dict]:
+    """The JSON rows of WORKDIR/metrics.jsonl; a line cut short by a killed run is skipped."""
+    rows = []
+    for line in (workdir / METRICS_FILE).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def write_test_metrics(workdir: Path, step: int, metrics: dict[str, float]) -> None:
+    """WORKDIR/test_metrics.json: the run's final test metrics, {"step", "test"}."""
+    text = json.dumps({"step": step, "test": metrics}, indent=2) + "\n"
+    write_atomic(workdir / TEST_METRICS_FILE, text)
+
+
+def eval_text(result: dict) -> str:
+    """An evaluation's ``result`` as ``jaxmodels eval`` shows it: indented JSON."""
+    return json.dumps(result, indent=2)
+
+
+def write_eval(path: Path, result: dict) -> None:
+    """``eval_text(result)`` in ``path`` (WORKDIR/eval.json by default), replaced atomically."""
+    write_atomic(path, eval_text(result) + "\n")
+
+
 # ------------------------------------------------------------------------------ settings back
 
 
@@ -195,8 +305,3 @@ def load_run_settings(workdir: str | Path) -> RunSettings:
         model_options={k: tuples(v) for k, v in (config.get("model_options") or {}).items()},
         config=config,
     )
-
-
-def tuples(value):
-    """JSON's lists (nested too) as the tuples they were written from; other values as they are."""
-    return tuple(map(tuples, value)) if isinstance(value, list) else value

@@ -1,5 +1,6 @@
 """What a training run writes as it goes: metrics.jsonl rows, config.json, test_metrics.json,
-learning_curves.png, and the progress bar on the terminal.
+learning_curves.png (their names and formats: ``jaxmodels.training.rundir``), and the progress bar
+on the terminal.
 
 ``MetricsWindow`` gathers the step metrics between two rows (examples per second, the first
 step's compile time apart) and stops the run on a non-finite loss; ``RunWriter`` appends the rows
@@ -8,8 +9,6 @@ step's compile time apart) and stops the run on a non-finite loss; ``RunWriter``
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmodels.records import json_default
+from jaxmodels.training import rundir
 
 
 class MetricsWindow:
@@ -98,36 +97,33 @@ def progress_bar(enabled: bool):
 
 class RunWriter:
     """config.json, metrics.jsonl, test_metrics.json and learning_curves.png in a work folder (only
-    when ``enabled``: on process 0). Whole files are replaced atomically (``write_atomic``), so a
-    failed write (a full disk) leaves the previous version."""
+    when ``enabled``: on process 0). Whole files are replaced atomically (``rundir.write_atomic``),
+    so a failed write (a full disk) leaves the previous version."""
 
     def __init__(self, workdir: Path, enabled: bool = True, keep_until: int | None = None):
         self.workdir, self.enabled, self.history = workdir, enabled, []
         if enabled:
             workdir.mkdir(parents=True, exist_ok=True)
-            path = workdir / "metrics.jsonl"
-            if keep_until is not None and path.exists():  # a resumed run: rows up to its step stay
-                self.history = [r for r in read_rows(path) if r.get("step", 0) <= keep_until]
-            write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.history))
+            if keep_until is not None and (workdir / rundir.METRICS_FILE).exists():
+                rows = rundir.read_rows(workdir)  # a resumed run: rows up to its step stay
+                self.history = [r for r in rows if r.get("step", 0) <= keep_until]
+            rundir.write_rows(workdir, self.history)
 
     def save_config(self, config: dict) -> None:
         if self.enabled:
-            text = json.dumps(config, indent=2, default=json_default) + "\n"
-            write_atomic(self.workdir / "config.json", text)
+            rundir.write_config(self.workdir, config)
 
     def log(self, row: dict) -> None:
         """Append ``row`` to metrics.jsonl; it is on disk (flushed, closed) when this returns, so
         before the caller shows it."""
         self.history.append(row)
         if self.enabled:
-            with open(self.workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            rundir.append_row(self.workdir, row)
 
     def save_test_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """The run's final test metrics, {"step", "test"}, in test_metrics.json."""
         if self.enabled:
-            text = json.dumps({"step": step, "test": metrics}, indent=2) + "\n"
-            write_atomic(self.workdir / "test_metrics.json", text)
+            rundir.write_test_metrics(self.workdir, step, metrics)
 
     def plot(self) -> None:
         """Loss (and accuracy) against step, train rows and eval rows, in learning_curves.png."""
@@ -146,32 +142,7 @@ class RunWriter:
             )
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.savefig(self.workdir / "learning_curves.png", dpi=100)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old
-    text or the new, never a part (the temporary file is removed when the write fails)."""
-    partial = path.with_name(path.name + ".part")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def read_rows(path: Path) -> list[dict]:
-    """The JSON rows of a metrics.jsonl; a line cut short by a killed run is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+        fig.savefig(self.workdir / rundir.CURVES_FILE, dpi=100)
 
 
 def epoch_times(rows: list[dict]) -> list[float]:

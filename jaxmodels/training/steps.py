@@ -7,7 +7,8 @@
 Steps are pure functions ``(state, batch) -> (state, metrics)`` that know a model only through
 ``init`` / ``apply`` and ``task``; how they are compiled and where state and batches live is a
 strategy's business (``jaxmodels.training.parallel``). A data-parallel strategy makes the same step reduce
-over its device axis by passing ``axis_name``.
+over its device axis by passing ``axis_name``. The optimizer is any optax transformation; its
+``init`` and ``update`` run under optax's dtype promotion (``jaxmodels.training.optim.optax_promotion``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmodels.nn.models import Model
+from jaxmodels.training.optim import optax_promotion
 
 Array = jax.Array
 Batch = dict[str, Array]  # {"x": [batch, ...], "y": [batch, ...], "mask": [batch]}
@@ -45,7 +47,7 @@ class TrainState:
 def create_train_state(
     model: Model, tx: optax.GradientTransformation, example_x: Array, seed: int
 ) -> TrainState:
-    """Initialise ``model`` on ``example_x`` [batch, ...] and ``tx`` on its parameters."""
+    """Initialise ``model`` on ``example_x`` [batch, ...] and ``tx`` on its parameters (step 0)."""
     init_key, train_key = jax.random.split(jax.random.key(seed))
     variables = dict(model.init(init_key, example_x))
     params = variables.pop("params")
@@ -54,10 +56,12 @@ def create_train_state(
             f"model {model.name!r} has variable collections besides 'params' ({sorted(variables)}); "
             "the trainer supports models whose only variables are parameters"
         )
+    with optax_promotion():
+        opt_state = tx.init(params)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        opt_state=tx.init(params),
+        opt_state=opt_state,
         rng=jax.random.key_data(train_key),
     )
 
@@ -131,8 +135,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """A pure (not yet compiled) step ``(state, batch) -> (state, metrics)``.
 
-    metrics: "loss" and "accuracy" (mask-weighted means over the batch), "grad_norm" (global norm
-    before clipping), "lr" when ``schedule`` is given. With ``axis_name`` the step runs under a
+    params <- params + u, where (u, opt_state) = tx.update(g, opt_state, params) and g is the
+    gradient of the batch's mask-weighted mean loss. metrics: "loss" and "accuracy"
+    (mask-weighted means over the batch), "grad_norm" (|g|, the global norm before any clipping
+    in ``tx``), "lr" = ``schedule(step)`` when ``schedule`` is given. With ``axis_name`` the step runs under a
     named device axis (pmap / shard_map) and averages gradients and metrics over it.
     """
     loss_fn = loss_fn or LOSSES[model.task]
@@ -157,9 +163,10 @@ def make_train_step(
         if axis_name is not None:
             grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        if schedule is not None:
-            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        with optax_promotion():
+            if schedule is not None:
+                metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
