@@ -51,11 +51,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from jaxmodels.kernels.common import target_platform
-from jaxmodels.kernels.dense import dense, dense_reference
-from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
-from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference, plan
-from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
 
 import jaxmodels
 from jaxmodels import records
@@ -63,6 +58,11 @@ from jaxmodels.arguments import positive_int
 from jaxmodels.bench import report
 from jaxmodels.bench.lstm import lstm_flops
 from jaxmodels.bench.timing import Contender, Skipped, Workload, time_workload
+from jaxmodels.kernels.common import target_platform
+from jaxmodels.kernels.dense import dense, dense_reference
+from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
+from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference, plan
+from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

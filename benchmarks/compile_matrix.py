@@ -25,10 +25,10 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
-from jaxmodels.kernels import lstm_sequence
 
 import jaxmodels
 from jaxmodels import bench, records, targets
+from jaxmodels.kernels import lstm_sequence
 
 DTYPES = ("float32", "bfloat16")
 PASSES = ("forward", "gradient")

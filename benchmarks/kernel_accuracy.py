@@ -14,6 +14,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
 from jaxmodels.kernels import dense as dense_kernel
 from jaxmodels.kernels import lstm_cell as cell_kernel
 from jaxmodels.kernels import lstm_sequence as sequence_kernel

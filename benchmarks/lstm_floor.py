@@ -41,9 +41,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxmodels.kernels.common import lstm_gate_gradients
 
 from jaxmodels import bench, records
+from jaxmodels.kernels.common import lstm_gate_gradients
 from jaxmodels.nn import cells
 
 DEFAULT_SHAPE = (256, 64, 150)  # (hidden, batch, time): the shape of issue 5's targets

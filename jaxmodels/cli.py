@@ -44,6 +44,7 @@ from jaxmodels.commands import run_bench, run_eval, run_export, run_info, run_sa
 from jaxmodels.data.datasets import list_datasets
 from jaxmodels.export import PLATFORMS
 from jaxmodels.nn.models import list_models
+from jaxmodels.training.compat import IncompatibleCheckpointError
 from jaxmodels.training.fit import RECIPES, TrainConfig
 from jaxmodels.training.optim import OPTIMIZERS, SCHEDULES
 from jaxmodels.training.parallel import STRATEGIES
@@ -445,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return error(f"error: {describe_os_error(err)}")
         except (ValueError, TypeError, FloatingPointError) as err:
             if _raised_here(err):
+                if isinstance(err, IncompatibleCheckpointError):
+                    args.run_folder = (
+                        None  # a refused resume: "continue with --resume" would mislead
+                    )
                 return error(f"error: {err}")
             err.add_note(_REPORT)  # an error inside jax, flax or numpy is a bug to see in full
             raise

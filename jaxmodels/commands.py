@@ -237,6 +237,7 @@ def run_export(args: argparse.Namespace) -> int:
     import jax
 
     from jaxmodels.export import export_model
+    from jaxmodels.files import write_atomic
     from jaxmodels.interop.safetensors import SUFFIX as SAFETENSORS
     from jaxmodels.interop.safetensors import save_variables
     from jaxmodels.nn.models import config_of
@@ -266,7 +267,7 @@ def run_export(args: argparse.Namespace) -> int:
         )
         return 0
     data = export_model(model, variables, dataset.input_shape, platforms=args.platforms)
-    out.write_bytes(data)
+    write_atomic(out, data)  # whole or not at all: an old artifact stays on a failed write
     exported = jax.export.deserialize(data)
     print(
         f"wrote {out} ({len(data):,} bytes): {what}, "
@@ -303,7 +304,7 @@ def _from_weights(args: argparse.Namespace, splits: Sequence[str]):
     import jax
 
     from jaxmodels.interop.safetensors import load_variables
-    from jaxmodels.training.checkpoint import check_structure
+    from jaxmodels.training.compat import check_structure
 
     if args.workdir is not None or args.step is not None:
         raise ValueError("--weights replaces --workdir and --step: give one source of parameters")

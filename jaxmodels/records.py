@@ -3,9 +3,10 @@
 ``environment()`` describes the machine and the code (versions, backend and devices, CPU count,
 XLA and allocator settings, the git commit and local changes); ``write_results`` writes a result
 dict as OUT/STEM.json with its markdown (and optionally PNG) rendering, for the benchmarks and
-for the experiments' report (``jaxmodels.report``); ``to_json`` is the JSON form of an experiment's
-configuration (dtypes by name) and ``json_default`` what writes a result's numpy values. (A training
-run's own files, config.json and the rest, are ``jaxmodels.training.rundir``'s.)
+for the experiments' report (``jaxmodels.report``), whole or not at all, with numpy values as
+JSON numbers (``jaxmodels.files``). (A training run's own files, config.json and the rest, are
+``jaxmodels.training.rundir``'s.) Imports neither jax nor the jaxmodels package at module level:
+a PyTorch benchmark worker loads this file by its path (``jaxmodels.bench.worker``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 VERSIONED = ("jaxmodels", "jax", "jaxlib", "flax", "optax", "torch", "numpy")
 # Environment variables that change what a timing means: XLA's and JAX's flags, thread pools, and
@@ -105,22 +103,6 @@ def environment(*, frameworks: Sequence[str] = ("jax", "torch")) -> dict:
     }
 
 
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for what JSON cannot write: a dtype (or type) by its numpy name,
-    numpy scalars and arrays as numbers and lists, anything else its str()."""
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    try:
-        return np.dtype(value).name
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def to_json(tree: Any) -> Any:
-    """A JSON round trip of ``tree``: dtypes become names, tuples lists, anything else its str()."""
-    return json.loads(json.dumps(tree, default=json_default))
-
-
 def write_results(
     result: dict,
     out: Path | str,
@@ -130,12 +112,16 @@ def write_results(
     render_png: Callable[[dict, Path], None] | None = None,
 ) -> list[Path]:
     """Write OUT/STEM.json (``result``), OUT/STEM.md (``render_markdown(result)``) and, with
-    ``render_png``, OUT/STEM.png (``render_png(result, path)``); return the paths written."""
+    ``render_png``, OUT/STEM.png (``render_png(result, path)``, which should write it whole:
+    ``jaxmodels.files.save_figure``); return the paths written. Each text file is replaced whole
+    or not at all (``jaxmodels.files.write_atomic``)."""
+    from jaxmodels.files import json_default, write_atomic  # not at import: see the docstring
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(result, indent=1, default=json_default) + "\n")
-    paths[1].write_text(render_markdown(result))
+    write_atomic(paths[0], json.dumps(result, indent=1, default=json_default) + "\n")
+    write_atomic(paths[1], render_markdown(result))
     if render_png is not None:
         paths.append(out / f"{stem}.png")
         render_png(result, paths[2])

@@ -13,7 +13,7 @@ every study and lives here once:
 - ``provenance``: where, when and with what a result was made, in one sentence.
 
 A study says which runs, which metrics, which columns and which anchors from the papers; this
-module imports nothing of jaxmodels but ``jaxmodels.records``.
+module imports nothing of jaxmodels but ``jaxmodels.records`` (and ``jaxmodels.files``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxmodels.records import environment, load_average, to_json, write_results
+from jaxmodels.files import save_figure, to_json
+from jaxmodels.records import environment, load_average, write_results
 
 Metric = str | Callable[[dict], Any]  # a run's key, or a function of the run
 
@@ -203,7 +204,7 @@ class Curves:
             ax.set(title=self.title.format(panel=panel))
             ax.grid(alpha=0.3, which=self.grid)
             ax.legend(fontsize=8)
-        fig.savefig(path, dpi=100)
+        save_figure(fig, path, dpi=100)  # whole or not at all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ class Study:
     ``finish`` returns the result {"experiment", "config", "environment", "wall_s", "loadavg",
     **parts} and writes it as OUT/NAME.json, .md and .png (the report's markdown and plot), then
     prints the markdown and the files' paths. ``config`` is kept as JSON writes it
-    (``jaxmodels.records.to_json``: paths as text)."""
+    (``jaxmodels.files.to_json``: paths as text)."""
 
     def __init__(self, name: str, config: dict, report: Report):
         self.name, self.report = name, report

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pl_triton
 
@@ -209,3 +210,43 @@ def tpu_vmem() -> int:
         return pltpu.get_tpu_info().vmem_capacity_bytes
     except (ValueError, RuntimeError):
         return UNKNOWN_TPU_VMEM
+
+
+def lstm_recurrence_reference(
+    x_proj: Array,
+    w_h: Array,
+    initial_carry: tuple[Array, Array],
+    seq_lengths: Array | None = None,
+    *,
+    reverse: bool = False,
+    h_dtype,
+) -> tuple[tuple[Array, Array], Array]:
+    """The recurrent kernels' specification in plain jnp: a ``lax.scan`` of the seed's LSTM step
+    over x_proj [time, batch, 4*hidden] (x_t W_x + b, gates i, f, g, o) from initial_carry
+    (h_0, c_0), each [batch, hidden]::
+
+        pre = x_t + h_{t-1} w_h                      (the gate math in float32)
+        C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)        h_t = σ(pre_o) ⊙ tanh(C_t)
+
+    C carried in float32 and h in ``h_dtype`` between steps, as the kernel it specifies carries
+    them. At t >= seq_lengths[b] row b keeps its carry and outputs zeros. Returns ((h_T, C_T),
+    hs [time, batch, hidden]), all in x_proj's dtype.
+    """
+    time, batch, gates = x_proj.shape
+    hidden = gates // 4
+    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
+
+    def step(carry, inputs):
+        h, c = carry
+        x_t, t = inputs
+        pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
+        i, f, g, o = (pre[:, k * hidden : (k + 1) * hidden] for k in range(4))
+        new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
+        new_h = (sigmoid(o) * jnp.tanh(new_c)).astype(h_dtype)
+        keep = (t < lengths)[:, None]
+        out = jnp.where(keep, new_h, 0).astype(x_proj.dtype)
+        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), out
+
+    carry = (initial_carry[0].astype(h_dtype), initial_carry[1].astype(jnp.float32))
+    (h, c), hs = lax.scan(step, carry, (x_proj, jnp.arange(time)), reverse=reverse)
+    return (h.astype(x_proj.dtype), c.astype(x_proj.dtype)), hs

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from jaxmodels.kernels.common import (
     ACTIVATIONS,
     check_activation,

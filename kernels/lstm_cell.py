@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from jaxmodels.kernels import dense
 from jaxmodels.kernels.common import (
     check_block_sizes,

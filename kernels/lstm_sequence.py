@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from jaxmodels.kernels import lstm_stepwise
 from jaxmodels.kernels.common import (
     check_block_sizes,
@@ -46,6 +47,7 @@ from jaxmodels.kernels.common import (
     dot_f32,
     gpu_shared_memory,
     lstm_gate_gradients,
+    lstm_recurrence_reference,
     on_platforms,
     pad_to,
     round_up,
@@ -551,24 +553,8 @@ def lstm_sequence_reference(
     *,
     reverse: bool = False,
 ) -> tuple[tuple[Array, Array], Array]:
-    """The specification in plain jnp (same arguments and results as ``lstm_sequence``): a
-    ``lax.scan`` of the seed's LSTM step with h and c in float32."""
-    time, batch, gates = x_proj.shape
-    hidden = gates // 4
-    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
-
-    def step(carry, inputs):
-        h, c = carry
-        x_t, t = inputs
-        pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
-        i, f, g, o = (pre[:, k * hidden : (k + 1) * hidden] for k in range(4))
-        new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
-        new_h = sigmoid(o) * jnp.tanh(new_c)
-        keep = (t < lengths)[:, None]
-        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), jnp.where(
-            keep, new_h, 0
-        ).astype(x_proj.dtype)
-
-    h0, c0 = (a.astype(jnp.float32) for a in initial_carry)
-    (h, c), hs = lax.scan(step, (h0, c0), (x_proj, jnp.arange(time)), reverse=reverse)
-    return (h.astype(x_proj.dtype), c.astype(x_proj.dtype)), hs
+    """The specification in plain jnp (same arguments and results as ``lstm_sequence``): the LSTM
+    recurrence with h and c in float32 between steps (``lstm_recurrence_reference``)."""
+    return lstm_recurrence_reference(
+        x_proj, w_h, initial_carry, seq_lengths, reverse=reverse, h_dtype=jnp.float32
+    )

@@ -21,14 +21,14 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
 from jaxmodels.kernels import lstm_cell
 from jaxmodels.kernels.common import (
     check_sequence_operands,
-    dot_f32,
     lstm_gate_gradients,
+    lstm_recurrence_reference,
     on_platforms,
     pad_to,
-    sigmoid,
 )
 
 Array = jax.Array
@@ -156,30 +156,9 @@ def lstm_stepwise_reference(
     *,
     reverse: bool = False,
 ) -> tuple[tuple[Array, Array], Array]:
-    """The specification in plain jnp (same arguments and results as ``lstm_stepwise``): a
-    ``lax.scan`` of the LSTM step, carried as the kernel carries it (h in x_proj's dtype, C in
-    float32, the gate math in float32)::
-
-        pre = x_t + h_{t-1} w_h                      (gates i, f, g, o of pre [batch, 4*hidden])
-        C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)        h_t = σ(pre_o) ⊙ tanh(C_t)
-
-    At t >= seq_lengths[b] row b keeps its carry and outputs zeros.
-    """
-    time, batch, gates = x_proj.shape
-    hidden = gates // 4
-    lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
-
-    def step(carry, inputs):
-        h, c = carry
-        x_t, t = inputs
-        pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
-        i, f, g, o = (pre[:, k * hidden : (k + 1) * hidden] for k in range(4))
-        new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
-        new_h = (sigmoid(o) * jnp.tanh(new_c)).astype(x_proj.dtype)
-        keep = (t < lengths)[:, None]
-        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), jnp.where(keep, new_h, 0)
-
-    h0, c0 = (a.astype(x_proj.dtype) for a in initial_carry)
-    carry = (h0, c0.astype(jnp.float32))
-    (h, c), hs = lax.scan(step, carry, (x_proj, jnp.arange(time)), reverse=reverse)
-    return (h, c.astype(x_proj.dtype)), hs
+    """The specification in plain jnp (same arguments and results as ``lstm_stepwise``): the LSTM
+    recurrence carried as this kernel carries it, h in x_proj's dtype between steps
+    (``lstm_recurrence_reference``)."""
+    return lstm_recurrence_reference(
+        x_proj, w_h, initial_carry, seq_lengths, reverse=reverse, h_dtype=x_proj.dtype
+    )

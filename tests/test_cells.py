@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from _oracles import np_dense, np_lstm_step, np_rnn_step, np_sigmoid
 from jax.test_util import check_grads
-from jaxmodels.kernels.common import ACTIVATIONS
 
 import jaxmodels
+from jaxmodels.kernels.common import ACTIVATIONS
 
 # Per-dtype tolerances for a cell against the float64 numpy reference.
 TOL = {

@@ -19,15 +19,15 @@ timeout; compile times are ``benchmarks/compile_matrix.py``'s to report (a timed
 import jax
 import jax.numpy as jnp
 import pytest
+
+import jaxmodels
+from jaxmodels import targets
 from jaxmodels.kernels import lstm_sequence as persistent
 from jaxmodels.kernels.common import gpu_shared_memory, tpu_vmem
 from jaxmodels.kernels.dense import dense
 from jaxmodels.kernels.lstm_cell import lstm_cell
 from jaxmodels.kernels.lstm_sequence import lstm_sequence
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
-
-import jaxmodels
-from jaxmodels import targets
 
 pytestmark = pytest.mark.timeout(300)
 

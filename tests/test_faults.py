@@ -1,8 +1,10 @@
 """Faults injected into ``jaxmodels train`` and ``eval``: interrupt (SIGINT to a training process,
-KeyboardInterrupt in one step), corrupt (a checkpoint, MNIST's .gz files) and fill (a full disk).
-Each ends in one line on stderr, and nothing already written is lost. Kill: SIGKILL mid-run, then
---resume ends bit for bit as an uninterrupted run, is tests/test_checkpoint.py's
-test_sigkill_then_resume_equals_an_uninterrupted_run."""
+KeyboardInterrupt in one step), corrupt (a checkpoint, MNIST's .gz files), fill (a full disk) and
+save (during an asynchronous orbax save: the disk fills, the final rename fails, SIGKILL while the
+save is finalized; the faults are patched into orbax by tests/_save_faults.py). Each ends in one
+line on stderr, nothing already written is lost, and after a failed save --resume ends bit for bit
+as an uninterrupted run. Kill: SIGKILL mid-run, then --resume ends bit for bit as an uninterrupted
+run, is tests/test_checkpoint.py's test_sigkill_then_resume_equals_an_uninterrupted_run."""
 
 import builtins
 import errno
@@ -17,12 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from jaxmodels.cli import main
 from jaxmodels.data.mnist import read_idx
 from jaxmodels.training import rundir, runlog
+from jaxmodels.training.checkpoint import Checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 # C++ logging of the accelerator plugins (absl), which a machine may print before Python's output.
@@ -244,3 +248,106 @@ def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, capsys, monkeypatch
     monkeypatch.undo()  # space again: the run continues where it stopped
     assert main([*argv, "--resume"]) == 0
     assert [r["step"] for r in _rows(workdir) if r["kind"] == "train"] == [2, 4, 6]
+
+
+# ---------------------------------------------------------------------------------------- save
+
+SAVE = ["--max-steps", "8", "--log-every", "2"]  # checkpoints every 2 steps (_cli); 4 fails
+
+
+def _faulty_cli(workdir: Path, fault: str, *extra: str) -> list[str]:
+    """``_cli`` in a process whose orbax fails to save step 4 (``_save_faults.install``)."""
+    inject = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); import _save_faults; "
+        f"_save_faults.install({fault!r}, 4); "
+    )
+    return [sys.executable, "-c", inject + CLI[2], *_cli(workdir, *SAVE, *extra)[len(CLI) :]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    assert main(_cli(workdir, *SAVE)[len(CLI) :]) == 0
+    return workdir
+
+
+def _resume_equals_uninterrupted(workdir: Path, full: Path, capsys) -> None:
+    """--resume continues from step 2 (no warning: the temporary folder of step 4 is removed) and
+    ends with the uninterrupted run's state bit for bit, its position and its metrics rows."""
+    capsys.readouterr()
+    assert main([*_cli(workdir, *SAVE, "--resume")[len(CLI) :]]) == 0
+    out, err = capsys.readouterr()
+    assert f"resumed from step 2 ({workdir / 'checkpoints'})" in out and not err.strip(), err
+    assert not [p.name for p in (workdir / "checkpoints").iterdir() if not p.name.isdigit()]
+    with (
+        Checkpoints(rundir.checkpoint_dir(full), read_only=True) as a,
+        Checkpoints(rundir.checkpoint_dir(workdir), read_only=True) as b,
+    ):
+        expected, again = a.restore(), b.restore()
+    assert again.step == expected.step == 8 and again.position == expected.position
+    leaves = [jax.tree.leaves(t) for t in (again.state, expected.state)]
+    assert jax.tree.structure(again.state) == jax.tree.structure(expected.state)
+    for x, y in zip(*leaves):  # params, optimizer state, step and RNG, bit for bit
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    keep = ("kind", "epoch", "step", "loss", "accuracy", "grad_norm", "lr")
+    rows = [[{k: r[k] for k in keep if k in r} for r in _rows(w)] for w in (workdir, full)]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.parametrize("fault", ["enospc", "rename"])
+def test_a_failed_save_is_one_line_and_resume_ends_as_an_uninterrupted_run(
+    fault, uninterrupted, tmp_path, capsys
+):
+    """The save of step 4 fails in orbax's background threads: the disk fills when orbax writes the
+    state's _METADATA after the arrays (enospc), or the rename of 4.orbax-checkpoint-tmp to 4 fails
+    (rename). The next save (step 6) stops the run with one line naming the failed write and step
+    2, orbax's tracebacks of it dropped; step 4 is never listed, step 2 restores."""
+    workdir = tmp_path / "run"
+    ck, tmp = workdir / "checkpoints", workdir / "checkpoints" / "4.orbax-checkpoint-tmp"
+    failed = subprocess.run(
+        _faulty_cli(workdir, fault), env=_env(), capture_output=True, text=True, timeout=240
+    )
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    (line,) = _ours(failed.stderr)
+    problem = {
+        "enospc": f"disk full ({tmp / 'state.orbax-checkpoint-tmp' / '_METADATA'}: No space left",
+        "rename": f"{tmp}: Input/output error",
+    }[fault]
+    assert line.startswith(f"jaxmodels: error: {problem}"), line
+    assert line.endswith(f"; the last checkpoint is step 2 in {ck} (continue with --resume)")
+    assert rundir.saved_steps(workdir) == [2] and tmp.is_dir()
+    with Checkpoints(ck, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [2] and ckpt.restore().step == 2
+    _resume_equals_uninterrupted(workdir, uninterrupted, capsys)
+
+
+def test_sigkill_while_a_save_is_finalized_then_resume_ends_as_an_uninterrupted_run(
+    uninterrupted, tmp_path, capsys
+):
+    """SIGKILL while orbax finalizes step 4 (its arrays and metadata written, the rename to 4 not
+    done): step 2 stays the latest and restores; --resume removes the temporary folder."""
+    workdir = tmp_path / "run"
+    ck = workdir / "checkpoints"
+    proc = subprocess.Popen(
+        _faulty_cli(workdir, "stall"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (ck / "4.finalizing").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the run ended before step 4 was finalized"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert rundir.saved_steps(workdir) == [2] and (ck / "4.orbax-checkpoint-tmp").is_dir()
+    (ck / "4.finalizing").unlink()  # the marker is the test's, not orbax's
+    with Checkpoints(ck, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [2] and ckpt.restore().step == 2
+    _resume_equals_uninterrupted(workdir, uninterrupted, capsys)

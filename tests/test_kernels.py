@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from jax import export
 from jax.sharding import AbstractDevice, AbstractMesh
+
+import jaxmodels
 from jaxmodels.kernels import dense as dense_kernel
 from jaxmodels.kernels import lstm_cell as cell_kernel
 from jaxmodels.kernels import lstm_sequence as sequence_kernel
@@ -16,8 +18,6 @@ from jaxmodels.kernels.dense import dense, dense_reference
 from jaxmodels.kernels.lstm_cell import lstm_cell, lstm_cell_reference
 from jaxmodels.kernels.lstm_sequence import lstm_sequence, lstm_sequence_reference
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise, lstm_stepwise_reference
-
-import jaxmodels
 
 # Largest allowed |kernel - reference| per dtype (values are O(1)); the bfloat16 gradients differ by
 # roundings of intermediate products to bfloat16 on either side.

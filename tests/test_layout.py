@@ -109,20 +109,22 @@ def test_the_cycle_check_sees_a_cycle(tmp_path, monkeypatch):
 # the front-ends over the models (nnx, interop, export) see only the models; results and compile
 # targets stand alone; the commands and the CLI sit on top of everything.
 MODELS = {"jaxmodels.nn", "jaxmodels.kernels"}
+FILES = "jaxmodels.files"  # whole files or none: for any unit that writes the user's files
 LAYERS = {
+    FILES: set(),
     "jaxmodels.kernels": set(),
     "jaxmodels.data": set(),
-    "jaxmodels.records": set(),
+    "jaxmodels.records": {FILES},
     "jaxmodels.arguments": set(),
-    "jaxmodels.report": {"jaxmodels.records"},
+    "jaxmodels.report": {"jaxmodels.records", FILES},
     "jaxmodels.targets": set(),
     "jaxmodels.nn": {"jaxmodels.kernels"},
     "jaxmodels": MODELS,  # the package's public names
     "jaxmodels.nnx": MODELS,
     "jaxmodels.export": MODELS,
-    "jaxmodels.interop": MODELS,
-    "jaxmodels.training": {*MODELS, "jaxmodels.data"},
-    "jaxmodels.bench": {*MODELS, "jaxmodels", "jaxmodels.records"},
+    "jaxmodels.interop": {*MODELS, FILES},
+    "jaxmodels.training": {*MODELS, "jaxmodels.data", FILES},
+    "jaxmodels.bench": {*MODELS, "jaxmodels", "jaxmodels.records", FILES},
 }
 TOP = {"jaxmodels.commands", "jaxmodels.inputs", "jaxmodels.cli"}  # may import any unit
 

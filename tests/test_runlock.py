@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
@@ -118,3 +120,60 @@ def test_a_filesystem_without_locks_is_said_and_the_run_goes_on(tmp_path, monkey
 def test_an_unreadable_lock_file_still_gives_a_line(tmp_path):
     (tmp_path / LOCK_FILE).write_text("not json")
     assert runlock.holder(tmp_path) == "another process (its lock file names none)"
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+CLI = [sys.executable, "-m", "jaxmodels.cli"]
+
+
+def _cli_env() -> dict:
+    """The environment of a ``jaxmodels`` subprocess: the CPU backend, this checkout first."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    return {**env, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def test_a_second_train_is_refused_while_the_first_runs_and_resumes_once_it_died(tmp_path, capsys):
+    """`jaxmodels train` in a subprocess holds its folder: a second ``train --resume`` there is
+    refused in one line naming the pid, ``eval`` reads the run meanwhile, and once the first is
+    killed the lock is gone with it: ``--resume`` continues from its last checkpoint."""
+    from jaxmodels.cli import main
+    from jaxmodels.training.rundir import saved_steps
+
+    workdir = tmp_path / "run"
+    flags = ["--batch-size", "16", "--epochs", "1", "--keep", "3", "--no-progress"]  # 89 steps
+    first = subprocess.Popen(
+        [*CLI, "train", "cnn", "--workdir", str(workdir), *flags, "--checkpoint-every", "2"],
+        env=_cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not saved_steps(workdir):  # training, its folder locked, a checkpoint to read
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        assert json.loads((workdir / LOCK_FILE).read_text())["pid"] == first.pid
+        seen = saved_steps(workdir)[-1]
+
+        again = ["train", "cnn", "--workdir", str(workdir), *flags, "--resume"]
+        assert main(again) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(
+            f"jaxmodels: error: {workdir} is being written by pid {first.pid} on host "
+        ), line
+
+        assert main(["eval", "--workdir", str(workdir)]) == 0  # readers take no lock
+        result = json.loads(capsys.readouterr().out)
+        assert result["step"] >= seen and result["test"]["accuracy"] >= 0  # a saved step
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+    assert saved_steps(workdir)[-1] < 89, "the first run ended before it was killed"
+    assert main([*again, "--checkpoint-every", "1000"]) == 0  # from its last checkpoint
+    assert saved_steps(workdir)[-1] == 89
+    assert json.loads((workdir / LOCK_FILE).read_text())["pid"] == os.getpid()

@@ -17,7 +17,7 @@ from _paths import MNIST_DIR
 from jaxmodels import get_model
 from jaxmodels.data.datasets import get_dataset
 from jaxmodels.training.batches import BatchIterator
-from jaxmodels.training.checkpoint import IncompatibleCheckpointError
+from jaxmodels.training.compat import IncompatibleCheckpointError
 from jaxmodels.training.evaluate import evaluate
 from jaxmodels.training.fit import TrainConfig, fit
 from jaxmodels.training.optim import (

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from jaxmodels.bench.torch_configs import label
+from jaxmodels.files import save_figure
 
 
 def fmt_ms(seconds: float) -> str:
@@ -291,5 +292,7 @@ def plot(result: dict, path: Path) -> None:
     )
     rows = math.ceil(len(names) / 3)
     fig.tight_layout(rect=(0, 0.035, 1, 1 - 0.035 * rows * 4 / (3.4 * len(groups) + 1.0)))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)  # whole or not at all
+    finally:
+        plt.close(fig)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodels.files import replacing
 from jaxmodels.nn.models import get_model, list_models, tuples
 
 FORMAT = "jaxmodels.variables"
@@ -53,7 +54,8 @@ def save_variables(
     path: str | os.PathLike, variables: Mapping, model_name: str, config: Mapping[str, Any]
 ) -> None:
     """Write ``variables`` (of ``get_model(model_name, **config)``) to ``path``, a file name ending
-    in ".safetensors" (overwritten if it exists). The layout: see the module docstring.
+    in ".safetensors" (replaced whole if it exists: through a temporary file in its folder, renamed
+    over it, ``jaxmodels.files.replacing``). The layout: see the module docstring.
 
     Raises, before writing: ValueError for another suffix, a model name not registered (listing
     the names), a config not a mapping of strings to JSON values (naming the value), a key other
@@ -83,7 +85,8 @@ def save_variables(
             raise ValueError(f"{name} has dtype {leaf.dtype}; safetensors holds {DTYPES}")
         tensors[name] = np.ascontiguousarray(np.asarray(leaf))
     metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, model_name=model_name)
-    save_file(tensors, path, metadata=metadata | {"config": config_json})
+    with replacing(path) as tmp:  # whole or not at all: an old file stays on a failed write
+        save_file(tensors, tmp, metadata=metadata | {"config": config_json})
 
 
 def load_variables(path: str | os.PathLike) -> tuple[dict, str, dict[str, Any]]:

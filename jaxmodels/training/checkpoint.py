@@ -23,6 +23,10 @@ A ``<step>`` folder that cannot be read (a truncated or missing file) is skipped
 falls back to the one before, moves the unreadable ones aside to ``DIR.bad/`` so later saves can
 reuse their steps, and reports each with one ``CheckpointWarning`` (step, reason, where it went);
 the asyncio noise a failed orbax read leaves behind is dropped (``OrphanedCallbackFilter``).
+A save that fails in orbax's background threads (a full disk, a failed rename) is raised by the
+next ``save``, ``wait`` or ``close``; orbax's own tracebacks of it are dropped
+(``SaveFailureLogFilter``), its temporary folder is never listed as a step, and the next run with
+these checkpoints removes it.
 A state with a NaN or Inf in it is never saved: ``save`` raises ``FloatingPointError`` instead,
 so the last good checkpoint stays the latest. Ctrl-C during ``save``, ``wait`` or ``close`` is
 raised once they are done (an interrupted orbax save would hang the program at exit).
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import shutil
 import signal
 import sys
@@ -44,38 +49,18 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxmodels.files import to_json
 from jaxmodels.training.batches import Position
-from jaxmodels.training.rundir import to_json
+from jaxmodels.training.compat import (
+    PREFERRED,
+    REQUIRED,
+    CheckpointWarning,
+    IncompatibleCheckpointError,
+    check_compatible,
+    check_structure,
+)
 
 STATE, META = "state", "meta"
-
-# Config entries (dotted paths into the run config fit writes to config.json) that a resumed run
-# must share with the saved one: they fix the parameter and optimizer-state structure and the data
-# stream. A difference in PREFERRED only changes the trajectory (e.g. the learning-rate schedule),
-# so it is reported with a warning.
-REQUIRED = (
-    "model",
-    "task",
-    "dataset",
-    "model_config",
-    "train.optimizer",
-    "train.batch_size",
-    "train.seed",
-    "train.remainder",
-    "train.clip_norm",
-    "train.weight_decay",
-)
-PREFERRED = ("train.lr", "train.schedule", "train.warmup_steps", "total_steps")
-# What evaluating a checkpoint needs: the same model.
-REQUIRED_FOR_EVAL = ("model", "task", "model_config")
-
-
-class CheckpointWarning(UserWarning):
-    """An unreadable checkpoint was skipped, or a resumed run differs from the saved one."""
-
-
-class IncompatibleCheckpointError(ValueError):
-    """The checkpoint belongs to a different run (model, data set, optimizer, shapes)."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -93,72 +78,6 @@ class Restored:
     position: Position
     config: dict
     directory: Path
-
-
-def _lookup(config: dict, dotted: str) -> Any:
-    value: Any = config
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return "<absent>"
-        value = value[key]
-    return value
-
-
-def check_compatible(
-    saved: dict,
-    current: dict,
-    *,
-    required: Sequence[str] = REQUIRED,
-    preferred: Sequence[str] = PREFERRED,
-    where: str = "checkpoint",
-) -> None:
-    """Raise ``IncompatibleCheckpointError`` naming every ``required`` entry (a dotted path into
-    the run config) that differs between ``saved`` and ``current``; warn for ``preferred`` ones."""
-    saved, current = to_json(saved), to_json(current)
-    diffs = [(k, _lookup(saved, k), _lookup(current, k)) for k in required]
-    diffs = [d for d in diffs if d[1] != d[2]]
-    if diffs:
-        shown = "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
-        raise IncompatibleCheckpointError(
-            f"{where} was written by a different run and cannot be resumed here ({shown}); "
-            f"use another --workdir or match the saved settings"
-        )
-    for k in preferred:
-        a, b = _lookup(saved, k), _lookup(current, k)
-        if a != b:
-            warnings.warn(
-                f"{where}: {k} was {a!r}, now {b!r}; the resumed run will not match an uninterrupted one",
-                CheckpointWarning,
-                stacklevel=3,
-            )
-
-
-def _leaf_signatures(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{orbax parameter name ("params.Dense_0.kernel"): (shape, dtype name)} of a tree's arrays."""
-    import orbax.checkpoint as ocp
-
-    names = jax.tree.leaves(ocp.tree.get_param_names(tree, include_empty_nodes=False))
-    leaves = jax.tree.leaves(tree)
-    return {n: (tuple(np.shape(x)), np.dtype(x.dtype).name) for n, x in zip(names, leaves)}
-
-
-def check_structure(saved_metadata: Any, target: Any, where: str) -> None:
-    """The target's arrays must all be in the checkpoint, with the same shapes and dtypes."""
-    saved, wanted = _leaf_signatures(saved_metadata), _leaf_signatures(target)
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    differ = [(n, saved[n], wanted[n]) for n in wanted if n in saved and saved[n] != wanted[n]]
-    if missing or extra or differ:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if extra:
-            parts.append(f"unexpected {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
-        for n, (s_shape, s_dtype), (w_shape, w_dtype) in differ[:5]:
-            parts.append(f"{n}: saved {s_dtype}{list(s_shape)}, expected {w_dtype}{list(w_shape)}")
-        raise IncompatibleCheckpointError(
-            f"{where} does not match the state being restored: {'; '.join(parts)}"
-        )
 
 
 def _host_copy(state: Any) -> Any:
@@ -202,6 +121,24 @@ class OrphanedCallbackFilter:
         self.previous(unraisable)
 
 
+class SaveFailureLogFilter(logging.Filter):
+    """Drops the tracebacks orbax logs (absl's logger, level ERROR) when a save fails in one of
+    its background threads: the save thread, the commit thread and ``wait_until_finished`` each log
+    the same exception, which ``Checkpoints`` raises to its caller anyway (``save`` / ``wait`` /
+    ``close``). Records without a traceback, and records from outside orbax, pass."""
+
+    def __init__(self, orbax_dir: str | Path):
+        super().__init__()
+        self.orbax_dir = str(Path(orbax_dir).resolve())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.ERROR
+            and record.exc_info
+            and str(Path(record.pathname).resolve()).startswith(self.orbax_dir)
+        )
+
+
 class Checkpoints:
     """The checkpoints of one run, in ``directory`` (created on first use unless ``read_only``).
 
@@ -233,6 +170,10 @@ class Checkpoints:
         self.every, self.keep, self.read_only = every, keep, read_only
         self._orphan_filter: OrphanedCallbackFilter | None = None
         self._ocp = ocp
+        self._log_filter: SaveFailureLogFilter | None = None
+        if not read_only:  # a failed save is raised here, not logged by orbax's threads
+            self._log_filter = SaveFailureLogFilter(Path(ocp.__file__).parent)
+            logging.getLogger("absl").addFilter(self._log_filter)
         options = ocp.CheckpointManagerOptions(  # read_only is ours: orbax's logs warnings
             max_to_keep=None if read_only else keep,
             create=not read_only,
@@ -448,10 +389,15 @@ class Checkpoints:
 
     def close(self) -> None:
         """Wait for pending saves and release orbax's threads."""
-        with _interrupt_after():
-            self._manager.close()
-            _join_orbax_threads()
-        self._quiet_orphans(False)
+        try:
+            with _interrupt_after():
+                self._manager.close()
+                _join_orbax_threads()
+        finally:
+            self._quiet_orphans(False)
+            if self._log_filter is not None:
+                logging.getLogger("absl").removeFilter(self._log_filter)
+                self._log_filter = None
 
     def _quiet_orphans(self, on: bool) -> None:
         """Install (or remove, if still the current hook) this object's ``OrphanedCallbackFilter``."""

@@ -76,7 +76,8 @@ def restore_params(
     parameters). The checkpoint must come from the same model and model config
     (``IncompatibleCheckpointError`` otherwise); ``dataset``, when given, is compared with the
     run's with a warning only."""
-    from jaxmodels.training.checkpoint import REQUIRED_FOR_EVAL, Checkpoints, check_structure
+    from jaxmodels.training.checkpoint import Checkpoints
+    from jaxmodels.training.compat import REQUIRED_FOR_EVAL, check_structure
 
     config = {"model": model.name, "task": model.task, "model_config": module_config(model)}
     config |= {"dataset": dataset} if dataset else {}

@@ -32,7 +32,7 @@ from jaxmodels.training.batches import BatchIterator
 from jaxmodels.training.evaluate import check_task, evaluate, module_config, test_iterator
 from jaxmodels.training.optim import describe_transformation, make_optimizer, make_schedule
 from jaxmodels.training.parallel import Strategy, get_strategy
-from jaxmodels.training.rundir import checkpoint_dir
+from jaxmodels.training.rundir import checkpoint_dir, record_resume
 from jaxmodels.training.runlock import claim
 from jaxmodels.training.runlog import MetricsWindow, RunWriter, progress_bar
 from jaxmodels.training.steps import TrainState, create_train_state, make_eval_step, make_train_step
@@ -138,9 +138,15 @@ def fit(
     latest readable checkpoint there (state, data position, RNG; printed), so that the run ends
     with exactly the parameters of an uninterrupted one; metrics.jsonl keeps its rows up to that
     step and is appended to. No checkpoint yet: a fresh start. A run of another model or data set
-    raises ``RunFolderError``, a checkpoint of a different run (optimizer, batch size, ...)
-    ``IncompatibleCheckpointError``: a given ``optimizer`` resumes only a run of the same
-    transformation (the same description).
+    raises ``RunFolderError``. Options that change the function trained or the exact continuation
+    (model and data options, dtype, batch size, seed, optimizer, lr, schedule, warmup, clip norm,
+    weight decay; epochs and max_steps too while the schedule decays over the total steps) raise
+    ``IncompatibleCheckpointError`` naming each, saved vs now (``compat.REQUIRED``): a given
+    ``optimizer`` resumes only a run of the same transformation (the same description). The
+    others continue (``compat.CONTINUES``: epochs and max_steps with a constant schedule,
+    log_every, checkpoint_every, keep, eval_batch_size, progress, ...), and config.json's
+    "resumes" records each change with the step it applies from:
+    ``[{"step": 16, "changed": {"train.epochs": [1, 2], ...}}]``.
     """
     cfg = config if isinstance(config, TrainConfig) else TrainConfig(**(config or {}))
     _check_fit(model, dataset, cfg, optimizer)
@@ -220,8 +226,13 @@ def _setup(model, dataset, cfg: TrainConfig, workdir, optimizer, strategy, resum
     if restored is not None:
         state = restored.state
         train_it.restore(restored.position)
+        run_config, changed = _resumed_config(run_config, restored)
         if lead:
-            print(f"resumed from step {restored.step} ({checkpoints.directory})")
+            shown = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            print(
+                f"resumed from step {restored.step} ({checkpoints.directory})"
+                + (f" with {shown}" if shown else "")
+            )
     elif resume and lead:
         print(f"no checkpoint in {checkpoint_dir(workdir)} yet: starting afresh")
     return _Run(
@@ -246,6 +257,17 @@ def _run_config(model: Model, dataset: Dataset, train: dict, strategy, total_ste
         "versions": {p: version(p) for p in ("jax", "optax", "flax")},
         "devices": [str(d) for d in jax.devices()],
     }
+
+
+def _resumed_config(run_config: dict, restored) -> tuple[dict, dict]:
+    """The run config of a run resumed from ``restored`` (which ``check_compatible`` accepted):
+    the options that may change and did (``compat.resume_changes``: epochs, max_steps,
+    log_every, ...) recorded with the restored step in its "resumes" (``rundir.record_resume``),
+    and those changes, ``{option: [saved, now]}``."""
+    from jaxmodels.training.compat import resume_changes
+
+    changed = resume_changes(restored.config, run_config)
+    return record_resume(run_config, restored.config, restored.step, changed), changed
 
 
 def _check_fit(model: Model, dataset: Dataset, cfg: TrainConfig, optimizer) -> None:

@@ -2,7 +2,7 @@
 holding a run, the rules that keep two runs from mixing in it, and reading a run's settings back.
 
     WORKDIR/config.json          the run's settings (``write_config``, ``read_config``,
-                                 ``load_run_settings``)
+                                 ``load_run_settings``; what resumes changed: ``record_resume``)
     WORKDIR/metrics.jsonl        one JSON row per line (``write_rows``, ``append_row``, ``read_rows``)
     WORKDIR/test_metrics.json    the final test metrics (``write_test_metrics``)
     WORKDIR/learning_curves.png  the loss (and accuracy) curves (``CURVES_FILE``, drawn by runlog)
@@ -34,11 +34,10 @@ import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import jax
-import numpy as np
 
+from jaxmodels.files import json_default, to_json, write_atomic
 from jaxmodels.nn.models import tuples
 
 CONFIG_FILE = "config.json"
@@ -176,39 +175,26 @@ def prepare_workdir(
 # ---------------------------------------------------------------------------- the files, as JSON
 
 
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for what JSON cannot write in a run's config: a dtype (or type)
-    by its numpy name, numpy scalars and arrays as numbers and lists, anything else its str()."""
-    if isinstance(value, np.generic | np.ndarray):
-        return value.tolist()
-    try:
-        return np.dtype(value).name
-    except (TypeError, ValueError):
-        return str(value)
-
-
-def to_json(tree: Any) -> Any:
-    """A JSON round trip of ``tree`` (a run's config): dtypes become names, tuples lists, anything
-    else its str(); what checkpoint metadata stores and what resumed runs compare."""
-    return json.loads(json.dumps(tree, default=json_default))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed over it: ``path`` holds the old
-    text or the new, never a part (the temporary file is removed when the write fails)."""
-    partial = path.with_name(path.name + ".part")
-    try:
-        partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 def write_config(workdir: Path, config: dict) -> None:
     """WORKDIR/config.json: ``config`` as indented JSON (``json_default``), replaced atomically."""
     text = json.dumps(config, indent=2, default=json_default) + "\n"
     write_atomic(workdir / CONFIG_FILE, text)
+
+
+RESUMES = "resumes"  # config.json: the options a resumed run changed, [{"step", "changed"}, ...]
+
+
+def record_resume(config: dict, saved: dict, step: int, changed: dict) -> dict:
+    """``config`` (a resumed run's, for config.json and its checkpoints) with the "resumes" of
+    ``saved`` (the restored checkpoint's config: the resumes up to its step, not those of a later
+    attempt that ended before a checkpoint) and, when ``changed`` (``{option: [saved, now]}``) is
+    not empty, one more: ``{"step": step, "changed": changed}``, the step from which it applies."""
+    resumes = [*(saved.get(RESUMES) or [])]
+    if changed:
+        resumes.append({"step": int(step), "changed": to_json(changed)})
+    return {k: v for k, v in config.items() if k != RESUMES} | (
+        {RESUMES: resumes} if resumes else {}
+    )
 
 
 def _row_line(row: dict) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxmodels.files import save_figure
 from jaxmodels.training import rundir
 
 
@@ -97,8 +98,9 @@ def progress_bar(enabled: bool):
 
 class RunWriter:
     """config.json, metrics.jsonl, test_metrics.json and learning_curves.png in a work folder (only
-    when ``enabled``: on process 0). Whole files are replaced atomically (``rundir.write_atomic``),
-    so a failed write (a full disk) leaves the previous version."""
+    when ``enabled``: on process 0). Whole files are replaced atomically (``files.write_atomic``,
+    the plot ``jaxmodels.files.save_figure``), so a failed write (a full disk) leaves the previous
+    version."""
 
     def __init__(self, workdir: Path, enabled: bool = True, keep_until: int | None = None):
         self.workdir, self.enabled, self.history = workdir, enabled, []
@@ -142,7 +144,7 @@ class RunWriter:
             )
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.savefig(self.workdir / rundir.CURVES_FILE, dpi=100)
+        save_figure(fig, self.workdir / rundir.CURVES_FILE, dpi=100)  # whole or not at all
 
 
 def epoch_times(rows: list[dict]) -> list[float]:
