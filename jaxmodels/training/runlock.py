@@ -30,7 +30,7 @@ from pathlib import Path
 
 import jax
 
-from jaxmodels.training.rundir import LOCK_FILE, RunFolderError, prepare_workdir
+from jaxmodels.training.rundir import LOCK_FILE, RunFolderError, check_writable, prepare_workdir
 
 # errno values of a filesystem that does not implement flock (as opposed to a lock held elsewhere)
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -68,9 +68,7 @@ class RunLock:
         self._nested = False
 
     def acquire(self) -> RunLock:
-        if self.workdir.exists() and not self.workdir.is_dir():
-            raise NotADirectoryError(f"the work folder {self.workdir} is a file, not a folder")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        check_writable(self.workdir, "work folder")  # created, or one line saying why not
         key = self.workdir.resolve()
         if _HELD.get(key):
             _HELD[key] += 1
