@@ -1,6 +1,6 @@
 """jaxmodels: pure-function CNN, simple RNN and LSTM models in JAX, with a fused scan LSTM.
 
-Public names only; see the README for the architecture.
+Public names only; the docs (docs/, built with Sphinx) have the guides and the architecture.
 """
 
 from jaxmodels.nn.cells import dense, init_dense, init_lstm, init_rnn, lstm_cell, rnn_cell

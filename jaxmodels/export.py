@@ -2,11 +2,11 @@
 serialized (StableHLO), with a symbolic batch size (and time length, for sequence and token
 models), lowered for several platforms in one artifact.
 
-    >>> data = export_model(model, variables, input_shape=(28, 28, 1))     # bytes
-    >>> Path("cnn.jax").write_bytes(data)
-    >>> # elsewhere, with only jax installed:
-    >>> exported = jax.export.deserialize(Path("cnn.jax").read_bytes())
-    >>> logits = exported.call(images)              # images [any batch, 28, 28, 1] float32
+    data = export_model(model, variables, input_shape=(28, 28, 1))     # bytes
+    Path("cnn.jax").write_bytes(data)
+    # elsewhere, with only jax installed:
+    exported = jax.export.deserialize(Path("cnn.jax").read_bytes())
+    logits = exported.call(images)              # images [any batch, 28, 28, 1] float32
 
 ``jaxmodels export`` writes one from a run's checkpoint. The recurrent models are exported with
 ``impl="scan"``: the ``lax.scan`` path runs on every platform, and the Pallas kernels' custom calls
@@ -29,7 +29,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 def input_spec(model: Model, input_shape: Sequence[int], dtype=jnp.float32) -> jax.ShapeDtypeStruct:
     """The symbolic input of ``model`` for one example of shape ``input_shape``: images
-    [b, *input_shape]; sequences [b, t, features] (``input_shape`` = (time, features), time
+    ``[b, *input_shape]``; sequences [b, t, features] (``input_shape`` = (time, features), time
     symbolic); tokens [b, t] int32. ``b`` and ``t`` are ``jax.export`` symbolic dimensions."""
     inputs = model_kind(model.name)[1]
     if inputs == "images":
@@ -58,7 +58,9 @@ def export_model(
 ) -> bytes:
     """The serialized ``jax.export`` artifact of ``x -> model.apply(variables, x)`` (inference,
     ``train=False``) over ``input_spec(model, input_shape, dtype)``, for ``platforms`` (a subset of
-    PLATFORMS). ``variables`` become constants of the artifact."""
+    PLATFORMS). ``variables`` become constants of the artifact (an example: the interop guide,
+    docs/guides/interop.md).
+    """
     unknown = [p for p in platforms if p not in PLATFORMS]
     if unknown or not platforms:
         raise ValueError(f"expected platforms among {PLATFORMS}, got {list(platforms)}")

@@ -1,11 +1,11 @@
 """How the library writes files: whole or not at all, and JSON of the numpy values in them. Every
 file the CLI writes for a user, and every result file, goes through here.
 
-    >>> write_atomic(path, "text\\n")       # or bytes
-    >>> with replacing(path) as tmp:        # for a writer that wants a file name
-    ...     save_file(tensors, tmp)
-    >>> save_figure(fig, path, dpi=100)     # a matplotlib figure, in the format of its suffix
-    >>> json.dumps(config, default=json_default)   # dtypes by name, numpy values as numbers
+    write_atomic(path, "text\\n")       # or bytes
+    with replacing(path) as tmp:        # for a writer that wants a file name
+            save_file(tensors, tmp)
+    save_figure(fig, path, dpi=100)     # a matplotlib figure, in the format of its suffix
+    json.dumps(config, default=json_default)   # dtypes by name, numpy values as numbers
 
 The new content goes to a temporary file in the target's folder (PATH.XXXXXXXX.part, so the same
 file system), which is flushed and fsync'ed, then renamed over the target (``os.replace``) and the
@@ -76,7 +76,16 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> None:
     """Replace the file ``path`` with ``data`` (text is encoded with ``encoding``): it holds the
-    old content or the new, never a part (see the module docstring)."""
+    old content or the new, never a part (see the module docstring).
+
+    Examples:
+      >>> import tempfile
+      >>> from pathlib import Path
+      >>> path = Path(tempfile.mkdtemp()) / "result.json"
+      >>> write_atomic(path, '{"accuracy": 0.98}')
+      >>> path.read_text()
+      '{"accuracy": 0.98}'
+    """
     raw = data.encode(encoding) if isinstance(data, str) else bytes(data)
     with replacing(path) as tmp, open(tmp, "xb") as file:
         file.write(raw)  # closed, then fsync'ed and renamed by replacing

@@ -171,6 +171,8 @@ class _Recurrent(nnx.Module):
             features = self.directions * self.hidden_size
 
     def init_layer(self, key: Array, features: int) -> dict:
+        """One layer's parameters for ``features`` inputs, in the layout of ``cells.init_lstm`` /
+        ``init_rnn``."""
         raise NotImplementedError
 
     def scan(self, params: dict, xs: Array, carry: Any, **options) -> tuple[Any, Array]:
@@ -298,5 +300,6 @@ def from_linen(variables: Mapping[str, Any], module: nnx.Module) -> nnx.Module:
 
 def to_linen(module: nnx.Module) -> dict[str, dict]:
     """The Linen variables {"params": {...}} of an NNX ``module`` (nested dicts of its arrays,
-    not copies), for the Linen module of the same configuration's ``apply``."""
+    not copies), for the Linen module of the same configuration's ``apply``.
+    """
     return {"params": nnx.to_pure_dict(nnx.state(module, nnx.Param))}

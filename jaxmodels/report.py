@@ -236,9 +236,9 @@ class Report:
 class Study:
     """One experiment's record, started when created (wall clock and load average).
 
-        >>> study = Study("cnn_mnist", config, REPORT)
-        >>> ...                                              # the runs
-        >>> result, paths = study.finish(out, runs=runs, summary=summarise(runs, BY, FIELDS))
+        study = Study("cnn_mnist", config, REPORT)
+        ...                                              # the runs
+        result, paths = study.finish(out, runs=runs, summary=summarise(runs, BY, FIELDS))
 
     ``finish`` returns the result {"experiment", "config", "environment", "wall_s", "loadavg",
     **parts} and writes it as OUT/NAME.json, .md and .png (the report's markdown and plot), then

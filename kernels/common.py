@@ -78,11 +78,13 @@ ACTIVATIONS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]
 
 
 def check_activation(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is a key of ``ACTIVATIONS`` (the dense kernel's)."""
     if name not in ACTIVATIONS:
         raise ValueError(f"expected activation to be one of {tuple(ACTIVATIONS)}, got {name!r}")
 
 
 def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``n`` (both positive ints)."""
     return -(-n // multiple) * multiple
 
 
@@ -91,7 +93,23 @@ def pad_to(x: Array, shape: tuple[int, ...]) -> Array:
     return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
 
 
+def pad_gates(a: Array, hidden_p: int) -> Array:
+    """[..., 4*hidden] -> [..., 4*hidden_p], zero-padding each gate block (i, f, g, o) separately,
+    so that gate k of the padded array starts at column k*hidden_p."""
+    lead, hidden = a.shape[:-1], a.shape[-1] // 4
+    a = a.reshape(*lead, 4, hidden)
+    return pad_to(a, (*lead, 4, hidden_p)).reshape(*lead, 4 * hidden_p)
+
+
+def un_pad_gates(a: Array, hidden: int) -> Array:
+    """[..., 4*hidden_p] -> [..., 4*hidden]: the inverse of ``pad_gates``."""
+    lead, hidden_p = a.shape[:-1], a.shape[-1] // 4
+    return a.reshape(*lead, 4, hidden_p)[..., :hidden].reshape(*lead, 4 * hidden)
+
+
 def check_float(name: str, x: Array) -> None:
+    """Raise ``TypeError`` naming ``name`` unless x's dtype is float32 or bfloat16, the dtypes
+    the kernels compute in."""
     if x.dtype not in (jnp.float32, jnp.bfloat16):
         raise TypeError(f"expected {name} of dtype float32 or bfloat16, got {x.dtype}")
 
@@ -188,6 +206,8 @@ def target_device_kind() -> str:
 GPU_SHARED_MEMORY = {"H100": 232448, "H200": 232448, "GH200": 232448, "A100": 166912, "A30": 166912}
 # Any other GPU: the smallest current figure, sm_86/sm_89's (RTX 30/40, L4, A10).
 UNKNOWN_GPU_SHARED_MEMORY = 101376
+# SMs of a GPU that reports none: the fewest of current data-center parts (L4: 58).
+UNKNOWN_GPU_CORES = 58
 # Any other target: Mosaic's scoped-VMEM default, which every TPU generation has.
 UNKNOWN_TPU_VMEM = 16 * 2**20
 
@@ -200,6 +220,17 @@ def gpu_shared_memory() -> int:
         if kind.startswith(f"NVIDIA {name}") or kind == name:
             return size
     return UNKNOWN_GPU_SHARED_MEMORY
+
+
+def gpu_core_count() -> int:
+    """Streaming multiprocessors of the GPU being compiled for: the abstract mesh's device when one
+    is set (``jaxmodels.targets``: the target description's figure, 132 on an H100 SXM, 108 on an
+    A100), else the attached device's ``core_count``; ``UNKNOWN_GPU_CORES`` when neither says."""
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    cores = abstract.num_cores if abstract is not None else None
+    if cores is None:
+        cores = getattr(jax.devices()[0], "core_count", None)
+    return int(cores) if cores else UNKNOWN_GPU_CORES
 
 
 def tpu_vmem() -> int:

@@ -49,12 +49,14 @@ from jaxmodels.kernels.common import (
     lstm_gate_gradients,
     lstm_recurrence_reference,
     on_platforms,
+    pad_gates,
     pad_to,
     round_up,
     sigmoid,
     target_device_kind,
     target_platform,
     tpu_vmem,
+    un_pad_gates,
 )
 
 Array = jax.Array
@@ -379,18 +381,6 @@ def _limit_text(backend: str, dtype) -> str:
     return f"the blocks within {TPU_VMEM_SHARE:.0%} of {tpu_vmem()} bytes of VMEM"
 
 
-def _pad_gates(a: Array, hidden_p: int) -> Array:
-    """[..., 4*hidden] -> [..., 4*hidden_p], zero-padding each gate block separately."""
-    lead, hidden = a.shape[:-1], a.shape[-1] // 4
-    a = a.reshape(*lead, 4, hidden)
-    return pad_to(a, (*lead, 4, hidden_p)).reshape(*lead, 4 * hidden_p)
-
-
-def un_pad_gates(a: Array, hidden: int) -> Array:
-    lead, hidden_p = a.shape[:-1], a.shape[-1] // 4
-    return a.reshape(*lead, 4, hidden_p)[..., :hidden].reshape(*lead, 4 * hidden)
-
-
 def _layout(time: int, batch: int, plan: Plan):
     """(time_p, batch_p, block_time) of the padded operands. A plan without ``block_time``
     (Triton, which runs a grid's programs concurrently while grid axis 1 must run in order) takes
@@ -429,8 +419,8 @@ def _forward(x_proj, w_h, h0, c0, lengths, reverse, plan: Plan, save_residuals):
     time, batch, gates = x_proj.shape
     hidden, hidden_p = gates // 4, plan.hidden_p
     time_p, batch_p, block_time = _layout(time, batch, plan)
-    xp = pad_to(_pad_gates(x_proj, hidden_p), (time_p, batch_p, 4 * hidden_p))
-    w = _pad_gates(pad_to(w_h, (hidden_p, gates)), hidden_p)
+    xp = pad_to(pad_gates(x_proj, hidden_p), (time_p, batch_p, 4 * hidden_p))
+    w = pad_gates(pad_to(w_h, (hidden_p, gates)), hidden_p)
     h0p, c0p = pad_to(h0, (batch_p, hidden_p)), pad_to(c0, (batch_p, hidden_p))
     lens = pad_to(lengths, (batch_p,)).reshape(batch_p, 1)  # padded rows and steps are masked
     f32 = jnp.float32
@@ -501,7 +491,7 @@ def _lstm_sequence_bwd(reverse, plan, saved, cotangents):
     time, batch, hidden = dhs.shape
     hidden_p = plan.hidden_p
     time_p, batch_p, block_time = _layout(time, batch, plan)
-    wt = _pad_gates(pad_to(w_h, (hidden_p, w_h.shape[1])), hidden_p).T  # [4*hidden_p, hidden_p]
+    wt = pad_gates(pad_to(w_h, (hidden_p, w_h.shape[1])), hidden_p).T  # [4*hidden_p, hidden_p]
     dhs_p = pad_to(dhs, (time_p, batch_p, hidden_p))
     dh_p, dc_p = pad_to(dh_T, (batch_p, hidden_p)), pad_to(dc_T, (batch_p, hidden_p))
     lens = pad_to(lengths, (batch_p,)).reshape(batch_p, 1)

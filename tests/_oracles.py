@@ -1,4 +1,4 @@
-"""The tests' one independent numpy implementation of the seed's equations (README "The math").
+"""The tests' one independent numpy implementation of the seed's equations (docs/guides/math.md).
 
 Pure numpy, no jaxmodels: the oracle the cells, layers and models are checked against.
 

@@ -169,15 +169,19 @@ def test_data_args_set_the_data_set_and_eval_reads_them(tmp_path, capsys):
 
 
 def test_cnn_on_mnist_takes_its_recipe_and_flags_override_it(tmp_path, capsys):
-    """The seed CNN on MNIST trains with the Keras example's recipe unless a flag says otherwise;
-    on digits, with TrainConfig's defaults."""
+    """The seed CNN on MNIST trains with its recipe (Adam, cosine decay, batch 64, 5 epochs)
+    unless a flag says otherwise; on digits, with TrainConfig's defaults."""
     tiny_mnist(tmp_path / "mnist", gz=True, sizes=(64, 3))
     argv = ["train", "cnn", "--dataset", "mnist", "--data-dir", str(tmp_path / "mnist")]
     argv += ["--max-steps", "1", "--no-progress"]
     keys = ("epochs", "batch_size", "optimizer", "schedule", "lr")
     for name, flags, expected in [
-        ("keras", [], (5, 64, "rmsprop", "constant", 1e-3)),
-        ("mine", ["--optimizer", "adam", "--batch-size", "32"], (5, 32, "adam", "constant", 1e-3)),
+        ("recipe", [], (5, 64, "adam", "cosine", 1e-3)),
+        (
+            "mine",
+            ["--optimizer", "rmsprop", "--schedule", "constant", "--batch-size", "32"],
+            (5, 32, "rmsprop", "constant", 1e-3),
+        ),
     ]:
         assert main([*argv, *flags, "--workdir", str(tmp_path / name)]) == 0
         train = json.loads((tmp_path / name / "config.json").read_text())["train"]

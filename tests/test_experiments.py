@@ -215,3 +215,126 @@ def test_sequential_mnist_tiny(tmp_path):
     commands = [r["command"] for r in saved["summary"]]
     assert "--data-arg permute=0" in commands[2] and "--data-arg steps=pixels" in commands[2]
     assert "--model-arg hidden_size=8" in commands[0] and "--data-arg" not in commands[0]
+
+
+def test_cli_seeds_tiny(tmp_path, monkeypatch):
+    """The MNIST one-liner as a user runs it, in its own process, on tiny IDX files; its first
+    seed twice, bitwise the same."""
+    script = load_script("cli_seeds")
+    tiny_mnist(tmp_path / "mnist", gz=True, sizes=(128, 16))
+    out = tmp_path / "results"
+    argv = ["--data-dir", str(tmp_path / "mnist"), "--commands", "cnn-mnist", "--seeds", "0"]
+    argv += ["--repeat", "cnn-mnist", "--workdir", str(tmp_path / "runs"), "--out", str(out)]
+    result = script.main([*argv, "--extra", "--epochs", "2"])
+    saved = json.loads((out / "cli_seeds.json").read_text())
+    assert (out / "cli_seeds.png").stat().st_size > 0
+    (run,) = saved["runs"]
+    assert run["recipe"] == dict(
+        epochs=2, batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine", warmup_steps=0,
+        clip_norm=None,
+    )  # fmt: skip
+    assert run["steps"] == 4 and len(run["test_accuracy"]) == 2 and run["goal"] == 0.99
+    one_liner = ["jaxmodels", "train", "cnn", "--dataset", "mnist", "--data-dir", "DIR"]
+    assert run["argv"] == [*one_liner, "--seed", "0"]
+    assert saved["repeats"] == {"cnn-mnist": True}
+    row = saved["summary"][0]
+    assert row["min"] == row["mean"] == row["max"] == run["final_test_accuracy"]
+    assert row["every_seed_meets_goal"] == (run["final_test_accuracy"] >= 0.99)
+    assert "| cnn-mnist | 0.99 |" in (out / "cli_seeds.md").read_text()
+    assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+    monkeypatch.delenv("JAXMODELS_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match="--data-dir DIR or \\$JAXMODELS_DATA"):
+        script.command_line("cnn-mnist", None)
+    assert script.command_line("cnn-digits", None) == ["train", "cnn"]
+
+
+def _random_params(key, cell: str, features: int, hidden: int) -> tuple[dict, dict]:
+    import jax
+
+    from jaxmodels import init_lstm, init_rnn
+
+    k1, k2 = jax.random.split(key)
+    layer = (init_lstm if cell == "lstm" else init_rnn)(k1, features, hidden)
+    head = {"kernel": jax.random.normal(k2, (hidden, 1)), "bias": np.ones((1,), np.float32)}
+    return layer, head
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_state_gradients_match_the_library_scan_split_at_t(cell):
+    """∂ℓ/∂h_t (and ∂ℓ/∂c_t) from the perturbed scan equal jax.grad of the loss of the library's
+    own scan (rnn_scan / lstm_scan) over steps t+1..T, started from the state at t."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmodels import lstm_scan, rnn_scan
+
+    script = load_script("adding_gradients")
+    batch, steps, features, hidden = 3, 7, 2, 5
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    xs = jax.random.normal(kx, (batch, steps, features))
+    ys = jax.random.normal(ky, (batch,))
+    layer, head = _random_params(kp, cell, features, hidden)
+    grads, preds = script.state_gradients(cell, layer, head, xs, ys)
+    scan = lstm_scan if cell == "lstm" else rnn_scan
+    last_h = lambda carry: carry[0] if cell == "lstm" else carry
+    predict = lambda carry: (last_h(carry) @ head["kernel"] + head["bias"][None]).reshape(-1)
+    full, _ = scan(layer, xs)
+    np.testing.assert_allclose(preds, predict(full), rtol=1e-5, atol=1e-6)
+    for t in (1, 4, steps - 1):  # the state after step t (1-based), read by steps t+1..T
+        carry, _ = scan(layer, xs[:, :t])
+        loss = lambda c, t=t: jnp.sum(jnp.square(predict(scan(layer, xs[:, t:], c)[0]) - ys))
+        expected = jax.grad(loss)(carry)
+        if cell == "lstm":
+            np.testing.assert_allclose(grads["h"][:, t - 1], expected[0], rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(grads["c"][:, t - 1], expected[1], rtol=1e-4, atol=1e-6)
+        else:
+            np.testing.assert_allclose(grads["h"][:, t - 1], expected, rtol=1e-4, atol=1e-6)
+    # at t = T: the loss reads h_T directly, and c_T only through h_T, which is held
+    np.testing.assert_allclose(
+        grads["h"][:, -1], 2 * (preds - ys)[:, None] * head["kernel"][:, 0][None], rtol=1e-5
+    )
+    if cell == "lstm":
+        assert not np.any(grads["c"][:, -1])
+
+
+def test_linear_rnn_gradient_decays_as_a_to_the_distance():
+    """h_t = x_t W + a h_{t-1}: ∂ℓ/∂h_t = a^(T-t) ∂ℓ/∂h_T, so the norm at distance d is a^d times
+    the norm at 0, and the fitted factor per step is a."""
+    import jax
+
+    script = load_script("adding_gradients")
+    a, steps, hidden = 0.8, 30, 4
+    layer, head = _random_params(jax.random.key(1), "rnn", 2, hidden)
+    layer = layer | {"w_h": a * np.eye(hidden, dtype=np.float32)}
+    xs = jax.random.uniform(jax.random.key(2), (6, steps, 2))
+    grads, _ = script.state_gradients("rnn", layer, head, xs, np.zeros(6), activation="identity")
+    norms = np.linalg.norm(np.asarray(grads["h"]), axis=-1).mean(axis=0)[::-1]  # by distance
+    np.testing.assert_allclose(norms, norms[0] * a ** np.arange(steps), rtol=1e-4)
+    fit = script.decay_fit(norms)
+    assert fit["factor_per_step"] == pytest.approx(a, rel=1e-4)
+    assert fit["fitted_distances"] == [0, steps - 1]
+    assert fit["steps_per_tenfold"] == pytest.approx(np.log(10) / -np.log(a), rel=1e-3)
+    assert script.decay_fit(np.ones(5))["steps_per_tenfold"] == float("inf")
+
+
+def test_adding_gradients_tiny(tmp_path):
+    script = load_script("adding_gradients")
+    out = tmp_path / "results"
+    argv = ["--seq-len", "6", "--hidden", "4", "--steps", "4", "--measure-every", "2"]
+    argv += ["--batch-size", "5", "--train-size", "20", "--test-size", "8"]
+    result = script.main([*argv, "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    saved = json.loads((out / "adding_gradients.json").read_text())
+    assert (out / "adding_gradients.png").stat().st_size > 0
+    assert [(r["model"], r["state"], r["step"]) for r in saved["summary"]] == [
+        (m, s, step) for m, states in (("rnn", "h"), ("lstm", "hc")) for step in (0, 2, 4)
+        for s in states
+    ]  # fmt: skip
+    for run in saved["runs"]:
+        assert len(run["norms"]) == 6 and run["test_mse"] >= 0
+        assert run["factor_per_step"] > 0 and run["fitted_distances"][1] == 5
+    first = {(r["model"], r["state"]): r for r in saved["runs"] if r["step"] == 0}
+    assert first["lstm", "c"]["norms"][0] == 0 and first["lstm", "c"]["fitted_distances"][0] == 1
+    assert "| lstm | ∂L/∂c_t | 4 |" in (out / "adding_gradients.md").read_text()
+    assert saved["runs"] == json.loads(json.dumps(result["runs"]))
+    with pytest.raises(SystemExit):
+        script.main(["--steps", "5", "--measure-every", "2"])

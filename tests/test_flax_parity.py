@@ -1,6 +1,6 @@
 """Parity with Flax's own cells run by ``flax.linen.RNN``: outputs, final carry and gradients.
 
-Mapping from our pinned layout (README, "The math"), hidden H, gate blocks i, f, g, o along the last axis:
+Mapping from our pinned layout (docs/guides/math.md), hidden H, gate blocks i, f, g, o along the last axis:
 
     OptimizedLSTMCell:  i{z}.kernel = w_x[:, block z]       (input kernels, no bias)
                         h{z}.kernel = w_h[:, block z]       (hidden kernels)

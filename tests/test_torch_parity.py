@@ -1,6 +1,6 @@
 """Parity with PyTorch's ``nn.LSTM`` / ``nn.RNN``: outputs, final state and gradients.
 
-Weights are mapped from our pinned layout (README, "The math") to PyTorch's by ``load_torch_weights``:
+Weights are mapped from our pinned layout (docs/guides/math.md) to PyTorch's by ``load_torch_weights``:
 
     weight_ih_l{k}[_reverse] = w_x.T      [G*hidden, features]
     weight_hh_l{k}[_reverse] = w_h.T      [G*hidden, hidden]

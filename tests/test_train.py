@@ -19,7 +19,7 @@ from jaxmodels.data.datasets import get_dataset
 from jaxmodels.training.batches import BatchIterator
 from jaxmodels.training.compat import IncompatibleCheckpointError
 from jaxmodels.training.evaluate import evaluate
-from jaxmodels.training.fit import TrainConfig, fit
+from jaxmodels.training.fit import KERAS_CNN_MNIST, RECIPES, TrainConfig, fit, recipe
 from jaxmodels.training.optim import (
     describe_transformation,
     make_optimizer,
@@ -84,6 +84,20 @@ def test_schedules():
         make_schedule(0.1, "cosine")
     with pytest.raises(ValueError, match=r"unknown schedule 'step'; expected one of \('constant'"):
         make_schedule(0.1, "step")
+
+
+def test_recipes():
+    """The seed CNN on MNIST: Adam with cosine decay by default (a run that ends at a low rate);
+    the Keras example's recipe by name; other pairs take TrainConfig's defaults; overrides win."""
+    keys = ("epochs", "batch_size", "lr", "optimizer", "schedule")
+    as_tuple = lambda cfg: tuple(getattr(cfg, k) for k in keys)
+    assert as_tuple(recipe("cnn", "mnist")) == (5, 64, 1e-3, "adam", "cosine")
+    keras = recipe("cnn", "mnist", **KERAS_CNN_MNIST)
+    assert as_tuple(keras) == (5, 64, 1e-3, "rmsprop", "constant")
+    assert recipe("cnn", "digits") == TrainConfig()
+    overridden = recipe("cnn", "mnist", seed=3, epochs=2)
+    assert (overridden.seed, overridden.epochs, overridden.optimizer) == (3, 2, "adam")
+    assert set(RECIPES) == {("cnn", "mnist")}
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "rmsprop"])

@@ -1,11 +1,13 @@
 """Data sets by name, as host numpy arrays (batching: ``jaxmodels.training.batches``).
 
-    >>> ds = get_dataset("digits")                     # ds.x_train [1437, 28, 28, 1] float32 in [0, 1]
+    >>> ds = get_dataset("digits")
+    >>> ds.x_train.shape, ds.x_train.dtype, ds.num_classes     # float32 in [0, 1]
+    ((1437, 28, 28, 1), dtype('float32'), 10)
 
 Data sets (``list_datasets()``): images for ``cnn``: "digits" (bundled), "mnist" (IDX files;
-``jaxmodels.data.mnist.download_mnist`` fetches them); sequences for the *-classifier models: "seq-mnist", "seq-digits"
-(image rows as time steps); for the *-regressor models: "adding"; for ``char-lstm``: "copy" and
-"text" (character-level language modelling over a UTF-8 file).
+``jaxmodels.data.mnist.download_mnist`` fetches them); sequences for the ``*-classifier`` models:
+"seq-mnist", "seq-digits" (image rows as time steps); for the ``*-regressor`` models: "adding";
+for ``char-lstm``: "copy" and "text" (character-level language modelling over a UTF-8 file).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Dataset:
     Attributes:
       name: registry name.
       task: "classification", "regression" or "language_model" (matches ``Model.task``).
-      x_train, y_train: inputs [examples, *input_shape] and targets [examples, ...]; None when the
+      x_train, y_train: inputs ``[examples, *input_shape]`` and targets [examples, ...]; None when the
         split is absent (e.g. a folder with only MNIST's test files).
       x_test, y_test: the same for the test split.
       input_shape: shape of one input, e.g. (28, 28, 1) [height, width, channels].
@@ -194,7 +196,7 @@ SEQUENCE_STEPS = ("rows", "pixels")
 
 
 def _as_sequences(ds: Dataset, name: str, steps: str, permute: int | None) -> Dataset:
-    """Images [examples, height, width, 1] -> sequences for the *-classifier models: "rows" gives
+    """Images [examples, height, width, 1] -> sequences for the ``*-classifier`` models: "rows" gives
     [examples, height, width] (time = image row, features = its pixels), "pixels" gives
     [examples, height * width, 1] (one pixel per step, raster order). ``permute``: the seed of one
     fixed permutation of the time steps, the same for every example and split (permuted MNIST)."""

@@ -1,7 +1,7 @@
 """MNIST's files: the IDX format, where the files are, their published checksums, and the download.
 
-    >>> download_mnist("~/data")                     # ~/data/mnist/*.gz, verified by SHA-256
-    >>> splits = read_mnist("~/data")                # {"train": (x, y), "test": (x, y)}
+    download_mnist("~/data")                     # ~/data/mnist/*.gz, verified by SHA-256
+    splits = read_mnist("~/data")                # {"train": (x, y), "test": (x, y)}
 
 ``jaxmodels.data.datasets.load_mnist`` turns the splits into a ``Dataset``.
 """

@@ -1,11 +1,14 @@
 """A model's variables in a .safetensors file, with what rebuilds the model: ``save_variables`` and
 ``load_variables``.
 
-    >>> config = {"hidden_size": 64, "num_classes": 10}
+    >>> import os, tempfile, jax, jax.numpy as jnp
+    >>> path = os.path.join(tempfile.mkdtemp(), "lstm.safetensors")
+    >>> config, xs = {"hidden_size": 8, "num_classes": 10}, jnp.ones((2, 5, 3))
     >>> model = get_model("lstm-classifier", **config)
-    >>> save_variables("lstm.safetensors", model.init(key, xs), "lstm-classifier", config)
-    >>> variables, name, config = load_variables("lstm.safetensors")
-    >>> logits = get_model(name, **config).apply(variables, xs)        # as the saved model's
+    >>> save_variables(path, model.init(jax.random.key(0), xs), "lstm-classifier", config)
+    >>> variables, name, config = load_variables(path)
+    >>> get_model(name, **config).apply(variables, xs).shape          # as the saved model's
+    (2, 10)
 
 The file, in the safetensors format (safetensors.numpy's ``save_file`` / ``safe_open``):
 

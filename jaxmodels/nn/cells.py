@@ -5,7 +5,7 @@ the step and the step's output (``rnn_cell``: (h_t, h_t); ``lstm_cell``: ((h_t, 
 cell runs over time as ``lax.scan(functools.partial(cell, params), carry, xs_time_major)``.
 
 Shapes use one vocabulary: batch, time, features (input size), hidden. Parameters are plain dicts
-in the pinned layout (README, "The math"), gate blocks along the last axis in the order i, f, g, o::
+in the pinned layout (docs/guides/math.md), gate blocks along the last axis in the order i, f, g, o::
 
     dense:  {"w": [features, out],       "b": [out]}
     rnn:    {"w_x": [features, hidden],   "w_h": [hidden, hidden],   "b": [hidden]}
@@ -42,6 +42,12 @@ def dense(params: dict, x: Array, activation: Activation | str = "identity") -> 
 
     ``activation``: a callable, or a name in ``kernels.common.ACTIVATIONS`` ('identity', 'relu',
     'tanh', 'sigmoid'). Validated: x's last axis against w's rows, the activation.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = init_dense(jax.random.key(0), 3, 2)
+      >>> dense(params, jnp.ones((4, 3)), "relu").shape
+      (4, 2)
     """
     x = jnp.asarray(x)
     _check_features(x, jnp.shape(params["w"])[0], "x")
@@ -56,6 +62,13 @@ def rnn_cell(
     carry: h_{t-1} [batch, hidden]; x: [batch, features]. Returns (h_t, h_t), the new carry and
     the output, each [batch, hidden]. ``activation`` as for ``dense``. Validated: x's rank and
     features, the carry's shape, the activation.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = init_rnn(jax.random.key(0), 3, 5)
+      >>> h, y = rnn_cell(params, jnp.zeros((2, 5)), jnp.ones((2, 3)))
+      >>> h.shape, bool((h == y).all())
+      ((2, 5), True)
     """
     x = jnp.asarray(x)
     (h,) = _check_step(params, (carry,), x, blocks=1, cell="RNN")
@@ -74,6 +87,14 @@ def lstm_cell(
 
     carry: (h, c), each [batch, hidden]; x: [batch, features].
     Returns ((h_t, C_t), h_t). Validated: x's rank and features, the carry's shapes.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> params = init_lstm(jax.random.key(0), 3, 5)
+      >>> zeros = jnp.zeros((2, 5))
+      >>> (h, c), y = lstm_cell(params, (zeros, zeros), jnp.ones((2, 3)))
+      >>> h.shape, c.shape
+      ((2, 5), (2, 5))
     """
     x = jnp.asarray(x)
     if not (isinstance(carry, (tuple, list)) and len(carry) == 2):
@@ -148,13 +169,25 @@ def orthogonal_blocks(key: Array, hidden: int, blocks: int, dtype=jnp.float32) -
 
 
 def init_dense(key: Array, features: int, out: int, dtype=jnp.float32) -> dict:
-    """{"w": [features, out] Glorot-uniform, "b": [out] zeros}. Sizes: integers >= 1."""
+    """{"w": [features, out] Glorot-uniform, "b": [out] zeros}. Sizes: integers >= 1.
+
+    Examples:
+      >>> import jax
+      >>> {k: v.shape for k, v in init_dense(jax.random.key(0), 3, 2).items()}
+      {'w': (3, 2), 'b': (2,)}
+    """
     features, out = checks.size("features", features), checks.size("out", out)
     return {"w": glorot_uniform(key, (features, out), dtype), "b": jnp.zeros((out,), dtype)}
 
 
 def init_rnn(key: Array, features: int, hidden: int, dtype=jnp.float32) -> dict:
-    """Simple RNN layer: Glorot-uniform w_x, orthogonal w_h, zero b. Sizes: integers >= 1."""
+    """Simple RNN layer: Glorot-uniform w_x, orthogonal w_h, zero b. Sizes: integers >= 1.
+
+    Examples:
+      >>> import jax
+      >>> {k: v.shape for k, v in init_rnn(jax.random.key(0), 3, 5).items()}
+      {'w_x': (3, 5), 'w_h': (5, 5), 'b': (5,)}
+    """
     features, hidden = checks.size("features", features), checks.size("hidden", hidden)
     kx, kh = jax.random.split(key)
     return {
@@ -175,7 +208,16 @@ def init_lstm(
     """LSTM layer: Glorot-uniform w_x over all 4 gates, an orthogonal block per gate in w_h, zero b
     except the forget block, which is ``forget_bias`` (``FORGET_BIAS`` = 1.0 by default, as in
     Jozefowicz et al. 2015 and Keras; the ``LSTM`` module uses the same default; pass 0.0 for
-    PyTorch's and Flax's all-zero initial bias). Sizes: integers >= 1."""
+    PyTorch's and Flax's all-zero initial bias). Sizes: integers >= 1.
+
+    Examples:
+      >>> import jax
+      >>> params = init_lstm(jax.random.key(0), 3, 5)
+      >>> {k: v.shape for k, v in params.items()}
+      {'w_x': (3, 20), 'w_h': (5, 20), 'b': (20,)}
+      >>> params["b"].reshape(4, 5)[:, 0].tolist()  # gate blocks i, f, g, o: forget bias 1.0
+      [0.0, 1.0, 0.0, 0.0]
+    """
     features, hidden = checks.size("features", features), checks.size("hidden", hidden)
     kx, kh = jax.random.split(key)
     b = jnp.zeros((4, hidden), dtype).at[GATES.index("f")].set(forget_bias).reshape(4 * hidden)

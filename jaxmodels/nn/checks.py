@@ -158,6 +158,19 @@ def checked(fn: Callable, **jit_kwargs) -> Callable:
     ``static_argnums`` or a closure. Each call waits for the error flag (one device-to-host
     transfer); to keep calls asynchronous, use ``jax.jit(checkify.checkify(fn,
     errors=checkify.user_checks))`` and check the returned error when convenient.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmodels.nn.recurrent import lstm_scan
+      >>> from jaxmodels.nn.cells import init_lstm
+      >>> params, xs = init_lstm(jax.random.key(0), 3, 5), jnp.ones((2, 4, 3))
+      >>> scan = checked(lambda p, x, n: lstm_scan(p, x, seq_lengths=n)[1])
+      >>> scan(params, xs, jnp.array([4, 2])).shape
+      (2, 4, 5)
+      >>> scan(params, xs, jnp.array([4, 9]))
+      Traceback (most recent call last):
+      ...
+      jax...JaxRuntimeError: ...
     """
     run = jax.jit(checkify.checkify(fn, errors=checkify.user_checks), **jit_kwargs)
 

@@ -71,6 +71,15 @@ class CNN(nn.Module):
         forward mode (``jax.jvp``, ``jax.jacfwd``).
         "xla": ``nn.Conv``, ``nn.relu`` and ``nn.max_pool``, differentiated by JAX (XLA's
         convolution gradients and ``select_and_scatter``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> cnn = CNN()
+      >>> variables = jax.eval_shape(cnn.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+      >>> sum(x.size for x in jax.tree.leaves(variables))  # shapes only: nothing computed
+      93322
+      >>> jax.eval_shape(cnn.apply, variables, jnp.zeros((4, 28, 28, 1))).shape
+      (4, 10)
     """
 
     features: Sequence[int] = (32, 64, 64)
@@ -348,6 +357,14 @@ class SimpleRNN(_Recurrent):
     Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
     ("auto" or "scan"), unroll, dtype (computation), param_dtype, activation (f, tanh by default:
     a callable or a name in ``kernels.common.ACTIVATIONS``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> rnn = SimpleRNN(hidden_size=5, activation="relu")
+      >>> xs = jnp.ones((2, 7, 3))
+      >>> outputs, h_n = rnn.apply(rnn.init(jax.random.key(0), xs), xs)
+      >>> outputs.shape, h_n.shape
+      ((2, 7, 5), (1, 2, 5))
     """
 
     activation: Callable[[Array], Array] | str = jnp.tanh
@@ -365,6 +382,17 @@ class LSTM(_Recurrent):
     Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
     ("auto", "scan" or "pallas"; see ``lstm_scan``), unroll, dtype (computation), param_dtype,
     forget_bias (initial forget-gate bias, 1.0 by default).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> lstm = LSTM(hidden_size=5, num_layers=2, bidirectional=True)
+      >>> xs = jnp.ones((2, 7, 3))
+      >>> variables = jax.jit(lstm.init)(jax.random.key(0), xs)
+      >>> sorted(variables["params"])
+      ['layer_0', 'layer_0_reverse', 'layer_1', 'layer_1_reverse']
+      >>> outputs, (h_n, c_n) = lstm.apply(variables, xs)  # PyTorch's layout
+      >>> outputs.shape, h_n.shape, c_n.shape
+      ((2, 7, 10), (4, 2, 5), (4, 2, 5))
     """
 
     forget_bias: float = cells.FORGET_BIAS

@@ -1,8 +1,11 @@
 """Task models and their registry: each a pair of pure functions ``init`` / ``apply``.
 
-    >>> model = get_model("lstm-classifier", hidden_size=64, num_classes=10)
-    >>> variables = model.init(jax.random.key(0), xs)         # xs [batch, time, features]
-    >>> logits = model.apply(variables, xs)                   # [batch, num_classes]
+    >>> import jax, jax.numpy as jnp
+    >>> xs = jnp.ones((8, 20, 32))                            # [batch, time, features]
+    >>> model = get_model("lstm-classifier", hidden_size=16, num_classes=10)
+    >>> variables = model.init(jax.random.key(0), xs)
+    >>> model.apply(variables, xs).shape                      # [batch, num_classes]
+    (8, 10)
 
 Model code knows nothing of optimizers, data or checkpoints; ``task`` tells a trainer which loss
 fits the outputs.
@@ -148,12 +151,16 @@ class Model:
     module: nn.Module
 
     def init(self, key: Array, example: Array, **kwargs) -> dict:
+        """The model's variables ({"params": ...}) for inputs like ``example`` [batch, ...]; ``key``
+        seeds the parameters (and dropout, where the module draws at init)."""
         params_key, dropout_key = jax.random.split(key)
         return self.module.init({"params": params_key, "dropout": dropout_key}, example, **kwargs)
 
     def apply(
         self, variables: dict, x: Array, *, train: bool = False, rng: Array | None = None, **kwargs
     ) -> Array:
+        """The model's outputs for ``x``: logits [batch, classes], predictions [batch, outputs] or
+        token logits [batch, time, vocab] by ``task``. ``rng`` feeds dropout when ``train``."""
         rngs = {"dropout": rng} if rng is not None else {}
         return self.module.apply(variables, x, train=train, rngs=rngs, **kwargs)
 
@@ -207,7 +214,12 @@ _REGISTRY: dict[str, _Entry] = {
 
 
 def list_models() -> tuple[str, ...]:
-    """Names accepted by ``get_model``."""
+    """Names accepted by ``get_model``.
+
+    Examples:
+      >>> list_models()
+      ('cnn', 'lstm-classifier', 'rnn-classifier', 'lstm-regressor', 'rnn-regressor', 'char-lstm', 'char-rnn')
+    """
     return tuple(_REGISTRY)
 
 
@@ -235,7 +247,12 @@ def model_options(name: str) -> dict[str, Any]:
     """The options of the registered model ``name`` with their defaults: the fields of its module
     that ``get_model(name, **options)`` sets, less those its data sets (num_classes, num_outputs,
     vocab_size), its cell and dtypes. E.g. for "lstm-classifier": hidden_size 128, num_layers 1,
-    bidirectional False, dropout_rate 0.0, impl "auto"."""
+    bidirectional False, dropout_rate 0.0, impl "auto".
+
+    Examples:
+      >>> model_options("lstm-classifier")["hidden_size"]
+      128
+    """
     return {
         f.name: f.default
         for f in dataclasses.fields(_entry(name).module)
@@ -269,7 +286,15 @@ def tuples(value: Any) -> Any:
 
 def get_model(name: str, **config) -> Model:
     """The registered model ``name``; ``config`` overrides its module's attributes
-    (e.g. ``get_model("char-lstm", vocab_size=65, hidden_size=512)``)."""
+    (e.g. ``get_model("char-lstm", vocab_size=65, hidden_size=512)``).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> model = get_model("rnn-regressor", hidden_size=8)
+      >>> xs = jnp.ones((2, 10, 2))
+      >>> model.task, model.apply(model.init(jax.random.key(0), xs), xs).shape
+      ('regression', (2, 1))
+    """
     entry = _entry(name)
     try:
         module = entry.factory(**config)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.kernels import lstm_sequence, lstm_stepwise
+from jaxmodels.kernels import lstm_grid, lstm_sequence, lstm_stepwise
 from jaxmodels.kernels.common import on_platforms
 from jaxmodels.nn import cells, checks
 from jaxmodels.nn.fused import LSTM_CELL, recurrence, rnn_cell_ops
@@ -57,7 +57,9 @@ def lstm_scan(
         ignores it).
       impl: "scan" (``lax.scan``); "pallas": the Pallas kernels, interpreted on CPU and compiled on
         GPU and TPU: the persistent ``kernels.lstm_sequence`` where w_h fits on chip of the device
-        compiled for (``lstm_sequence.plan``), else ``kernels.lstm_stepwise`` (one kernel a step);
+        compiled for (``lstm_sequence.plan``), else on GPU the grid-persistent
+        ``kernels.lstm_grid`` where a slice of w_h fits each SM (``lstm_grid.plan``; not yet
+        validated on a device), else ``kernels.lstm_stepwise`` (one kernel a step);
         "auto": the persistent kernel where it fits and xs and params are all float32 or all
         bfloat16, the scan otherwise (on CPU always the scan).
     Returns:
@@ -66,6 +68,17 @@ def lstm_scan(
     Raises:
       ValueError / TypeError naming the expected value, for any of the above not met (shapes,
       dtypes, impl, unroll, and seq_lengths' values when concrete).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmodels.nn.cells import init_lstm
+      >>> params = init_lstm(jax.random.key(0), 3, 5)
+      >>> xs = jnp.ones((2, 7, 3))                       # [batch, time, features]
+      >>> (h, c), hs = lstm_scan(params, xs, seq_lengths=jnp.array([7, 4]))
+      >>> hs.shape, h.shape
+      ((2, 7, 5), (2, 5))
+      >>> bool((hs[1, 4:] == 0).all()), bool((h[1] == hs[1, 3]).all())  # past its length: zeros
+      (True, True)
     """
     xs, params, carry, unroll, kernel_dtypes = _validate(
         params, xs, initial_carry, impl, unroll, cell="LSTM"
@@ -103,6 +116,14 @@ def rnn_scan(
       (h_T, hs) with h_T [batch, hidden] and hs [batch, time, hidden].
     Raises:
       ValueError / TypeError as ``lstm_scan``, and for an unknown activation.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxmodels.nn.cells import init_rnn
+      >>> params = init_rnn(jax.random.key(0), 3, 5)
+      >>> h, hs = rnn_scan(params, jnp.ones((2, 7, 3)), activation="relu")
+      >>> hs.shape, h.shape
+      ((2, 7, 5), (2, 5))
     """
     xs, params, carry, unroll, _ = _validate(params, xs, initial_carry, impl, unroll, cell="RNN")
     activation = checks.activation(activation)
@@ -156,7 +177,8 @@ def _plan_lstm(impl, kernel_dtypes, hidden, dtype, seq_lengths, mask, reverse, u
 
     "scan", and "auto" for dtypes the kernels do not take: the fused scan. Otherwise chosen per
     lowering platform (``on_platforms``): "pallas" runs the persistent kernel where w_h fits on
-    chip of the device compiled for, else the stepwise kernel (interpreted on CPU); "auto" the
+    chip of the device compiled for, else the grid kernel where it fits (GPU), else the stepwise
+    kernel (interpreted on CPU: always the persistent kernel); "auto" the
     persistent kernel where it fits on GPU/TPU, else the fused scan.
     """
     scan = functools.partial(_scan_lstm, mask=mask, reverse=reverse, unroll=unroll)
@@ -168,6 +190,8 @@ def _plan_lstm(impl, kernel_dtypes, hidden, dtype, seq_lengths, mask, reverse, u
         kernel = None
         if impl == "pallas" or backend != "interpret":
             kernel = lstm_sequence.sequence_kernel(backend, hidden, dtype, reverse)
+        if kernel is None and impl == "pallas":
+            kernel = lstm_grid.grid_kernel(backend, hidden, dtype, reverse)
         if kernel is None and impl == "pallas":
             kernel = lstm_stepwise.stepwise_kernel(backend, reverse)
         if kernel is None:

@@ -1,9 +1,9 @@
 """Batches of host arrays, seeded and resumable.
 
-    >>> it = BatchIterator((ds.x_train, ds.y_train), batch_size=64, seed=0)
-    >>> for batch in it.epoch():                       # {"x": [64, ...], "y": [64], "mask": [64]}
-    ...     ...
-    >>> saved = it.position                            # Position(epoch, step); it.restore(saved) resumes
+    it = BatchIterator((ds.x_train, ds.y_train), batch_size=64, seed=0)
+    for batch in it.epoch():                       # {"x": [64, ...], "y": [64], "mask": [64]}
+            ...
+    saved = it.position                            # Position(epoch, step); it.restore(saved) resumes
 
 Arrays stay numpy on the host; placing them on devices is the trainer's (a strategy's) job.
 """
@@ -38,6 +38,15 @@ class BatchIterator:
       "pad":  one last full-size batch, the missing rows filled with copies of real examples and
               masked out; every example counts exactly once and shapes never change (no retrace).
       "keep": one last smaller batch (a second shape, hence a second compilation under jit).
+
+    Examples:
+      >>> import numpy as np
+      >>> x, y = np.arange(10.0).reshape(10, 1), np.arange(10)
+      >>> batches = BatchIterator((x, y), 4, seed=0, remainder="pad")
+      >>> batches.steps_per_epoch
+      3
+      >>> [batch["mask"].tolist() for batch in batches.epoch()][-1]  # two real rows, two padding
+      [1.0, 1.0, 0.0, 0.0]
     """
 
     def __init__(
@@ -78,15 +87,18 @@ class BatchIterator:
 
     @property
     def num_examples(self) -> int:
+        """The examples of one epoch (all the arrays' leading size)."""
         return len(self.x)
 
     @property
     def steps_per_epoch(self) -> int:
+        """Batches per epoch: examples // batch_size, plus one for a remainder unless "drop"."""
         full, rest = divmod(self.num_examples, self.batch_size)
         return full + (1 if rest and self.remainder != "drop" else 0)
 
     @property
     def position(self) -> Position:
+        """Where the next batch comes from: Position(epoch, step), what ``restore`` takes."""
         return self._position
 
     def restore(self, position: Position | Sequence[int] | dict) -> None:

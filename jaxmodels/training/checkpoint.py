@@ -1,11 +1,11 @@
 """Checkpoints: orbax save, restore and resume of a training run.
 
-    >>> ckpt = Checkpoints(checkpoint_dir(workdir), every=100, keep=3)   # rundir: WORKDIR/checkpoints
-    >>> if ckpt.should_save(step):
-    ...     ckpt.save(step, host_state, position=iterator.position, config=run_config)  # async
-    >>> restored = ckpt.restore(host_template, config=run_config)   # the latest readable one
-    >>> restored.step, restored.state, restored.position
-    >>> ckpt.close()                                                 # waits for pending saves
+    ckpt = Checkpoints(checkpoint_dir(workdir), every=100, keep=3)   # rundir: WORKDIR/checkpoints
+    if ckpt.should_save(step):
+            ckpt.save(step, host_state, position=iterator.position, config=run_config)  # async
+    restored = ckpt.restore(host_template, config=run_config)   # the latest readable one
+    restored.step, restored.state, restored.position
+    ckpt.close()                                                 # waits for pending saves
 
 One checkpoint is a folder ``DIR/<step>`` written by an orbax ``CheckpointManager`` with two items:
 
@@ -132,6 +132,7 @@ class SaveFailureLogFilter(logging.Filter):
         self.orbax_dir = str(Path(orbax_dir).resolve())
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop) for an orbax record at level ERROR with a traceback, else True."""
         return not (
             record.levelno >= logging.ERROR
             and record.exc_info
@@ -199,6 +200,7 @@ class Checkpoints:
         return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None when there is none."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 

@@ -1,9 +1,9 @@
 """Evaluation: test metrics of parameters, of a saved run's checkpoint, and the checkpoint's
 parameters read back.
 
-    >>> step, metrics = evaluate_checkpoint(get_model("cnn"), get_dataset("digits"), "runs/cnn-digits")
-    >>> metrics                                               # {"loss": ..., "accuracy": ...}
-    >>> step, state = restore_params(model, example_batch, "runs/cnn-digits")   # state.params
+    step, metrics = evaluate_checkpoint(get_model("cnn"), get_dataset("digits"), "runs/cnn-digits")
+    metrics                                               # {"loss": ..., "accuracy": ...}
+    step, state = restore_params(model, example_batch, "runs/cnn-digits")   # state.params
 
 Every test example is counted once: batches are rounded up to a multiple of the devices and the
 last one padded (``test_iterator``); the sums stay on device until the end (``evaluate``).

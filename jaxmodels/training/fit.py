@@ -1,10 +1,10 @@
 """Training: ``fit`` a model on a data set (evaluation is ``jaxmodels.training.evaluate``'s).
 
-    >>> model, ds = get_model("cnn"), get_dataset("digits")
-    >>> result = fit(model, ds, TrainConfig(epochs=10), "runs/cnn-digits")
-    >>> result.test_metrics                                   # {"loss": ..., "accuracy": ...}
+    model, ds = get_model("cnn"), get_dataset("digits")
+    result = fit(model, ds, TrainConfig(epochs=10), "runs/cnn-digits")
+    result.test_metrics                                   # {"loss": ..., "accuracy": ...}
 
-    >>> fit(model, ds, TrainConfig(epochs=10), "runs/lion", optimizer=optax.lion(1e-4))
+    fit(model, ds, TrainConfig(epochs=10), "runs/lion", optimizer=optax.lion(1e-4))
 
 ``fit`` sets up (``_setup``: the optimizer by name from ``jaxmodels.training.optim`` or the
 optax transformation given, the pure steps of ``jaxmodels.training.steps`` compiled by a strategy
@@ -73,23 +73,41 @@ class TrainConfig:
 
 
 # Recipes: TrainConfig fields that differ from its defaults for a (model, data set) pair; the
-# command line fills the options not given from them. The seed CNN on MNIST follows the Keras
-# example it comes from (Chollet, Deep Learning with Python, 5.1: RMSprop 1e-3, batch 64, 5
-# epochs), which experiments/cnn_mnist.py measures.
+# command line fills the options not given from them. The seed CNN on MNIST: Adam at 1e-3 with
+# cosine decay to 0 over the run, batch 64, 5 epochs, which ends at >= 0.990 test accuracy on
+# every seed measured (experiments/cli_seeds.py). The Keras example the network comes from
+# (Chollet, Deep Learning with Python, 5.1: RMSprop at a constant 1e-3, batch 64, 5 epochs) ends
+# at a constant rate, one draw of a noisy final epoch; experiments/cnn_mnist.py keeps it, by name
+# (``KERAS_CNN_MNIST``), for the comparison with Keras.
 RECIPES: dict[tuple[str, str], dict] = {
     ("cnn", "mnist"): {
         "epochs": 5,
         "batch_size": 64,
-        "optimizer": "rmsprop",
-        "schedule": "constant",
+        "optimizer": "adam",
+        "schedule": "cosine",
     },
+}
+
+KERAS_CNN_MNIST: dict = {
+    "epochs": 5,
+    "batch_size": 64,
+    "lr": 1e-3,
+    "optimizer": "rmsprop",
+    "schedule": "constant",
 }
 
 
 def recipe(model: str, dataset: str, **overrides) -> TrainConfig:
     """The TrainConfig for ``model`` on ``dataset``: the defaults, then the pair's ``RECIPES``
-    entry, then ``overrides`` (e.g. ``recipe("cnn", "mnist", seed=1)``: batch 64, 5 epochs,
-    RMSprop at a constant 1e-3)."""
+    entry, then ``overrides`` (e.g. ``recipe("cnn", "mnist", seed=1)``: batch 64, 5 epochs, Adam
+    at 1e-3 with cosine decay; ``recipe("cnn", "mnist", **KERAS_CNN_MNIST)``: the Keras example's
+    RMSprop at a constant 1e-3).
+
+    Examples:
+      >>> config = recipe("cnn", "digits", epochs=2)
+      >>> config.epochs, config.batch_size
+      (2, 32)
+    """
     return TrainConfig(**(RECIPES.get((model, dataset), {}) | overrides))
 
 

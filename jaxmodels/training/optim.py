@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules by name, as optax transformations, and what a run
 records of any optax transformation.
 
-    >>> tx = make_optimizer("adam", lr=1e-3, schedule="cosine", total_steps=1000, clip_norm=1.0)
-    >>> describe_transformation(optax.lion(1e-4), params)     # "optax transformation 5e1f..."
+    tx = make_optimizer("adam", lr=1e-3, schedule="cosine", total_steps=1000, clip_norm=1.0)
+    describe_transformation(optax.lion(1e-4), params)     # "optax transformation 5e1f..."
 
 ``OPTIMIZERS`` and ``SCHEDULES`` are the names the trainer and the command line accept; ``fit``
 also takes any ``optax.GradientTransformation`` (``fit(..., optimizer=tx)``).
@@ -36,7 +36,13 @@ def make_schedule(
     """Learning rate by step. "constant": ``lr`` (after a linear warm-up from 0 over
     ``warmup_steps`` when > 0); "cosine": cosine decay from ``lr`` to 0 over ``total_steps``;
     "warmup-cosine": linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to 0 at
-    ``total_steps``."""
+    ``total_steps``.
+
+    Examples:
+      >>> schedule = make_schedule(1e-3, "warmup-cosine", warmup_steps=10, total_steps=100)
+      >>> [round(float(schedule(step)), 6) for step in (0, 5, 10, 100)]
+      [0.0, 0.0005, 0.001, 0.0]
+    """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     if lr <= 0 or warmup_steps < 0:

@@ -1,8 +1,8 @@
 """Data parallelism: the ``pmap`` and ``sharded`` strategies, meshes and shardings, multi-host start-up.
 
-    >>> initialize_distributed()                       # no-op unless flags or env vars ask for it
-    >>> strategy = get_strategy()                      # "sharded" with > 1 device, else "single"
-    >>> fit(model, ds, config, workdir, strategy=strategy)
+    initialize_distributed()                       # no-op unless flags or env vars ask for it
+    strategy = get_strategy()                      # "sharded" with > 1 device, else "single"
+    fit(model, ds, config, workdir, strategy=strategy)
 
 Three strategies by name, one trajectory for the same global batch (within float tolerance):
 
@@ -162,10 +162,19 @@ class Strategy(Protocol):
     axis_name: str | None
     num_devices: int  # a global batch must divide by it
 
-    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable: ...
-    def put_state(self, state: Any) -> Any: ...
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]: ...
-    def fetch(self, tree: Any) -> Any: ...
+    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
+        """``fn`` (state, batch) -> ... as a compiled step on this strategy's devices; with
+        ``donate_state`` the state argument's buffers are reused for the result."""
+
+    def put_state(self, state: Any) -> Any:
+        """A host pytree placed as compiled steps expect the state (replicated)."""
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch {name: [batch, ...]} placed as compiled steps expect it (split over the
+        devices); the batch size must divide by ``num_devices``."""
+
+    def fetch(self, tree: Any) -> Any:
+        """Host numpy of the logical values of ``tree`` (one copy of replicated values)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,15 +190,19 @@ class SingleDevice:
         return self.device if self.device is not None else jax.devices()[0]
 
     def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
+        """``jax.jit(fn)``, donating the state (argument 0) with ``donate_state``."""
         return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
 
     def put_state(self, state: Any) -> Any:
+        """``state`` on the device."""
         return jax.device_put(state, self._device())
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """``batch`` on the device, whole."""
         return jax.device_put(batch, self._device())
 
     def fetch(self, tree: Any) -> Any:
+        """``jax.device_get(tree)``: host numpy."""
         return jax.device_get(tree)
 
 
@@ -214,6 +227,7 @@ class PmapStrategy:
 
     @property
     def num_devices(self) -> int:
+        """How many devices the batch is split over: ``len(devices)``."""
         return len(self.devices)
 
     @property
@@ -221,6 +235,8 @@ class PmapStrategy:
         return NamedSharding(Mesh(np.array(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
 
     def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
+        """``jax.pmap(fn)`` over the devices with the axis "batch" (donating the state with
+        ``donate_state``)."""
         return jax.pmap(
             fn,
             axis_name=PMAP_AXIS,
@@ -229,11 +245,13 @@ class PmapStrategy:
         )
 
     def put_state(self, state: Any) -> Any:
+        """One replica of ``state`` per device: every leaf [devices, ...]."""
         n = self.num_devices
         stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), state)
         return jax.device_put(stacked, self._sharding)
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A global batch [batch, ...] as [devices, batch / devices, ...], a slice per device."""
         size, n = _batch_size(batch), self.num_devices
         check_divisible(size, n)
         split = jax.tree.map(lambda x: np.reshape(x, (n, size // n, *np.shape(x)[1:])), batch)
@@ -266,23 +284,28 @@ class ShardedStrategy:
 
     @property
     def num_devices(self) -> int:
+        """The size of the mesh's "data" axis, every device of every process by default."""
         return int(self.mesh.shape[DATA_AXIS])
 
     @property
     def replicated(self) -> NamedSharding:
+        """The sharding of the state and the outputs: a whole copy on every device."""
         return NamedSharding(self.mesh, PartitionSpec())
 
     @property
     def batch_sharding(self) -> NamedSharding:
+        """The sharding of a batch: its leading axis split along "data"."""
         return NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
 
     def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
+        """``jax.jit(fn)`` with replicated outputs (donating the state with ``donate_state``)."""
         # Replicated outputs keep the state's sharding fixed from step to step (no recompilation).
         return jax.jit(
             fn, out_shardings=self.replicated, donate_argnums=(0,) if donate_state else ()
         )
 
     def put_state(self, state: Any) -> Any:
+        """``state`` replicated on every device of the mesh, from each process's host copy."""
         sharding = self.replicated
 
         def put(x):
@@ -308,6 +331,7 @@ class ShardedStrategy:
         )
 
     def fetch(self, tree: Any) -> Any:
+        """Host numpy of each leaf's global value, on every process."""
         return jax.tree.map(_to_host, tree)
 
 

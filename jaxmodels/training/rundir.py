@@ -14,10 +14,10 @@ Whole files are replaced atomically (``write_atomic``). A run's config is JSON w
 and numpy values as numbers (``json_default``; ``to_json`` is its round trip, which checkpoint
 metadata stores and resumed runs compare); lists of a model's options are read back as tuples.
 
-    >>> prepare_workdir("runs/cnn-digits", model="cnn", dataset="digits")   # fresh: refuses a used one
-    >>> prepare_workdir(w, model="cnn", dataset="digits", overwrite=True)  # moves the old run aside
-    >>> prepare_workdir(w, model="cnn", dataset="digits", resume=True)     # the same model and data
-    >>> settings = load_run_settings("runs/cnn-digits")  # model, dataset, dataset_options, dtype
+    prepare_workdir("runs/cnn-digits", model="cnn", dataset="digits")   # fresh: refuses a used one
+    prepare_workdir(w, model="cnn", dataset="digits", overwrite=True)  # moves the old run aside
+    prepare_workdir(w, model="cnn", dataset="digits", resume=True)     # the same model and data
+    settings = load_run_settings("runs/cnn-digits")  # model, dataset, dataset_options, dtype
 
 A folder holds a run when it has config.json, metrics.jsonl or a non-empty checkpoints/ (what
 ``jaxmodels.training.fit.fit`` writes). A fresh run never starts in such a folder: its old checkpoints,

@@ -1,8 +1,8 @@
 """Pure training and evaluation steps: the state they carry, the per-task losses, the steps.
 
-    >>> state = create_train_state(model, tx, example_x, seed=0)
-    >>> step = jax.jit(make_train_step(model, tx))
-    >>> state, metrics = step(state, {"x": x, "y": y, "mask": mask})   # metrics: loss, accuracy, ...
+    state = create_train_state(model, tx, example_x, seed=0)
+    step = jax.jit(make_train_step(model, tx))
+    state, metrics = step(state, {"x": x, "y": y, "mask": mask})   # metrics: loss, accuracy, ...
 
 Steps are pure functions ``(state, batch) -> (state, metrics)`` that know a model only through
 ``init`` / ``apply`` and ``task``; how they are compiled and where state and batches live is a
@@ -137,7 +137,7 @@ def make_train_step(
 
     params <- params + u, where (u, opt_state) = tx.update(g, opt_state, params) and g is the
     gradient of the batch's mask-weighted mean loss. metrics: "loss" and "accuracy"
-    (mask-weighted means over the batch), "grad_norm" (|g|, the global norm before any clipping
+    (mask-weighted means over the batch), "grad_norm" (``|g|``, the global norm before any clipping
     in ``tx``), "lr" = ``schedule(step)`` when ``schedule`` is given. With ``axis_name`` the step runs under a
     named device axis (pmap / shard_map) and averages gradients and metrics over it.
     """
