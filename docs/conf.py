@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import pkgutil
 import re
 
 from sphinx.util import logging
@@ -75,6 +76,8 @@ API_MODULES = [
     "jaxmodels.kernels.lstm_cell",
     "jaxmodels.kernels.lstm_stepwise",
     "jaxmodels.kernels.lstm_sequence",
+    "jaxmodels.kernels.lstm_grid",
+    "jaxmodels.kernels.grid",
     "jaxmodels.training.fit",
     "jaxmodels.training.evaluate",
     "jaxmodels.training.steps",
@@ -87,6 +90,9 @@ API_MODULES = [
     "jaxmodels.data.synthetic",
     "jaxmodels.files",
 ]
+
+# Packages every module of which is public: a module added there and missing above is a warning.
+WHOLE_PACKAGES = ["jaxmodels.kernels", "jaxmodels.interop"]
 
 # Members autodoc's ``:members:`` skips by design, which the check skips too.
 _SKIP_MEMBERS = {"jaxmodels.nn.models.Model.name", "jaxmodels.nn.models.Model.task"}
@@ -152,6 +158,16 @@ def _check_public_names(app, env):
     """env-check-consistency: a warning (an error under -W) per public name without a docstring
     or without a place in the API reference."""
     documented = set().union(*getattr(env, "jaxmodels_documented", {}).values())
+    for package in WHOLE_PACKAGES:
+        for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            module_name = f"{package}.{info.name}"
+            if not info.name.startswith("_") and module_name not in API_MODULES:
+                logger.warning(
+                    "module %s is not in docs/conf.py API_MODULES",
+                    module_name,
+                    type="jaxmodels",
+                    subtype="api",
+                )
     checked = set()
     for module_name in API_MODULES:
         for name, obj in public_names(module_name).items():
