@@ -1,5 +1,7 @@
 """The CNN suite: the seed CNN's training step (Adam) and inference at several batch sizes, against
-the same network written the plain Flax way (the baseline) and PyTorch.
+the same network written the plain Flax way (the baseline) and PyTorch; in float32, and in
+bfloat16: the Flax contenders with parameters in float32 and compute in bfloat16 (``dtype``),
+PyTorch with the model cast to bfloat16 and under ``torch.autocast``.
 
 FLOPs are counted analytically from the model's attributes, multiply-add = 2: a convolution
 2·batch·height_out·width_out·channels_out·(kh·kw·channels_in), a dense layer 2·batch·features·out;
@@ -23,6 +25,7 @@ CNN_BATCHES = {  # (training batches, inference batches)
 }
 CNN_TORCH = "PyTorch"  # as installed, CPU-count threads; torch_configs names the others
 CNN_PLAIN = "Flax nn.Conv (plain)"
+DTYPES = ("float32", "bfloat16")  # the compute dtypes of the workloads
 
 
 def _conv_out(size: int, kernel: int, padding: str) -> int:
@@ -57,22 +60,20 @@ def cnn_flops(
     return 3 * total if train else total
 
 
-def _plain_cnn():
-    """The seed's Keras network written the plain Flax way (nn.Conv, nn.max_pool, nn.Dense)."""
+def _plain_cnn(dtype=None):
+    """The seed's Keras network written the plain Flax way (nn.Conv, nn.max_pool, nn.Dense),
+    computing in ``dtype`` (None: its inputs' and parameters'), parameters float32."""
     import flax.linen as nn
 
     class PlainCNN(nn.Module):
         @nn.compact
         def __call__(self, x):
-            x = nn.max_pool(
-                nn.relu(nn.Conv(32, (3, 3), padding="VALID")(x)), (2, 2), strides=(2, 2)
-            )
-            x = nn.max_pool(
-                nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x)), (2, 2), strides=(2, 2)
-            )
-            x = nn.relu(nn.Conv(64, (3, 3), padding="VALID")(x))
-            x = nn.relu(nn.Dense(64)(x.reshape(x.shape[0], -1)))
-            return nn.Dense(10)(x)
+            conv = lambda n: nn.Conv(n, (3, 3), padding="VALID", dtype=dtype)
+            x = nn.max_pool(nn.relu(conv(32)(x)), (2, 2), strides=(2, 2))
+            x = nn.max_pool(nn.relu(conv(64)(x)), (2, 2), strides=(2, 2))
+            x = nn.relu(conv(64)(x))
+            x = nn.relu(nn.Dense(64, dtype=dtype)(x.reshape(x.shape[0], -1)))
+            return nn.Dense(10, dtype=dtype)(x)
 
     return PlainCNN()
 
@@ -85,12 +86,16 @@ def cnn_variants() -> list[tuple[str, dict]]:
     return [(f"jaxmodels CNN(conv_impl={v!r})", {"conv_impl": v}) for v in layers.CONV_IMPLS]
 
 
-def flax_setup(model: str, kwargs: dict, *, batch: int, train: bool) -> Callable[[], Any]:
-    """Set up a Flax contender on x [batch, 28, 28, 1] float32: ``model`` "jaxmodels" is
-    ``jaxmodels.CNN(**kwargs)``, "plain" the same network written the plain way.
+def flax_setup(
+    model: str, kwargs: dict, *, batch: int, train: bool, dtype: str = "float32"
+) -> Callable[[], Any]:
+    """Set up a Flax contender on x [batch, 28, 28, 1] of ``dtype`` (one of DTYPES), parameters
+    float32: ``model`` "jaxmodels" is ``jaxmodels.CNN(**kwargs, dtype=dtype)``, "plain" the same
+    network written the plain way.
 
-    Training step: softmax cross-entropy on integer labels, its gradient, an Adam update (optax),
-    the new parameters and optimizer state kept for the next call. Inference: the jitted logits.
+    Training step: softmax cross-entropy (in float32) on integer labels, its gradient, an Adam
+    update (optax), the new parameters and optimizer state kept for the next call. Inference: the
+    jitted logits.
     """
     import jax
     import jax.numpy as jnp
@@ -98,8 +103,11 @@ def flax_setup(model: str, kwargs: dict, *, batch: int, train: bool) -> Callable
 
     import jaxmodels as jm
 
-    net = _plain_cnn() if model == "plain" else jm.CNN(**kwargs)
-    x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1), jnp.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"expected a dtype in {DTYPES}, got {dtype!r}")
+    compute = jnp.dtype(dtype)
+    net = _plain_cnn(compute) if model == "plain" else jm.CNN(**kwargs, dtype=compute)
+    x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1), jnp.float32).astype(compute)
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10, jnp.int32)
     params = net.init(jax.random.key(0), x[:1])["params"]
     if not train:
@@ -110,7 +118,7 @@ def flax_setup(model: str, kwargs: dict, *, batch: int, train: bool) -> Callable
     @jax.jit
     def step(params, opt_state, x, y):
         def loss_fn(p):
-            logits = net.apply({"params": p}, x)
+            logits = net.apply({"params": p}, x).astype(jnp.float32)
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -131,31 +139,39 @@ def cnn_contenders(
     batch: int,
     *,
     train: bool,
+    dtype: str = "float32",
     torch_threads: int | None = None,
     allocators: Sequence[str] = (AS_INSTALLED,),
 ) -> list[Contender]:
-    """The seed CNN on [batch, 28, 28, 1] float32 (PyTorch: [batch, 1, 28, 28]): every
-    ``jaxmodels.CNN`` variant, PyTorch in every configuration (``torch_configs``), plain Flax.
+    """The seed CNN on [batch, 28, 28, 1] of ``dtype`` (PyTorch: [batch, 1, 28, 28]): every
+    ``jaxmodels.CNN`` variant, PyTorch in every configuration (``torch_configs``; in bfloat16 both
+    cast and under autocast), plain Flax.
 
     Training step: softmax cross-entropy on integer labels, its gradient, an Adam update (optax;
     torch.optim.Adam), the new parameters and optimizer state kept for the next call.
     Inference: the logits (PyTorch under torch.inference_mode, in eval mode).
     """
-    contenders = [
-        Contender(
-            name, functools.partial(flax_setup, "jaxmodels", kwargs, batch=batch, train=train)
+    shape = dict(batch=batch, train=train)
+
+    def flax_contender(name: str, model: str, kwargs: dict) -> Contender:
+        return Contender(name, functools.partial(flax_setup, model, kwargs, dtype=dtype, **shape))
+
+    def torch_variant(variant: str, **how) -> list[Contender]:
+        return torch_contenders(
+            f"{CNN_TORCH} {variant}".strip(),
+            functools.partial(torch_models.cnn, **shape, **how),
+            torch_threads=torch_threads,
+            allocators=allocators,
+            variant=variant,
         )
-        for name, kwargs in cnn_variants()
-    ]
-    contenders += torch_contenders(
-        CNN_TORCH,
-        functools.partial(torch_models.cnn, batch=batch, train=train),
-        torch_threads=torch_threads,
-        allocators=allocators,
-    )
-    contenders.append(
-        Contender(CNN_PLAIN, functools.partial(flax_setup, "plain", {}, batch=batch, train=train))
-    )
+
+    contenders = [flax_contender(name, "jaxmodels", kwargs) for name, kwargs in cnn_variants()]
+    if dtype == "float32":
+        contenders += torch_variant("")
+    else:
+        contenders += torch_variant(dtype, dtype=dtype)
+        contenders += torch_variant(f"autocast {dtype}", autocast=dtype)
+    contenders.append(flax_contender(CNN_PLAIN, "plain", {}))
     return contenders
 
 
@@ -170,28 +186,37 @@ def cnn_suite(
 
     train_batches, infer_batches = CNN_BATCHES[shapes]
     workloads = []
-    for train, batches in ((True, train_batches), (False, infer_batches)):
-        for batch in batches:
-            workloads.append(
+    for dtype in DTYPES:
+        for train, batches in ((True, train_batches), (False, infer_batches)):
+            group = "training step (Adam)" if train else "inference"
+            workloads += [
                 Workload(
                     name=f"batch {batch}",
-                    group="training step (Adam)" if train else "inference",
+                    group=group if dtype == "float32" else f"{group}, {dtype}",
                     flops=cnn_flops(jm.CNN(), batch, train=train),
                     contenders=cnn_contenders(
-                        batch, train=train, torch_threads=torch_threads, allocators=allocators
+                        batch,
+                        train=train,
+                        dtype=dtype,
+                        torch_threads=torch_threads,
+                        allocators=allocators,
                     ),
                     info={
                         "batch": batch,
                         "input": [batch, 28, 28, 1],
                         "train": train,
-                        "dtype": "float32",
+                        "dtype": dtype,
                     },
                 )
-            )
+                for batch in batches
+            ]
     per_sample = cnn_flops(jm.CNN(), 1)
     notes = [
         f"The seed CNN (Conv32-pool-Conv64-pool-Conv64-Dense64-Dense10, VALID, 93,322 parameters) on 28x28x1, "
-        f"float32: {per_sample / 1e6:.2f} MFLOP per image forward (convolutions and dense layers), 3x for a training "
+        "float32; the bfloat16 groups: parameters float32 and compute bfloat16 (Flax: dtype=bfloat16, the loss in "
+        "float32), PyTorch with the model cast to bfloat16 (`bfloat16`) and float32 under "
+        "torch.autocast(dtype=bfloat16) (`autocast bfloat16`); % peak against the float32 peak. "
+        f"{per_sample / 1e6:.2f} MFLOP per image forward (convolutions and dense layers), 3x for a training "
         "step. Training step: softmax cross-entropy, gradients, Adam (lr 1e-3) update; the new state feeds the "
         "next call. PyTorch: the same network in NCHW with torch.optim.Adam; inference under torch.inference_mode.",
         f"`{CNN_PLAIN}`: the same architecture written in the benchmark the plain way "

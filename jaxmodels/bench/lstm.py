@@ -1,5 +1,8 @@
-"""The LSTM suite: one float32 layer's forward pass and training step, (hidden, batch, time) shapes
-with input features = hidden, against Flax (the baseline), PyTorch and JAX peers.
+"""The LSTM suite: one layer's forward pass and training step, (hidden, batch, time) shapes with
+input features = hidden, against Flax (the baseline), PyTorch and JAX peers; in float32, and in
+bfloat16: the JAX contenders with parameters in float32 and compute in bfloat16 (cast inside the
+jitted step, as mixed precision does it), PyTorch with the module cast to bfloat16 and under
+``torch.autocast``.
 
 Forward: the outputs hs [batch, time, hidden]. Training step: the gradients of sum(hs) with respect
 to the parameters and the inputs.
@@ -12,6 +15,7 @@ training step (forward + backward) counts 3x its forward pass.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +44,7 @@ LSTM_TORCH = "PyTorch nn.LSTM"  # as installed, CPU-count threads; torch_configs
 LSTM_SCAN = "jaxmodels lstm_scan(scan)"
 LSTM_PALLAS = "jaxmodels lstm_scan(pallas)"
 JAX_KINDS = ("naive", "flax", "experimental", "scan", "pallas")
+DTYPES = ("float32", "bfloat16")  # the compute dtypes of the workloads
 
 
 def lstm_flops(
@@ -52,14 +57,15 @@ def lstm_flops(
     return 3 * forward if train else forward
 
 
-def _naive(key, hidden, batch, features):
+def _naive(key, hidden, batch, features, dtype):
     import jax
     import jax.numpy as jnp
 
     import jaxmodels as jm
 
     def f(params, xs):
-        zeros = jnp.zeros((batch, hidden), xs.dtype)
+        zeros = jnp.zeros((batch, hidden), dtype)
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
         _, hs = jax.lax.scan(
             lambda carry, x: jm.lstm_cell(params, carry, x),
             (zeros, zeros),
@@ -70,11 +76,11 @@ def _naive(key, hidden, batch, features):
     return f, jm.init_lstm(key, features, hidden)
 
 
-def _flax(key, hidden, batch, time, features):
+def _flax(key, hidden, batch, time, features, dtype):
     import flax.linen as nn
     import jax.numpy as jnp
 
-    model = nn.RNN(nn.OptimizedLSTMCell(hidden))
+    model = nn.RNN(nn.OptimizedLSTMCell(hidden, dtype=dtype))  # parameters float32
     return model.apply, model.init(key, jnp.zeros((batch, time, features), jnp.float32))
 
 
@@ -100,31 +106,46 @@ def _experimental(key, hidden, batch, time, features, backend):
 
 
 def jax_setup(
-    kind: str, *, hidden: int, batch: int, time: int, features: int, train: bool, backend: str
+    kind: str,
+    *,
+    hidden: int,
+    batch: int,
+    time: int,
+    features: int,
+    train: bool,
+    backend: str,
+    dtype: str = "float32",
 ) -> Callable[[], Any]:
-    """Set up the JAX contender ``kind`` (one of JAX_KINDS) on xs [batch, time, features] float32:
-    its step runs the jitted forward pass, or the jitted gradients of sum(hs) with respect to the
-    parameters and the inputs."""
+    """Set up the JAX contender ``kind`` (one of JAX_KINDS) on xs [batch, time, features] of
+    ``dtype`` (one of DTYPES), parameters float32 (cast to ``dtype`` inside the step): its step runs
+    the jitted forward pass, or the jitted gradients of sum(hs) (summed in float32) with respect to
+    the parameters and the inputs."""
     import jax
     import jax.numpy as jnp
 
     import jaxmodels as jm
 
-    key = jax.random.key(0)
+    if dtype not in DTYPES:
+        raise ValueError(f"expected a dtype in {DTYPES}, got {dtype!r}")
+    key, compute = jax.random.key(0), jnp.dtype(dtype)
     if kind == "naive":
-        f, params = _naive(key, hidden, batch, features)
+        f, params = _naive(key, hidden, batch, features, compute)
     elif kind == "flax":
-        f, params = _flax(key, hidden, batch, time, features)
+        f, params = _flax(key, hidden, batch, time, features, compute)
     elif kind == "experimental":
+        if dtype != "float32":
+            raise ValueError("jax.experimental.rnn takes float32 only")
         f, params = _experimental(key, hidden, batch, time, features, backend)
     elif kind in ("scan", "pallas"):
-        f = lambda p, x: jm.lstm_scan(p, x, impl=kind)[1]
+        cast = lambda p: jax.tree.map(lambda a: a.astype(compute), p)
+        f = lambda p, x: jm.lstm_scan(cast(p), x, impl=kind)[1]
         params = jm.init_lstm(key, features, hidden)
     else:
         raise ValueError(f"expected a kind in {JAX_KINDS}, got {kind!r}")
-    xs = jax.random.normal(jax.random.key(1), (batch, time, features), jnp.float32)
+    xs = jax.random.normal(jax.random.key(1), (batch, time, features), jnp.float32).astype(compute)
     if train:
-        fn = jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x)), argnums=(0, 1)))
+        loss = lambda p, x: jnp.sum(f(p, x).astype(jnp.float32))
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
     else:
         fn = jax.jit(f)
     return lambda: fn(params, xs)
@@ -136,13 +157,16 @@ def lstm_contenders(
     time: int,
     *,
     train: bool,
+    dtype: str = "float32",
     backend: str | None = None,
     torch_threads: int | None = None,
     allocators: Sequence[str] = (AS_INSTALLED,),
 ) -> list[Contender]:
-    """The LSTM contenders on xs [batch, time, hidden] (features = hidden), float32; PyTorch in
-    every configuration of ``torch_threads`` and ``allocators`` (``torch_configs``). ``backend``
-    (default: this process's) decides whether the Pallas kernel and cuDNN run."""
+    """The LSTM contenders on xs [batch, time, hidden] (features = hidden) of ``dtype``; PyTorch in
+    every configuration of ``torch_threads`` and ``allocators`` (``torch_configs``), in bfloat16
+    both cast and under autocast. ``backend`` (default: this process's) decides whether the Pallas
+    kernel and cuDNN run. In bfloat16 the naive scan and jax.experimental.rnn (float32 only) sit
+    out."""
     if backend is None:
         import jax
 
@@ -150,20 +174,32 @@ def lstm_contenders(
     shape = dict(hidden=hidden, batch=batch, time=time, features=hidden, train=train)
 
     def jax_contender(name: str, kind: str) -> Contender:
-        return Contender(name, functools.partial(jax_setup, kind, backend=backend, **shape))
+        setup = functools.partial(jax_setup, kind, backend=backend, dtype=dtype, **shape)
+        return Contender(name, setup)
 
-    experimental_name = "jax.experimental.rnn " + ("(cuDNN)" if backend == "gpu" else "(lstm_ref)")
-    contenders = [
-        jax_contender(LSTM_NAIVE, "naive"),
-        jax_contender(LSTM_FLAX, "flax"),
-        jax_contender(experimental_name, "experimental"),
-    ]
-    contenders += torch_contenders(
-        LSTM_TORCH,
-        functools.partial(torch_models.lstm, **shape),
-        torch_threads=torch_threads,
-        allocators=allocators,
-    )
+    def torch_variant(variant: str, **how) -> list[Contender]:
+        return torch_contenders(
+            f"{LSTM_TORCH} {variant}".strip(),
+            functools.partial(torch_models.lstm, **shape, **how),
+            torch_threads=torch_threads,
+            allocators=allocators,
+            variant=variant,
+        )
+
+    if dtype == "float32":
+        experimental = "jax.experimental.rnn " + ("(cuDNN)" if backend == "gpu" else "(lstm_ref)")
+        contenders = [
+            jax_contender(LSTM_NAIVE, "naive"),
+            jax_contender(LSTM_FLAX, "flax"),
+            jax_contender(experimental, "experimental"),
+            *torch_variant(""),
+        ]
+    else:
+        contenders = [
+            jax_contender(LSTM_FLAX, "flax"),
+            *torch_variant(dtype, dtype=dtype),
+            *torch_variant(f"autocast {dtype}", autocast=dtype),
+        ]
     contenders.append(jax_contender(LSTM_SCAN, "scan"))
     if backend in ("gpu", "tpu"):  # never time the kernel in interpret mode
         contenders.append(jax_contender(LSTM_PALLAS, "pallas"))
@@ -183,18 +219,20 @@ def lstm_suite(
 
         backend = jax.default_backend()
     workloads = []
-    for train in (False, True):
+    for dtype, train in itertools.product(DTYPES, (False, True)):
+        group = "training step (forward + backward)" if train else "forward"
         for hidden, batch, steps in LSTM_SHAPES[shapes]:
             workloads.append(
                 Workload(
                     name=f"({hidden}, {batch}, {steps})",
-                    group="training step (forward + backward)" if train else "forward",
+                    group=group if dtype == "float32" else f"{group}, {dtype}",
                     flops=lstm_flops(hidden, batch, steps, train=train),
                     contenders=lstm_contenders(
                         hidden,
                         batch,
                         steps,
                         train=train,
+                        dtype=dtype,
                         backend=backend,
                         torch_threads=torch_threads,
                         allocators=allocators,
@@ -205,12 +243,16 @@ def lstm_suite(
                         "time": steps,
                         "features": hidden,
                         "train": train,
-                        "dtype": "float32",
+                        "dtype": dtype,
                     },
                 )
             )
     notes = [
-        "Workloads are (hidden, batch, time) with input features = hidden, float32, one layer. Forward: hs "
+        "Workloads are (hidden, batch, time) with input features = hidden, one layer, float32; the bfloat16 groups: "
+        "parameters float32 and compute bfloat16 (JAX: the parameters cast in the jitted step, the gradients "
+        "reaching the float32 parameters; Flax: OptimizedLSTMCell(dtype=bfloat16)), PyTorch with the module cast "
+        "to bfloat16 (`bfloat16`) and float32 under torch.autocast(dtype=bfloat16) (`autocast bfloat16`); "
+        "% peak against the float32 peak. Forward: hs "
         "[batch, time, hidden]. Training step: gradients of sum(hs) w.r.t. the parameters and the inputs "
         "(PyTorch: torch.autograd.grad; forward under torch.no_grad). FLOPs: 2·T·B·(F+H)·4H forward, 3x for training.",
         f"`{LSTM_NAIVE}`: lax.scan over jaxmodels.lstm_cell, input projection inside the step, autodiff backward. "

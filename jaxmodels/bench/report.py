@@ -71,10 +71,11 @@ def _processes(result: dict) -> list[str]:
 
 
 def _torch_table(workloads: list[dict]) -> list[str]:
-    """Every PyTorch configuration's median per workload, the strongest in bold and named."""
+    """Every PyTorch configuration's median per workload, the strongest in bold and named; a
+    column per variant (``Contender.variant``), allocator and thread count."""
     columns = list(
         dict.fromkeys(
-            (r["allocator"], r["threads"])
+            (r.get("variant", ""), r["allocator"], r["threads"])
             for w in workloads
             for r in w["contenders"]
             if r["framework"] == "torch" and "skipped" not in r
@@ -86,18 +87,20 @@ def _torch_table(workloads: list[dict]) -> list[str]:
         "",
         "PyTorch configurations, median ms (the strongest in bold):",
         "",
-        "| workload | " + " | ".join(label(a, t or 0) for a, t in columns) + " | strongest |",
+        "| workload | "
+        + " | ".join(f"{v}, " * bool(v) + label(a, t or 0) for v, a, t in columns)
+        + " | strongest |",
         "|---|" + "---:|" * len(columns) + "---|",
     ]
     for workload in workloads:
         cells = []
-        for allocator, threads in columns:
+        for column in columns:
             r = next(
                 (
                     r
                     for r in workload["contenders"]
                     if r["framework"] == "torch"
-                    and (r["allocator"], r["threads"]) == (allocator, threads)
+                    and (r.get("variant", ""), r["allocator"], r["threads"]) == column
                 ),
                 None,
             )

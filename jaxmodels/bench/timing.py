@@ -51,7 +51,9 @@ class Contender:
     no arguments that runs the workload once and returns something to wait on. ``framework`` says
     how to wait and which process runs it: "jax" or "torch". ``threads``: PyTorch's intra-op
     threads (None: leave as is); ``allocator``: the C allocator of the process that runs it
-    ("as installed", "jemalloc", "tcmalloc": see ``jaxmodels.bench.torch_configs``).
+    ("as installed", "jemalloc", "tcmalloc": see ``jaxmodels.bench.torch_configs``); ``variant``:
+    how a PyTorch contender computes, where a workload times it more than one way (e.g. "bfloat16",
+    the module cast, and "autocast bfloat16"), "" otherwise.
 
     To run in a worker process, ``setup`` must be a module-level function or a ``functools.partial``
     of one with picklable arguments (the worker imports it by name); in this process, anything.
@@ -62,6 +64,7 @@ class Contender:
     framework: str = "jax"
     threads: int | None = None
     allocator: str = AS_INSTALLED
+    variant: str = ""
 
 
 @dataclasses.dataclass
@@ -270,6 +273,8 @@ def time_workload(
     try:
         for key, contender in enumerate(workload.contenders):
             record: dict[str, Any] = {"name": contender.name, "framework": contender.framework}
+            if contender.variant:
+                record["variant"] = contender.variant
             record.update(executor.where(contender))
             records.append(record)
             try:

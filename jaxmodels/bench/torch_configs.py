@@ -106,11 +106,12 @@ def torch_contenders(
     *,
     torch_threads: int | None = None,
     allocators: Sequence[str] = (AS_INSTALLED,),
+    variant: str = "",
 ) -> list[Contender]:
     """The PyTorch contender ``name`` in every configuration: for each allocator, with
     ``torch_threads`` threads (default: the CPU count) and, when that is more than one, with one.
     Names: ``name`` as installed with the default threads, else ``name (1 thread)``,
-    ``name (jemalloc)``, ``name (1 thread, jemalloc)``..."""
+    ``name (jemalloc)``, ``name (1 thread, jemalloc)``... ``variant``: ``Contender.variant``."""
     counts = thread_counts(torch_threads)
     contenders = []
     for allocator in allocators:
@@ -126,6 +127,7 @@ def torch_contenders(
                     "torch",
                     threads=threads,
                     allocator=allocator,
+                    variant=variant,
                 )
             )
     return contenders

@@ -11,21 +11,46 @@ from collections.abc import Callable
 from typing import Any
 
 
-def lstm(*, hidden: int, batch: int, time: int, features: int, train: bool) -> Callable[[], Any]:
-    """``torch.nn.LSTM(features, hidden, batch_first=True)`` on xs [batch, time, features] float32.
-    Forward: the outputs under ``torch.no_grad``. Training step: the gradients of sum(hs) with
-    respect to the parameters and the inputs (``torch.autograd.grad``: returned, not accumulated
-    into ``.grad``)."""
+def _precision(device: str, dtype: str, autocast: str | None):
+    """(the dtype of the module and the inputs, a context for the forward pass): ``dtype`` cast,
+    or float32 under ``torch.autocast`` to ``autocast``."""
+    import contextlib
+
+    import torch
+
+    if autocast is None:
+        return getattr(torch, dtype), contextlib.nullcontext
+    if dtype != "float32":
+        raise ValueError(f"expected dtype float32 with autocast, got {dtype!r}")
+    return torch.float32, lambda: torch.autocast(device, dtype=getattr(torch, autocast))
+
+
+def lstm(
+    *,
+    hidden: int,
+    batch: int,
+    time: int,
+    features: int,
+    train: bool,
+    dtype: str = "float32",
+    autocast: str | None = None,
+) -> Callable[[], Any]:
+    """``torch.nn.LSTM(features, hidden, batch_first=True)`` on xs [batch, time, features]; module
+    and inputs of ``dtype`` ("float32", "bfloat16"), or float32 run under
+    ``torch.autocast(dtype=autocast)``. Forward: the outputs under ``torch.no_grad``. Training
+    step: the gradients of sum(hs) (summed in float32) with respect to the parameters and the
+    inputs (``torch.autograd.grad``: returned, not accumulated into ``.grad``)."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    layer = torch.nn.LSTM(features, hidden, batch_first=True).to(device)
-    xs = torch.randn(batch, time, features, device=device)
+    dtype, precision = _precision(device, dtype, autocast)
+    layer = torch.nn.LSTM(features, hidden, batch_first=True).to(device, dtype)
+    xs = torch.randn(batch, time, features, device=device).to(dtype)
     if not train:
 
         def forward():
-            with torch.no_grad():
+            with torch.no_grad(), precision():
                 return layer(xs)[0]
 
         return forward
@@ -33,7 +58,9 @@ def lstm(*, hidden: int, batch: int, time: int, features: int, train: bool) -> C
     wrt = [*layer.parameters(), xs]
 
     def step():
-        return torch.autograd.grad(layer(xs)[0].sum(), wrt)
+        with precision():
+            hs = layer(xs)[0]
+        return torch.autograd.grad(hs.float().sum(), wrt)
 
     return step
 
@@ -59,23 +86,27 @@ def seed_cnn():
     )
 
 
-def cnn(*, batch: int, train: bool) -> Callable[[], Any]:
-    """The seed CNN in NCHW on x [batch, 1, 28, 28] float32. Training step: cross-entropy on
-    integer labels, backward, ``torch.optim.Adam`` (lr 1e-3) step. Inference: the logits under
-    ``torch.inference_mode``, in eval mode."""
+def cnn(
+    *, batch: int, train: bool, dtype: str = "float32", autocast: str | None = None
+) -> Callable[[], Any]:
+    """The seed CNN in NCHW on x [batch, 1, 28, 28]; model and inputs of ``dtype`` ("float32",
+    "bfloat16"), or float32 run under ``torch.autocast(dtype=autocast)``. Training step:
+    cross-entropy (in float32) on integer labels, backward, ``torch.optim.Adam`` (lr 1e-3) step.
+    Inference: the logits under ``torch.inference_mode``, in eval mode."""
     import torch
 
     nn = torch.nn
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = seed_cnn().to(device)
-    x = torch.randn(batch, 1, 28, 28, device=device)
+    dtype, precision = _precision(device, dtype, autocast)
+    model = seed_cnn().to(device, dtype)
+    x = torch.randn(batch, 1, 28, 28, device=device).to(dtype)
     y = torch.randint(0, 10, (batch,), device=device)
     if not train:
         model.eval()
 
         def infer():
-            with torch.inference_mode():
+            with torch.inference_mode(), precision():
                 return model(x)
 
         return infer
@@ -83,7 +114,9 @@ def cnn(*, batch: int, train: bool) -> Callable[[], Any]:
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = nn.functional.cross_entropy(model(x), y)
+        with precision():
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y)
         loss.backward()
         optimizer.step()
         return loss
