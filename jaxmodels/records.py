@@ -68,10 +68,32 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+# The CPU's instruction sets that decide which float32 and bfloat16 kernels run (AVX-512, its
+# bfloat16 extension, AMX tiles), as /proc/cpuinfo names them.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_model() -> tuple[str | None, list[str]]:
+    """(the CPU's model name, those of CPU_FEATURES it has), from /proc/cpuinfo; (None, []) where
+    that file is missing (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None, []
+    fields = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition(":") for line in text.splitlines())
+        if key.strip() in ("model name", "flags")
+    )
+    flags = set(fields.get("flags", "").split())
+    return fields.get("model name"), [f for f in CPU_FEATURES if f in flags]
+
+
 def environment(*, frameworks: Sequence[str] = ("jax", "torch")) -> dict:
-    """Date, versions, backend, devices, CPU count, recorded environment variables (XLA flags,
-    thread and allocator settings), PyTorch's thread count where installed, and the git commit with
-    the files changed under jaxmodels/ and kernels/ (both None/empty outside a checkout).
+    """Date, versions, backend, devices, CPU count, model and vector features, recorded
+    environment variables (XLA flags, thread and allocator settings), PyTorch's thread count where
+    installed, and the git commit with the files changed under jaxmodels/ and kernels/ (both
+    None/empty outside a checkout).
 
     ``frameworks``: which of jax and torch to import and ask (backend and devices; thread count);
     the others' entries are None. A benchmark worker process names only its own, so that recording
@@ -87,6 +109,7 @@ def environment(*, frameworks: Sequence[str] = ("jax", "torch")) -> dict:
 
         torch_threads = torch.get_num_threads()
     dirty = _git("status", "--porcelain", "--", ":/jaxmodels", ":/kernels")
+    model, features = cpu_model()
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": {p: version(p) for p in VERSIONED} | {"python": sys.version.split()[0]},
@@ -94,6 +117,8 @@ def environment(*, frameworks: Sequence[str] = ("jax", "torch")) -> dict:
         "devices": devices,
         "cpu_count": cpu_count(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": model,
+        "cpu_features": features,
         "platform": platform.platform(),
         "torch_threads": torch_threads,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -133,10 +133,14 @@ def _skipped(result: dict) -> list[str]:
 
 
 def machine(env: dict) -> str:
-    """Where a result was measured (a ``records.environment()``): date, backend and devices, CPUs."""
+    """Where a result was measured (a ``records.environment()``): date, backend and devices, CPUs
+    (their model and vector features where recorded)."""
+    cpu = env["processor"]
+    if env.get("cpu_model"):
+        cpu = f"{env['cpu_model']}, {cpu}, {' '.join(env['cpu_features']) or 'no AVX2'}"
     return (
         f"{env['date']}; backend {env['backend']} ({', '.join(sorted(set(env['devices'])))}), "
-        f"{env['cpu_count']} CPUs ({env['processor']})"
+        f"{env['cpu_count']} CPUs ({cpu})"
     )
 
 
