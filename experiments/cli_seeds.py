@@ -8,7 +8,10 @@ report gives the final test accuracy per seed with its min, mean and max against
 - ``cnn-digits``: ``jaxmodels train cnn`` (the quick start: the bundled digits, 25 epochs), goal
   0.97;
 - ``cnn-mnist``: ``jaxmodels train cnn --dataset mnist --data-dir DIR`` (the CLI's MNIST recipe,
-  ``jaxmodels.training.fit.RECIPES``: Adam 1e-3 with cosine decay, batch 64, 5 epochs), goal 0.990.
+  ``jaxmodels.training.fit.RECIPES``: Adam 1e-3 with cosine decay, batch 64, 5 epochs), goal 0.990;
+- ``cnn-digits-bf16``, ``cnn-mnist-bf16``: the same with ``--dtype bfloat16`` (parameters float32,
+  compute bfloat16), the same goals: what bfloat16 costs in accuracy, recipe and seeds unchanged.
+  Not run unless named in ``--commands``.
 
 Seed 0 of the commands in ``--repeat`` runs twice: the report says whether the two runs' logs
 (every loss, accuracy and gradient norm; the test metrics) are bitwise equal, as they must be on
@@ -16,6 +19,8 @@ one machine with the same versions.
 
     python experiments/cli_seeds.py --data-dir DIR      # both, seeds 0-4: ~15 min on 2 CPUs
     python experiments/cli_seeds.py --commands cnn-digits --out /tmp/cli   # seconds
+    python experiments/cli_seeds.py --data-dir DIR --commands cnn-digits-bf16 cnn-mnist-bf16 \
+        --repeat --out experiments/results/cli_seeds_bf16    # bfloat16
 
 Writes OUT/cli_seeds.json (config, environment, per-run curves, recipes and times), .md (the
 table) and .png (test accuracy against epoch, a panel per command); each run's folder is
@@ -43,6 +48,11 @@ COMMANDS = {
     "cnn-digits": (["train", "cnn"], 0.97),
     "cnn-mnist": (["train", "cnn", "--dataset", "mnist", "--data-dir", "DIR"], 0.990),
 }
+README_COMMANDS = list(COMMANDS)
+COMMANDS |= {
+    f"{name}-bf16": ([*argv, "--dtype", "bfloat16"], goal)
+    for name, (argv, goal) in COMMANDS.items()
+}
 RECIPE_KEYS = ("epochs", "batch_size", "lr", "optimizer", "schedule", "warmup_steps", "clip_norm")
 
 
@@ -51,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--data-dir", default=None, help="MNIST's folder (default: $JAXMODELS_DATA)")
-    p.add_argument("--commands", nargs="+", choices=tuple(COMMANDS), default=list(COMMANDS))
+    p.add_argument("--commands", nargs="+", choices=tuple(COMMANDS), default=README_COMMANDS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument(
         "--repeat",
@@ -137,7 +147,10 @@ SUMMARY = {
 
 
 def setup(result: dict) -> list[str]:
-    lines = ["Each command as the README writes it, with `--seed S`, in a fresh process. Recipes:"]
+    lines = [
+        "Each command as the README writes it (a `-bf16` twin adds `--dtype bfloat16`), with "
+        "`--seed S`, in a fresh process. Recipes:"
+    ]
     for row in result["summary"]:
         argv = " ".join(COMMANDS[row["command"]][0])
         lines.append(f"- `jaxmodels {argv}`: {row['recipe']}, {row['steps']} steps.")
@@ -167,7 +180,12 @@ REPORT = report.Report(
         curve=lambda run: (range(1, len(run["test_accuracy"]) + 1), run["test_accuracy"]),
         panel_by="command",
         color_by="command",
-        colors={"cnn-digits": "tab:green", "cnn-mnist": "tab:blue"},
+        colors={
+            "cnn-digits": "tab:green",
+            "cnn-mnist": "tab:blue",
+            "cnn-digits-bf16": "tab:olive",
+            "cnn-mnist-bf16": "tab:purple",
+        },
         label="{command}",
         style={"marker": "o", "alpha": 0.7},
         hlines=lambda result, panel: [(COMMANDS[panel][1], "black", "goal")],

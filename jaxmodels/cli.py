@@ -123,7 +123,7 @@ def _add_weights_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_bench_options(parser: argparse.ArgumentParser) -> None:
     """SUITE and the options of ``jaxmodels bench`` (benchmarks/lstm.py and cnn.py pass theirs on)."""
-    from jaxmodels.bench import ISOLATIONS, SHAPE_SETS, SUITES
+    from jaxmodels.bench import DTYPES, ISOLATIONS, SHAPE_SETS, SUITES
 
     parser.add_argument("suite", choices=(*SUITES, "all"), help="which suite")
     parser.add_argument(
@@ -134,6 +134,14 @@ def _add_bench_options(parser: argparse.ArgumentParser) -> None:
         default="full",
         choices=SHAPE_SETS,
         help="full: the standard shapes; small: tiny ones, a smoke run (default: full)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=list(DTYPES),
+        choices=DTYPES,
+        help="the compute dtypes timed (default: both; PyTorch's bfloat16 LSTM training step takes "
+        "minutes per call on a CPU without bfloat16 instructions)",
     )
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     parser.add_argument(

@@ -339,6 +339,7 @@ def run_bench(args: argparse.Namespace) -> int:
         out=out,
         torch_threads=args.torch_threads,
         isolation=args.isolation,
+        dtypes=args.dtypes,
     )
     return 0
 

@@ -11,11 +11,12 @@ import json
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import jaxmodels as jm
-from jaxmodels import bench, cli
+from jaxmodels import bench, cli, records
 from jaxmodels.bench import pool, timing, torch_configs, torch_models
 from jaxmodels.records import version
 
@@ -180,6 +181,9 @@ def test_smoke_run_writes_consistent_results(smoke, suite):
         and "xla_flags" in env
         and env["cpu_count"] >= 1
     )
+    if Path("/proc/cpuinfo").exists():  # Linux: the model and the vector features that decide speed
+        assert env["cpu_model"] and set(env["cpu_features"]) <= set(records.CPU_FEATURES)
+        assert env["cpu_model"] in (out / f"{suite}-small.md").read_text()
     assert result["peak"]["gflops"] > 0 and len(result["peak"]["runs"]) == 2
     assert result["workloads"], "no workloads"
     baseline = result["baseline"]
@@ -367,6 +371,21 @@ def test_bench_rejects_bad_arguments(capsys):
         bench.build_suite("gru")
     with pytest.raises(ValueError, match="expected a suite"):
         bench.run(["gru"], isolation="process")  # before any process starts
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "lstm", "--dtypes", "float16"])
+    assert exit_.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected dtypes among"):
+        bench.run(["lstm"], dtypes=[])  # before any process starts
+
+
+def test_dtypes_select_the_workloads():
+    """``--dtypes float32`` times the float32 groups only, ``bfloat16`` their twins only."""
+    for name in bench.SUITES:
+        whole = bench.build_suite(name, "small").workloads
+        for dtype in bench.DTYPES:
+            chosen = bench.build_suite(name, "small", dtypes=[dtype]).workloads
+            assert [w.group for w in chosen] == [w.group for w in whole if w.info["dtype"] == dtype]
+            assert chosen and all(w.info["dtype"] == dtype for w in chosen)
 
 
 def test_cnn_variants_are_one_contender_per_conv_impl():

@@ -246,6 +246,10 @@ def test_cli_seeds_tiny(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="--data-dir DIR or \\$JAXMODELS_DATA"):
         script.command_line("cnn-mnist", None)
     assert script.command_line("cnn-digits", None) == ["train", "cnn"]
+    # The bfloat16 twins: the same one-liners with --dtype bfloat16, the same goals, not by default.
+    assert script.command_line("cnn-digits-bf16", None) == ["train", "cnn", "--dtype", "bfloat16"]
+    assert script.COMMANDS["cnn-mnist-bf16"][1] == script.COMMANDS["cnn-mnist"][1]
+    assert script.parse_args([]).commands == ["cnn-digits", "cnn-mnist"]
 
 
 def _random_params(key, cell: str, features: int, hidden: int) -> tuple[dict, dict]:

@@ -44,6 +44,7 @@ from jaxmodels.bench.pool import Pool, Timeouts
 from jaxmodels.bench.report import markdown, plot
 from jaxmodels.bench.runner import ISOLATIONS, SHAPE_SETS, SUITES, build_suite, run, run_suite
 from jaxmodels.bench.timing import (
+    DTYPES,
     PEAK_N,
     Contender,
     InProcess,
@@ -59,6 +60,7 @@ __all__ = [
     "CNN_BATCHES",
     "CNN_PLAIN",
     "CNN_TORCH",
+    "DTYPES",
     "ISOLATIONS",
     "LSTM_FLAX",
     "LSTM_NAIVE",

@@ -16,7 +16,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxmodels.bench import torch_models
-from jaxmodels.bench.timing import AS_INSTALLED, PEAK_N, Contender, Suite, Workload
+from jaxmodels.bench.timing import (
+    AS_INSTALLED,
+    DTYPES,
+    PEAK_N,
+    Contender,
+    Suite,
+    Workload,
+    check_dtypes,
+)
 from jaxmodels.bench.torch_configs import torch_contenders, torch_note
 
 CNN_BATCHES = {  # (training batches, inference batches)
@@ -25,7 +33,6 @@ CNN_BATCHES = {  # (training batches, inference batches)
 }
 CNN_TORCH = "PyTorch"  # as installed, CPU-count threads; torch_configs names the others
 CNN_PLAIN = "Flax nn.Conv (plain)"
-DTYPES = ("float32", "bfloat16")  # the compute dtypes of the workloads
 
 
 def _conv_out(size: int, kernel: int, padding: str) -> int:
@@ -180,13 +187,15 @@ def cnn_suite(
     *,
     torch_threads: int | None = None,
     allocators: Sequence[str] = (AS_INSTALLED,),
+    dtypes: Sequence[str] = DTYPES,
 ) -> Suite:
-    """The seed CNN: training steps and inference at CNN_BATCHES[shapes]; baseline plain Flax, vs PyTorch too."""
+    """The seed CNN: training steps and inference at CNN_BATCHES[shapes] in each of ``dtypes``;
+    baseline plain Flax, vs PyTorch too."""
     import jaxmodels as jm
 
     train_batches, infer_batches = CNN_BATCHES[shapes]
     workloads = []
-    for dtype in DTYPES:
+    for dtype in check_dtypes(dtypes):
         for train, batches in ((True, train_batches), (False, infer_batches)):
             group = "training step (Adam)" if train else "inference"
             workloads += [

@@ -20,7 +20,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxmodels.bench import torch_models
-from jaxmodels.bench.timing import AS_INSTALLED, PEAK_N, Contender, Suite, Workload
+from jaxmodels.bench.timing import (
+    AS_INSTALLED,
+    DTYPES,
+    PEAK_N,
+    Contender,
+    Suite,
+    Workload,
+    check_dtypes,
+)
 from jaxmodels.bench.torch_configs import torch_contenders, torch_note
 
 # (hidden, batch, time), input features = hidden: DeepBench's shapes scaled to a small CPU machine,
@@ -44,7 +52,6 @@ LSTM_TORCH = "PyTorch nn.LSTM"  # as installed, CPU-count threads; torch_configs
 LSTM_SCAN = "jaxmodels lstm_scan(scan)"
 LSTM_PALLAS = "jaxmodels lstm_scan(pallas)"
 JAX_KINDS = ("naive", "flax", "experimental", "scan", "pallas")
-DTYPES = ("float32", "bfloat16")  # the compute dtypes of the workloads
 
 
 def lstm_flops(
@@ -212,14 +219,16 @@ def lstm_suite(
     backend: str | None = None,
     torch_threads: int | None = None,
     allocators: Sequence[str] = (AS_INSTALLED,),
+    dtypes: Sequence[str] = DTYPES,
 ) -> Suite:
-    """Forward and training-step workloads over LSTM_SHAPES[shapes]; baseline Flax, vs PyTorch too."""
+    """Forward and training-step workloads over LSTM_SHAPES[shapes] in each of ``dtypes``;
+    baseline Flax, vs PyTorch too."""
     if backend is None:
         import jax
 
         backend = jax.default_backend()
     workloads = []
-    for dtype, train in itertools.product(DTYPES, (False, True)):
+    for dtype, train in itertools.product(check_dtypes(dtypes), (False, True)):
         group = "training step (forward + backward)" if train else "forward"
         for hidden, batch, steps in LSTM_SHAPES[shapes]:
             workloads.append(

@@ -27,7 +27,15 @@ from jaxmodels.bench import report
 from jaxmodels.bench.cnn import cnn_suite
 from jaxmodels.bench.lstm import lstm_suite
 from jaxmodels.bench.pool import Pool, Timeouts
-from jaxmodels.bench.timing import AS_INSTALLED, InProcess, Suite, measure_peak, time_workload
+from jaxmodels.bench.timing import (
+    AS_INSTALLED,
+    DTYPES,
+    InProcess,
+    Suite,
+    check_dtypes,
+    measure_peak,
+    time_workload,
+)
 from jaxmodels.bench.torch_configs import ALLOCATORS
 from jaxmodels.records import load_average, write_results
 
@@ -50,16 +58,16 @@ def build_suite(
     torch_threads: int | None = None,
     backend: str | None = None,
     allocators: Sequence[str] = (AS_INSTALLED,),
+    dtypes: Sequence[str] = DTYPES,
 ) -> Suite:
-    """The suite ``name`` ("lstm" or "cnn") over the ``shapes`` set ("small" or "full"), PyTorch in
-    every configuration of ``torch_threads`` and ``allocators``; ``backend``: where JAX runs
-    (default: this process's)."""
+    """The suite ``name`` ("lstm" or "cnn") over the ``shapes`` set ("small" or "full") in each of
+    ``dtypes``, PyTorch in every configuration of ``torch_threads`` and ``allocators``;
+    ``backend``: where JAX runs (default: this process's)."""
     _check(name, shapes)
+    options = dict(torch_threads=torch_threads, allocators=allocators, dtypes=dtypes)
     if name == "lstm":
-        return lstm_suite(
-            shapes, backend=backend, torch_threads=torch_threads, allocators=allocators
-        )
-    return cnn_suite(shapes, torch_threads=torch_threads, allocators=allocators)
+        return lstm_suite(shapes, backend=backend, **options)
+    return cnn_suite(shapes, **options)
 
 
 def _progress_line(workload, records: list[dict]) -> str:
@@ -164,6 +172,7 @@ def run(
     min_sample_s: float | None = None,
     torch_threads: int | None = None,
     isolation: str = "process",
+    dtypes: Sequence[str] = DTYPES,
     timeouts: Timeouts | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, dict]:
@@ -173,11 +182,13 @@ def run(
     ``torch_threads`` (PyTorch's intra-op threads) to the CPU count. ``isolation`` "process": each
     framework configuration in its own worker process (PyTorch with every allocator of
     ``torch_configs.ALLOCATORS``); "shared": all in this process (PyTorch as installed only).
+    ``dtypes``: the compute dtypes timed (``timing.DTYPES``: float32, bfloat16).
     """
     if repeats < 1:
         raise ValueError(f"expected repeats >= 1, got {repeats}")
     if isolation not in ISOLATIONS:
         raise ValueError(f"expected isolation in {ISOLATIONS}, got {isolation!r}")
+    check_dtypes(dtypes)
     for name in suites:
         _check(name, shapes)  # before any process starts
     if min_sample_s is None:
@@ -198,6 +209,7 @@ def run(
                 torch_threads=torch_threads,
                 backend=executor.backend,
                 allocators=allocators,
+                dtypes=dtypes,
             )
             result = run_suite(
                 suite, repeats=repeats, min_sample_s=min_sample_s, executor=executor, log=log

@@ -36,11 +36,19 @@ import os
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 PEAK_N = {"full": 2048, "small": 256}  # the peak matmul: [n, n] x [n, n] float32
 AS_INSTALLED = "as installed"  # the C allocator of a process nothing was preloaded into
+DTYPES = ("float32", "bfloat16")  # the compute dtypes a suite's workloads run in
+
+
+def check_dtypes(dtypes: Sequence[str]) -> Sequence[str]:
+    """``dtypes``, when it is a non-empty selection of DTYPES; else a ValueError naming them."""
+    if not dtypes or any(d not in DTYPES for d in dtypes):
+        raise ValueError(f"expected dtypes among {DTYPES}, got {list(dtypes)}")
+    return dtypes
 
 
 @dataclasses.dataclass
