@@ -25,7 +25,7 @@ from jaxmodels.bench.timing import (
     Workload,
     check_dtypes,
 )
-from jaxmodels.bench.torch_configs import torch_contenders, torch_note
+from jaxmodels.bench.torch_configs import torch_dtype_contenders, torch_note
 
 CNN_BATCHES = {  # (training batches, inference batches)
     "full": ((32, 128, 512), (1, 512)),
@@ -163,21 +163,14 @@ def cnn_contenders(
     def flax_contender(name: str, model: str, kwargs: dict) -> Contender:
         return Contender(name, functools.partial(flax_setup, model, kwargs, dtype=dtype, **shape))
 
-    def torch_variant(variant: str, **how) -> list[Contender]:
-        return torch_contenders(
-            f"{CNN_TORCH} {variant}".strip(),
-            functools.partial(torch_models.cnn, **shape, **how),
-            torch_threads=torch_threads,
-            allocators=allocators,
-            variant=variant,
-        )
-
     contenders = [flax_contender(name, "jaxmodels", kwargs) for name, kwargs in cnn_variants()]
-    if dtype == "float32":
-        contenders += torch_variant("")
-    else:
-        contenders += torch_variant(dtype, dtype=dtype)
-        contenders += torch_variant(f"autocast {dtype}", autocast=dtype)
+    contenders += torch_dtype_contenders(
+        CNN_TORCH,
+        functools.partial(torch_models.cnn, **shape),
+        dtype,
+        torch_threads=torch_threads,
+        allocators=allocators,
+    )
     contenders.append(flax_contender(CNN_PLAIN, "plain", {}))
     return contenders
 

@@ -29,7 +29,7 @@ from jaxmodels.bench.timing import (
     Workload,
     check_dtypes,
 )
-from jaxmodels.bench.torch_configs import torch_contenders, torch_note
+from jaxmodels.bench.torch_configs import torch_dtype_contenders, torch_note
 
 # (hidden, batch, time), input features = hidden: DeepBench's shapes scaled to a small CPU machine,
 # and the latency shapes (batch 1; small hidden).
@@ -184,29 +184,21 @@ def lstm_contenders(
         setup = functools.partial(jax_setup, kind, backend=backend, dtype=dtype, **shape)
         return Contender(name, setup)
 
-    def torch_variant(variant: str, **how) -> list[Contender]:
-        return torch_contenders(
-            f"{LSTM_TORCH} {variant}".strip(),
-            functools.partial(torch_models.lstm, **shape, **how),
-            torch_threads=torch_threads,
-            allocators=allocators,
-            variant=variant,
-        )
-
+    contenders = [jax_contender(LSTM_FLAX, "flax")]
     if dtype == "float32":
         experimental = "jax.experimental.rnn " + ("(cuDNN)" if backend == "gpu" else "(lstm_ref)")
         contenders = [
             jax_contender(LSTM_NAIVE, "naive"),
-            jax_contender(LSTM_FLAX, "flax"),
+            *contenders,
             jax_contender(experimental, "experimental"),
-            *torch_variant(""),
         ]
-    else:
-        contenders = [
-            jax_contender(LSTM_FLAX, "flax"),
-            *torch_variant(dtype, dtype=dtype),
-            *torch_variant(f"autocast {dtype}", autocast=dtype),
-        ]
+    contenders += torch_dtype_contenders(
+        LSTM_TORCH,
+        functools.partial(torch_models.lstm, **shape),
+        dtype,
+        torch_threads=torch_threads,
+        allocators=allocators,
+    )
     contenders.append(jax_contender(LSTM_SCAN, "scan"))
     if backend in ("gpu", "tpu"):  # never time the kernel in interpret mode
         contenders.append(jax_contender(LSTM_PALLAS, "pallas"))

@@ -133,6 +133,35 @@ def torch_contenders(
     return contenders
 
 
+def torch_dtype_contenders(
+    name: str,
+    setup: Callable,
+    dtype: str,
+    *,
+    torch_threads: int | None = None,
+    allocators: Sequence[str] = (AS_INSTALLED,),
+) -> list[Contender]:
+    """PyTorch's contenders computing in ``dtype``: for float32 ``torch_contenders(name, setup)``;
+    for another dtype two variants in every configuration, the model cast to it (``name dtype``)
+    and float32 under ``torch.autocast`` to it (``name autocast dtype``). ``setup`` takes
+    ``dtype=`` and ``autocast=`` (``torch_models.lstm``, ``cnn``)."""
+    options = dict(torch_threads=torch_threads, allocators=allocators)
+    if dtype == "float32":
+        return torch_contenders(name, setup, **options)
+    cast, autocast = dtype, f"autocast {dtype}"
+    return [
+        *torch_contenders(
+            f"{name} {cast}", functools.partial(setup, dtype=dtype), variant=cast, **options
+        ),
+        *torch_contenders(
+            f"{name} {autocast}",
+            functools.partial(setup, autocast=dtype),
+            variant=autocast,
+            **options,
+        ),
+    ]
+
+
 def torch_note(torch_threads: int | None, allocators: Sequence[str]) -> str:
     """The suites' note on the PyTorch configurations."""
     threads = torch_threads or cpu_count()
