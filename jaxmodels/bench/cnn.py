@@ -110,8 +110,7 @@ def flax_setup(
 
     import jaxmodels as jm
 
-    if dtype not in DTYPES:
-        raise ValueError(f"expected a dtype in {DTYPES}, got {dtype!r}")
+    check_dtypes((dtype,))
     compute = jnp.dtype(dtype)
     net = _plain_cnn(compute) if model == "plain" else jm.CNN(**kwargs, dtype=compute)
     x = jax.random.normal(jax.random.key(1), (batch, 28, 28, 1), jnp.float32).astype(compute)

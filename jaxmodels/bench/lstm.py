@@ -132,8 +132,7 @@ def jax_setup(
 
     import jaxmodels as jm
 
-    if dtype not in DTYPES:
-        raise ValueError(f"expected a dtype in {DTYPES}, got {dtype!r}")
+    check_dtypes((dtype,))
     key, compute = jax.random.key(0), jnp.dtype(dtype)
     if kind == "naive":
         f, params = _naive(key, hidden, batch, features, compute)
@@ -184,14 +183,15 @@ def lstm_contenders(
         setup = functools.partial(jax_setup, kind, backend=backend, dtype=dtype, **shape)
         return Contender(name, setup)
 
-    contenders = [jax_contender(LSTM_FLAX, "flax")]
     if dtype == "float32":
         experimental = "jax.experimental.rnn " + ("(cuDNN)" if backend == "gpu" else "(lstm_ref)")
         contenders = [
             jax_contender(LSTM_NAIVE, "naive"),
-            *contenders,
+            jax_contender(LSTM_FLAX, "flax"),
             jax_contender(experimental, "experimental"),
         ]
+    else:  # the naive scan and jax.experimental.rnn (float32 only) sit out
+        contenders = [jax_contender(LSTM_FLAX, "flax")]
     contenders += torch_dtype_contenders(
         LSTM_TORCH,
         functools.partial(torch_models.lstm, **shape),
