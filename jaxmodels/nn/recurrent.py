@@ -16,14 +16,14 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.kernels import lstm_grid, lstm_sequence, lstm_stepwise
+from jaxmodels.kernels import lstm_cpu, lstm_grid, lstm_sequence, lstm_stepwise
 from jaxmodels.kernels.common import on_platforms
 from jaxmodels.nn import cells, checks
 from jaxmodels.nn.fused import LSTM_CELL, recurrence, rnn_cell_ops
 
 Array = jax.Array
 
-IMPLS = ("auto", "scan", "pallas")
+IMPLS = ("auto", "scan", "pallas", "cpu")
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -55,13 +55,16 @@ def lstm_scan(
       reverse: run from the last time step to the first (outputs stay in input time order).
       unroll: time steps per loop iteration (an integer >= 1), passed to ``lax.scan`` (the kernel
         ignores it).
-      impl: "scan" (``lax.scan``); "pallas": the Pallas kernels, interpreted on CPU and compiled on
+      impl: "scan" (``lax.scan``); "cpu": the compiled CPU kernel ``kernels.lstm_cpu`` when
+        lowering for CPU (the scan on GPU/TPU), for float32, full-length sequences (no
+        seq_lengths) and concrete shapes; "pallas": the Pallas kernels, interpreted on CPU and compiled on
         GPU and TPU: the persistent ``kernels.lstm_sequence`` where w_h fits on chip of the device
         compiled for (``lstm_sequence.plan``), else on GPU the grid-persistent
         ``kernels.lstm_grid`` where a slice of w_h fits each SM (``lstm_grid.plan``; not yet
         validated on a device), else ``kernels.lstm_stepwise`` (one kernel a step);
-        "auto": the persistent kernel where it fits and xs and params are all float32 or all
-        bfloat16, the scan otherwise (on CPU always the scan).
+        "auto": on GPU/TPU the persistent kernel where it fits and xs and params are all float32
+        or all bfloat16, on CPU the "cpu" kernel where it applies and could be built
+        (``lstm_cpu.unavailable()``; a warning once if it could not), the scan otherwise.
     Returns:
       ((h_T, c_T), hs) with h_T, c_T [batch, hidden] and hs [batch, time, hidden]: the carry
       first, as ``lax.scan`` returns it (the modules return PyTorch's (outputs, carry)).
@@ -86,7 +89,10 @@ def lstm_scan(
     mask = _time_mask(seq_lengths, *xs.shape[:2])
     xs = _zero_padding(xs, mask)
     hidden = params["w_h"].shape[0]
-    run = _plan_lstm(impl, kernel_dtypes, hidden, xs.dtype, seq_lengths, mask, reverse, unroll)
+    native = _cpu_kernel(impl, xs, mask, reverse)
+    run = _plan_lstm(
+        impl, kernel_dtypes, hidden, xs.dtype, seq_lengths, mask, reverse, unroll, native
+    )
     carry, hs = run(params["w_x"], params["w_h"], params["b"], carry, xs)
     return tuple(carry), hs
 
@@ -172,21 +178,50 @@ def _validate(
     return xs, params, carry, unroll, kernel_dtypes
 
 
-def _plan_lstm(impl, kernel_dtypes, hidden, dtype, seq_lengths, mask, reverse, unroll):
+def _cpu_kernel(impl: str, xs: Array, mask: Array | None, reverse: bool) -> Callable | None:
+    """The compiled CPU kernel's recurrence (w_x, w_h, b, carry, xs) -> ((h_T, c_T), hs) where
+    ``impl`` asks for it ("cpu"; "auto" where it applies) and it can run, else None. Raises for
+    impl="cpu" where it cannot, naming what it takes."""
+    if impl not in ("auto", "cpu"):
+        return None
+    if xs.dtype != jnp.float32:
+        why = f"float32 xs and params (they promote to {xs.dtype})"
+    elif mask is not None:
+        why = "full-length sequences (seq_lengths=None)"
+    elif not all(isinstance(d, int) for d in xs.shape):
+        why = f"concrete shapes (xs has symbolic shape {xs.shape})"
+    elif (reason := lstm_cpu.unavailable()) is not None:
+        if impl == "cpu":
+            raise RuntimeError(f"impl='cpu' cannot run here: {reason}")
+        lstm_cpu.warn_unavailable()
+        return None
+    else:
+        return lambda w_x, w_h, b, carry, xs: lstm_cpu.recurrence(w_x, w_h, b, carry, xs, reverse)
+    if impl == "cpu":
+        raise ValueError(f"expected {why} for impl='cpu'")
+    return None
+
+
+def _plan_lstm(impl, kernel_dtypes, hidden, dtype, seq_lengths, mask, reverse, unroll, native):
     """What ``lstm_scan`` runs, as a function (w_x, w_h, b, (h_0, c_0), xs) -> ((h_T, c_T), hs).
 
-    "scan", and "auto" for dtypes the kernels do not take: the fused scan. Otherwise chosen per
-    lowering platform (``on_platforms``): "pallas" runs the persistent kernel where w_h fits on
-    chip of the device compiled for, else the grid kernel where it fits (GPU), else the stepwise
-    kernel (interpreted on CPU: always the persistent kernel); "auto" the
-    persistent kernel where it fits on GPU/TPU, else the fused scan.
+    "scan": the fused scan. Otherwise chosen per lowering platform: "cpu" runs ``native`` (the
+    compiled CPU kernel, ``_cpu_kernel``) on CPU and the fused scan elsewhere; "pallas" the
+    persistent kernel where w_h fits on chip of the device compiled for, else the grid kernel
+    where it fits (GPU), else the stepwise kernel (interpreted on CPU: always the persistent
+    kernel); "auto" the persistent kernel where it fits on GPU/TPU (for the dtypes the kernels
+    take), else the fused scan, and on CPU ``native`` where it is not None.
     """
     scan = functools.partial(_scan_lstm, mask=mask, reverse=reverse, unroll=unroll)
-    if impl == "scan" or (impl == "auto" and not kernel_dtypes):
+    if impl == "scan" or (impl == "auto" and native is None and not kernel_dtypes):
         return scan
+    if impl == "cpu" or (impl == "auto" and not kernel_dtypes):
+        return lambda *args: jax.lax.platform_dependent(*args, cpu=native, default=scan)
     lengths = None if seq_lengths is None else jnp.asarray(seq_lengths, jnp.int32)
 
     def branch(backend: str) -> Callable:
+        if backend == "interpret" and impl == "auto" and native is not None:
+            return native  # interpret: lowering for CPU (``on_platforms``)
         kernel = None
         if impl == "pallas" or backend != "interpret":
             kernel = lstm_sequence.sequence_kernel(backend, hidden, dtype, reverse)

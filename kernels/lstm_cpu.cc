@@ -1,0 +1,432 @@
+// The LSTM recurrence on CPU, forward and backward, as two XLA FFI handlers (jaxmodels.kernels.lstm_cpu
+// builds this file with the system's C++ compiler on first use and registers the handlers).
+//
+// Forward, per step t (gates i, f, g, o; x_proj_t = x_t W_x + b computed outside, one matmul):
+//   [i f g o] = σ,σ,tanh,σ(x_proj_t + h_{t-1} W_h),  C_t = f·C_{t-1} + i·g,  h_t = o·tanh(C_t).
+// Backward, per step in reverse (δh_t = δhs_t + δh from step t+1, δC from step t+1):
+//   δC = δC_next + δh_t·o·(1 - tanh²C_t), δpre = [δC·g·i(1-i), δC·C_{t-1}·f(1-f), δC·i·(1-g²),
+//   δh_t·tanh C_t·o(1-o)], δC_{t-1} = δC·f, δh_{t-1} = δpre W_hᵀ.
+// The weight and input gradients are matmuls over all steps, done outside by XLA.
+//
+// Threads: the hidden units are split into parts, one persistent thread per part, for the whole
+// sequence. A part owns its units' four gate columns of W_h (forward) and their rows (backward),
+// packed once into 16-column panels that stay in the core's cache; its units' C stays local. The
+// one exchange per step is h_t (forward) or δpre_t (backward), written to the outputs and read
+// by all parts after one barrier. The matmuls are an AVX2/FMA register-blocked kernel (6 rows x
+// 16 columns a call, named accumulators); σ and tanh are vectorized from one exp polynomial.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int NR = 16;  // panel width: two 8-float vectors
+constexpr int MR = 6;   // rows per micro-kernel call
+
+struct Barrier {
+  explicit Barrier(int n) : n(n) {}
+  // Spins, then yields: a part whose thread was descheduled (more threads than cores) gets the
+  // core back instead of the waiters burning it.
+  void wait() {
+    if (n == 1) return;
+    const int gen = generation.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      generation.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; generation.load(std::memory_order_acquire) == gen; ++spins) {
+      if (spins < 4096) {
+        _mm_pause();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+  const int n;
+  std::atomic<int> count{0};
+  std::atomic<int> generation{0};
+};
+
+struct AlignedBuffer {
+  explicit AlignedBuffer(size_t n)
+      : p(static_cast<float*>(std::aligned_alloc(64, ((n * 4 + 63) / 64) * 64 + 64))) {
+    std::memset(p, 0, ((n * 4 + 63) / 64) * 64);
+  }
+  ~AlignedBuffer() { std::free(p); }
+  float* p;
+};
+
+// Packs the columns cols of w [k, ldw] into panels [panels][k][NR], zero-padded.
+void pack_columns(const float* w, int k, int ldw, const std::vector<int>& cols, float* out) {
+  const int panels = (static_cast<int>(cols.size()) + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p)
+    for (int kk = 0; kk < k; ++kk)
+      for (int j = 0; j < NR; ++j) {
+        const int c = p * NR + j;
+        out[(static_cast<size_t>(p) * k + kk) * NR + j] =
+            c < static_cast<int>(cols.size()) ? w[static_cast<size_t>(kk) * ldw + cols[c]] : 0.f;
+      }
+}
+
+// Packs the rows rows of w [*, k] (row-major, k columns) as columns of wᵀ: [panels][k][NR].
+void pack_rows(const float* w, int k, const std::vector<int>& rows, float* out) {
+  const int panels = (static_cast<int>(rows.size()) + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p)
+    for (int kk = 0; kk < k; ++kk)
+      for (int j = 0; j < NR; ++j) {
+        const int r = p * NR + j;
+        out[(static_cast<size_t>(p) * k + kk) * NR + j] =
+            r < static_cast<int>(rows.size()) ? w[static_cast<size_t>(rows[r]) * k + kk] : 0.f;
+      }
+}
+
+// c [R, NR] = a [R, k] x panel [k, NR], R <= MR rows: the accumulators are named variables (an
+// array of vectors would be kept in memory by the compiler, one store per FMA).
+template <int R>
+inline void micro(int k, const float* a, int lda, const float* panel, float* c, int ldc) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float* a0 = a;
+  const float* a1 = a + lda;
+  const float* a2 = a + 2 * lda;
+  const float* a3 = a + 3 * lda;
+  const float* a4 = a + 4 * lda;
+  const float* a5 = a + 5 * lda;
+  for (int kk = 0; kk < k; ++kk) {
+    const __m256 b0 = _mm256_load_ps(panel + kk * NR);
+    const __m256 b1 = _mm256_load_ps(panel + kk * NR + 8);
+    __m256 x;
+#define JM_ROW(r)                                  \
+  if constexpr (R > r) {                           \
+    x = _mm256_broadcast_ss(a##r + kk);            \
+    c##r##0 = _mm256_fmadd_ps(x, b0, c##r##0);     \
+    c##r##1 = _mm256_fmadd_ps(x, b1, c##r##1);     \
+  }
+    JM_ROW(0) JM_ROW(1) JM_ROW(2) JM_ROW(3) JM_ROW(4) JM_ROW(5)
+#undef JM_ROW
+  }
+#define JM_STORE(r)                                  \
+  if constexpr (R > r) {                             \
+    _mm256_storeu_ps(c + r * ldc, c##r##0);          \
+    _mm256_storeu_ps(c + r * ldc + 8, c##r##1);      \
+  }
+  JM_STORE(0) JM_STORE(1) JM_STORE(2) JM_STORE(3) JM_STORE(4) JM_STORE(5)
+#undef JM_STORE
+}
+
+// c [m, panels*NR] = a [m, k] (row stride lda) x packed panels.
+void gemm(int m, int k, const float* a, int lda, const float* packed, int panels, float* c) {
+  const int ldc = panels * NR;
+  for (int p = 0; p < panels; ++p) {
+    const float* panel = packed + static_cast<size_t>(p) * k * NR;
+    int r = 0;
+    for (; r + MR <= m; r += MR) micro<MR>(k, a + static_cast<size_t>(r) * lda, lda, panel, c + r * ldc + p * NR, ldc);
+    const float* ar = a + static_cast<size_t>(r) * lda;
+    float* cr = c + r * ldc + p * NR;
+    switch (m - r) {
+      case 5: micro<5>(k, ar, lda, panel, cr, ldc); break;
+      case 4: micro<4>(k, ar, lda, panel, cr, ldc); break;
+      case 3: micro<3>(k, ar, lda, panel, cr, ldc); break;
+      case 2: micro<2>(k, ar, lda, panel, cr, ldc); break;
+      case 1: micro<1>(k, ar, lda, panel, cr, ldc); break;
+      default: break;
+    }
+  }
+}
+
+// exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+// tanh(x) = sign(x)·(1 - e)/(1 + e), e = exp(-2|x|): no cancellation for large |x|; for small
+// |x| a short odd polynomial keeps the relative error small.
+inline __m256 tanh8(__m256 x) {
+  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.f));
+  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
+  const __m256 e = exp8(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 x2 = _mm256_mul_ps(ax, ax);  // tanh x ≈ x - x³/3 + 2x⁵/15 - 17x⁷/315, |x| < 0.05
+  __m256 s = _mm256_fmadd_ps(x2, _mm256_set1_ps(-17.f / 315.f), _mm256_set1_ps(2.f / 15.f));
+  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-1.f / 3.f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(s, x2), ax, ax);
+  const __m256 use_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.05f), _CMP_LT_OQ);
+  return _mm256_or_ps(_mm256_blendv_ps(big, small, use_small), sign);
+}
+
+inline float sigmoid1(float x) { return 1.f / (1.f + std::exp(-x)); }
+
+// Splits n hidden units over the threads: [begin, end) of part p, multiples of 8 where possible.
+std::pair<int, int> units_of(int part, int parts, int hidden) {
+  const int blocks = (hidden + 7) / 8;
+  const int b0 = blocks * part / parts, b1 = blocks * (part + 1) / parts;
+  return {std::min(hidden, b0 * 8), std::min(hidden, b1 * 8)};
+}
+
+template <typename F>
+void run_parts(int parts, F&& f) {
+  std::vector<std::thread> workers;
+  for (int p = 1; p < parts; ++p) workers.emplace_back(f, p);
+  f(0);
+  for (auto& w : workers) w.join();
+}
+
+struct Sizes {
+  int time, batch, hidden;
+};
+
+// Forward: pre_x [T, B, 4H] (x_t W_x + b), w_h [H, 4H], h0, c0 [B, H] -> hs [T, B, H] and
+// c_last [B, H] (C after the last step); with save, also cs [T, B, H] (C_t) and acts [T, B, 4H]
+// (the activated gates i, f, g, o), which the backward pass reads.
+void forward(Sizes s, bool reverse, int parts, const float* pre_x, const float* w_h,
+             const float* h0, const float* c0, float* hs, float* c_last, float* cs, float* acts) {
+  const int T = s.time, B = s.batch, H = s.hidden, G = 4 * H;
+  const bool save = cs != nullptr;
+  Barrier barrier(parts);
+  run_parts(parts, [&](int part) {
+    const auto [u0, u1] = units_of(part, parts, H);
+    const int nu = u1 - u0;
+    std::vector<int> cols;
+    for (int g = 0; g < 4; ++g)
+      for (int u = u0; u < u1; ++u) cols.push_back(g * H + u);
+    const int panels = (static_cast<int>(cols.size()) + NR - 1) / NR;
+    const int ldp = panels * NR;
+    AlignedBuffer packed(static_cast<size_t>(panels) * H * NR);
+    if (nu) pack_columns(w_h, H, G, cols, packed.p);
+    AlignedBuffer pre(static_cast<size_t>(B) * ldp), c_state(static_cast<size_t>(B) * nu);
+    for (int b = 0; b < B; ++b)
+      std::memcpy(c_state.p + static_cast<size_t>(b) * nu, c0 + static_cast<size_t>(b) * H + u0,
+                  sizeof(float) * nu);
+    for (int step = 0; step < T; ++step) {
+      const int t = reverse ? T - 1 - step : step;
+      const int prev = reverse ? t + 1 : t - 1;
+      const float* h_in = step == 0 ? h0 : hs + static_cast<size_t>(prev) * B * H;
+      if (nu) {
+        gemm(B, H, h_in, H, packed.p, panels, pre.p);
+        for (int b = 0; b < B; ++b) {
+          const size_t row = static_cast<size_t>(t) * B + b;
+          const float* px = pre_x + row * G + u0;
+          const float* pr = pre.p + static_cast<size_t>(b) * ldp;
+          float* c = c_state.p + static_cast<size_t>(b) * nu;
+          float* h = hs + row * H + u0;
+          int j = 0;
+          for (; j + 8 <= nu; j += 8) {
+            const __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(pr + j), _mm256_loadu_ps(px + j)));
+            const __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(pr + nu + j), _mm256_loadu_ps(px + H + j)));
+            const __m256 g = tanh8(_mm256_add_ps(_mm256_loadu_ps(pr + 2 * nu + j), _mm256_loadu_ps(px + 2 * H + j)));
+            const __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(pr + 3 * nu + j), _mm256_loadu_ps(px + 3 * H + j)));
+            const __m256 c_t = _mm256_fmadd_ps(f, _mm256_loadu_ps(c + j), _mm256_mul_ps(i, g));
+            _mm256_storeu_ps(c + j, c_t);
+            _mm256_storeu_ps(h + j, _mm256_mul_ps(o, tanh8(c_t)));
+            if (save) {
+              float* a = acts + row * G + u0 + j;
+              _mm256_storeu_ps(cs + row * H + u0 + j, c_t);
+              _mm256_storeu_ps(a, i);
+              _mm256_storeu_ps(a + H, f);
+              _mm256_storeu_ps(a + 2 * H, g);
+              _mm256_storeu_ps(a + 3 * H, o);
+            }
+          }
+          for (; j < nu; ++j) {
+            const float i = sigmoid1(pr[j] + px[j]), f = sigmoid1(pr[nu + j] + px[H + j]);
+            const float g = std::tanh(pr[2 * nu + j] + px[2 * H + j]);
+            const float o = sigmoid1(pr[3 * nu + j] + px[3 * H + j]);
+            c[j] = f * c[j] + i * g;
+            h[j] = o * std::tanh(c[j]);
+            if (save) {
+              float* a = acts + row * G + u0 + j;
+              cs[row * H + u0 + j] = c[j];
+              a[0] = i, a[H] = f, a[2 * H] = g, a[3 * H] = o;
+            }
+          }
+        }
+      }
+      barrier.wait();
+    }
+    for (int b = 0; b < B; ++b)
+      std::memcpy(c_last + static_cast<size_t>(b) * H + u0, c_state.p + static_cast<size_t>(b) * nu,
+                  sizeof(float) * nu);
+  });
+}
+
+// Backward: the gate gradients dpre [T, B, 4H] and dh0, dc0 [B, H] from dhs [T, B, H] (the
+// gradient reaching each h_t from outside the recurrence), dh_T, dc_T [B, H] and what forward
+// saved (acts, cs), with c0 and w_h.
+void backward(Sizes s, bool reverse, int parts, const float* w_h, const float* c0,
+              const float* cs, const float* acts, const float* dhs, const float* dh_last,
+              const float* dc_last, float* dpre, float* dh0, float* dc0) {
+  const int T = s.time, B = s.batch, H = s.hidden, G = 4 * H;
+  Barrier barrier(parts);
+  run_parts(parts, [&](int part) {
+    const auto [u0, u1] = units_of(part, parts, H);
+    const int nu = u1 - u0;
+    std::vector<int> rows;
+    for (int u = u0; u < u1; ++u) rows.push_back(u);
+    const int panels = (nu + NR - 1) / NR;
+    const int ldp = panels * NR;
+    AlignedBuffer packed(static_cast<size_t>(panels) * G * NR);
+    if (nu) pack_rows(w_h, G, rows, packed.p);
+    AlignedBuffer dh(static_cast<size_t>(B) * ldp), dc(static_cast<size_t>(B) * ldp);
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < nu; ++j) {
+        dh.p[b * ldp + j] = dh_last[b * H + u0 + j];
+        dc.p[b * ldp + j] = dc_last[b * H + u0 + j];
+      }
+    for (int step = 0; step < T; ++step) {
+      const int t = reverse ? step : T - 1 - step;
+      const bool first = reverse ? t == T - 1 : t == 0;
+      const int prev = reverse ? t + 1 : t - 1;
+      const float* c_in = first ? c0 : cs + static_cast<size_t>(prev) * B * H;
+      for (int b = 0; b < B && nu; ++b) {
+        const size_t row = (static_cast<size_t>(t) * B + b) * H;
+        const float* a = acts + (static_cast<size_t>(t) * B + b) * G;
+        float* d = dpre + (static_cast<size_t>(t) * B + b) * G;
+        float* dhb = dh.p + b * ldp;
+        float* dcb = dc.p + b * ldp;
+        const float* cp = c_in + static_cast<size_t>(b) * H;
+        int j = 0;
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; j + 8 <= nu; j += 8) {
+          const int u = u0 + j;
+          const __m256 i = _mm256_loadu_ps(a + u), f = _mm256_loadu_ps(a + H + u);
+          const __m256 g = _mm256_loadu_ps(a + 2 * H + u), o = _mm256_loadu_ps(a + 3 * H + u);
+          const __m256 tc = tanh8(_mm256_loadu_ps(cs + row + u));
+          const __m256 h_grad = _mm256_add_ps(_mm256_loadu_ps(dhs + row + u), _mm256_loadu_ps(dhb + j));
+          const __m256 c_grad = _mm256_fmadd_ps(_mm256_mul_ps(h_grad, o), _mm256_fnmadd_ps(tc, tc, one),
+                                                _mm256_loadu_ps(dcb + j));
+          _mm256_storeu_ps(d + u, _mm256_mul_ps(_mm256_mul_ps(c_grad, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i))));
+          _mm256_storeu_ps(d + H + u, _mm256_mul_ps(_mm256_mul_ps(c_grad, _mm256_loadu_ps(cp + u)),
+                                                    _mm256_mul_ps(f, _mm256_sub_ps(one, f))));
+          _mm256_storeu_ps(d + 2 * H + u, _mm256_mul_ps(_mm256_mul_ps(c_grad, i), _mm256_fnmadd_ps(g, g, one)));
+          _mm256_storeu_ps(d + 3 * H + u, _mm256_mul_ps(_mm256_mul_ps(h_grad, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o))));
+          _mm256_storeu_ps(dcb + j, _mm256_mul_ps(c_grad, f));
+        }
+        for (; j < nu; ++j) {
+          const int u = u0 + j;
+          const float i = a[u], f = a[H + u], g = a[2 * H + u], o = a[3 * H + u];
+          const float tc = std::tanh(cs[row + u]);
+          const float h_grad = dhs[row + u] + dhb[j];
+          const float c_grad = dcb[j] + h_grad * o * (1 - tc * tc);
+          d[u] = c_grad * g * i * (1 - i);
+          d[H + u] = c_grad * cp[u] * f * (1 - f);
+          d[2 * H + u] = c_grad * i * (1 - g * g);
+          d[3 * H + u] = h_grad * tc * o * (1 - o);
+          dcb[j] = c_grad * f;
+        }
+      }
+      barrier.wait();
+      if (nu) gemm(B, G, dpre + static_cast<size_t>(t) * B * G, G, packed.p, panels, dh.p);
+    }
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < nu; ++j) {
+        dh0[b * H + u0 + j] = dh.p[b * ldp + j];
+        dc0[b * H + u0 + j] = dc.p[b * ldp + j];
+      }
+  });
+}
+
+int parts_for(int64_t threads, int hidden) {
+  const int most = std::max(1, (hidden + 7) / 8);
+  return static_cast<int>(std::clamp<int64_t>(threads, 1, most));
+}
+
+ffi::Error forward_impl(ffi::Buffer<ffi::F32> pre_x, ffi::Buffer<ffi::F32> w_h,
+                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                        ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> c_last,
+                        ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> acts,
+                        int32_t reverse, int32_t threads) {
+  const auto d = pre_x.dimensions();
+  if (d.size() != 3 || d[2] % 4) return ffi::Error::InvalidArgument("pre_x must be [T, B, 4H]");
+  const Sizes s{static_cast<int>(d[0]), static_cast<int>(d[1]), static_cast<int>(d[2] / 4)};
+  const bool save = acts->element_count() > 0;  // [0]-shaped cs and acts: inference, not saved
+  forward(s, reverse != 0, parts_for(threads, s.hidden), pre_x.typed_data(), w_h.typed_data(),
+          h0.typed_data(), c0.typed_data(), hs->typed_data(), c_last->typed_data(),
+          save ? cs->typed_data() : nullptr, save ? acts->typed_data() : nullptr);
+  return ffi::Error::Success();
+}
+
+ffi::Error backward_impl(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> c0,
+                         ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> acts,
+                         ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dh_last,
+                         ffi::Buffer<ffi::F32> dc_last, ffi::ResultBuffer<ffi::F32> dpre,
+                         ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
+                         int32_t reverse, int32_t threads) {
+  const auto d = acts.dimensions();
+  if (d.size() != 3 || d[2] % 4) return ffi::Error::InvalidArgument("acts must be [T, B, 4H]");
+  const Sizes s{static_cast<int>(d[0]), static_cast<int>(d[1]), static_cast<int>(d[2] / 4)};
+  backward(s, reverse != 0, parts_for(threads, s.hidden), w_h.typed_data(), c0.typed_data(),
+           cs.typed_data(), acts.typed_data(), dhs.typed_data(), dh_last.typed_data(),
+           dc_last.typed_data(), dpre->typed_data(), dh0->typed_data(), dc0->typed_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+EXPORT XLA_FFI_Error* JaxmodelsLstmForward(XLA_FFI_CallFrame*);
+EXPORT XLA_FFI_Error* JaxmodelsLstmBackward(XLA_FFI_CallFrame*);
+
+// 1 where this CPU runs the kernels (AVX2 and FMA), else 0: checked before any handler is
+// registered, as the file is compiled for AVX2 whatever the machine that builds it.
+EXPORT int JaxmodelsLstmCpuSupported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmForward, forward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("reverse")
+                                  .Attr<int32_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmBackward, backward_impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("reverse")
+                                  .Attr<int32_t>("threads"));

@@ -1,0 +1,226 @@
+"""The LSTM recurrence as a compiled CPU kernel: ``lstm_cpu.cc``'s forward and backward loops,
+called through the XLA FFI (``jax.ffi``), with the weight and input gradients as XLA matmuls.
+
+Why a kernel: in XLA's ``lax.scan`` each step is a few separate operations (the step's matmul,
+then its gate fusion), each handed to the thread pool and joined again. The kernel keeps one
+thread per part of the hidden units for the whole sequence, each with its part of W_h packed in
+its core's cache, and synchronizes once a step (see the file's header for the equations and the
+layout).
+
+Building: the C++ file ships with the package and is compiled on first use with the system's
+C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against the FFI headers of the
+installed jaxlib, into ``$JAXMODELS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/jaxmodels`` or
+``~/.cache/jaxmodels``), one file per source, headers and compiler, reused afterwards (about 6 s
+once; nothing at install time). It runs on x86-64 CPUs with AVX2 and FMA. Where it cannot be built
+or run, ``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` instead;
+``JAXMODELS_CPU_KERNEL=0`` chooses the scan without trying.
+
+Scope: float32, full-length sequences (no ``seq_lengths``), concrete shapes; ``lstm_scan``
+checks these before choosing it. A function exported with ``jax.export`` for concrete shapes on
+CPU would contain the kernel's custom call, which an artifact cannot carry: export with
+symbolic shapes (as ``jaxmodels.export`` does, taking the scan) or with ``impl="scan"``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+SOURCE = Path(__file__).with_name("lstm_cpu.cc")
+FORWARD_TARGET = "jaxmodels_lstm_cpu_forward"
+BACKWARD_TARGET = "jaxmodels_lstm_cpu_backward"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w")
+SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel
+UNITS_PER_THREAD = 64  # the fewest hidden units a thread is given (smaller parts cost more in sync)
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot run here, or None when it can (building it on the first call)."""
+    library = _library()
+    return library if isinstance(library, str) else None
+
+
+def warn_unavailable() -> None:
+    """One warning per process where an AVX2 x86-64 CPU could run the kernel but it could not be
+    built (no compiler, a failed build), so that a slower ``lstm_scan`` is never a silent one."""
+    reason = unavailable()
+    if reason is not None and not reason.startswith(("disabled", "needs")):
+        _warn_once(reason)
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(
+        f"jaxmodels: the compiled CPU LSTM kernel is unavailable ({reason}); lstm_scan runs its "
+        f"lax.scan, slower ({SWITCH}=0 chooses the scan without this warning)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+    """The built and registered kernel library, or the reason there is none."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return f"disabled by {SWITCH}=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"needs an x86-64 CPU with AVX2 and FMA, this is {platform.machine()}"
+    try:
+        path = _build()
+    except (OSError, subprocess.SubprocessError) as error:
+        return str(error)
+    library = ctypes.CDLL(str(path))
+    if not library.JaxmodelsLstmCpuSupported():
+        return "needs an x86-64 CPU with AVX2 and FMA, this one lacks them"
+    for target, handler in (
+        (FORWARD_TARGET, library.JaxmodelsLstmForward),
+        (BACKWARD_TARGET, library.JaxmodelsLstmBackward),
+    ):
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    return library
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    raise OSError("no C++ compiler found ($CXX, g++, c++ or clang++)")
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $JAXMODELS_CACHE_DIR, else $XDG_CACHE_HOME/jaxmodels, else
+    ~/.cache/jaxmodels."""
+    if os.environ.get("JAXMODELS_CACHE_DIR"):
+        return Path(os.environ["JAXMODELS_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxmodels"
+
+
+def _build() -> Path:
+    """The shared library of ``SOURCE``, compiled unless a build of the same source, FFI headers,
+    compiler and flags is cached. Concurrent first uses (test workers) each compile to a private
+    temporary file and rename it into place, so none reads a half-written library."""
+    compiler = _compiler()
+    include = Path(jax.ffi.include_dir())
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode())
+    for header in sorted((include / "xla" / "ffi" / "api").glob("*.h")):
+        digest.update(header.read_bytes())
+    directory = cache_dir()
+    path = directory / f"lstm_cpu-{digest.hexdigest()[:16]}.so"
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = Path(scratch) / path.name
+        command = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(built), "-pthread"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"{Path(compiler).name} failed to build {SOURCE.name}: {last}")
+        os.replace(built, path)
+    return path
+
+
+def threads_for(hidden: int) -> int:
+    """Threads for a layer of ``hidden`` units: the CPUs this process may use, at most one per
+    ``UNITS_PER_THREAD`` units (at least one)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, hidden // UNITS_PER_THREAD))
+
+
+# ---------------------------------------------------------------------------------------------
+# The recurrence, with its backward pass
+
+
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _attributes(hidden: int, reverse: bool) -> dict:
+    return {"reverse": np.int32(reverse), "threads": np.int32(threads_for(hidden))}
+
+
+def _run_forward(x_proj: Array, w_h: Array, h0: Array, c0: Array, reverse: bool, save: bool):
+    """x_proj [time, batch, 4*hidden] -> (hs [time, batch, hidden], c_T [batch, hidden], cs
+    [time, batch, hidden] and acts [time, batch, 4*hidden] where ``save``, else [0]-shaped)."""
+    time, batch, gates = x_proj.shape
+    hidden = gates // 4
+    saved = (_f32(time, batch, hidden), _f32(time, batch, gates)) if save else (_f32(0),) * 2
+    call = jax.ffi.ffi_call(
+        FORWARD_TARGET,
+        (_f32(time, batch, hidden), _f32(batch, hidden), *saved),
+        vmap_method="sequential",
+    )
+    return call(x_proj, w_h, h0, c0, **_attributes(hidden, reverse))
+
+
+def _project(xs: Array, w_x: Array, b: Array) -> Array:
+    """x_t W_x + b for all steps at once, time-major: [time, batch, 4*hidden]."""
+    return jnp.einsum("btf,fg->tbg", xs, w_x) + b.reshape(1, 1, -1)
+
+
+def _final(hs: Array, reverse: bool) -> Array:
+    return hs[0] if reverse else hs[-1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def recurrence(
+    w_x: Array, w_h: Array, b: Array, carry: tuple[Array, Array], xs: Array, reverse: bool
+) -> tuple[tuple[Array, Array], Array]:
+    """The LSTM over xs [batch, time, features] (float32) from carry (h_0, c_0), each [batch,
+    hidden], with w_x [features, 4*hidden], w_h [hidden, 4*hidden], b [4*hidden] (gates i, f, g,
+    o). Returns ((h_T, c_T), hs [batch, time, hidden]), as ``lstm_scan``; the caller checks the
+    arguments and ``unavailable()``."""
+    hs, c_last, _, _ = _run_forward(_project(xs, w_x, b), w_h, *carry, reverse, save=False)
+    return (_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1)
+
+
+def _recurrence_fwd(w_x, w_h, b, carry, xs, reverse):
+    hs, c_last, cs, acts = _run_forward(_project(xs, w_x, b), w_h, *carry, reverse, save=True)
+    outputs = ((_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1))
+    return outputs, (w_x, w_h, carry, xs, hs, cs, acts)
+
+
+def _recurrence_bwd(reverse, residuals, cotangents):
+    """δpre_t [time, batch, 4*hidden] from the kernel; then δW_x = Σ_t x_tᵀ δpre_t, δW_h =
+    Σ_t h_{t-1}ᵀ δpre_t, δb = Σ_t δpre_t and δx_t = δpre_t W_xᵀ, each one matmul over all steps."""
+    w_x, w_h, (h0, c0), xs, hs, cs, acts = residuals
+    (dh_last, dc_last), dhs = cotangents
+    time, batch, gates = acts.shape
+    hidden = gates // 4
+    call = jax.ffi.ffi_call(
+        BACKWARD_TARGET,
+        (_f32(time, batch, gates), _f32(batch, hidden), _f32(batch, hidden)),
+        vmap_method="sequential",
+    )
+    dpre, dh0, dc0 = call(
+        w_h, c0, cs, acts, jnp.swapaxes(dhs, 0, 1), dh_last, dc_last, **_attributes(hidden, reverse)
+    )
+    # h entering each step: h_0 then h_1 .. h_{T-1}; reversed, h_2 .. h_T then h_0.
+    if reverse:
+        h_in = jnp.concatenate([hs[1:], h0[None]])
+    else:
+        h_in = jnp.concatenate([h0[None], hs[:-1]])
+    dw_x = jnp.einsum("btf,tbg->fg", xs, dpre)
+    dw_h = jnp.einsum("tbh,tbg->hg", h_in, dpre)
+    dxs = jnp.einsum("tbg,fg->btf", dpre, w_x)
+    return dw_x, dw_h, jnp.sum(dpre, axis=(0, 1)), (dh0, dc0), dxs
+
+
+recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
