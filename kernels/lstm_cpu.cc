@@ -1,8 +1,8 @@
 // The LSTM recurrence on CPU, forward and backward, as two XLA FFI handlers (jaxmodels.kernels.lstm_cpu
 // builds this file with the system's C++ compiler on first use and registers the handlers).
 //
-// Forward, per step t (gates i, f, g, o; x_proj_t = x_t W_x + b computed outside, one matmul):
-//   [i f g o] = σ,σ,tanh,σ(x_proj_t + h_{t-1} W_h),  C_t = f·C_{t-1} + i·g,  h_t = o·tanh(C_t).
+// Forward, per step t (gates i, f, g, o):
+//   [i f g o] = σ,σ,tanh,σ(x_t W_x + h_{t-1} W_h + b),  C_t = f·C_{t-1} + i·g,  h_t = o·tanh(C_t).
 // Backward, per step in reverse (δh_t = δhs_t + δh from step t+1, δC from step t+1):
 //   δC = δC_next + δh_t·o·(1 - tanh²C_t), δpre = [δC·g·i(1-i), δC·C_{t-1}·f(1-f), δC·i·(1-g²),
 //   δh_t·tanh C_t·o(1-o)], δC_{t-1} = δC·f, δh_{t-1} = δpre W_hᵀ.
@@ -18,6 +18,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -33,6 +37,8 @@ namespace {
 
 constexpr int NR = 16;  // panel width: two 8-float vectors
 constexpr int MR = 6;   // rows per micro-kernel call
+constexpr int KC = 128;  // the matmuls' k per pass (see gemm)
+constexpr int PROJECTION_ROWS = 128;  // rows of x per input projection (a chunk of steps)
 
 struct Barrier {
   explicit Barrier(int n) : n(n) {}
@@ -92,18 +98,19 @@ void pack_rows(const float* w, int k, const std::vector<int>& rows, float* out) 
       }
 }
 
-// c [R, NR] = a [R, k] x panel [k, NR], R <= MR rows: the accumulators are named variables (an
+// c [R, NR] = (c +) a [R, k] x panel [k, NR], R <= MR rows of a given by pointers: the accumulators are named variables (an
 // array of vectors would be kept in memory by the compiler, one store per FMA).
 template <int R>
-inline void micro(int k, const float* a, int lda, const float* panel, float* c, int ldc) {
+inline void micro(int k, const float* const* rows, int k0, const float* panel, float* c, int ldc,
+                  bool accumulate) {
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float* a0 = a;
-  const float* a1 = a + lda;
-  const float* a2 = a + 2 * lda;
-  const float* a3 = a + 3 * lda;
-  const float* a4 = a + 4 * lda;
-  const float* a5 = a + 5 * lda;
+  const float* a0 = rows[0] + k0;
+  const float* a1 = R > 1 ? rows[1] + k0 : a0;
+  const float* a2 = R > 2 ? rows[2] + k0 : a0;
+  const float* a3 = R > 3 ? rows[3] + k0 : a0;
+  const float* a4 = R > 4 ? rows[4] + k0 : a0;
+  const float* a5 = R > 5 ? rows[5] + k0 : a0;
   for (int kk = 0; kk < k; ++kk) {
     const __m256 b0 = _mm256_load_ps(panel + kk * NR);
     const __m256 b1 = _mm256_load_ps(panel + kk * NR + 8);
@@ -117,33 +124,51 @@ inline void micro(int k, const float* a, int lda, const float* panel, float* c, 
     JM_ROW(0) JM_ROW(1) JM_ROW(2) JM_ROW(3) JM_ROW(4) JM_ROW(5)
 #undef JM_ROW
   }
-#define JM_STORE(r)                                  \
-  if constexpr (R > r) {                             \
-    _mm256_storeu_ps(c + r * ldc, c##r##0);          \
-    _mm256_storeu_ps(c + r * ldc + 8, c##r##1);      \
+#define JM_STORE(r)                                                      \
+  if constexpr (R > r) {                                                 \
+    if (accumulate) {                                                    \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(c + r * ldc));     \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(c + r * ldc + 8)); \
+    }                                                                    \
+    _mm256_storeu_ps(c + r * ldc, c##r##0);                              \
+    _mm256_storeu_ps(c + r * ldc + 8, c##r##1);                          \
   }
   JM_STORE(0) JM_STORE(1) JM_STORE(2) JM_STORE(3) JM_STORE(4) JM_STORE(5)
 #undef JM_STORE
 }
 
-// c [m, panels*NR] = a [m, k] (row stride lda) x packed panels.
-void gemm(int m, int k, const float* a, int lda, const float* packed, int panels, float* c) {
+// c [m, panels*NR] = (c +) a [m, k] x packed panels, the rows of a given by pointers. k is taken
+// KC at a time, so that a panel's slice (KC x 16) and the rows' slices (m x KC) stay in L1 while
+// each serves all the others.
+void gemm(int m, int k, const float* const* rows, const float* packed, int panels, float* c,
+          bool accumulate = false) {
   const int ldc = panels * NR;
-  for (int p = 0; p < panels; ++p) {
-    const float* panel = packed + static_cast<size_t>(p) * k * NR;
-    int r = 0;
-    for (; r + MR <= m; r += MR) micro<MR>(k, a + static_cast<size_t>(r) * lda, lda, panel, c + r * ldc + p * NR, ldc);
-    const float* ar = a + static_cast<size_t>(r) * lda;
-    float* cr = c + r * ldc + p * NR;
-    switch (m - r) {
-      case 5: micro<5>(k, ar, lda, panel, cr, ldc); break;
-      case 4: micro<4>(k, ar, lda, panel, cr, ldc); break;
-      case 3: micro<3>(k, ar, lda, panel, cr, ldc); break;
-      case 2: micro<2>(k, ar, lda, panel, cr, ldc); break;
-      case 1: micro<1>(k, ar, lda, panel, cr, ldc); break;
-      default: break;
+  for (int k0 = 0; k0 < k; k0 += KC) {
+    const int kc = std::min(KC, k - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int p = 0; p < panels; ++p) {
+      const float* panel = packed + (static_cast<size_t>(p) * k + k0) * NR;
+      int r = 0;
+      for (; r + MR <= m; r += MR)
+        micro<MR>(kc, rows + r, k0, panel, c + static_cast<size_t>(r) * ldc + p * NR, ldc, acc);
+      float* cr = c + static_cast<size_t>(r) * ldc + p * NR;
+      switch (m - r) {
+        case 5: micro<5>(kc, rows + r, k0, panel, cr, ldc, acc); break;
+        case 4: micro<4>(kc, rows + r, k0, panel, cr, ldc, acc); break;
+        case 3: micro<3>(kc, rows + r, k0, panel, cr, ldc, acc); break;
+        case 2: micro<2>(kc, rows + r, k0, panel, cr, ldc, acc); break;
+        case 1: micro<1>(kc, rows + r, k0, panel, cr, ldc, acc); break;
+        default: break;
+      }
     }
   }
+}
+
+// The row pointers of a [m, k] with rows stride apart.
+std::vector<const float*> strided_rows(const float* a, int m, size_t stride) {
+  std::vector<const float*> rows(m);
+  for (int r = 0; r < m; ++r) rows[r] = a + r * stride;
+  return rows;
 }
 
 // exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32.
@@ -194,27 +219,77 @@ std::pair<int, int> units_of(int part, int parts, int hidden) {
   return {std::min(hidden, b0 * 8), std::min(hidden, b1 * 8)};
 }
 
+// Runs f(part, parts, barrier) for parts 0 .. parts-1 at once: part 0 on the calling thread, the
+// others on threads of XLA's intra-op pool (the threads that sit idle while this kernel runs, so
+// that no extra threads compete with them for the cores). Up to `want` parts: helpers scheduled on
+// the pool join for about 200 µs, and the parts are those that joined by then, so a busy pool
+// makes the kernel run with fewer threads, never wait for one. The team lives on the heap: a
+// helper scheduled late finds it closed and returns.
+struct Team {
+  std::mutex mutex;
+  int joined = 1;
+  bool closed = false;
+  std::atomic<bool> go{false};
+  std::atomic<int> finished{0};
+  std::unique_ptr<Barrier> barrier;
+  std::function<void(int, int, Barrier&)> body;
+};
+
 template <typename F>
-void run_parts(int parts, F&& f) {
-  std::vector<std::thread> workers;
-  for (int p = 1; p < parts; ++p) workers.emplace_back(f, p);
-  f(0);
-  for (auto& w : workers) w.join();
+void run_parts(ffi::ThreadPool& pool, int want, F&& f) {
+  want = static_cast<int>(std::min<int64_t>(want, pool.num_threads() + 1));
+  if (want <= 1) {
+    Barrier single(1);
+    f(0, 1, single);
+    return;
+  }
+  auto team = std::make_shared<Team>();
+  team->body = f;
+  for (int p = 1; p < want; ++p)
+    pool.Schedule([team] {
+      int part;
+      {
+        std::lock_guard<std::mutex> lock(team->mutex);
+        if (team->closed) return;
+        part = team->joined++;
+      }
+      while (!team->go.load(std::memory_order_acquire)) _mm_pause();
+      team->body(part, team->barrier->n, *team->barrier);
+      team->finished.fetch_add(1, std::memory_order_release);
+    });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+  int parts;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(team->mutex);
+      if (team->joined == want || std::chrono::steady_clock::now() > deadline) {
+        team->closed = true;
+        parts = team->joined;
+        break;
+      }
+    }
+    std::this_thread::yield();
+  }
+  team->barrier = std::make_unique<Barrier>(parts);
+  team->go.store(true, std::memory_order_release);
+  f(0, parts, *team->barrier);
+  while (team->finished.load(std::memory_order_acquire) != parts - 1) _mm_pause();
 }
 
 struct Sizes {
-  int time, batch, hidden;
+  int time, batch, hidden, features;
 };
 
-// Forward: pre_x [T, B, 4H] (x_t W_x + b), w_h [H, 4H], h0, c0 [B, H] -> hs [T, B, H] and
+// Forward: xs [B, T, F], w_x [F, 4H], b [4H], w_h [H, 4H], h0, c0 [B, H] -> hs [T, B, H] and
 // c_last [B, H] (C after the last step); with save, also cs [T, B, H] (C_t) and acts [T, B, 4H]
-// (the activated gates i, f, g, o), which the backward pass reads.
-void forward(Sizes s, bool reverse, int parts, const float* pre_x, const float* w_h,
-             const float* h0, const float* c0, float* hs, float* c_last, float* cs, float* acts) {
-  const int T = s.time, B = s.batch, H = s.hidden, G = 4 * H;
+// (the activated gates i, f, g, o), which the backward pass reads. Each part computes its
+// columns of x_t W_x for the next step before the step's barrier, while it would otherwise wait.
+void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const float* xs,
+             const float* w_x, const float* bias, const float* w_h, const float* h0,
+             const float* c0, float* hs, float* c_last, float* cs, float* acts) {
+  const int T = s.time, B = s.batch, H = s.hidden, F = s.features, G = 4 * H;
   const bool save = cs != nullptr;
-  Barrier barrier(parts);
-  run_parts(parts, [&](int part) {
+  run_parts(pool, threads, [&](int part, int parts, Barrier& barrier) {
     const auto [u0, u1] = units_of(part, parts, H);
     const int nu = u1 - u0;
     std::vector<int> cols;
@@ -222,30 +297,50 @@ void forward(Sizes s, bool reverse, int parts, const float* pre_x, const float* 
       for (int u = u0; u < u1; ++u) cols.push_back(g * H + u);
     const int panels = (static_cast<int>(cols.size()) + NR - 1) / NR;
     const int ldp = panels * NR;
-    AlignedBuffer packed(static_cast<size_t>(panels) * H * NR);
-    if (nu) pack_columns(w_h, H, G, cols, packed.p);
-    AlignedBuffer pre(static_cast<size_t>(B) * ldp), c_state(static_cast<size_t>(B) * nu);
+    AlignedBuffer packed_h(static_cast<size_t>(panels) * H * NR);
+    AlignedBuffer packed_x(static_cast<size_t>(panels) * F * NR);
+    // x_t W_x for a chunk of steps at a time, about PROJECTION_ROWS rows of x: W_x is read once a
+    // chunk (at batch 1 a step's projection alone would read all of it for one row).
+    const int chunk = std::clamp(PROJECTION_ROWS / B, 1, T);
+    AlignedBuffer pre(static_cast<size_t>(chunk) * B * ldp), c_state(static_cast<size_t>(B) * nu);
+    AlignedBuffer b_own(ldp);
+    if (nu) {
+      pack_columns(w_h, H, G, cols, packed_h.p);
+      pack_columns(w_x, F, G, cols, packed_x.p);
+      for (size_t c = 0; c < cols.size(); ++c) b_own.p[c] = bias[cols[c]];
+    }
     for (int b = 0; b < B; ++b)
       std::memcpy(c_state.p + static_cast<size_t>(b) * nu, c0 + static_cast<size_t>(b) * H + u0,
                   sizeof(float) * nu);
+    const auto time_of = [&](int step) { return reverse ? T - 1 - step : step; };
+    std::vector<const float*> x_rows(static_cast<size_t>(chunk) * B);
+    const auto project = [&](int first) {  // pre = x_t W_x for the chunk's steps, rows (step, b)
+      const int n = std::min(chunk, T - first);
+      for (int i = 0; i < n; ++i)
+        for (int b = 0; b < B; ++b)
+          x_rows[i * B + b] = xs + (static_cast<size_t>(b) * T + time_of(first + i)) * F;
+      if (nu) gemm(n * B, F, x_rows.data(), packed_x.p, panels, pre.p);
+    };
+    project(0);
     for (int step = 0; step < T; ++step) {
-      const int t = reverse ? T - 1 - step : step;
-      const int prev = reverse ? t + 1 : t - 1;
-      const float* h_in = step == 0 ? h0 : hs + static_cast<size_t>(prev) * B * H;
+      const int t = time_of(step);
+      const float* h_in = step == 0 ? h0 : hs + static_cast<size_t>(time_of(step - 1)) * B * H;
+      float* pre_t = pre.p + static_cast<size_t>(step % chunk) * B * ldp;
       if (nu) {
-        gemm(B, H, h_in, H, packed.p, panels, pre.p);
+        gemm(B, H, strided_rows(h_in, B, H).data(), packed_h.p, panels, pre_t, /*accumulate=*/true);
         for (int b = 0; b < B; ++b) {
           const size_t row = static_cast<size_t>(t) * B + b;
-          const float* px = pre_x + row * G + u0;
-          const float* pr = pre.p + static_cast<size_t>(b) * ldp;
+          const float* pr = pre_t + static_cast<size_t>(b) * ldp;
+          const float* bo = b_own.p;
           float* c = c_state.p + static_cast<size_t>(b) * nu;
           float* h = hs + row * H + u0;
           int j = 0;
+          const auto gate8 = [&](int g) {
+            return _mm256_add_ps(_mm256_loadu_ps(pr + g * nu + j), _mm256_loadu_ps(bo + g * nu + j));
+          };
           for (; j + 8 <= nu; j += 8) {
-            const __m256 i = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(pr + j), _mm256_loadu_ps(px + j)));
-            const __m256 f = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(pr + nu + j), _mm256_loadu_ps(px + H + j)));
-            const __m256 g = tanh8(_mm256_add_ps(_mm256_loadu_ps(pr + 2 * nu + j), _mm256_loadu_ps(px + 2 * H + j)));
-            const __m256 o = sigmoid8(_mm256_add_ps(_mm256_loadu_ps(pr + 3 * nu + j), _mm256_loadu_ps(px + 3 * H + j)));
+            const __m256 i = sigmoid8(gate8(0)), f = sigmoid8(gate8(1));
+            const __m256 g = tanh8(gate8(2)), o = sigmoid8(gate8(3));
             const __m256 c_t = _mm256_fmadd_ps(f, _mm256_loadu_ps(c + j), _mm256_mul_ps(i, g));
             _mm256_storeu_ps(c + j, c_t);
             _mm256_storeu_ps(h + j, _mm256_mul_ps(o, tanh8(c_t)));
@@ -259,9 +354,9 @@ void forward(Sizes s, bool reverse, int parts, const float* pre_x, const float* 
             }
           }
           for (; j < nu; ++j) {
-            const float i = sigmoid1(pr[j] + px[j]), f = sigmoid1(pr[nu + j] + px[H + j]);
-            const float g = std::tanh(pr[2 * nu + j] + px[2 * H + j]);
-            const float o = sigmoid1(pr[3 * nu + j] + px[3 * H + j]);
+            const float i = sigmoid1(pr[j] + bo[j]), f = sigmoid1(pr[nu + j] + bo[nu + j]);
+            const float g = std::tanh(pr[2 * nu + j] + bo[2 * nu + j]);
+            const float o = sigmoid1(pr[3 * nu + j] + bo[3 * nu + j]);
             c[j] = f * c[j] + i * g;
             h[j] = o * std::tanh(c[j]);
             if (save) {
@@ -271,6 +366,7 @@ void forward(Sizes s, bool reverse, int parts, const float* pre_x, const float* 
             }
           }
         }
+        if ((step + 1) % chunk == 0 && step + 1 < T) project(step + 1);
       }
       barrier.wait();
     }
@@ -283,12 +379,11 @@ void forward(Sizes s, bool reverse, int parts, const float* pre_x, const float* 
 // Backward: the gate gradients dpre [T, B, 4H] and dh0, dc0 [B, H] from dhs [T, B, H] (the
 // gradient reaching each h_t from outside the recurrence), dh_T, dc_T [B, H] and what forward
 // saved (acts, cs), with c0 and w_h.
-void backward(Sizes s, bool reverse, int parts, const float* w_h, const float* c0,
+void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const float* w_h, const float* c0,
               const float* cs, const float* acts, const float* dhs, const float* dh_last,
               const float* dc_last, float* dpre, float* dh0, float* dc0) {
   const int T = s.time, B = s.batch, H = s.hidden, G = 4 * H;
-  Barrier barrier(parts);
-  run_parts(parts, [&](int part) {
+  run_parts(pool, threads, [&](int part, int parts, Barrier& barrier) {
     const auto [u0, u1] = units_of(part, parts, H);
     const int nu = u1 - u0;
     std::vector<int> rows;
@@ -297,6 +392,7 @@ void backward(Sizes s, bool reverse, int parts, const float* w_h, const float* c
     const int ldp = panels * NR;
     AlignedBuffer packed(static_cast<size_t>(panels) * G * NR);
     if (nu) pack_rows(w_h, G, rows, packed.p);
+    const auto dpre_rows = [&](int t) { return strided_rows(dpre + static_cast<size_t>(t) * B * G, B, G); };
     AlignedBuffer dh(static_cast<size_t>(B) * ldp), dc(static_cast<size_t>(B) * ldp);
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < nu; ++j) {
@@ -346,7 +442,7 @@ void backward(Sizes s, bool reverse, int parts, const float* w_h, const float* c
         }
       }
       barrier.wait();
-      if (nu) gemm(B, G, dpre + static_cast<size_t>(t) * B * G, G, packed.p, panels, dh.p);
+      if (nu) gemm(B, G, dpre_rows(t).data(), packed.p, panels, dh.p);
     }
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < nu; ++j) {
@@ -361,22 +457,26 @@ int parts_for(int64_t threads, int hidden) {
   return static_cast<int>(std::clamp<int64_t>(threads, 1, most));
 }
 
-ffi::Error forward_impl(ffi::Buffer<ffi::F32> pre_x, ffi::Buffer<ffi::F32> w_h,
-                        ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
-                        ffi::ResultBuffer<ffi::F32> hs, ffi::ResultBuffer<ffi::F32> c_last,
-                        ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> acts,
-                        int32_t reverse, int32_t threads) {
-  const auto d = pre_x.dimensions();
-  if (d.size() != 3 || d[2] % 4) return ffi::Error::InvalidArgument("pre_x must be [T, B, 4H]");
-  const Sizes s{static_cast<int>(d[0]), static_cast<int>(d[1]), static_cast<int>(d[2] / 4)};
+ffi::Error forward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                        ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> b,
+                        ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
+                        ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
+                        ffi::ResultBuffer<ffi::F32> c_last, ffi::ResultBuffer<ffi::F32> cs,
+                        ffi::ResultBuffer<ffi::F32> acts, int32_t reverse, int32_t threads) {
+  const auto dx = xs.dimensions(), dh = w_h.dimensions();
+  if (dx.size() != 3 || dh.size() != 2 || dh[1] != 4 * dh[0])
+    return ffi::Error::InvalidArgument("expected xs [B, T, F] and w_h [H, 4H]");
+  const Sizes s{static_cast<int>(dx[1]), static_cast<int>(dx[0]), static_cast<int>(dh[0]),
+                static_cast<int>(dx[2])};
   const bool save = acts->element_count() > 0;  // [0]-shaped cs and acts: inference, not saved
-  forward(s, reverse != 0, parts_for(threads, s.hidden), pre_x.typed_data(), w_h.typed_data(),
-          h0.typed_data(), c0.typed_data(), hs->typed_data(), c_last->typed_data(),
-          save ? cs->typed_data() : nullptr, save ? acts->typed_data() : nullptr);
+  forward(pool, s, reverse != 0, parts_for(threads, s.hidden), xs.typed_data(), w_x.typed_data(),
+          b.typed_data(), w_h.typed_data(), h0.typed_data(), c0.typed_data(), hs->typed_data(),
+          c_last->typed_data(), save ? cs->typed_data() : nullptr,
+          save ? acts->typed_data() : nullptr);
   return ffi::Error::Success();
 }
 
-ffi::Error backward_impl(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> c0,
+ffi::Error backward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> c0,
                          ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> acts,
                          ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dh_last,
                          ffi::Buffer<ffi::F32> dc_last, ffi::ResultBuffer<ffi::F32> dpre,
@@ -384,8 +484,8 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> c0,
                          int32_t reverse, int32_t threads) {
   const auto d = acts.dimensions();
   if (d.size() != 3 || d[2] % 4) return ffi::Error::InvalidArgument("acts must be [T, B, 4H]");
-  const Sizes s{static_cast<int>(d[0]), static_cast<int>(d[1]), static_cast<int>(d[2] / 4)};
-  backward(s, reverse != 0, parts_for(threads, s.hidden), w_h.typed_data(), c0.typed_data(),
+  const Sizes s{static_cast<int>(d[0]), static_cast<int>(d[1]), static_cast<int>(d[2] / 4), 0};
+  backward(pool, s, reverse != 0, parts_for(threads, s.hidden), w_h.typed_data(), c0.typed_data(),
            cs.typed_data(), acts.typed_data(), dhs.typed_data(), dh_last.typed_data(),
            dc_last.typed_data(), dpre->typed_data(), dh0->typed_data(), dc0->typed_data());
   return ffi::Error::Success();
@@ -405,6 +505,9 @@ EXPORT int JaxmodelsLstmCpuSupported() {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmForward, forward_impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -418,6 +521,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmForward, forward_impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmBackward, backward_impl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

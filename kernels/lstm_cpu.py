@@ -156,23 +156,18 @@ def _attributes(hidden: int, reverse: bool) -> dict:
     return {"reverse": np.int32(reverse), "threads": np.int32(threads_for(hidden))}
 
 
-def _run_forward(x_proj: Array, w_h: Array, h0: Array, c0: Array, reverse: bool, save: bool):
-    """x_proj [time, batch, 4*hidden] -> (hs [time, batch, hidden], c_T [batch, hidden], cs
+def _run_forward(w_x, w_h, b, carry, xs, reverse: bool, save: bool):
+    """xs [batch, time, features] -> (hs [time, batch, hidden], c_T [batch, hidden], cs
     [time, batch, hidden] and acts [time, batch, 4*hidden] where ``save``, else [0]-shaped)."""
-    time, batch, gates = x_proj.shape
-    hidden = gates // 4
-    saved = (_f32(time, batch, hidden), _f32(time, batch, gates)) if save else (_f32(0),) * 2
+    batch, time, _ = xs.shape
+    hidden = w_h.shape[0]
+    saved = (_f32(time, batch, hidden), _f32(time, batch, 4 * hidden)) if save else (_f32(0),) * 2
     call = jax.ffi.ffi_call(
         FORWARD_TARGET,
         (_f32(time, batch, hidden), _f32(batch, hidden), *saved),
         vmap_method="sequential",
     )
-    return call(x_proj, w_h, h0, c0, **_attributes(hidden, reverse))
-
-
-def _project(xs: Array, w_x: Array, b: Array) -> Array:
-    """x_t W_x + b for all steps at once, time-major: [time, batch, 4*hidden]."""
-    return jnp.einsum("btf,fg->tbg", xs, w_x) + b.reshape(1, 1, -1)
+    return call(xs, w_x, b, w_h, *carry, **_attributes(hidden, reverse))
 
 
 def _final(hs: Array, reverse: bool) -> Array:
@@ -187,12 +182,12 @@ def recurrence(
     hidden], with w_x [features, 4*hidden], w_h [hidden, 4*hidden], b [4*hidden] (gates i, f, g,
     o). Returns ((h_T, c_T), hs [batch, time, hidden]), as ``lstm_scan``; the caller checks the
     arguments and ``unavailable()``."""
-    hs, c_last, _, _ = _run_forward(_project(xs, w_x, b), w_h, *carry, reverse, save=False)
+    hs, c_last, _, _ = _run_forward(w_x, w_h, b, carry, xs, reverse, save=False)
     return (_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1)
 
 
 def _recurrence_fwd(w_x, w_h, b, carry, xs, reverse):
-    hs, c_last, cs, acts = _run_forward(_project(xs, w_x, b), w_h, *carry, reverse, save=True)
+    hs, c_last, cs, acts = _run_forward(w_x, w_h, b, carry, xs, reverse, save=True)
     outputs = ((_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1))
     return outputs, (w_x, w_h, carry, xs, hs, cs, acts)
 

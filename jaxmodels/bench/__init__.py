@@ -30,6 +30,7 @@ from jaxmodels.bench.cnn import (
     cnn_variants,
 )
 from jaxmodels.bench.lstm import (
+    LSTM_CPU,
     LSTM_FLAX,
     LSTM_NAIVE,
     LSTM_PALLAS,
@@ -62,6 +63,7 @@ __all__ = [
     "CNN_TORCH",
     "DTYPES",
     "ISOLATIONS",
+    "LSTM_CPU",
     "LSTM_FLAX",
     "LSTM_NAIVE",
     "LSTM_PALLAS",

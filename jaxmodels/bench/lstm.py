@@ -30,6 +30,7 @@ from jaxmodels.bench.timing import (
     check_dtypes,
 )
 from jaxmodels.bench.torch_configs import torch_dtype_contenders, torch_note
+from jaxmodels.kernels import lstm_cpu
 
 # (hidden, batch, time), input features = hidden: DeepBench's shapes scaled to a small CPU machine,
 # and the latency shapes (batch 1; small hidden).
@@ -51,7 +52,8 @@ LSTM_FLAX = "Flax nn.RNN(OptimizedLSTMCell)"
 LSTM_TORCH = "PyTorch nn.LSTM"  # as installed, CPU-count threads; torch_configs names the others
 LSTM_SCAN = "jaxmodels lstm_scan(scan)"
 LSTM_PALLAS = "jaxmodels lstm_scan(pallas)"
-JAX_KINDS = ("naive", "flax", "experimental", "scan", "pallas")
+LSTM_CPU = "jaxmodels lstm_scan(cpu)"
+JAX_KINDS = ("naive", "flax", "experimental", "scan", "pallas", "cpu")
 
 
 def lstm_flops(
@@ -142,7 +144,7 @@ def jax_setup(
         if dtype != "float32":
             raise ValueError("jax.experimental.rnn takes float32 only")
         f, params = _experimental(key, hidden, batch, time, features, backend)
-    elif kind in ("scan", "pallas"):
+    elif kind in ("scan", "pallas", "cpu"):
         cast = lambda p: jax.tree.map(lambda a: a.astype(compute), p)
         f = lambda p, x: jm.lstm_scan(cast(p), x, impl=kind)[1]
         params = jm.init_lstm(key, features, hidden)
@@ -200,6 +202,8 @@ def lstm_contenders(
         allocators=allocators,
     )
     contenders.append(jax_contender(LSTM_SCAN, "scan"))
+    if backend == "cpu" and dtype == "float32" and lstm_cpu.unavailable() is None:
+        contenders.append(jax_contender(LSTM_CPU, "cpu"))  # the compiled CPU kernel
     if backend in ("gpu", "tpu"):  # never time the kernel in interpret mode
         contenders.append(jax_contender(LSTM_PALLAS, "pallas"))
     return contenders

@@ -1,0 +1,226 @@
+"""Tests of the compiled CPU LSTM kernel (jaxmodels.kernels.lstm_cpu) and of lstm_scan's choice of
+it: impl='cpu' against the XLA scan (impl='scan') and ``lstm_cell`` stepped by ``lax.scan`` and
+differentiated by plain autodiff, forwards and reversed, across the shapes that take the kernel's other code
+paths (hidden not a multiple of 8: the scalar tail; batch not a multiple of the 6-row
+micro-kernel; several threads; time longer than one chunk of the input projection); then the
+fallbacks: where it cannot be built, where it is switched off, and what impl='cpu' refuses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxmodels
+from jaxmodels.kernels import lstm_cpu
+
+pytestmark = pytest.mark.skipif(
+    lstm_cpu.unavailable() is not None, reason=f"CPU kernel unavailable: {lstm_cpu.unavailable()}"
+)
+
+TOL = dict(rtol=2e-5, atol=2e-6)
+GRAD_TOL = dict(rtol=5e-5, atol=5e-5)
+
+
+def _problem(hidden, batch, time, features, seed=0):
+    k = jax.random.split(jax.random.key(seed), 6)
+    params = {
+        "w_x": jax.random.normal(k[0], (features, 4 * hidden)) / np.sqrt(features),
+        "w_h": jax.random.normal(k[1], (hidden, 4 * hidden)) / np.sqrt(hidden),
+        "b": 0.1 * jax.random.normal(k[2], (4 * hidden,)),
+    }
+    carry = (
+        0.5 * jax.random.normal(k[3], (batch, hidden)),
+        0.5 * jax.random.normal(k[4], (batch, hidden)),
+    )
+    return params, carry, jax.random.normal(k[5], (batch, time, features))
+
+
+def _loop(params, xs, carry, reverse):
+    """The reference: ``lstm_cell`` stepped by a plain ``lax.scan``, differentiated by autodiff."""
+    step = lambda carry, x: jaxmodels.lstm_cell(params, carry, x)
+    carry, hs = jax.lax.scan(step, carry, jnp.swapaxes(xs, 0, 1), reverse=reverse)
+    return carry, jnp.swapaxes(hs, 0, 1)
+
+
+def _loss(run):
+    """A loss that reaches every output: the outputs, and both parts of the final carry."""
+
+    def loss(params, carry, xs):
+        (h, c), hs = run(params, xs, carry)
+        return jnp.sum(hs**2) + jnp.sum(jnp.sin(h)) + jnp.sum(c * c)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+# (hidden, batch, time, features): the code paths named in the module docstring
+SHAPES = [
+    (16, 2, 5, 3),
+    (13, 3, 7, 5),  # hidden < 8: the scalar tail only
+    (37, 7, 9, 4),  # a vector block and a tail; batch 6 + 1
+    (200, 5, 9, 7),  # several threads (where the machine has the CPUs)
+    (24, 1, 150, 6),  # batch 1: projections in chunks of 128 steps and a partial chunk
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_the_scan_and_the_cell_loop(shape, reverse):
+    params, carry, xs = _problem(*shape)
+    kernel = lambda p, x, c: jaxmodels.lstm_scan(p, x, c, reverse=reverse, impl="cpu")
+    scan = lambda p, x, c: jaxmodels.lstm_scan(p, x, c, reverse=reverse, impl="scan")
+    loop = lambda p, x, c: _loop(p, x, c, reverse)
+    out = jax.jit(kernel)(params, xs, carry)
+    for reference in (scan, loop):
+        np.testing.assert_allclose(
+            np.concatenate([np.ravel(a) for a in jax.tree.leaves(out)]),
+            np.concatenate([np.ravel(a) for a in jax.tree.leaves(reference(params, xs, carry))]),
+            **TOL,
+        )
+    value, grads = _loss(kernel)(params, carry, xs)
+    for reference in (scan, loop):
+        ref_value, ref_grads = _loss(reference)(params, carry, xs)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            np.testing.assert_allclose(g, r, **GRAD_TOL)
+
+
+def test_parts_of_the_hidden_units_give_the_same_result(monkeypatch):
+    """However many threads split the units (one, or as many as there are CPUs, up to one per 8
+    units), the results agree with one thread's to float32 rounding."""
+    params, carry, xs = _problem(64, 4, 6, 5)
+    run = jax.jit(lambda p, x, c: jaxmodels.lstm_scan(p, x, c, impl="cpu"))
+    monkeypatch.setattr(lstm_cpu, "UNITS_PER_THREAD", 10**6)
+    assert lstm_cpu.threads_for(64) == 1
+    one = run(params, xs, carry)
+    monkeypatch.setattr(lstm_cpu, "UNITS_PER_THREAD", 8)
+    many = jax.jit(lambda p, x, c: jaxmodels.lstm_scan(p, x, c, impl="cpu"))(params, xs, carry)
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_auto_takes_the_kernel_on_cpu_for_float32_full_length():
+    params, _, xs = _problem(16, 2, 5, 3)
+    text = jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x)).lower(params, xs).as_text()
+    assert lstm_cpu.FORWARD_TARGET in text
+    lengths = jnp.array([5, 3])
+    text = jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x, seq_lengths=lengths)).lower(params, xs)
+    assert lstm_cpu.FORWARD_TARGET not in text.as_text()
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    text = jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x)).lower(bf16, xs.astype(jnp.bfloat16))
+    assert lstm_cpu.FORWARD_TARGET not in text.as_text()
+
+
+def test_the_module_and_vmap_run_on_the_kernel():
+    """The Linen module (impl "auto"; two layers, both directions) agrees with impl="scan"; vmap
+    over a leading axis runs the kernel once per entry."""
+    model = jaxmodels.LSTM(hidden_size=24, num_layers=2, bidirectional=True)
+    xs = jax.random.normal(jax.random.key(3), (2, 6, 5))
+    variables = model.init(jax.random.key(4), xs)
+    np.testing.assert_allclose(
+        model.apply(variables, xs)[0],
+        jaxmodels.LSTM(hidden_size=24, num_layers=2, bidirectional=True, impl="scan").apply(
+            variables, xs
+        )[0],
+        **TOL,
+    )
+    params, _, _ = _problem(16, 2, 5, 3)
+    stacked = jax.random.normal(jax.random.key(5), (3, 2, 5, 3))
+    outs = jax.vmap(lambda x: jaxmodels.lstm_scan(params, x, impl="cpu")[1])(stacked)
+    for i in range(3):
+        np.testing.assert_allclose(outs[i], jaxmodels.lstm_scan(params, stacked[i])[1], **TOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, dtype, match",
+    [
+        ({"seq_lengths": jnp.array([5, 3])}, jnp.float32, r"full-length sequences"),
+        ({}, jnp.bfloat16, r"float32 xs and params"),
+    ],
+)
+def test_impl_cpu_refuses_what_it_does_not_take(kwargs, dtype, match):
+    params, _, xs = _problem(16, 2, 5, 3)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    with pytest.raises(ValueError, match=match):
+        jaxmodels.lstm_scan(params, xs.astype(dtype), impl="cpu", **kwargs)
+
+
+def test_a_build_is_reused():
+    """The cached library is found again, not rebuilt."""
+    lstm_cpu.unavailable()
+    built = sorted(lstm_cpu.cache_dir().glob("lstm_cpu-*.so"))
+    assert built, f"no build in {lstm_cpu.cache_dir()}"
+    before = {p: p.stat().st_mtime_ns for p in built}
+    _run_fresh("from jaxmodels.kernels import lstm_cpu; assert lstm_cpu.unavailable() is None")
+    assert {p: p.stat().st_mtime_ns for p in built} == before
+
+
+def _run_fresh(code: str, **env) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (the library is built and registered once per process)."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+FALLBACK = """
+    import warnings
+    import jax, jax.numpy as jnp, jaxmodels
+    from jaxmodels.kernels import lstm_cpu
+    params = jaxmodels.init_lstm(jax.random.key(0), 3, 16)
+    xs = jnp.ones((2, 5, 3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            out = jaxmodels.lstm_scan(params, xs)[1]
+    scan = jaxmodels.lstm_scan(params, xs, impl="scan")[1]
+    assert bool(jnp.all(out == scan)), "auto did not run the scan"
+    print("REASON", lstm_cpu.unavailable())
+    print("WARNINGS", len(caught), *[str(w.message) for w in caught])
+    try:
+        jaxmodels.lstm_scan(params, xs, impl="cpu")
+    except RuntimeError as error:
+        print("REFUSED", error)
+"""
+
+
+def test_without_a_compiler_auto_warns_once_and_runs_the_scan(tmp_path):
+    result = _run_fresh(FALLBACK, CXX="false-compiler", PATH="/nonexistent", **_cache(tmp_path))
+    assert "REASON no C++ compiler found" in result.stdout
+    assert "WARNINGS 1 jaxmodels: the compiled CPU LSTM kernel is unavailable" in result.stdout
+    assert "REFUSED impl='cpu' cannot run here: no C++ compiler found" in result.stdout
+
+
+def test_a_failing_build_names_the_compiler_error(tmp_path):
+    compiler = tmp_path / "broken-c++"
+    compiler.write_text(
+        '#!/bin/sh\n[ "$1" = --version ] && exit 0\necho "fatal: broken" >&2\nexit 1\n'
+    )
+    compiler.chmod(0o755)
+    result = _run_fresh(FALLBACK, CXX=str(compiler), **_cache(tmp_path))
+    assert "REASON broken-c++ failed to build lstm_cpu.cc: fatal: broken" in result.stdout
+    assert "WARNINGS 1 " in result.stdout
+    assert not list((tmp_path / "cache").glob("*.so")), "a failed build left a library behind"
+
+
+def test_switched_off_it_is_never_built_and_auto_stays_quiet(tmp_path):
+    result = _run_fresh(FALLBACK, JAXMODELS_CPU_KERNEL="0", **_cache(tmp_path))
+    assert "REASON disabled by JAXMODELS_CPU_KERNEL=0" in result.stdout
+    assert "WARNINGS 0" in result.stdout
+    assert "REFUSED impl='cpu' cannot run here: disabled" in result.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+def _cache(tmp_path) -> dict:
+    return {"JAXMODELS_CACHE_DIR": str(tmp_path / "cache")}
