@@ -72,6 +72,7 @@ API_MODULES = [
     "jaxmodels.export",
     "jaxmodels.targets",
     "jaxmodels.kernels.common",
+    "jaxmodels.kernels.lstm_cpu",
     "jaxmodels.kernels.dense",
     "jaxmodels.kernels.lstm_cell",
     "jaxmodels.kernels.lstm_stepwise",

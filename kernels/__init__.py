@@ -1,4 +1,5 @@
-"""Pallas kernels for jaxmodels, installed as ``jaxmodels.kernels``.
+"""Pallas kernels for jaxmodels, installed as ``jaxmodels.kernels``, and the CPU LSTM kernel
+(``lstm_cpu``: C++ through the XLA FFI, built on first use).
 
 Each kernel file follows the anatomy of ``jax/experimental/pallas/ops``: its own frozen
 ``BlockSizes`` with ``get_default()``, the kernel body over refs, a public wrapper that checks

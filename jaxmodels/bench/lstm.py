@@ -263,7 +263,12 @@ def lstm_suite(
         f"`{LSTM_NAIVE}`: lax.scan over jaxmodels.lstm_cell, input projection inside the step, autodiff backward. "
         f"`{LSTM_SCAN}`: the fused scan and its hand-written backward, time in chunks (CPU: input "
         "projection per step, weight and input gradients per chunk of up to 800 rows, steps x batch; "
-        "GPU/TPU: each one matmul over the sequence).",
+        "GPU/TPU: each one matmul over the sequence). "
+        f"`{LSTM_CPU}` (CPU, float32): the C++ kernel of kernels/lstm_cpu.cc through the XLA FFI, "
+        "forward and backward loops over time in persistent threads that each own a part of the "
+        "hidden units (their columns of w_x and w_h packed in cache, one barrier a step), input "
+        "projection inside it in chunks of about 128 rows; the weight and input gradients as XLA "
+        "matmuls over all steps.",
     ]
     if backend not in ("gpu", "tpu"):
         notes.append(

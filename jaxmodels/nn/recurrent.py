@@ -182,8 +182,8 @@ def _cpu_kernel(impl: str, xs: Array, mask: Array | None, reverse: bool) -> Call
     """The compiled CPU kernel's recurrence (w_x, w_h, b, carry, xs) -> ((h_T, c_T), hs) where
     ``impl`` asks for it ("cpu"; "auto" where it applies) and it can run, else None. Raises for
     impl="cpu" where it cannot, naming what it takes."""
-    if impl not in ("auto", "cpu"):
-        return None
+    if impl not in ("auto", "cpu") or (impl == "auto" and jax.default_backend() != "cpu"):
+        return None  # "auto" on a GPU/TPU host: not built there, for a CPU lowering it never runs
     if xs.dtype != jnp.float32:
         why = f"float32 xs and params (they promote to {xs.dtype})"
     elif mask is not None:
