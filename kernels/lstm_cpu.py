@@ -174,14 +174,18 @@ def _final(hs: Array, reverse: bool) -> Array:
     return hs[0] if reverse else hs[-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def recurrence(
     w_x: Array, w_h: Array, b: Array, carry: tuple[Array, Array], xs: Array, reverse: bool
 ) -> tuple[tuple[Array, Array], Array]:
     """The LSTM over xs [batch, time, features] (float32) from carry (h_0, c_0), each [batch,
     hidden], with w_x [features, 4*hidden], w_h [hidden, 4*hidden], b [4*hidden] (gates i, f, g,
-    o). Returns ((h_T, c_T), hs [batch, time, hidden]), as ``lstm_scan``; the caller checks the
-    arguments and ``unavailable()``."""
+    o). Returns ((h_T, c_T), hs [batch, time, hidden]), as ``lstm_scan``; differentiable (the
+    kernel's backward loop). The caller checks the arguments and ``unavailable()``."""
+    return _recurrence(w_x, w_h, b, tuple(carry), xs, reverse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _recurrence(w_x, w_h, b, carry, xs, reverse):
     hs, c_last, _, _ = _run_forward(w_x, w_h, b, carry, xs, reverse, save=False)
     return (_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1)
 
@@ -218,4 +222,4 @@ def _recurrence_bwd(reverse, residuals, cotangents):
     return dw_x, dw_h, jnp.sum(dpre, axis=(0, 1)), (dh0, dc0), dxs
 
 
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
