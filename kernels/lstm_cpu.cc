@@ -164,11 +164,10 @@ void gemm(int m, int k, const float* const* rows, const float* packed, int panel
   }
 }
 
-// The row pointers of a [m, k] with rows stride apart.
-std::vector<const float*> strided_rows(const float* a, int m, size_t stride) {
-  std::vector<const float*> rows(m);
-  for (int r = 0; r < m; ++r) rows[r] = a + r * stride;
-  return rows;
+// Points rows at the rows of a, stride apart (a reused vector: nothing is allocated per step).
+const float* const* strided_rows(std::vector<const float*>& rows, const float* a, size_t stride) {
+  for (size_t r = 0; r < rows.size(); ++r) rows[r] = a + r * stride;
+  return rows.data();
 }
 
 // exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32.
@@ -313,7 +312,7 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const fl
       std::memcpy(c_state.p + static_cast<size_t>(b) * nu, c0 + static_cast<size_t>(b) * H + u0,
                   sizeof(float) * nu);
     const auto time_of = [&](int step) { return reverse ? T - 1 - step : step; };
-    std::vector<const float*> x_rows(static_cast<size_t>(chunk) * B);
+    std::vector<const float*> x_rows(static_cast<size_t>(chunk) * B), h_rows(B);
     const auto project = [&](int first) {  // pre = x_t W_x for the chunk's steps, rows (step, b)
       const int n = std::min(chunk, T - first);
       for (int i = 0; i < n; ++i)
@@ -327,7 +326,7 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const fl
       const float* h_in = step == 0 ? h0 : hs + static_cast<size_t>(time_of(step - 1)) * B * H;
       float* pre_t = pre.p + static_cast<size_t>(step % chunk) * B * ldp;
       if (nu) {
-        gemm(B, H, strided_rows(h_in, B, H).data(), packed_h.p, panels, pre_t, /*accumulate=*/true);
+        gemm(B, H, strided_rows(h_rows, h_in, H), packed_h.p, panels, pre_t, /*accumulate=*/true);
         for (int b = 0; b < B; ++b) {
           const size_t row = static_cast<size_t>(t) * B + b;
           const float* pr = pre_t + static_cast<size_t>(b) * ldp;
@@ -392,7 +391,7 @@ void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const f
     const int ldp = panels * NR;
     AlignedBuffer packed(static_cast<size_t>(panels) * G * NR);
     if (nu) pack_rows(w_h, G, rows, packed.p);
-    const auto dpre_rows = [&](int t) { return strided_rows(dpre + static_cast<size_t>(t) * B * G, B, G); };
+    std::vector<const float*> dpre_rows(B);
     AlignedBuffer dh(static_cast<size_t>(B) * ldp), dc(static_cast<size_t>(B) * ldp);
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < nu; ++j) {
@@ -442,7 +441,7 @@ void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const f
         }
       }
       barrier.wait();
-      if (nu) gemm(B, G, dpre_rows(t).data(), packed.p, panels, dh.p);
+      if (nu) gemm(B, G, strided_rows(dpre_rows, dpre + static_cast<size_t>(t) * B * G, G), packed.p, panels, dh.p);
     }
     for (int b = 0; b < B; ++b)
       for (int j = 0; j < nu; ++j) {

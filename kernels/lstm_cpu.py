@@ -33,6 +33,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,18 +49,25 @@ SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel
 UNITS_PER_THREAD = 64  # the fewest hidden units a thread is given (smaller parts cost more in sync)
 
 
+class _Missing(NamedTuple):
+    """Why there is no kernel; ``build_failed``: this CPU could run one, but it was not built."""
+
+    reason: str
+    build_failed: bool
+
+
 def unavailable() -> str | None:
     """Why the kernel cannot run here, or None when it can (building it on the first call)."""
     library = _library()
-    return library if isinstance(library, str) else None
+    return library.reason if isinstance(library, _Missing) else None
 
 
 def warn_unavailable() -> None:
     """One warning per process where an AVX2 x86-64 CPU could run the kernel but it could not be
     built (no compiler, a failed build), so that a slower ``lstm_scan`` is never a silent one."""
-    reason = unavailable()
-    if reason is not None and not reason.startswith(("disabled", "needs")):
-        _warn_once(reason)
+    library = _library()
+    if isinstance(library, _Missing) and library.build_failed:
+        _warn_once(library.reason)
 
 
 @functools.cache
@@ -73,19 +81,22 @@ def _warn_once(reason: str) -> None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The built and registered kernel library, or the reason there is none."""
+def _library() -> ctypes.CDLL | _Missing:
+    """The built and registered kernel library, or why there is none."""
     if os.environ.get(SWITCH, "1") == "0":
-        return f"disabled by {SWITCH}=0"
+        return _Missing(f"disabled by {SWITCH}=0", build_failed=False)
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"needs an x86-64 CPU with AVX2 and FMA, this is {platform.machine()}"
+        reason = f"needs an x86-64 CPU with AVX2 and FMA, this is {platform.machine()}"
+        return _Missing(reason, build_failed=False)
     try:
         path = _build()
     except (OSError, subprocess.SubprocessError) as error:
-        return str(error)
+        return _Missing(str(error), build_failed=True)
     library = ctypes.CDLL(str(path))
     if not library.JaxmodelsLstmCpuSupported():
-        return "needs an x86-64 CPU with AVX2 and FMA, this one lacks them"
+        return _Missing(
+            "needs an x86-64 CPU with AVX2 and FMA, this one lacks them", build_failed=False
+        )
     for target, handler in (
         (FORWARD_TARGET, library.JaxmodelsLstmForward),
         (BACKWARD_TARGET, library.JaxmodelsLstmBackward),

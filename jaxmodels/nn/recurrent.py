@@ -184,22 +184,24 @@ def _cpu_kernel(impl: str, xs: Array, mask: Array | None, reverse: bool) -> Call
     impl="cpu" where it cannot, naming what it takes."""
     if impl not in ("auto", "cpu") or (impl == "auto" and jax.default_backend() != "cpu"):
         return None  # "auto" on a GPU/TPU host: not built there, for a CPU lowering it never runs
+    why = None
     if xs.dtype != jnp.float32:
         why = f"float32 xs and params (they promote to {xs.dtype})"
     elif mask is not None:
         why = "full-length sequences (seq_lengths=None)"
     elif not all(isinstance(d, int) for d in xs.shape):
         why = f"concrete shapes (xs has symbolic shape {xs.shape})"
-    elif (reason := lstm_cpu.unavailable()) is not None:
+    if why is not None:
+        if impl == "cpu":
+            raise ValueError(f"expected {why} for impl='cpu'")
+        return None
+    reason = lstm_cpu.unavailable()
+    if reason is not None:
         if impl == "cpu":
             raise RuntimeError(f"impl='cpu' cannot run here: {reason}")
         lstm_cpu.warn_unavailable()
         return None
-    else:
-        return lambda w_x, w_h, b, carry, xs: lstm_cpu.recurrence(w_x, w_h, b, carry, xs, reverse)
-    if impl == "cpu":
-        raise ValueError(f"expected {why} for impl='cpu'")
-    return None
+    return functools.partial(lstm_cpu.recurrence, reverse=reverse)
 
 
 def _plan_lstm(impl, kernel_dtypes, hidden, dtype, seq_lengths, mask, reverse, unroll, native):
