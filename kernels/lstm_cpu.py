@@ -168,21 +168,21 @@ def _attributes(hidden: int, reverse: bool) -> dict:
 
 
 def _run_forward(w_x, w_h, b, carry, xs, reverse: bool, save: bool):
-    """xs [batch, time, features] -> (hs [time, batch, hidden], c_T [batch, hidden], cs
-    [time, batch, hidden] and acts [time, batch, 4*hidden] where ``save``, else [0]-shaped)."""
+    """xs [batch, time, features] -> (hs [batch, time, hidden], c_T [batch, hidden], cs
+    [batch, time, hidden] and acts [batch, time, 4*hidden] where ``save``, else [0]-shaped)."""
     batch, time, _ = xs.shape
     hidden = w_h.shape[0]
-    saved = (_f32(time, batch, hidden), _f32(time, batch, 4 * hidden)) if save else (_f32(0),) * 2
+    saved = (_f32(batch, time, hidden), _f32(batch, time, 4 * hidden)) if save else (_f32(0),) * 2
     call = jax.ffi.ffi_call(
         FORWARD_TARGET,
-        (_f32(time, batch, hidden), _f32(batch, hidden), *saved),
+        (_f32(batch, time, hidden), _f32(batch, hidden), *saved),
         vmap_method="sequential",
     )
     return call(xs, w_x, b, w_h, *carry, **_attributes(hidden, reverse))
 
 
 def _final(hs: Array, reverse: bool) -> Array:
-    return hs[0] if reverse else hs[-1]
+    return hs[:, 0] if reverse else hs[:, -1]
 
 
 def recurrence(
@@ -198,38 +198,39 @@ def recurrence(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _recurrence(w_x, w_h, b, carry, xs, reverse):
     hs, c_last, _, _ = _run_forward(w_x, w_h, b, carry, xs, reverse, save=False)
-    return (_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1)
+    return (_final(hs, reverse), c_last), hs
 
 
 def _recurrence_fwd(w_x, w_h, b, carry, xs, reverse):
     hs, c_last, cs, acts = _run_forward(w_x, w_h, b, carry, xs, reverse, save=True)
-    outputs = ((_final(hs, reverse), c_last), jnp.swapaxes(hs, 0, 1))
+    outputs = ((_final(hs, reverse), c_last), hs)
     return outputs, (w_x, w_h, carry, xs, hs, cs, acts)
 
 
 def _recurrence_bwd(reverse, residuals, cotangents):
-    """δpre_t [time, batch, 4*hidden] from the kernel; then δW_x = Σ_t x_tᵀ δpre_t, δW_h =
-    Σ_t h_{t-1}ᵀ δpre_t, δb = Σ_t δpre_t and δx_t = δpre_t W_xᵀ, each one matmul over all steps."""
+    """δpre_t [batch, time, 4*hidden] from the kernel (written over acts, which it aliases: no
+    new buffer of that size); then δW_x = Σ_t x_tᵀ δpre_t, δW_h = Σ_t h_{t-1}ᵀ δpre_t, δb =
+    Σ_t δpre_t and δx_t = δpre_t W_xᵀ, each one matmul over all steps, all batch-major as the
+    kernel's buffers are (a layout mismatch costs XLA a transpose of the operands)."""
     w_x, w_h, (h0, c0), xs, hs, cs, acts = residuals
     (dh_last, dc_last), dhs = cotangents
-    time, batch, gates = acts.shape
+    batch, time, gates = acts.shape
     hidden = gates // 4
     call = jax.ffi.ffi_call(
         BACKWARD_TARGET,
-        (_f32(time, batch, gates), _f32(batch, hidden), _f32(batch, hidden)),
+        (_f32(batch, time, gates), _f32(batch, hidden), _f32(batch, hidden)),
         vmap_method="sequential",
+        input_output_aliases={3: 0},  # acts -> dpre
     )
-    dpre, dh0, dc0 = call(
-        w_h, c0, cs, acts, jnp.swapaxes(dhs, 0, 1), dh_last, dc_last, **_attributes(hidden, reverse)
-    )
+    dpre, dh0, dc0 = call(w_h, c0, cs, acts, dhs, dh_last, dc_last, **_attributes(hidden, reverse))
     # h entering each step: h_0 then h_1 .. h_{T-1}; reversed, h_2 .. h_T then h_0.
     if reverse:
-        h_in = jnp.concatenate([hs[1:], h0[None]])
+        h_in = jnp.concatenate([hs[:, 1:], h0[:, None]], axis=1)
     else:
-        h_in = jnp.concatenate([h0[None], hs[:-1]])
-    dw_x = jnp.einsum("btf,tbg->fg", xs, dpre)
-    dw_h = jnp.einsum("tbh,tbg->hg", h_in, dpre)
-    dxs = jnp.einsum("tbg,fg->btf", dpre, w_x)
+        h_in = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
+    dw_x = jnp.einsum("btf,btg->fg", xs, dpre)
+    dw_h = jnp.einsum("bth,btg->hg", h_in, dpre)
+    dxs = jnp.einsum("btg,fg->btf", dpre, w_x)
     return dw_x, dw_h, jnp.sum(dpre, axis=(0, 1)), (dh0, dc0), dxs
 
 

@@ -120,7 +120,8 @@ def test_auto_takes_the_kernel_on_cpu_for_float32_full_length():
 
 def test_the_module_and_vmap_run_on_the_kernel():
     """The Linen module (impl "auto"; two layers, both directions) agrees with impl="scan"; vmap
-    over a leading axis runs the kernel once per entry."""
+    over a leading axis runs the kernel once per entry, forward and backward (whose gate gradients
+    are written over the saved activations: each entry's own)."""
     model = jaxmodels.LSTM(hidden_size=24, num_layers=2, bidirectional=True)
     xs = jax.random.normal(jax.random.key(3), (2, 6, 5))
     variables = model.init(jax.random.key(4), xs)
@@ -134,8 +135,13 @@ def test_the_module_and_vmap_run_on_the_kernel():
     params, _, _ = _problem(16, 2, 5, 3)
     stacked = jax.random.normal(jax.random.key(5), (3, 2, 5, 3))
     outs = jax.vmap(lambda x: jaxmodels.lstm_scan(params, x, impl="cpu")[1])(stacked)
+    loss = lambda p, x, impl: jnp.sum(jaxmodels.lstm_scan(p, x, impl=impl)[1] ** 2)
+    grads = jax.vmap(jax.grad(loss), (None, 0, None))(params, stacked, "cpu")
     for i in range(3):
         np.testing.assert_allclose(outs[i], jaxmodels.lstm_scan(params, stacked[i])[1], **TOL)
+        expected = jax.grad(loss)(params, stacked[i], "scan")
+        for name in expected:
+            np.testing.assert_allclose(grads[name][i], expected[name], **GRAD_TOL)
 
 
 @pytest.mark.parametrize(
