@@ -15,8 +15,11 @@ once; nothing at install time). It runs on x86-64 CPUs with AVX2 and FMA. Where 
 or run, ``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` instead;
 ``JAXMODELS_CPU_KERNEL=0`` chooses the scan without trying.
 
-Scope: float32, full-length sequences (no ``seq_lengths``), concrete shapes; ``lstm_scan``
-checks these before choosing it. A function exported with ``jax.export`` for concrete shapes on
+Scope: full-length sequences (no ``seq_lengths``) of concrete shapes, in float32, bfloat16 or
+float16 (``DTYPES``): it computes in float32 and returns the inputs' dtype. A CPU without bfloat16
+arithmetic (AVX2 has none) computes bfloat16 in float32 whatever runs it (XLA's bfloat16 scan
+converts around each operation), so this is the fastest bfloat16 there, and the most accurate.
+``lstm_scan`` checks these before choosing it. A function exported with ``jax.export`` for concrete shapes on
 CPU would contain the kernel's custom call, which an artifact cannot carry: export with
 symbolic shapes (as ``jaxmodels.export`` does, taking the scan) or with ``impl="scan"``.
 """
@@ -46,6 +49,7 @@ FORWARD_TARGET = "jaxmodels_lstm_cpu_forward"
 BACKWARD_TARGET = "jaxmodels_lstm_cpu_backward"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w")
 SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel
+DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))  # computed in float32
 UNITS_PER_THREAD = 64  # the fewest hidden units a thread is given (smaller parts cost more in sync)
 
 
@@ -188,11 +192,15 @@ def _final(hs: Array, reverse: bool) -> Array:
 def recurrence(
     w_x: Array, w_h: Array, b: Array, carry: tuple[Array, Array], xs: Array, reverse: bool
 ) -> tuple[tuple[Array, Array], Array]:
-    """The LSTM over xs [batch, time, features] (float32) from carry (h_0, c_0), each [batch,
-    hidden], with w_x [features, 4*hidden], w_h [hidden, 4*hidden], b [4*hidden] (gates i, f, g,
-    o). Returns ((h_T, c_T), hs [batch, time, hidden]), as ``lstm_scan``; differentiable (the
-    kernel's backward loop). The caller checks the arguments and ``unavailable()``."""
-    return _recurrence(w_x, w_h, b, tuple(carry), xs, reverse)
+    """The LSTM over xs [batch, time, features] from carry (h_0, c_0), each [batch, hidden], with
+    w_x [features, 4*hidden], w_h [hidden, 4*hidden], b [4*hidden] (gates i, f, g, o), all of one
+    dtype of ``DTYPES``, computed in float32. Returns ((h_T, c_T), hs [batch, time, hidden]) in
+    that dtype, as ``lstm_scan``; differentiable (the kernel's backward loop). The caller checks
+    the arguments and ``unavailable()``."""
+    dtype = xs.dtype
+    f32 = lambda a: a.astype(jnp.float32)
+    (h, c), hs = _recurrence(f32(w_x), f32(w_h), f32(b), tuple(map(f32, carry)), f32(xs), reverse)
+    return (h.astype(dtype), c.astype(dtype)), hs.astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -18,6 +18,7 @@ import pytest
 import jaxmodels as jm
 from jaxmodels import bench, cli, records
 from jaxmodels.bench import pool, timing, torch_configs, torch_models
+from jaxmodels.kernels import lstm_cpu
 from jaxmodels.records import version
 
 HAS_TORCH = version("torch") is not None
@@ -253,8 +254,12 @@ def test_smoke_run_has_the_named_contenders(smoke):
 def test_smoke_run_times_bfloat16_beside_float32(smoke):
     """Each suite's bfloat16 workloads mirror its float32 ones: ours and the Flax baseline with
     float32 parameters computing in bfloat16, PyTorch cast and under autocast, each variant its
-    own column of the PyTorch table."""
+    own column of the PyTorch table; the compiled CPU kernel, where it runs, in both."""
     _, out = smoke
+    lstm = _load(out, "lstm")
+    if lstm["environment"]["backend"] == "cpu" and lstm_cpu.unavailable() is None:
+        for w in lstm["workloads"]:
+            assert bench.LSTM_CPU in {r["name"] for r in w["contenders"]}, w["group"]
     for suite, ours, torch_name in (
         ("lstm", bench.LSTM_SCAN, bench.LSTM_TORCH),
         ("cnn", "jaxmodels CNN(conv_impl='xla')", bench.CNN_TORCH),

@@ -106,16 +106,14 @@ def test_parts_of_the_hidden_units_give_the_same_result(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-def test_auto_takes_the_kernel_on_cpu_for_float32_full_length():
+def test_auto_takes_the_kernel_on_cpu_for_full_length_sequences():
     params, _, xs = _problem(16, 2, 5, 3)
-    text = jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x)).lower(params, xs).as_text()
-    assert lstm_cpu.FORWARD_TARGET in text
-    lengths = jnp.array([5, 3])
-    text = jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x, seq_lengths=lengths)).lower(params, xs)
-    assert lstm_cpu.FORWARD_TARGET not in text.as_text()
+    lowered = lambda p, x, **kw: jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x, **kw)).lower(p, x)
+    assert lstm_cpu.FORWARD_TARGET in lowered(params, xs).as_text()
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    text = jax.jit(lambda p, x: jaxmodels.lstm_scan(p, x)).lower(bf16, xs.astype(jnp.bfloat16))
-    assert lstm_cpu.FORWARD_TARGET not in text.as_text()
+    assert lstm_cpu.FORWARD_TARGET in lowered(bf16, xs.astype(jnp.bfloat16)).as_text()
+    text = lowered(params, xs, seq_lengths=jnp.array([5, 3])).as_text()
+    assert lstm_cpu.FORWARD_TARGET not in text
 
 
 def test_the_module_and_vmap_run_on_the_kernel():
@@ -148,14 +146,37 @@ def test_the_module_and_vmap_run_on_the_kernel():
     "kwargs, dtype, match",
     [
         ({"seq_lengths": jnp.array([5, 3])}, jnp.float32, r"full-length sequences"),
-        ({}, jnp.bfloat16, r"float32 xs and params"),
+        ({}, jnp.float64, r"float32, bfloat16 or float16 xs and params"),
     ],
 )
 def test_impl_cpu_refuses_what_it_does_not_take(kwargs, dtype, match):
     params, _, xs = _problem(16, 2, 5, 3)
-    params = jax.tree.map(lambda a: a.astype(dtype), params)
-    with pytest.raises(ValueError, match=match):
-        jaxmodels.lstm_scan(params, xs.astype(dtype), impl="cpu", **kwargs)
+    with jax.enable_x64(True):
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        with pytest.raises(ValueError, match=match):
+            jaxmodels.lstm_scan(params, xs.astype(dtype), impl="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_is_computed_in_float32(dtype):
+    """bfloat16 and float16 run on the kernel in float32: the outputs, in the inputs' dtype, are
+    the float32 kernel's rounded, and the gradients reach the half-precision parameters."""
+    params, carry, xs = _problem(32, 3, 7, 5)
+    half = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
+    params, carry, xs = half(params), half(carry), half(xs)
+    (h, c), hs = jaxmodels.lstm_scan(params, xs, carry, impl="cpu")
+    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    (h32, c32), hs32 = jaxmodels.lstm_scan(f32(params), f32(xs), f32(carry), impl="cpu")
+    assert hs.dtype == h.dtype == c.dtype == dtype
+    for got, want in ((hs, hs32), (h, h32), (c, c32)):
+        np.testing.assert_array_equal(got, want.astype(dtype))
+    loss = lambda p: jnp.sum(jaxmodels.lstm_scan(p, xs, carry, impl="cpu")[1].astype(jnp.float32))
+    grads = jax.grad(loss)(params)
+    loss32 = lambda p: jnp.sum(jaxmodels.lstm_scan(p, f32(xs), f32(carry), impl="cpu")[1])
+    grads32 = jax.grad(loss32)(f32(params))
+    for name in grads:
+        assert grads[name].dtype == dtype
+        np.testing.assert_array_equal(grads[name], grads32[name].astype(dtype))
 
 
 def test_a_build_is_reused():

@@ -202,7 +202,7 @@ def lstm_contenders(
         allocators=allocators,
     )
     contenders.append(jax_contender(LSTM_SCAN, "scan"))
-    if backend == "cpu" and dtype == "float32" and lstm_cpu.unavailable() is None:
+    if backend == "cpu" and lstm_cpu.unavailable() is None:
         contenders.append(jax_contender(LSTM_CPU, "cpu"))  # the compiled CPU kernel
     if backend in ("gpu", "tpu"):  # never time the kernel in interpret mode
         contenders.append(jax_contender(LSTM_PALLAS, "pallas"))
@@ -264,11 +264,12 @@ def lstm_suite(
         f"`{LSTM_SCAN}`: the fused scan and its hand-written backward, time in chunks (CPU: input "
         "projection per step, weight and input gradients per chunk of up to 800 rows, steps x batch; "
         "GPU/TPU: each one matmul over the sequence). "
-        f"`{LSTM_CPU}` (CPU, float32): the C++ kernel of kernels/lstm_cpu.cc through the XLA FFI, "
+        f"`{LSTM_CPU}` (CPU): the C++ kernel of kernels/lstm_cpu.cc through the XLA FFI, "
         "forward and backward loops over time in persistent threads that each own a part of the "
         "hidden units (their columns of w_x and w_h packed in cache, one barrier a step), input "
         "projection inside it in chunks of about 128 rows; the weight and input gradients as XLA "
-        "matmuls over all steps.",
+        "matmuls over all steps, batch-major as the kernel's buffers; bfloat16 computed in float32 "
+        "(AVX2 has no bfloat16 arithmetic), its inputs and outputs bfloat16.",
     ]
     if backend not in ("gpu", "tpu"):
         notes.append(

@@ -56,12 +56,13 @@ def lstm_scan(
       unroll: time steps per loop iteration (an integer >= 1), passed to ``lax.scan`` (the kernel
         ignores it).
       impl: "scan" (``lax.scan``); "cpu": the compiled CPU kernel ``kernels.lstm_cpu`` when
-        lowering for CPU (the scan on GPU/TPU), for float32, full-length sequences (no
-        seq_lengths) and concrete shapes; "pallas": the Pallas kernels, interpreted on CPU and compiled on
-        GPU and TPU: the persistent ``kernels.lstm_sequence`` where w_h fits on chip of the device
-        compiled for (``lstm_sequence.plan``), else on GPU the grid-persistent
-        ``kernels.lstm_grid`` where a slice of w_h fits each SM (``lstm_grid.plan``; not yet
-        validated on a device), else ``kernels.lstm_stepwise`` (one kernel a step);
+        lowering for CPU (the scan on GPU/TPU), for float32, bfloat16 or float16 (computed in
+        float32), full-length sequences (no seq_lengths) and concrete shapes; "pallas": the
+        Pallas kernels, interpreted on CPU and compiled on GPU and TPU: the persistent
+        ``kernels.lstm_sequence`` where w_h fits on chip of the device compiled for
+        (``lstm_sequence.plan``), else on GPU the grid-persistent ``kernels.lstm_grid`` where
+        a slice of w_h fits each SM (``lstm_grid.plan``; not yet validated on a device), else
+        ``kernels.lstm_stepwise`` (one kernel a step);
         "auto": on GPU/TPU the persistent kernel where it fits and xs and params are all float32
         or all bfloat16, on CPU the "cpu" kernel where it applies and could be built
         (``lstm_cpu.unavailable()``; a warning once if it could not), the scan otherwise.
@@ -185,8 +186,8 @@ def _cpu_kernel(impl: str, xs: Array, mask: Array | None, reverse: bool) -> Call
     if impl not in ("auto", "cpu") or (impl == "auto" and jax.default_backend() != "cpu"):
         return None  # "auto" on a GPU/TPU host: not built there, for a CPU lowering it never runs
     why = None
-    if xs.dtype != jnp.float32:
-        why = f"float32 xs and params (they promote to {xs.dtype})"
+    if xs.dtype not in lstm_cpu.DTYPES:
+        why = f"float32, bfloat16 or float16 xs and params (they promote to {xs.dtype})"
     elif mask is not None:
         why = "full-length sequences (seq_lengths=None)"
     elif not all(isinstance(d, int) for d in xs.shape):
