@@ -75,28 +75,39 @@ struct AlignedBuffer {
   float* p;
 };
 
-// Packs the columns cols of w [k, ldw] into panels [panels][k][NR], zero-padded.
+// Packs the columns cols of w [k, ldw] into panels [panels][k][NR], zero-padded. A panel of 16
+// adjacent columns (the usual case: a gate's units are adjacent) is two vector copies a row.
 void pack_columns(const float* w, int k, int ldw, const std::vector<int>& cols, float* out) {
-  const int panels = (static_cast<int>(cols.size()) + NR - 1) / NR;
-  for (int p = 0; p < panels; ++p)
-    for (int kk = 0; kk < k; ++kk)
-      for (int j = 0; j < NR; ++j) {
-        const int c = p * NR + j;
-        out[(static_cast<size_t>(p) * k + kk) * NR + j] =
-            c < static_cast<int>(cols.size()) ? w[static_cast<size_t>(kk) * ldw + cols[c]] : 0.f;
+  const int n = static_cast<int>(cols.size()), panels = (n + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p) {
+    float* panel = out + static_cast<size_t>(p) * k * NR;
+    const int c0 = p * NR;
+    if (c0 + NR <= n && cols[c0 + NR - 1] - cols[c0] == NR - 1) {
+      const float* src = w + cols[c0];
+      for (int kk = 0; kk < k; ++kk) {
+        _mm256_store_ps(panel + kk * NR, _mm256_loadu_ps(src + static_cast<size_t>(kk) * ldw));
+        _mm256_store_ps(panel + kk * NR + 8, _mm256_loadu_ps(src + static_cast<size_t>(kk) * ldw + 8));
       }
+      continue;
+    }
+    for (int kk = 0; kk < k; ++kk)
+      for (int j = 0; j < NR; ++j)
+        panel[kk * NR + j] = c0 + j < n ? w[static_cast<size_t>(kk) * ldw + cols[c0 + j]] : 0.f;
+  }
 }
 
-// Packs the rows rows of w [*, k] (row-major, k columns) as columns of wᵀ: [panels][k][NR].
+// Packs the rows rows of w [*, k] (row-major, k columns) as columns of wᵀ: [panels][k][NR],
+// zero-padded; each row is read once, in order.
 void pack_rows(const float* w, int k, const std::vector<int>& rows, float* out) {
-  const int panels = (static_cast<int>(rows.size()) + NR - 1) / NR;
-  for (int p = 0; p < panels; ++p)
-    for (int kk = 0; kk < k; ++kk)
-      for (int j = 0; j < NR; ++j) {
-        const int r = p * NR + j;
-        out[(static_cast<size_t>(p) * k + kk) * NR + j] =
-            r < static_cast<int>(rows.size()) ? w[static_cast<size_t>(rows[r]) * k + kk] : 0.f;
-      }
+  const int n = static_cast<int>(rows.size()), panels = (n + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p) {
+    float* panel = out + static_cast<size_t>(p) * k * NR;
+    for (int j = 0; j < NR; ++j) {
+      const int r = p * NR + j;
+      const float* src = r < n ? w + static_cast<size_t>(rows[r]) * k : nullptr;
+      for (int kk = 0; kk < k; ++kk) panel[kk * NR + j] = src ? src[kk] : 0.f;
+    }
+  }
 }
 
 // c [R, NR] = (c +) a [R, k] x panel [k, NR], R <= MR rows of a given by pointers: the accumulators are named variables (an
@@ -138,6 +149,43 @@ inline void micro(int k, const float* const* rows, int k0, const float* panel, f
 #undef JM_STORE
 }
 
+// c [1, NR] = (c +) a [1, k] x panel [k, NR], one row: four partial sums over k (k mod 4) so that
+// eight FMA chains run at once, not two (an FMA waits ~4 cycles for its accumulator; one row's
+// two chains would leave the FMA units idle three quarters of the time, as at batch 1).
+inline void micro_row(int k, const float* a, const float* panel, float* c, bool accumulate) {
+  __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00,
+         s30 = s00, s31 = s00;
+  int kk = 0;
+  for (; kk + 4 <= k; kk += 4) {
+    const float* b = panel + kk * NR;
+    __m256 x = _mm256_broadcast_ss(a + kk);
+    s00 = _mm256_fmadd_ps(x, _mm256_load_ps(b), s00);
+    s01 = _mm256_fmadd_ps(x, _mm256_load_ps(b + 8), s01);
+    x = _mm256_broadcast_ss(a + kk + 1);
+    s10 = _mm256_fmadd_ps(x, _mm256_load_ps(b + NR), s10);
+    s11 = _mm256_fmadd_ps(x, _mm256_load_ps(b + NR + 8), s11);
+    x = _mm256_broadcast_ss(a + kk + 2);
+    s20 = _mm256_fmadd_ps(x, _mm256_load_ps(b + 2 * NR), s20);
+    s21 = _mm256_fmadd_ps(x, _mm256_load_ps(b + 2 * NR + 8), s21);
+    x = _mm256_broadcast_ss(a + kk + 3);
+    s30 = _mm256_fmadd_ps(x, _mm256_load_ps(b + 3 * NR), s30);
+    s31 = _mm256_fmadd_ps(x, _mm256_load_ps(b + 3 * NR + 8), s31);
+  }
+  for (; kk < k; ++kk) {
+    const __m256 x = _mm256_broadcast_ss(a + kk);
+    s00 = _mm256_fmadd_ps(x, _mm256_load_ps(panel + kk * NR), s00);
+    s01 = _mm256_fmadd_ps(x, _mm256_load_ps(panel + kk * NR + 8), s01);
+  }
+  __m256 c0 = _mm256_add_ps(_mm256_add_ps(s00, s10), _mm256_add_ps(s20, s30));
+  __m256 c1 = _mm256_add_ps(_mm256_add_ps(s01, s11), _mm256_add_ps(s21, s31));
+  if (accumulate) {
+    c0 = _mm256_add_ps(c0, _mm256_loadu_ps(c));
+    c1 = _mm256_add_ps(c1, _mm256_loadu_ps(c + 8));
+  }
+  _mm256_storeu_ps(c, c0);
+  _mm256_storeu_ps(c + 8, c1);
+}
+
 // c [m, panels*NR] = (c +) a [m, k] x packed panels, the rows of a given by pointers. k is taken
 // KC at a time, so that a panel's slice (KC x 16) and the rows' slices (m x KC) stay in L1 while
 // each serves all the others.
@@ -158,7 +206,7 @@ void gemm(int m, int k, const float* const* rows, const float* packed, int panel
         case 4: micro<4>(kc, rows + r, k0, panel, cr, ldc, acc); break;
         case 3: micro<3>(kc, rows + r, k0, panel, cr, ldc, acc); break;
         case 2: micro<2>(kc, rows + r, k0, panel, cr, ldc, acc); break;
-        case 1: micro<1>(kc, rows + r, k0, panel, cr, ldc, acc); break;
+        case 1: micro_row(kc, rows[r] + k0, panel, cr, acc); break;
         default: break;
       }
     }
