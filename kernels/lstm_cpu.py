@@ -17,9 +17,9 @@ or run, ``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` inste
 
 Scope: full-length sequences (no ``seq_lengths``) of concrete shapes, in float32, bfloat16 or
 float16 (``DTYPES``): it computes in float32 and returns the inputs' dtype. A CPU without bfloat16
-arithmetic (AVX2 has none) computes bfloat16 in float32 whatever runs it (XLA's bfloat16 scan
-converts around each operation), so this is the fastest bfloat16 there, and the most accurate.
-``lstm_scan`` checks these before choosing it. A function exported with ``jax.export`` for concrete shapes on
+arithmetic (AVX2 has none) computes bfloat16 in float32 whatever runs it, converting at each
+operation's inputs and outputs; the kernel converts once, at the recurrence's. ``lstm_scan``
+checks these before choosing it. A function exported with ``jax.export`` for concrete shapes on
 CPU would contain the kernel's custom call, which an artifact cannot carry: export with
 symbolic shapes (as ``jaxmodels.export`` does, taking the scan) or with ``impl="scan"``.
 """
