@@ -324,10 +324,10 @@ void run_parts(ffi::ThreadPool& pool, int want, F&& f) {
   while (team->finished.load(std::memory_order_acquire) != parts - 1) _mm_pause();
 }
 
-// Asks the operating system for 2 MiB pages under the 2 MiB-aligned part of [p, p + bytes): XLA allocates a
-// large output afresh each call (mapped memory), and the first write to each of its 4 KiB pages
-// is a page fault: up to a third of the forward's time when it saves its activations for the
-// backward. A hint: where transparent huge pages are off it changes nothing.
+// Asks the operating system for 2 MiB pages under the 2 MiB-aligned part of [p, p + bytes): XLA
+// allocates a large output afresh each call (mapped memory), and the first write to each of its
+// 4 KiB pages is a page fault: up to a third of the forward's time when it saves its activations
+// for the backward. A hint: where transparent huge pages are off it changes nothing.
 void prefer_huge_pages(void* p, size_t bytes) {
   constexpr uintptr_t HUGE = uintptr_t{2} << 20;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + HUGE - 1) & ~(HUGE - 1);
@@ -342,8 +342,9 @@ struct Sizes {
 // Forward: xs [B, T, F], w_x [F, 4H], b [4H], w_h [H, 4H], h0, c0 [B, H] -> hs [B, T, H] and
 // c_last [B, H] (C after the last step); with save, also cs [B, T, H] (C_t) and acts [B, T, 4H]
 // (the activated gates i, f, g, o), which the backward pass reads. Everything is batch-major, as
-// the caller's xs and hs are, so that nothing is transposed around the kernel. Each part computes its
-// columns of x_t W_x for the next step before the step's barrier, while it would otherwise wait.
+// the caller's xs and hs are, so that nothing is transposed around the kernel. Each part computes
+// its columns of x_t W_x for the next step before the step's barrier, while it would otherwise
+// wait.
 void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const float* xs,
              const float* w_x, const float* bias, const float* w_h, const float* h0,
              const float* c0, float* hs, float* c_last, float* cs, float* acts) {
