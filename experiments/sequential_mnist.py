@@ -6,10 +6,14 @@ MNIST). ``lstm-classifier`` and ``rnn-classifier`` (hidden 128, a dense head on 
 state) are trained with the same recipe (Adam, cosine decay, gradients clipped to global norm 1,
 batch 128) for a budget of epochs per task, and tested on the 10,000 test images after every epoch.
 The papers train for hundreds of epochs on accelerators; a pixel epoch of the LSTM takes minutes on
-2 CPU cores, so the pixel budget here is a few epochs and the results say where that falls short.
+2 CPU cores, so a pixel budget of tens of epochs spans several sittings: with ``--resume`` each run
+saves a checkpoint at the end of every epoch in its folder under WORKDIR and a later call continues
+it from there (exactly: ``jaxmodels.training.fit``), so the command can be stopped and run again.
+``--dtype bfloat16`` computes in bfloat16 with the parameters in float32, like the CLI's.
 
     python experiments/sequential_mnist.py --data-dir DIR            # rows, 3 seeds: ~10 min
-    python experiments/sequential_mnist.py --data-dir DIR --tasks pixels --epochs 2 --seeds 0
+    python experiments/sequential_mnist.py --data-dir DIR --tasks pixels permuted --epochs 10 \
+        --seeds 0 --resume --workdir runs/seqmnist-pixels            # hours: stop and rerun
 
 Writes OUT/sequential_mnist[-TASKS].json (config, environment, per-run curves), .md (the table,
 with each run's equivalent ``jaxmodels train`` command) and .png (test accuracy against epoch).
@@ -22,6 +26,8 @@ import contextlib
 import io
 import time
 from pathlib import Path
+
+import jax.numpy as jnp
 
 from jaxmodels import report
 from jaxmodels.data.datasets import get_dataset
@@ -60,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's peak learning rate")
     p.add_argument("--clip-norm", type=float, default=1.0)
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="checkpoint every epoch and continue each run from its latest checkpoint in WORKDIR",
+    )
     p.add_argument("--train-size", type=int, default=None, help="first N training images (all)")
     p.add_argument("--test-size", type=int, default=None, help="first N test images (all)")
     p.add_argument("--workdir", type=Path, default=Path("runs") / STEM)
@@ -72,8 +86,9 @@ def cli_command(args: argparse.Namespace, task: str, model: str) -> str:
     data = "".join(
         f" --data-arg {k}={v}" for k, v in TASKS[task].items() if k != "steps" or v != "rows"
     )
+    dtype = "" if args.dtype == "float32" else f" --dtype {args.dtype}"
     return (
-        f"jaxmodels train {MODELS[model]} --dataset seq-mnist --data-dir DIR{data} "
+        f"jaxmodels train {MODELS[model]} --dataset seq-mnist --data-dir DIR{data}{dtype} "
         f"--epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} --clip-norm "
         f"{args.clip_norm} --model-arg hidden_size={args.hidden}"
     )
@@ -91,13 +106,16 @@ def run_one(args: argparse.Namespace, ds, task: str, model: str, seed: int) -> d
         log_every=100,
         progress=False,
         plot=False,
-        checkpoint=False,
+        checkpoint=args.resume,
+        checkpoint_every=len(ds.x_train)
+        // args.batch_size,  # an epoch (the iterator drops the rest)
+        keep=2,  # the last two epochs: a run can be taken back one epoch
     )
     workdir = args.workdir / f"{task}-{model}-seed{seed}"
+    options = {"dtype": jnp.bfloat16} if args.dtype == "bfloat16" else {}
+    net = get_model(MODELS[model], hidden_size=args.hidden, **options)
     with contextlib.redirect_stdout(io.StringIO()):
-        result = fit(
-            get_model(MODELS[model], hidden_size=args.hidden), ds, cfg, workdir, overwrite=True
-        )
+        result = fit(net, ds, cfg, workdir, resume=args.resume, overwrite=not args.resume)
     evals = [r for r in result.history if r["kind"] == "eval"]
     return {
         "task": task,
@@ -130,12 +148,18 @@ def summary_fields(args: argparse.Namespace) -> dict:
 
 def setup(result: dict) -> list[str]:
     c = result["config"]
-    return [
+    lines = [
         f"Hidden {c['hidden']}; {c['epochs']} epochs of batch {c['batch_size']} over "
         f"{result['train_examples']:,} training images; Adam, peak lr {c['lr']}, cosine decay to 0, "
-        f"clip norm {c['clip_norm']}; seeds {c['seeds']}; test accuracy on {result['test_examples']:,} "
-        "test images."
+        f"clip norm {c['clip_norm']}; compute in {c.get('dtype', 'float32')} (parameters float32); "
+        f"seeds {c['seeds']}; test accuracy on {result['test_examples']:,} test images."
     ]
+    if c.get("resume"):
+        lines.append(
+            "Each run was saved at the end of every epoch and resumed where a sitting stopped "
+            "(`--resume`); each sitting's first epoch, like the first, includes compilation."
+        )
+    return lines
 
 
 def commands(result: dict) -> list[str]:
@@ -181,6 +205,7 @@ REPORT = report.Report(
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     name = STEM if args.tasks == ["rows"] else f"{STEM}-{'-'.join(args.tasks)}"
+    name += "" if args.dtype == "float32" else f"-{args.dtype}"
     study = report.Study(name, vars(args), REPORT)
     runs, train_examples, test_examples = [], None, None
     for task in args.tasks:

@@ -143,6 +143,14 @@ def _add_bench_options(parser: argparse.ArgumentParser) -> None:
         help="the compute dtypes timed (default: both; PyTorch's bfloat16 LSTM training step takes "
         "minutes per call on a CPU without bfloat16 instructions)",
     )
+    parser.add_argument(
+        "--budget",
+        type=positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds of samples one contender may take per workload: a slower one is sampled in "
+        "fewer rounds, at least 3 (default: 60)",
+    )
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     parser.add_argument(
         "--torch-threads",

@@ -336,6 +336,7 @@ def run_bench(args: argparse.Namespace) -> int:
         suites,
         shapes=args.shapes,
         repeats=args.repeats,
+        budget_s=args.budget,
         out=out,
         torch_threads=args.torch_threads,
         isolation=args.isolation,

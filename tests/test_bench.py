@@ -83,6 +83,71 @@ def test_time_workload_varies_who_runs_after_whom():
         assert len(predecessors) >= 2, (n, predecessors)
 
 
+def test_rounds_sampled_spreads_a_slow_contender_over_the_run():
+    assert timing.rounds_sampled(1.0, 10, None) == list(range(10))
+    assert timing.rounds_sampled(6.0, 10, 60.0) == list(range(10))  # 10 samples fit exactly
+    assert timing.rounds_sampled(12.0, 10, 60.0) == [0, 2, 4, 6, 8]  # 5 fit
+    assert timing.rounds_sampled(100.0, 10, 60.0) == [0, 3, 6]  # none fit: MIN_ROUNDS
+    assert timing.rounds_sampled(100.0, 2, 60.0) == [0, 1]  # never more than the rounds
+
+
+def test_time_workload_samples_a_slow_contender_in_fewer_rounds():
+    """On a clock where "slow" takes 10 s a call and "fast" 1 ms, a 35 s budget over 10 rounds
+    gives "slow" MIN_ROUNDS samples in rounds 0, 3 and 6, and "fast" all ten."""
+    now = [0.0]
+    calls = []
+
+    def contender(name, seconds):
+        def step():
+            calls.append(name)
+            now[0] += seconds
+
+        return bench.Contender(name, lambda: step)
+
+    workload = bench.Workload("w", "g", 1.0, [contender("slow", 10.0), contender("fast", 1e-3)])
+    slow, fast = bench.time_workload(
+        workload, repeats=10, warmup=1, min_sample_s=0.0, budget_s=35.0, clock=lambda: now[0]
+    )
+    assert slow["rounds"] == [0, 3, 6] and slow["samples_s"] == pytest.approx([10.0] * 3)
+    assert "rounds" not in fast and len(fast["samples_s"]) == 10
+    assert calls[4:].count("slow") == 3 and calls[4:].count("fast") == 10  # after the setups
+    table = bench.markdown(
+        {
+            "suite": "s", "environment": records.environment(frameworks=("jax",)), "loadavg": None,
+            "isolation": "shared", "peak": {"gflops": 1.0, "runs": [{"n": 8, "gflops": 1.0}] * 2},
+            "repeats": 10, "min_sample_s": 0.0, "budget_s": 35.0, "notes": [], "processes": [],
+            "baseline": "fast", "compare": [],
+            "workloads": [{"name": "w", "group": "g", "flops": 1.0, "info": {}, "contenders": [
+                dict(r, compile_s=0.0, gflops=1.0, frac_peak=1.0, speedup={"fast": 1.0})
+                for r in (slow, fast)]}],
+        }
+    )  # fmt: skip
+    assert "(3 rounds)" in table and "more than 35 s is sampled in fewer rounds" in table
+
+
+def test_pytorch_bfloat16_runs_as_installed_only_without_bfloat16_instructions(monkeypatch):
+    allocators = tuple(bench.ALLOCATORS)
+    assert torch_configs.bfloat16_allocators(allocators, ["avx2", "fma"]) == ("as installed",)
+    assert torch_configs.bfloat16_allocators(allocators, ["avx512_bf16"]) == allocators
+    assert torch_configs.bfloat16_allocators(allocators, ["amx_bf16"]) == allocators
+    monkeypatch.setattr(torch_configs, "cpu_model", lambda: ("a CPU", ["avx2", "fma"]))
+    setup = functools.partial(torch_models.cnn, batch=2, train=False)
+    half = torch_configs.torch_dtype_contenders(
+        "PyTorch", setup, "bfloat16", torch_threads=2, allocators=allocators
+    )
+    assert {(c.allocator, c.variant) for c in half} == {
+        ("as installed", "bfloat16"), ("as installed", "autocast bfloat16")
+    }  # fmt: skip
+    assert len(half) == 4  # two thread counts each
+    full = torch_configs.torch_dtype_contenders(
+        "PyTorch", setup, "float32", torch_threads=2, allocators=allocators
+    )
+    assert len(full) == 6
+    note = torch_configs.torch_note(2, allocators, ["float32", "bfloat16"])
+    assert "In bfloat16 PyTorch runs as installed only" in note
+    assert "as installed only" not in torch_configs.torch_note(2, allocators, ["float32"])
+
+
 def test_torch_contenders_cover_every_allocator_and_thread_count():
     setup = functools.partial(torch_models.cnn, batch=2, train=False)
     contenders = torch_configs.torch_contenders(
@@ -382,6 +447,11 @@ def test_bench_rejects_bad_arguments(capsys):
     assert exit_.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="expected dtypes among"):
         bench.run(["lstm"], dtypes=[])  # before any process starts
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "lstm", "--budget", "0"])
+    assert exit_.value.code == 2 and "--budget" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="expected a budget of seconds > 0"):
+        bench.run(["lstm"], budget_s=0.0)  # before any process starts
 
 
 def test_dtypes_select_the_workloads():

@@ -217,6 +217,35 @@ def test_sequential_mnist_tiny(tmp_path):
     assert "--model-arg hidden_size=8" in commands[0] and "--data-arg" not in commands[0]
 
 
+def test_sequential_mnist_resumes_a_stopped_run_exactly(tmp_path):
+    """``--resume``: a run stopped during its second epoch (its last checkpoint gone) and run again
+    ends where the uninterrupted run ends, and its per-epoch times come from both sittings."""
+    import shutil
+
+    from jaxmodels.training import rundir
+
+    script = load_script("sequential_mnist")
+    tiny_mnist(tmp_path / "mnist", gz=True, sizes=(32, 8))
+    argv = ["--data-dir", str(tmp_path / "mnist"), "--tasks", "rows", "--models", "lstm"]
+    argv += ["--epochs", "2", "--seeds", "0", "--hidden", "8", "--batch-size", "16"]
+    argv += ["--workdir", str(tmp_path / "runs"), "--dtype", "bfloat16"]
+    whole = script.main([*argv, "--out", str(tmp_path / "whole")])["runs"][0]
+    first = script.main([*argv, "--resume", "--out", str(tmp_path / "first")])["runs"][0]
+    assert first["test_accuracy"] == whole["test_accuracy"]
+    workdir = Path(first["workdir"])
+    assert rundir.saved_steps(workdir) == [2, 4]  # an epoch is 32 // 16 = 2 steps
+    shutil.rmtree(rundir.checkpoint_dir(workdir) / "4")  # stopped during the second epoch
+    again = script.main([*argv, "--resume", "--out", str(tmp_path / "again")])
+    run = again["runs"][0]
+    assert run["test_accuracy"] == whole["test_accuracy"] and run["test_loss"] == whole["test_loss"]
+    # the first epoch's row is the first sitting's (resumed, not trained afresh), the second new
+    assert run["epoch_s"][0] == first["epoch_s"][0] and run["epoch_s"][1] != first["epoch_s"][1]
+    assert all(t > 0 for t in run["epoch_s"])
+    md = (tmp_path / "again" / "sequential_mnist-bfloat16.md").read_text()
+    assert "compute in bfloat16" in md and "resumed where a sitting stopped" in md
+    assert "--dtype bfloat16" in again["summary"][0]["command"]
+
+
 def test_cli_seeds_tiny(tmp_path, monkeypatch):
     """The MNIST one-liner as a user runs it, in its own process, on tiny IDX files; its first
     seed twice, bitwise the same."""

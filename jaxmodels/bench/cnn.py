@@ -222,6 +222,6 @@ def cnn_suite(
         "next call. PyTorch: the same network in NCHW with torch.optim.Adam; inference under torch.inference_mode.",
         f"`{CNN_PLAIN}`: the same architecture written in the benchmark the plain way "
         "(nn.Conv, nn.max_pool, nn.Dense).",
-        torch_note(torch_threads, allocators),
+        torch_note(torch_threads, allocators, dtypes),
     ]
     return Suite("cnn", workloads, baseline=CNN_PLAIN, peak_n=PEAK_N[shapes], notes=notes)

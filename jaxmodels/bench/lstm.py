@@ -277,7 +277,7 @@ def lstm_suite(
             "(jax.experimental.rnn.lstm_ref, on the same packed weights) runs. The Pallas kernel is "
             "timed on GPU and TPU only, never in interpret mode."
         )
-    notes.append(torch_note(torch_threads, allocators))
+    notes.append(torch_note(torch_threads, allocators, dtypes))
     return Suite(
         "lstm",
         workloads,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from jaxmodels.bench.timing import MIN_ROUNDS
 from jaxmodels.bench.torch_configs import label
 from jaxmodels.files import save_figure
 
@@ -185,6 +186,12 @@ def markdown(result: dict) -> str:
         "`x strongest PyTorch`: against the PyTorch configuration (allocator, threads) with the "
         "lowest median in that workload, named in the PyTorch table.",
     ]
+    if result.get("budget_s") is not None:
+        lines[-1] += (
+            f" A contender whose {result['repeats']} samples would last more than "
+            f"{result['budget_s']:g} s is sampled in fewer rounds (at least {MIN_ROUNDS}), spread "
+            "over the run; its min-max cell says how many."
+        )
     lines += [f"{note}" for note in result["notes"]]
     lines += _processes(result)
     others = [result["baseline"], *result["compare"]]
@@ -218,7 +225,8 @@ def markdown(result: dict) -> str:
                         workload["name"],
                         r["name"],
                         fmt_ms(r["median_s"]),
-                        f"{fmt_ms(r['min_s'])}-{fmt_ms(r['max_s'])}",
+                        f"{fmt_ms(r['min_s'])}-{fmt_ms(r['max_s'])}"
+                        + (f" ({len(r['rounds'])} rounds)" if "rounds" in r else ""),
                         f"{r['compile_s']:.2f}",
                         f"{r['gflops']:.1f}",
                         f"{100 * r['frac_peak']:.1f}",

@@ -104,11 +104,13 @@ def run_suite(
     repeats: int = 10,
     warmup: int = 2,
     min_sample_s: float = 0.05,
+    budget_s: float | None = None,
     executor: Any = None,
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Measure the peak, every workload, the peak again, with ``executor`` (a started Pool, or
-    None: ``timing.InProcess``); return the JSON-ready result."""
+    None: ``timing.InProcess``); return the JSON-ready result. ``budget_s``: the seconds of
+    samples a contender may take per workload (``timing.time_workload``)."""
     log = log or (lambda _: None)
     executor = executor if executor is not None else InProcess()
     loads = [load_average()]
@@ -121,7 +123,7 @@ def run_suite(
     log(f"  peak: {peaks[0]['gflops']:.1f} GFLOP/s ({peaks[0]['name']})")
     workloads = []
     for workload in suite.workloads:
-        records = time_workload(workload, warmup=warmup, **timing)
+        records = time_workload(workload, warmup=warmup, budget_s=budget_s, **timing)
         loads.append(load_average())
         workloads.append(
             {
@@ -147,6 +149,7 @@ def run_suite(
         "repeats": repeats,
         "warmup": warmup,
         "min_sample_s": min_sample_s,
+        "budget_s": budget_s,
         "peak": {"gflops": peak, "runs": peaks},
         "loadavg": {
             "start": loads[0],
@@ -170,6 +173,7 @@ def run(
     repeats: int = 10,
     out: Path | str = "benchmarks/results",
     min_sample_s: float | None = None,
+    budget_s: float | None = 60.0,
     torch_threads: int | None = None,
     isolation: str = "process",
     dtypes: Sequence[str] = DTYPES,
@@ -179,6 +183,8 @@ def run(
     """Run the named suites ("lstm", "cnn"), write OUT/NAME[-small].{json,md,png}, return the results.
 
     ``min_sample_s`` defaults to 50 ms for the full shapes and 0 (one call per sample) for the small;
+    ``budget_s``: the seconds of samples one contender may take per workload, a slower one is
+    sampled in fewer rounds (``timing.rounds_sampled``; None: every round);
     ``torch_threads`` (PyTorch's intra-op threads) to the CPU count. ``isolation`` "process": each
     framework configuration in its own worker process (PyTorch with every allocator of
     ``torch_configs.ALLOCATORS``); "shared": all in this process (PyTorch as installed only).
@@ -186,6 +192,8 @@ def run(
     """
     if repeats < 1:
         raise ValueError(f"expected repeats >= 1, got {repeats}")
+    if budget_s is not None and not budget_s > 0:
+        raise ValueError(f"expected a budget of seconds > 0 (or None), got {budget_s}")
     if isolation not in ISOLATIONS:
         raise ValueError(f"expected isolation in {ISOLATIONS}, got {isolation!r}")
     check_dtypes(dtypes)
@@ -212,7 +220,12 @@ def run(
                 dtypes=dtypes,
             )
             result = run_suite(
-                suite, repeats=repeats, min_sample_s=min_sample_s, executor=executor, log=log
+                suite,
+                repeats=repeats,
+                min_sample_s=min_sample_s,
+                budget_s=budget_s,
+                executor=executor,
+                log=log,
             )
             stem = name if shapes == "full" else f"{name}-{shapes}"
             paths = write_results(

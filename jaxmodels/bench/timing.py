@@ -8,8 +8,11 @@ How a workload is timed:
 2. ``warmup`` more calls, untimed, pick ``number``: how many calls one sample holds so that a
    sample lasts at least ``min_sample_s`` (the clock's resolution then does not matter);
 3. ``repeats`` rounds, every contender sampled once per round in a new random order (seeded: a
-   run's orders are reproducible), each call waited on (``jax.block_until_ready``; PyTorch on CPU
-   returns when done, on CUDA ``torch.cuda.synchronize``), so that load on a shared machine falls
+   run's orders are reproducible), except that a contender whose ``repeats`` samples would last
+   more than ``budget_s`` is sampled in fewer rounds (as many as fit in the budget, at least
+   MIN_ROUNDS), spread evenly over the run (``rounds_sampled``); each call is waited on
+   (``jax.block_until_ready``; PyTorch on CPU returns when done, on CUDA
+   ``torch.cuda.synchronize``), so that load on a shared machine falls
    on every contender alike and the ratios stay meaningful; the shuffling varies who runs right
    after whom, so that an after-effect of one contender (PyTorch's thread pool) does not always
    fall on the same one; Python's garbage collector is off while a sample runs;
@@ -42,6 +45,7 @@ from typing import Any
 PEAK_N = {"full": 2048, "small": 256}  # the peak matmul: [n, n] x [n, n] float32
 AS_INSTALLED = "as installed"  # the C allocator of a process nothing was preloaded into
 DTYPES = ("float32", "bfloat16")  # the compute dtypes a suite's workloads run in
+MIN_ROUNDS = 3  # the fewest rounds a slow contender is sampled in (time_workload's budget_s)
 
 
 def check_dtypes(dtypes: Sequence[str]) -> Sequence[str]:
@@ -258,23 +262,40 @@ class InProcess:
         ]
 
 
+def rounds_sampled(sample_s: float, repeats: int, budget_s: float | None) -> list[int]:
+    """The rounds (0 ... repeats - 1) a contender whose sample lasts ``sample_s`` seconds is
+    sampled in: all of them when ``repeats`` samples fit in ``budget_s`` (or it is None), else
+    ``k = max(MIN_ROUNDS, floor(budget_s / sample_s))`` of them (at most ``repeats``), evenly
+    spread: round ``floor(i * repeats / k)`` for i < k, so that a slow contender still meets the
+    machine's load of the whole run rather than of its start."""
+    if budget_s is None or repeats * sample_s <= budget_s:
+        return list(range(repeats))
+    k = min(repeats, max(MIN_ROUNDS, math.floor(budget_s / max(sample_s, 1e-9))))
+    return [i * repeats // k for i in range(k)]
+
+
 def time_workload(
     workload: Workload,
     *,
     repeats: int,
     warmup: int = 2,
     min_sample_s: float = 0.05,
+    budget_s: float | None = None,
     clock: Callable[[], float] = time.perf_counter,
     executor: Any = None,
     seed: int = 0,
 ) -> list[dict]:
     """Time every contender of ``workload`` interleaved (see the module docstring), in this process
     or, with ``executor`` (a ``jaxmodels.bench.pool.Pool``), in the worker processes.
+    ``budget_s``: the seconds of samples one contender may take (None: no limit); one whose
+    ``repeats`` samples, judged by its fastest warm call, would take longer is sampled in the
+    rounds of ``rounds_sampled``.
 
     Returns one record per contender: name, framework, where it ran (process, pid, allocator,
-    threads), compile_s (the first call), number (calls per sample), samples_s (per-call seconds,
-    one per round), median_s, min_s, max_s; ``error`` (a message, with no times) for a contender
-    whose setup or step failed, ``skipped`` (the reason) for one that cannot run here.
+    threads), compile_s (the first call), number (calls per sample), warm_s, samples_s (per-call
+    seconds, one per round it was sampled in), median_s, min_s, max_s; ``rounds`` (the rounds it
+    was sampled in) where they are fewer than ``repeats``; ``error`` (a message, with no times) for
+    a contender whose setup or step failed, ``skipped`` (the reason) for one that cannot run here.
     """
     executor = executor if executor is not None else InProcess(clock)
     records, active = [], []
@@ -290,16 +311,19 @@ def time_workload(
                     executor.setup(key, contender, warmup=warmup, min_sample_s=min_sample_s)
                 )
                 record["samples_s"] = []
-                active.append((key, record))
+                rounds = rounds_sampled(record["warm_s"] * record["number"], repeats, budget_s)
+                if len(rounds) < repeats:
+                    record["rounds"] = rounds
+                active.append((key, record, set(rounds)))
             except Skipped as why:
                 record["skipped"] = str(why)
             except Exception as err:  # a broken contender is reported, the others still run
                 record["error"] = describe_error(err)
         gc.collect()
         rng = random.Random(seed)
-        for _ in range(repeats):
-            for key, record in rng.sample(active, len(active)):
-                if "error" in record:
+        for r in range(repeats):
+            for key, record, rounds in rng.sample(active, len(active)):
+                if "error" in record or r not in rounds:
                     continue
                 try:
                     record["samples_s"].append(executor.sample(key))

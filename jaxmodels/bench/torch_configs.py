@@ -13,6 +13,8 @@ with its allocator preloaded there (``LD_PRELOAD``) and nowhere else:
 
 Thread counts: the CPU count (or ``--torch-threads``) and, when that is more than one, one thread.
 A configuration whose library is not installed is skipped, its reason naming the Debian package.
+On a CPU without bfloat16 instructions, PyTorch's bfloat16 contenders run as installed only
+(``bfloat16_allocators``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxmodels.bench.timing import AS_INSTALLED, Contender
-from jaxmodels.records import cpu_count
+from jaxmodels.records import cpu_count, cpu_model
 
 # name: (the library to preload, the Debian package that installs it); as installed: nothing.
 ALLOCATORS: dict[str, tuple[str, str] | None] = {
@@ -88,6 +90,25 @@ def allocator_library(allocator: str) -> tuple[str | None, str | None]:
     return path, None
 
 
+# /proc/cpuinfo's names of the instructions that compute in bfloat16 (AVX-512 BF16, AMX).
+BFLOAT16_FEATURES = ("avx512_bf16", "amx_bf16")
+
+
+def bfloat16_allocators(
+    allocators: Sequence[str], cpu_features: Sequence[str] | None = None
+) -> tuple[str, ...]:
+    """The allocators PyTorch's bfloat16 contenders run with: ``allocators`` on a CPU with one
+    of BFLOAT16_FEATURES (``cpu_features``, default this CPU's), else as installed only. Without
+    them PyTorch's bfloat16 converts to and from float32 around every operation: a call takes
+    several times its float32 time (seconds to a minute for the LSTM training step), spent in
+    arithmetic that no allocator changes, so the other configurations would only multiply the
+    suite's wall time."""
+    features = cpu_model()[1] if cpu_features is None else cpu_features
+    if any(f in features for f in BFLOAT16_FEATURES):
+        return tuple(allocators)
+    return tuple(a for a in allocators if a == AS_INSTALLED)
+
+
 def thread_counts(torch_threads: int | None = None) -> list[int]:
     """PyTorch's intra-op thread counts timed: ``torch_threads`` (default: the CPU count) and, when
     that is more than one, 1."""
@@ -144,10 +165,11 @@ def torch_dtype_contenders(
     """PyTorch's contenders computing in ``dtype``: for float32 ``torch_contenders(name, setup)``;
     for another dtype two variants in every configuration, the model cast to it (``name dtype``)
     and float32 under ``torch.autocast`` to it (``name autocast dtype``). ``setup`` takes
-    ``dtype=`` and ``autocast=`` (``torch_models.lstm``, ``cnn``)."""
-    options = dict(torch_threads=torch_threads, allocators=allocators)
+    ``dtype=`` and ``autocast=`` (``torch_models.lstm``, ``cnn``); a bfloat16 contender only with
+    the allocators of ``bfloat16_allocators``."""
     if dtype == "float32":
-        return torch_contenders(name, setup, **options)
+        return torch_contenders(name, setup, torch_threads=torch_threads, allocators=allocators)
+    options = dict(torch_threads=torch_threads, allocators=bfloat16_allocators(allocators))
     cast, autocast = dtype, f"autocast {dtype}"
     return [
         *torch_contenders(
@@ -162,8 +184,10 @@ def torch_dtype_contenders(
     ]
 
 
-def torch_note(torch_threads: int | None, allocators: Sequence[str]) -> str:
-    """The suites' note on the PyTorch configurations."""
+def torch_note(
+    torch_threads: int | None, allocators: Sequence[str], dtypes: Sequence[str] = ("float32",)
+) -> str:
+    """The suites' note on the PyTorch configurations (of the workloads in ``dtypes``)."""
     threads = torch_threads or cpu_count()
     note = (
         f"PyTorch runs with {threads} intra-op thread(s) (torch.set_num_threads; the CPU count unless "
@@ -178,4 +202,10 @@ def torch_note(torch_threads: int | None, allocators: Sequence[str]) -> str:
             "configuration's process only); `x strongest PyTorch` compares with the fastest "
             "configuration of each workload."
         )
+        if "bfloat16" in dtypes and len(bfloat16_allocators(allocators)) < len(allocators):
+            note += (
+                " In bfloat16 PyTorch runs as installed only: this CPU has no bfloat16 instructions "
+                f"({' or '.join(BFLOAT16_FEATURES)}), so PyTorch converts to and from float32 around "
+                "every operation, and that arithmetic, not the allocator, sets its time."
+            )
     return note

@@ -149,9 +149,16 @@ class RunWriter:
 
 def epoch_times(rows: list[dict]) -> list[float]:
     """Training seconds of each epoch of a run from its "eval" rows (each has the seconds since
-    the start, ``time_s``, and its own ``eval_time_s``): evaluation left out, the first epoch's
-    compilation in."""
-    evals = [r for r in rows if r["kind"] == "eval"]
-    ends = [r["time_s"] - r["eval_time_s"] for r in evals]
-    starts = [0.0] + [r["time_s"] for r in evals[:-1]]
-    return [end - start for start, end in zip(starts, ends)]
+    its process started, ``time_s``, and its own ``eval_time_s``): evaluation left out, the first
+    epoch's compilation in. A resumed run's rows come from several processes, each with its own
+    clock: a process's first "train" row (the one with ``first_step_s``) starts the clock anew, so
+    the epoch it resumed in is timed from that start, compilation included (only the rest of that
+    epoch where it resumed from a checkpoint inside it)."""
+    times, start = [], 0.0
+    for row in rows:
+        if row["kind"] == "train" and "first_step_s" in row:
+            start = 0.0
+        elif row["kind"] == "eval":
+            times.append(row["time_s"] - row["eval_time_s"] - start)
+            start = row["time_s"]
+    return times
