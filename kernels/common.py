@@ -83,6 +83,82 @@ def check_activation(name: str) -> None:
         raise ValueError(f"expected activation to be one of {tuple(ACTIVATIONS)}, got {name!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """The pointwise step of the recurrent kernels (``lstm_sequence``, ``lstm_grid``), after the
+    matmul: which cell the recurrence runs over its ``gates`` pre-activation blocks pre_k =
+    x_t,k + h_{t-1} w_h,k [rows, hidden] (float32).
+
+    ``activation`` None: the LSTM, gates (i, f, g, o) and a cell state C carried beside h::
+
+        C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)    h_t = σ(pre_o) ⊙ tanh(C_t)
+
+    ``activation`` a name in ``ACTIVATIONS``: the simple RNN, one block and no C,
+    h_t = f(pre). ``LSTM`` and ``rnn_cell(name)`` make them.
+    """
+
+    activation: str | None = None
+
+    def __post_init__(self):
+        if self.activation is not None:
+            check_activation(self.activation)
+
+    @property
+    def gates(self) -> int:
+        """Blocks of w_h's columns: 4 (i, f, g, o) for the LSTM, 1 for the simple RNN."""
+        return 4 if self.activation is None else 1
+
+    @property
+    def name(self) -> str:
+        """The kernels' name prefix (``pallas_call``'s ``name``): "lstm" or "rnn"."""
+        return "lstm" if self.activation is None else "rnn"
+
+    @property
+    def has_c(self) -> bool:
+        """Whether the carry is (h, C) (the LSTM) rather than (h,)."""
+        return self.activation is None
+
+    def forward(self, pre: list[Array], c: Array | None):
+        """pre: the ``gates`` blocks [rows, hidden], float32; c: C_{t-1} (None for the RNN).
+        Returns (h_t, C_t or None, acts): acts, the activated blocks, are what ``backward`` needs
+        (the LSTM's i, f, g, o; the RNN's h_t itself), in float32."""
+        if self.activation is None:
+            i, f, g, o = sigmoid(pre[0]), sigmoid(pre[1]), jnp.tanh(pre[2]), sigmoid(pre[3])
+            new_c = f * c + i * g
+            return o * jnp.tanh(new_c), new_c, [i, f, g, o]
+        h = ACTIVATIONS[self.activation][0](pre[0])
+        return h, None, [h]
+
+    def backward(self, dh: Array, dc_next: Array | None, acts: list[Array], c_in: Array | None):
+        """The step's backward from ``forward``'s acts: dh and dc_next the gradients reaching h_t
+        and C_t (None for the RNN), c_in = C_{t-1}. Returns (δpre blocks, δC_{t-1} or None): the
+        LSTM's ``lstm_gate_gradients``; the RNN's δpre = dh ⊙ f'(h_t), f' from ``ACTIVATIONS``."""
+        if self.activation is None:
+            return lstm_gate_gradients(dh, dc_next, acts, c_in)
+        return [dh * ACTIVATIONS[self.activation][1](acts[0])], None
+
+
+LSTM = Cell()
+
+
+def rnn_cell(activation: str) -> Cell:
+    """The simple RNN's ``Cell`` with ``activation``, a name in ``ACTIVATIONS``."""
+    return Cell(activation)
+
+
+def with_absent(kernel: Callable, present: tuple[bool, ...], *refs) -> None:
+    """``kernel`` called with its whole list of refs, None in place of each one that is absent
+    (``present`` False): a kernel body written once for every cell, whose ``pallas_call`` passes
+    only the refs there are (no C refs for the RNN, no residual refs for a forward saving none)."""
+    given = iter(refs)
+    kernel(*(next(given) if p else None for p in present))
+
+
+def kept(keep: Array, new: Array | None, old: Array | None) -> Array | None:
+    """jnp.where(keep, new, old), or None for a state the cell does not have (C of the RNN)."""
+    return None if old is None else jnp.where(keep, new, old)
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of ``multiple`` that is at least ``n`` (both positive ints)."""
     return -(-n // multiple) * multiple
@@ -93,18 +169,19 @@ def pad_to(x: Array, shape: tuple[int, ...]) -> Array:
     return jnp.pad(x, [(0, s - d) for s, d in zip(shape, x.shape)])
 
 
-def pad_gates(a: Array, hidden_p: int) -> Array:
-    """[..., 4*hidden] -> [..., 4*hidden_p], zero-padding each gate block (i, f, g, o) separately,
-    so that gate k of the padded array starts at column k*hidden_p."""
-    lead, hidden = a.shape[:-1], a.shape[-1] // 4
-    a = a.reshape(*lead, 4, hidden)
-    return pad_to(a, (*lead, 4, hidden_p)).reshape(*lead, 4 * hidden_p)
+def pad_gates(a: Array, hidden_p: int, gates: int = 4) -> Array:
+    """[..., gates*hidden] -> [..., gates*hidden_p], zero-padding each gate block (the LSTM's i,
+    f, g, o; the simple RNN's one) separately, so that gate k of the padded array starts at column
+    k*hidden_p."""
+    lead, hidden = a.shape[:-1], a.shape[-1] // gates
+    a = a.reshape(*lead, gates, hidden)
+    return pad_to(a, (*lead, gates, hidden_p)).reshape(*lead, gates * hidden_p)
 
 
-def un_pad_gates(a: Array, hidden: int) -> Array:
-    """[..., 4*hidden_p] -> [..., 4*hidden]: the inverse of ``pad_gates``."""
-    lead, hidden_p = a.shape[:-1], a.shape[-1] // 4
-    return a.reshape(*lead, 4, hidden_p)[..., :hidden].reshape(*lead, 4 * hidden)
+def un_pad_gates(a: Array, hidden: int, gates: int = 4) -> Array:
+    """[..., gates*hidden_p] -> [..., gates*hidden]: the inverse of ``pad_gates``."""
+    lead, hidden_p = a.shape[:-1], a.shape[-1] // gates
+    return a.reshape(*lead, gates, hidden_p)[..., :hidden].reshape(*lead, gates * hidden)
 
 
 def check_float(name: str, x: Array) -> None:
@@ -115,15 +192,17 @@ def check_float(name: str, x: Array) -> None:
 
 
 def check_lstm_operands(
-    x_proj: Array, w_h: Array, carry: tuple[Array, Array], carry_name: str
+    x_proj: Array, w_h: Array, carry: tuple[Array, ...], carry_name: str, gates: int = 4
 ) -> int:
-    """Validate x_proj [..., batch, 4*hidden], w_h [hidden, 4*hidden] of x_proj's dtype and the
-    carry (h, c), each [batch, hidden]; return hidden."""
-    batch, gates = x_proj.shape[-2:]
-    hidden = gates // 4
-    if w_h.shape != (hidden, gates) or w_h.dtype != x_proj.dtype:
+    """Validate x_proj [..., batch, gates*hidden], w_h [hidden, gates*hidden] of x_proj's dtype
+    and the carry, each [batch, hidden]: (h, c) for the LSTM (``gates`` 4), (h,) for the simple
+    RNN (``gates`` 1); return hidden."""
+    batch, width = x_proj.shape[-2:]
+    hidden = width // gates
+    if w_h.shape != (hidden, width) or w_h.dtype != x_proj.dtype:
         raise ValueError(
-            f"expected w_h [hidden, 4*hidden]=({hidden}, {gates}) of dtype {x_proj.dtype}, got {w_h.shape} {w_h.dtype}"
+            f"expected w_h [hidden, {gates}*hidden]=({hidden}, {width}) of dtype {x_proj.dtype}, "
+            f"got {w_h.shape} {w_h.dtype}"
         )
     for name, a in zip("hc", carry):
         if a.shape != (batch, hidden):
@@ -174,15 +253,18 @@ def target_platform() -> str:
     return "interpret"
 
 
-def check_sequence_operands(x_proj, w_h, initial_carry, seq_lengths) -> tuple[int, int, int]:
-    """Validate the operands of a whole-sequence kernel; return (time, batch, hidden)."""
+def check_sequence_operands(
+    x_proj, w_h, initial_carry, seq_lengths, gates: int = 4
+) -> tuple[int, int, int]:
+    """Validate the operands of a whole-sequence kernel (``gates`` 4: the LSTM's, initial_carry
+    (h_0, c_0); 1: the simple RNN's, initial_carry (h_0,)); return (time, batch, hidden)."""
     check_float("x_proj", x_proj)
-    if x_proj.ndim != 3 or x_proj.shape[-1] % 4:
+    if x_proj.ndim != 3 or x_proj.shape[-1] % gates:
         raise ValueError(
-            f"expected x_proj of rank 3 [time, batch, 4*hidden], got shape {x_proj.shape}"
+            f"expected x_proj of rank 3 [time, batch, {gates}*hidden], got shape {x_proj.shape}"
         )
     time, batch, _ = x_proj.shape
-    hidden = check_lstm_operands(x_proj, w_h, initial_carry, "initial carry")
+    hidden = check_lstm_operands(x_proj, w_h, initial_carry, "initial carry", gates)
     if seq_lengths is not None and jnp.shape(seq_lengths) != (batch,):
         raise ValueError(
             f"expected seq_lengths of shape [batch]=({batch},), got {jnp.shape(seq_lengths)}"
@@ -243,41 +325,47 @@ def tpu_vmem() -> int:
         return UNKNOWN_TPU_VMEM
 
 
-def lstm_recurrence_reference(
+def recurrence_reference(
     x_proj: Array,
     w_h: Array,
-    initial_carry: tuple[Array, Array],
+    initial_carry: tuple[Array, ...],
     seq_lengths: Array | None = None,
     *,
     reverse: bool = False,
     h_dtype,
-) -> tuple[tuple[Array, Array], Array]:
-    """The recurrent kernels' specification in plain jnp: a ``lax.scan`` of the seed's LSTM step
-    over x_proj [time, batch, 4*hidden] (x_t W_x + b, gates i, f, g, o) from initial_carry
-    (h_0, c_0), each [batch, hidden]::
+    cell: Cell = LSTM,
+) -> tuple[tuple[Array, ...], Array]:
+    """The recurrent kernels' specification in plain jnp: a ``lax.scan`` of ``cell``'s step over
+    x_proj [time, batch, G*hidden] (x_t W_x + b; G = cell.gates: the LSTM's i, f, g, o, the
+    RNN's one block) from initial_carry, (h_0, C_0) for the LSTM and (h_0,) for the RNN, each
+    [batch, hidden]::
 
-        pre = x_t + h_{t-1} w_h                      (the gate math in float32)
-        C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)        h_t = σ(pre_o) ⊙ tanh(C_t)
+        pre = x_t + h_{t-1} w_h                      (the cell's math in float32)
+        LSTM: C_t = σ(pre_f) ⊙ C_{t-1} + σ(pre_i) ⊙ tanh(pre_g)     h_t = σ(pre_o) ⊙ tanh(C_t)
+        RNN:  h_t = f(pre)
 
     C carried in float32 and h in ``h_dtype`` between steps, as the kernel it specifies carries
-    them. At t >= seq_lengths[b] row b keeps its carry and outputs zeros. Returns ((h_T, C_T),
+    them. At t >= seq_lengths[b] row b keeps its carry and outputs zeros. Returns (carry at T,
     hs [time, batch, hidden]), all in x_proj's dtype.
     """
-    time, batch, gates = x_proj.shape
-    hidden = gates // 4
+    time, batch, width = x_proj.shape
+    hidden = width // cell.gates
     lengths = jnp.full((batch,), time, jnp.int32) if seq_lengths is None else seq_lengths
 
     def step(carry, inputs):
         h, c = carry
         x_t, t = inputs
         pre = x_t.astype(jnp.float32) + dot_f32(h.astype(w_h.dtype), w_h, upcast=True)
-        i, f, g, o = (pre[:, k * hidden : (k + 1) * hidden] for k in range(4))
-        new_c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(g)
-        new_h = (sigmoid(o) * jnp.tanh(new_c)).astype(h_dtype)
+        new_h, new_c, _ = cell.forward(
+            [pre[:, k * hidden : (k + 1) * hidden] for k in range(cell.gates)], c
+        )
+        new_h = new_h.astype(h_dtype)
         keep = (t < lengths)[:, None]
         out = jnp.where(keep, new_h, 0).astype(x_proj.dtype)
-        return (jnp.where(keep, new_h, h), jnp.where(keep, new_c, c)), out
+        return (jnp.where(keep, new_h, h), kept(keep, new_c, c)), out
 
-    carry = (initial_carry[0].astype(h_dtype), initial_carry[1].astype(jnp.float32))
+    c0 = initial_carry[1].astype(jnp.float32) if cell.has_c else None
+    carry = (initial_carry[0].astype(h_dtype), c0)
     (h, c), hs = lax.scan(step, carry, (x_proj, jnp.arange(time)), reverse=reverse)
-    return (h.astype(x_proj.dtype), c.astype(x_proj.dtype)), hs
+    final = (h, c) if cell.has_c else (h,)
+    return tuple(a.astype(x_proj.dtype) for a in final), hs

@@ -1,5 +1,6 @@
 """Grid-persistent recurrences: the machinery shared by the kernels whose programs each keep a
-slice of the recurrent weights on chip and meet at a grid barrier every step (``lstm_grid``).
+slice of the recurrent weights on chip and meet at a grid barrier every step (``lstm_grid``, for
+the LSTM's 4 gate blocks and the simple RNN's 1).
 
 Grid axis 1 splits the hidden units into ``slices`` of ``block_hidden`` units, one program each;
 grid axis 0 runs independent groups of ``block_batch`` sequences, each with its own barrier
@@ -48,9 +49,10 @@ GPU_SM_MARGIN = 4
 # backward 8 KiB; bfloat16 forward 4 KiB, backward 8 KiB).
 GPU_EXTRA_SHARED_MEMORY = {4: 9 * 2**10, 2: 8 * 2**10}
 # float32: Triton keeps the TF32 dot's operands of the slice in registers, not shared memory, so
-# registers bound hidden (measured for H100 and A100 alike: hidden 448 compiles, 464 spills in the
-# backward kernel).
-GPU_MAX_HIDDEN_FLOAT32 = 448
+# registers bound hidden, by gate blocks (measured for H100 and A100 alike, the spills in the
+# backward kernel: the LSTM's hidden 448 compiles, 464 spills; the simple RNN's 1840 compiles,
+# 1856 spills on H100, where A100 meets its programs first, at 1664).
+GPU_MAX_HIDDEN_FLOAT32 = {4: 448, 1: 1840}
 GPU_NUM_WARPS = 4
 # Polls of the barrier counter before a program gives up and sets the error flag.
 MAX_SPIN = 2**20
@@ -135,9 +137,9 @@ def plan(
 
     Triton: hidden padded to a multiple of block_hidden; it runs where one program's slice fits
     the GPU's shared memory (``shared_memory_bytes`` <= ``common.gpu_shared_memory``), in
-    float32 hidden_p <= ``GPU_MAX_HIDDEN_FLOAT32`` (registers), and one batch group's programs fit
-    ``max_programs``. Interpreted: always (one slice, see
-    ``lstm_grid``). Mosaic (TPU): never; ``lstm_sequence`` keeps all of w_h in VMEM there.
+    float32 hidden_p <= ``GPU_MAX_HIDDEN_FLOAT32[gates]`` (registers), and one batch group's
+    programs fit ``max_programs``. Interpreted: always (one slice, see ``lstm_grid``). Mosaic
+    (TPU): never; ``lstm_sequence`` keeps all of w_h in VMEM there.
     """
     block_sizes = block_sizes or BlockSizes.get_default()
     n = block_sizes.block_hidden
@@ -151,7 +153,7 @@ def plan(
     programs = max_programs()
     too_big = shared_memory_bytes(hidden_p, dtype, block_sizes, gates) > gpu_shared_memory()
     if jnp.dtype(dtype) == jnp.float32:
-        too_big = too_big or hidden_p > GPU_MAX_HIDDEN_FLOAT32
+        too_big = too_big or hidden_p > GPU_MAX_HIDDEN_FLOAT32[gates]
     if too_big or slices > programs:
         return None
     # One batch group a launch: with four groups in one launch the gradient program spilled
@@ -164,7 +166,9 @@ def limit_text(dtype, gates: int = 4) -> str:
     """The plan's Triton limits in words, for errors."""
     itemsize = jnp.dtype(dtype).itemsize
     n = BlockSizes.get_default().block_hidden
-    registers = f", hidden_p <= {GPU_MAX_HIDDEN_FLOAT32} (registers)" if itemsize == 4 else ""
+    registers = ""
+    if itemsize == 4:
+        registers = f", hidden_p <= {GPU_MAX_HIDDEN_FLOAT32[gates]} (registers)"
     return (
         f"{gates}*{n}*hidden_p*{itemsize} bytes + {GPU_EXTRA_SHARED_MEMORY[itemsize]} <= "
         f"{gpu_shared_memory()} bytes of shared memory per program{registers}, and "
@@ -215,11 +219,11 @@ def contract(read, weights, pieces, dtype, upcast, acc):
     return acc
 
 
-def call(kernel, plan: Plan, groups: int, in_specs, out_specs, out_shape, args):
-    """One launch of ``kernel`` over ``groups`` batch groups, grid (groups, plan.slices), with
-    ``num_stages=1``: ``pl.pallas_call`` of the given specs and shapes, with the barrier counter
-    [groups] and the error flag [1] (int32) appended to the inputs and the outputs, zero-initialised
-    and aliased. Returns the outputs, the counter and the flag last."""
+def call(kernel, plan: Plan, groups: int, in_specs, out_specs, out_shape, args, name: str):
+    """One launch of ``kernel`` (named ``name``) over ``groups`` batch groups, grid (groups,
+    plan.slices), with ``num_stages=1``: ``pl.pallas_call`` of the given specs and shapes, with
+    the barrier counter [groups] and the error flag [1] (int32) appended to the inputs and the
+    outputs, zero-initialised and aliased. Returns the outputs, the counter and the flag last."""
     n_in = len(args)
     state = [jnp.zeros((groups,), jnp.int32), jnp.zeros((1,), jnp.int32)]
     whole = lambda shape: pl.BlockSpec(shape, lambda g, p: (0,) * len(shape))
@@ -236,6 +240,7 @@ def call(kernel, plan: Plan, groups: int, in_specs, out_specs, out_shape, args):
         ],
         input_output_aliases={n_in: len(out_shape), n_in + 1: len(out_shape) + 1},
         interpret=interpret,
+        name=name,
         compiler_params=compiler_params(plan.backend, num_warps=GPU_NUM_WARPS, num_stages=1),
     )(*args, *state)
 

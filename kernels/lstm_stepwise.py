@@ -26,9 +26,9 @@ from jaxmodels.kernels import lstm_cell
 from jaxmodels.kernels.common import (
     check_sequence_operands,
     lstm_gate_gradients,
-    lstm_recurrence_reference,
     on_platforms,
     pad_to,
+    recurrence_reference,
 )
 
 Array = jax.Array
@@ -158,7 +158,7 @@ def lstm_stepwise_reference(
 ) -> tuple[tuple[Array, Array], Array]:
     """The specification in plain jnp (same arguments and results as ``lstm_stepwise``): the LSTM
     recurrence carried as this kernel carries it, h in x_proj's dtype between steps
-    (``lstm_recurrence_reference``)."""
-    return lstm_recurrence_reference(
+    (``recurrence_reference``)."""
+    return recurrence_reference(
         x_proj, w_h, initial_carry, seq_lengths, reverse=reverse, h_dtype=x_proj.dtype
     )

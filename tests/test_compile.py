@@ -5,7 +5,8 @@ TPU v5e and v6e through libtpu's topologies (Mosaic and XLA:TPU run; VMEM is che
 Each path at the shapes that reach its edges (the smallest layer, the persistent kernel over a
 long sequence at full batch, the largest layer, which GPUs run stepwise or as the scan), kernels
 and lstm_scan for all four targets; programs of XLA's own ops around them (rnn_scan, modules,
-registry models) and the persistent kernel's limit for H100, A100 and v5e. The whole grid of
+registry models) and the persistent kernel's limit for H100, A100 and v5e; rnn_scan(impl="pallas")
+for all four, and the simple RNN's kernels' limits for H100 and A100. The whole grid of
 ``targets.COMPILE_GRID`` (320 lstm_scan programs) is ``benchmarks/compile_matrix.py``'s, too slow
 for every CI run on two cores.
 
@@ -25,10 +26,10 @@ from jaxmodels import targets
 from jaxmodels.kernels import grid
 from jaxmodels.kernels import lstm_grid as grid_lstm
 from jaxmodels.kernels import lstm_sequence as persistent
-from jaxmodels.kernels.common import gpu_shared_memory, tpu_vmem
+from jaxmodels.kernels.common import LSTM, gpu_shared_memory, rnn_cell, tpu_vmem
 from jaxmodels.kernels.dense import dense
 from jaxmodels.kernels.lstm_cell import lstm_cell
-from jaxmodels.kernels.lstm_sequence import lstm_sequence
+from jaxmodels.kernels.lstm_sequence import lstm_sequence, rnn_sequence
 from jaxmodels.kernels.lstm_stepwise import lstm_stepwise
 
 pytestmark = pytest.mark.timeout(300)
@@ -125,7 +126,7 @@ def test_lstm_scan_with_lengths_reverse_and_carry_compiles(target):
 
 
 # ---------------------------------------------------------------------------------------------
-# rnn_scan (no kernel: the scan on every platform), the modules and every registry model
+# rnn_scan (impl="auto": the scan on every platform), the modules and every registry model
 
 
 @pytest.mark.parametrize("target", XLA_TARGETS)
@@ -138,6 +139,26 @@ def test_rnn_scan_compiles(target, hidden, batch, time):
     forward = lambda p, x: jaxmodels.rnn_scan(p, x)
     for fn in (forward, jax.grad(loss_of(forward), argnums=(0, 1))):
         compile_for(target, fn, params, xs)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rnn_scan_pallas_compiles(target):
+    """impl="pallas" at bfloat16 hidden 256 with lengths, reverse and a carry: the persistent
+    kernel on H100 and the TPUs, the grid kernel on A100 (two batch groups: two launches each
+    way)."""
+    require(target)
+    params = jax.eval_shape(lambda: jaxmodels.init_rnn(jax.random.key(0), 40, 256))
+    params = jax.tree.map(lambda a: targets.abstract(a.shape, jnp.bfloat16, target), params)
+    xs = targets.abstract((32, 50, 40), jnp.bfloat16, target)
+    lengths = targets.abstract((32,), jnp.int32, target)
+    carry = targets.abstract((32, 256), jnp.bfloat16, target)
+    fn = lambda p, x, n, c: jaxmodels.rnn_scan(
+        p, x, c, seq_lengths=n, reverse=True, impl="pallas", activation="relu"
+    )
+    gradient = jax.grad(loss_of(fn), argnums=(0, 1, 3))
+    launches = 2 if target == "a100" else 1
+    for f, calls in ((fn, launches), (gradient, 2 * launches)):
+        assert kernel_calls(target, compile_for(target, f, params, xs, lengths, carry)) == calls
 
 
 def module_cases():
@@ -305,8 +326,8 @@ def test_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
         # overflow shared memory.
         hidden_p = 1 << (outside - 1).bit_length()
         forced = persistent.Plan("triton", block_batch=16, hidden_p=hidden_p, block_time=None)
-        kernel = lambda x, w, c: persistent._lstm_sequence(
-            x, w, *c, jnp.full((16,), 20, jnp.int32), False, forced
+        kernel = lambda x, w, c: persistent._sequence(
+            x, w, c, jnp.full((16,), 20, jnp.int32), False, forced, LSTM
         )
         with pytest.raises(Exception, match=r"Shared memory size limit exceeded|register spilling"):
             gradient = jax.grad(loss_of(kernel), argnums=(0, 1, 2))
@@ -366,8 +387,8 @@ def test_grid_kernel_limit_agrees_with_the_compiler(target, dtype):
     lengths = jnp.full((16,), 20, jnp.int32)
 
     def backward(w, acts, cprev, hprev, dh, dc, dhs):
-        saved = (w, (acts, cprev, hprev, lengths[:, None]))
-        return grid_lstm._lstm_grid_bwd(False, forced, saved, ((dh, dc), dhs))
+        saved = (w, (acts, hprev, lengths[:, None], cprev))
+        return grid_lstm._grid_bwd(False, forced, LSTM, saved, ((dh, dc), dhs))
 
     f32 = jnp.float32
     residuals = [((20, 16, 4 * outside), f32), ((20, 16, outside), f32), ((20, 16, outside), dtype)]
@@ -381,3 +402,100 @@ def test_grid_kernel_limit_agrees_with_the_compiler(target, dtype):
     ]
     with pytest.raises(Exception, match=r"Shared memory size limit exceeded|register spilling"):
         compile_for(target, backward, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The simple RNN's kernels (the LSTM's with one gate block): the plans' limits agree with the
+# compiler
+
+
+def rnn_operands(target, hidden, dtype, batch=16, time=20):
+    x_proj = targets.abstract((time, batch, hidden), dtype, target)
+    w_h = targets.abstract((hidden, hidden), dtype, target)
+    return x_proj, w_h, targets.abstract((batch, hidden), dtype, target)
+
+
+# The persistent kernel's largest hidden per GPU and dtype (powers of two): all of w_h in one
+# program's shared memory, 128 KiB at bfloat16 256 (H100), which A100's 163 KiB cannot take beside
+# the backward kernel's other operands.
+RNN_SEQUENCE_LIMITS = {
+    ("h100", "float32"): 128,
+    ("h100", "bfloat16"): 256,
+    ("a100", "float32"): 128,
+    ("a100", "bfloat16"): 128,
+}
+
+
+@pytest.mark.parametrize("target", ["h100", "a100"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_rnn_persistent_kernel_limit_agrees_with_the_compiler(target, dtype):
+    """The largest hidden the plan takes compiles (forward and gradient); one unit more the
+    kernel refuses, naming the limit, and the compiler refuses the gradient forced past it
+    (shared memory)."""
+    require(target)
+    cell = rnn_cell("tanh")
+    with targets.on_device(target):
+        fits = [
+            h
+            for h in (2**k for k in range(4, 12))
+            if persistent.plan(h, dtype, "triton", cell=cell)
+        ]
+    inside = max(fits)
+    assert inside == RNN_SEQUENCE_LIMITS[target, jnp.dtype(dtype).name]
+    fn = lambda x, w, h: rnn_sequence(x, w, h)
+    for f, calls in ((fn, 1), (jax.grad(loss_of(fn), argnums=(0, 1, 2)), 2)):
+        assert (
+            kernel_calls(target, compile_for(target, f, *rnn_operands(target, inside, dtype)))
+            == calls
+        )
+    outside = inside + 1
+    with pytest.raises(ValueError, match=rf"fit on chip .* got hidden={outside}"):
+        compile_for(target, fn, *rnn_operands(target, outside, dtype))
+    forced = persistent.Plan("triton", block_batch=16, hidden_p=2 * inside, block_time=None)
+    lengths = jnp.full((16,), 20, jnp.int32)
+    kernel = lambda x, w, h: persistent._sequence(x, w, (h,), lengths, False, forced, cell)
+    with pytest.raises(Exception, match=r"Shared memory size limit exceeded"):
+        gradient = jax.grad(loss_of(kernel), argnums=(0, 1, 2))
+        compile_for(target, gradient, *rnn_operands(target, outside, dtype))
+
+
+# The grid kernel's largest hidden per GPU and dtype (multiples of 16) and what stops the next
+# size: registers (float32 on H100: the backward kernel spills) or the programs one launch may
+# have (SMs less grid.GPU_SM_MARGIN, 16 units each: residency, which no compile checks).
+RNN_GRID_LIMITS = {
+    ("h100", "float32"): (1840, "registers"),
+    ("h100", "bfloat16"): (2048, "programs"),
+    ("a100", "float32"): (1664, "programs"),
+    ("a100", "bfloat16"): (1664, "programs"),
+}
+
+
+@pytest.mark.parametrize("target", ["h100", "a100"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+def test_rnn_grid_kernel_limit_agrees_with_the_compiler(target, dtype):
+    """Just inside the grid plan's limit for one gate block the kernel's forward and gradient
+    compile without spills; 16 units more the plan refuses with an error naming the limit, and
+    where registers set it the compiler refuses the gradient forced past it too."""
+    require(target)
+    limit, reason = RNN_GRID_LIMITS[target, jnp.dtype(dtype).name]
+    with targets.on_device(target):
+        fits = [h for h in range(16, 4097, 16) if grid.plan(h, dtype, "triton", gates=1)]
+        assert max(fits) == limit
+        assert (limit // 16 == grid.max_programs()) == (reason == "programs")
+    fn = lambda x, w, h: grid_lstm.rnn_grid(x, w, h)
+    gradient = jax.grad(loss_of(fn), argnums=(0, 1, 2))
+    for f, calls in ((fn, 1), (gradient, 2)):
+        assert (
+            kernel_calls(target, compile_for(target, f, *rnn_operands(target, limit, dtype)))
+            == calls
+        )
+    outside = limit + 16
+    with pytest.raises(ValueError, match=rf"fit NVIDIA .* got hidden={outside}"):
+        compile_for(target, fn, *rnn_operands(target, outside, dtype))
+    if reason == "registers":
+        forced = grid.Plan("triton", 16, 16, outside, outside // 16, 1, grid.chunks(outside, 128))
+        kernel = grid_lstm.planned_kernel(forced, False, rnn_cell("tanh"))
+        lengths = jnp.full((16,), 20, jnp.int32)
+        forced_gradient = jax.grad(loss_of(lambda x, w, h: kernel(x, w, h, lengths)), (0, 1, 2))
+        with pytest.raises(Exception, match=r"register spilling"):
+            compile_for(target, forced_gradient, *rnn_operands(target, outside, dtype))

@@ -189,4 +189,4 @@ def test_lstm_scan_pallas_takes_the_grid_kernel_where_one_program_is_too_small()
         loss = sin_loss(lambda p, x: jaxmodels.lstm_scan(p, x, impl=impl))
         text = lowered(jax.grad(loss), params, xs)
         assert text.count("__gpu$xla.gpu.triton") == expected
-        assert ("_forward_kernel" in text) == (expected > 0)
+        assert ("lstm_grid_forward" in text) == (expected > 0)

@@ -269,12 +269,6 @@ def test_lstm_scan_pallas_wants_one_kernel_dtype():
         )
 
 
-def test_rnn_scan_rejects_pallas():
-    params = jaxmodels.init_rnn(jax.random.key(0), 3, 4)
-    with pytest.raises(ValueError, match="impl to be one of"):
-        jaxmodels.rnn_scan(params, jnp.ones((1, 2, 3)), impl="pallas")
-
-
 # ---------------------------------------------------------------------------------------------
 # lowering for accelerators (runs on this CPU machine: lowering needs no device)
 

@@ -178,8 +178,6 @@ def _raises_only_named_errors(call):
     st.booleans(),
 )
 def test_bad_arguments_to_the_scans_raise_named_errors(name, params, xs, options, jitted):
-    if name == "rnn_scan" and options.get("impl") == "pallas":
-        options["impl"] = "scan"  # pallas is LSTM-only, which is its own named error
     scan = getattr(jm, name)
     if jitted:
         _raises_only_named_errors(lambda: jax.jit(lambda p, x: scan(p, x, **options))(params, xs))

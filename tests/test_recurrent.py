@@ -638,13 +638,13 @@ def _bad_inputs(cell):
         ),
         ("impl", dict(impl="cudnn"), ValueError, r"impl.*'auto', 'scan'.*'cudnn'"),
     ]
-    if cell == "rnn":  # the Pallas kernels are LSTM-only
+    if cell == "rnn":  # the compiled CPU kernel is the LSTM's only
         cases += [
             (
-                "impl_pallas",
-                dict(impl="pallas"),
+                "impl_cpu",
+                dict(impl="cpu"),
                 ValueError,
-                r"impl.*\('auto', 'scan'\), got 'pallas'",
+                r"impl.*\('auto', 'scan', 'pallas'\), got 'cpu'",
             )
         ]
     if cell == "lstm":

@@ -355,8 +355,9 @@ class SimpleRNN(_Recurrent):
     """Elman RNN, h_t = f(x_t W + h_{t-1} U + b), over ``recurrent.rnn_scan``.
 
     Attributes: hidden_size, num_layers, bidirectional, dropout_rate (between layers), impl
-    ("auto" or "scan"), unroll, dtype (computation), param_dtype, activation (f, tanh by default:
-    a callable or a name in ``kernels.common.ACTIVATIONS``).
+    ("auto", "scan" or "pallas"; see ``rnn_scan``), unroll, dtype (computation), param_dtype,
+    activation (f, tanh by default: a callable or a name in ``kernels.common.ACTIVATIONS``;
+    impl="pallas" takes the names and their functions only).
 
     Examples:
       >>> import jax, jax.numpy as jnp

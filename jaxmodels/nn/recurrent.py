@@ -16,14 +16,21 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxmodels.kernels import lstm_cpu, lstm_grid, lstm_sequence, lstm_stepwise
-from jaxmodels.kernels.common import on_platforms
+from jaxmodels.kernels import grid, lstm_cpu, lstm_grid, lstm_sequence, lstm_stepwise
+from jaxmodels.kernels.common import (
+    ACTIVATIONS,
+    on_platforms,
+    rnn_cell,
+    target_device_kind,
+    target_platform,
+)
 from jaxmodels.nn import cells, checks
 from jaxmodels.nn.fused import LSTM_CELL, recurrence, rnn_cell_ops
 
 Array = jax.Array
 
 IMPLS = ("auto", "scan", "pallas", "cpu")
+RNN_IMPLS = ("auto", "scan", "pallas")  # the compiled CPU kernel is the LSTM's only
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
 
@@ -112,17 +119,29 @@ def rnn_scan(
     """Run ``cells.rnn_cell`` over a whole sequence: h_t = f(x_t W + h_{t-1} U + b).
 
     Args:
-      params: {"w_x": [features, hidden], "w_h": [hidden, hidden], "b": [hidden]}.
+      params: {"w_x": [features, hidden], "w_h": [hidden, hidden], "b": [hidden]} (W, U, b).
       xs: as for ``lstm_scan`` (computed in the promoted dtype of xs and params).
       initial_carry: h_0 [batch, hidden], cast to that dtype; zeros when None.
       seq_lengths, reverse, unroll: as for ``lstm_scan``.
-      impl: "auto" or "scan" (the Pallas kernels are LSTM-only).
+      impl: one of ``RNN_IMPLS``. "auto" and "scan": ``lax.scan`` (the fused scan); "pallas": the
+        Pallas kernels, interpreted on CPU and compiled on GPU and TPU, for xs and params all
+        float32 or all bfloat16 and a named activation (below): the persistent
+        ``kernels.lstm_sequence`` kernel (``rnn_sequence``) where w_h fits on chip of the device
+        compiled for (``lstm_sequence.plan``), else on GPU the grid-persistent
+        ``kernels.lstm_grid`` kernel (``rnn_grid``) where a slice of w_h fits each SM
+        (``grid.plan``; not yet validated on a device); ValueError naming the limits where
+        neither fits that device. The input projection x_t W + b is one matmul before the
+        kernel, which computes f and the sums in float32.
       activation: f, elementwise (tanh by default): a callable, or a name in
-        ``kernels.common.ACTIVATIONS`` ('identity', 'relu', 'tanh', 'sigmoid').
+        ``kernels.common.ACTIVATIONS`` ('identity', 'relu', 'tanh', 'sigmoid'). impl="pallas"
+        takes a name or one of those functions (``jnp.tanh`` the default); another callable is
+        a ValueError there.
     Returns:
       (h_T, hs) with h_T [batch, hidden] and hs [batch, time, hidden].
     Raises:
-      ValueError / TypeError as ``lstm_scan``, and for an unknown activation.
+      ValueError / TypeError as ``lstm_scan``, for an unknown activation, and for impl="pallas"
+      with a callable activation that is not one of the named ones or a hidden size no kernel
+      takes on the device compiled for.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -136,13 +155,14 @@ def rnn_scan(
     activation = checks.activation(activation)
     mask = _time_mask(seq_lengths, *xs.shape[:2])
     xs = _zero_padding(xs, mask)
-    weights = (params["w_x"], params["w_h"], params["b"])
-    (h,), hs = recurrence(rnn_cell_ops(activation), *weights, carry, xs, mask, reverse, unroll)
+    hidden = params["w_h"].shape[0]
+    run = _plan_rnn(impl, activation, hidden, xs.dtype, seq_lengths, mask, reverse, unroll)
+    (h,), hs = run(params["w_x"], params["w_h"], params["b"], carry, xs)
     return h, hs
 
 
 # ---------------------------------------------------------------------------------------------
-# The scans' steps: validate the arguments; for lstm_scan, plan what runs and run it
+# The scans' steps: validate the arguments, plan what runs and run it
 
 
 def _validate(
@@ -154,7 +174,7 @@ def _validate(
     kernel_dtypes): whether xs and params came in one dtype of ``KERNEL_DTYPES``, which
     impl='pallas' requires."""
     lstm = cell == "LSTM"
-    impls = IMPLS if lstm else ("auto", "scan")  # the kernels are LSTM-only
+    impls = IMPLS if lstm else RNN_IMPLS
     if impl not in impls:
         raise ValueError(f"expected impl to be one of {impls}, got {impl!r}")
     xs = checks.sequences(xs)
@@ -239,15 +259,65 @@ def _plan_lstm(impl, kernel_dtypes, hidden, dtype, seq_lengths, mask, reverse, u
     return lambda *args: on_platforms(branch, None, *args)
 
 
+def _plan_rnn(impl, activation, hidden, dtype, seq_lengths, mask, reverse, unroll):
+    """What ``rnn_scan`` runs, as a function (w_x, w_h, b, (h_0,), xs) -> ((h_T,), hs).
+
+    "auto" and "scan": the fused scan. "pallas", chosen per lowering platform: the persistent
+    kernel where w_h fits on chip of the device compiled for, else the grid kernel where it fits
+    (GPU), else the fused scan (interpreted on CPU: always the persistent kernel); ValueError
+    where neither kernel fits the target device (``common.target_platform``), or for an
+    activation without a name in ``ACTIVATIONS``.
+    """
+    scan = functools.partial(
+        _scan_rnn, cell=rnn_cell_ops(activation), mask=mask, reverse=reverse, unroll=unroll
+    )
+    if impl != "pallas":
+        return scan
+    names = [name for name, (f, _) in ACTIVATIONS.items() if f is activation]
+    if not names:
+        raise ValueError(
+            f"expected activation to be one of {tuple(ACTIVATIONS)} (or its function in "
+            f"kernels.common.ACTIVATIONS, jnp.tanh for 'tanh') for impl='pallas', got "
+            f"{activation!r}; impl='scan' takes any callable"
+        )
+    cell = rnn_cell(names[0])
+
+    def kernel(backend: str) -> Callable | None:
+        persistent = lstm_sequence.sequence_kernel(backend, hidden, dtype, reverse, cell=cell)
+        return persistent or lstm_grid.grid_kernel(backend, hidden, dtype, reverse, cell=cell)
+
+    platform = target_platform()
+    if kernel(platform) is None:
+        raise ValueError(
+            f"expected hidden within the Pallas kernels' limits on {target_device_kind()} for "
+            f"impl='pallas' (the persistent kernel: {lstm_sequence.limit_text(platform, dtype, 1)}"
+            f"; the grid kernel, GPU only: {grid.limit_text(dtype, 1)}), got hidden={hidden} in "
+            f"{jnp.dtype(dtype).name}; impl='scan' takes every size"
+        )
+    lengths = None if seq_lengths is None else jnp.asarray(seq_lengths, jnp.int32)
+
+    def branch(backend: str) -> Callable:
+        found = kernel(backend)  # None: another platform than the target's, lowered beside it
+        return scan if found is None else functools.partial(_run_kernel, found, lengths)
+
+    return lambda *args: on_platforms(branch, None, *args)
+
+
+def _scan_rnn(w_x, w_h, b, carry, xs, *, cell, mask, reverse, unroll):
+    """The fused scan (``fused.recurrence``) with the simple RNN's cell."""
+    return recurrence(cell, w_x, w_h, b, carry, xs, mask, reverse, unroll)
+
+
 def _scan_lstm(w_x, w_h, b, carry, xs, *, mask, reverse, unroll):
     """The fused scan (``fused.recurrence``) with the LSTM cell."""
     return recurrence(LSTM_CELL, w_x, w_h, b, carry, xs, mask, reverse, unroll)
 
 
 def _run_kernel(kernel: Callable, lengths: Array | None, w_x, w_h, b, carry, xs):
-    """A kernel recurrence (x_proj, w_h, h_0, c_0, lengths) -> ((h_T, c_T), hs [time, batch,
-    hidden]) over xs [batch, time, features]: the input projection x_proj = xs W_x + b
-    [time, batch, 4*hidden] as one matmul before it; full-length sequences for lengths None."""
+    """A kernel recurrence (x_proj, w_h, *carry, lengths) -> (carry, hs [time, batch, hidden])
+    over xs [batch, time, features], the carry (h_0, c_0) of the LSTM or (h_0,) of the simple
+    RNN: the input projection x_proj = xs W_x + b [time, batch, G*hidden] (G = 4 or 1) as one
+    matmul before it; full-length sequences for lengths None."""
     batch, time, _ = xs.shape
     if lengths is None:
         lengths = jnp.full((batch,), time, jnp.int32)
