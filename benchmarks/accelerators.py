@@ -12,10 +12,11 @@ What it does, in order, each stage in a child process of its own (``run_stage``)
    backend and devices, XLA_FLAGS and related settings, the date and the git commit) and the device
    under test (platform, kind, platform version).
 2. ``correctness``: every Pallas kernel (``dense``, ``lstm_cell``, ``lstm_sequence``,
-   ``lstm_stepwise``, ``lstm_grid`` and ``lstm_scan(impl="pallas")``) against its jnp reference
-   (``lstm_grid``'s is its exact emulation ``lstm_grid_reference``, ``lstm_scan``'s is
-   ``impl="scan"``; a kernel whose plan refuses the shape on this device is skipped), forward and
-   the gradient of sum(sin(outputs)) with respect to every float input, in float32 and bfloat16.
+   ``lstm_stepwise``, ``lstm_grid``, ``lstm_scan(impl="pallas")`` and
+   ``rnn_scan(impl="pallas")``) against its jnp reference (``lstm_grid``'s is its exact emulation
+   ``lstm_grid_reference``, the scans' are ``impl="scan"``; a kernel whose plan refuses the
+   shape on this device is skipped), forward and the gradient of sum(sin(outputs)) with respect
+   to every float input, in float32 and bfloat16.
    Error = max |kernel - reference| / max(1, max |reference|) per output or gradient array
    (absolute for values of order 1), the largest over the arrays, against a per-dtype tolerance
    (``TOLERANCES``). Matmuls run at full float32 precision here
@@ -104,7 +105,7 @@ DTYPES = (jnp.float32, jnp.bfloat16)
 # Correctness shapes, on the device and (tiny, interpreted) in the dry run.
 #   dense: (rows, features, out, activation); lstm_cell: (batch, hidden);
 #   lstm_sequence / lstm_stepwise / lstm_grid: (time, batch, hidden, with seq_lengths, reverse);
-#   lstm_scan: (batch, time, features, hidden, with seq_lengths, reverse).
+#   lstm_scan, rnn_scan: (batch, time, features, hidden, with seq_lengths, reverse).
 # lstm_sequence keeps hidden at 64: its w_h must fit on chip (float32 hidden <= 64 on an H100/H200);
 # lstm_grid goes from there to its float32 limit (448 on H100 and A100; bfloat16 reaches further).
 CORRECTNESS_SHAPES = {
@@ -115,6 +116,7 @@ CORRECTNESS_SHAPES = {
         "lstm_stepwise": [(10, 16, 256, False, False), (12, 8, 64, True, True)],
         "lstm_grid": [(20, 16, 256, False, False), (15, 40, 448, True, True)],
         "lstm_scan": [(8, 12, 32, 64, False, False), (16, 10, 48, 256, True, True)],
+        "rnn_scan": [(8, 12, 32, 128, False, False), (16, 10, 48, 512, True, True)],
     },
     True: {
         "dense": [(5, 12, 24, "tanh")],
@@ -123,6 +125,7 @@ CORRECTNESS_SHAPES = {
         "lstm_stepwise": [(3, 2, 8, False, False)],
         "lstm_grid": [(4, 3, 16, True, True)],
         "lstm_scan": [(3, 4, 6, 8, True, True)],
+        "rnn_scan": [(3, 4, 6, 8, True, True)],
     },
 }
 
@@ -314,6 +317,18 @@ def correctness_cases(dry_run: bool, dtype):
             functools.partial(
                 _lstm_scan_outputs, seq_lengths=lengths, reverse=reverse, impl="scan"
             ),
+            (params, rand((batch, time_, features))),
+            None,
+        )
+    for batch, time_, features, hidden, with_lengths, reverse in shapes["rnn_scan"]:
+        params = jaxmodels.init_rnn(next(keys), features, hidden, dtype=dtype)
+        lengths = _lengths(batch, time_) if with_lengths else None
+        options = dict(seq_lengths=lengths, reverse=reverse)
+        yield (
+            "rnn_scan(pallas) vs (scan)",
+            f"features {features}, " + _sequence_text(time_, batch, hidden, with_lengths, reverse),
+            functools.partial(jaxmodels.rnn_scan, impl="pallas", **options),
+            functools.partial(jaxmodels.rnn_scan, impl="scan", **options),
             (params, rand((batch, time_, features))),
             None,
         )

@@ -25,6 +25,7 @@ KERNELS = {
     "lstm_stepwise",
     "lstm_grid",
     "lstm_scan(pallas) vs (scan)",
+    "rnn_scan(pallas) vs (scan)",
 }
 DRY_SHAPE = {"hidden": 32, "batch": 2, "time": 3, "dtype": "float32"}
 # Lines the CUDA plugin of jaxlib logs on a machine without a GPU (absl), not written by the script.
