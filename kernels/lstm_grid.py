@@ -286,9 +286,9 @@ def grid_kernel(
     cell: Cell = LSTM,
 ):
     """The grid kernels of ``cell``'s recurrence on ``backend`` as one differentiable function
-    (x_proj, w_h, *carry, lengths) -> (carry, hs), the carry (h, c) for the LSTM and (h,) for the
-    RNN, or None where they do not run (``plan``; interpreted, also where hidden takes more than
-    one slice, whose barrier the interpreter cannot complete)."""
+    ``(x_proj, w_h, *carry, lengths) -> (carry, hs)``, the carry (h, c) for the LSTM and (h,)
+    for the RNN, or None where they do not run (``plan``; interpreted, also where hidden takes
+    more than one slice, whose barrier the interpreter cannot complete)."""
     kernel_plan = plan(hidden, dtype, backend, block_sizes, gates=cell.gates)
     if kernel_plan is None or (backend == "interpret" and kernel_plan.slices > 1):
         return None
@@ -298,7 +298,7 @@ def grid_kernel(
 def planned_kernel(kernel_plan: Plan, reverse: bool, cell: Cell = LSTM):
     """The grid kernels following ``kernel_plan`` as it is, unchecked (for compile tests past
     the plan's limits, and interpreted over several slices, where every barrier gives up):
-    (x_proj, w_h, *carry, lengths) -> (carry, hs), differentiable."""
+    ``(x_proj, w_h, *carry, lengths) -> (carry, hs)``, differentiable."""
     run = functools.partial(_grid, reverse=reverse, plan=kernel_plan, cell=cell)
     return lambda x_proj, w_h, *rest: run(x_proj, w_h, tuple(rest[:-1]), rest[-1])
 

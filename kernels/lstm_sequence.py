@@ -457,7 +457,7 @@ def sequence_kernel(
     cell: Cell = LSTM,
 ):
     """The persistent kernels of ``cell``'s recurrence on ``backend`` as one differentiable
-    function (x_proj, w_h, *carry, lengths) -> (carry, hs), the carry (h, c) for the LSTM and
+    function ``(x_proj, w_h, *carry, lengths) -> (carry, hs)``, the carry (h, c) for the LSTM and
     (h,) for the RNN, or None where w_h does not fit on chip (``plan``)."""
     kernel_plan = plan(hidden, dtype, backend, block_sizes, cell)
     if kernel_plan is None:
