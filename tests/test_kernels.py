@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
-from jax.sharding import AbstractDevice, AbstractMesh
+from _lowering import KERNEL_CALL, lowered_module
 
 import jaxmodels
 from jaxmodels.kernels import dense as dense_kernel
@@ -271,28 +270,6 @@ def test_lstm_scan_pallas_wants_one_kernel_dtype():
 
 # ---------------------------------------------------------------------------------------------
 # lowering for accelerators (runs on this CPU machine: lowering needs no device)
-
-
-# The device each lowering is for: the Triton lowering asks which GPU (jax >= 0.12 refuses to guess
-# without one attached), and the kernels' on-chip budgets depend on it.
-TARGET_DEVICE = {
-    "cuda": AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
-    "tpu": AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"),
-}
-
-
-def lowered_module(fn, platform, *args):
-    mesh = AbstractMesh((1,), ("device",), abstract_device=TARGET_DEVICE[platform])
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = export.export(
-            jax.jit(fn),
-            platforms=[platform],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args)
-    return exported.mlir_module()
-
-
-KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
 def lowering_cases():

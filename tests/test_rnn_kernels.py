@@ -7,8 +7,8 @@ H100 and A100 at those limits are tests/test_compile.py's."""
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import export
-from jax.sharding import AbstractDevice, AbstractMesh
+from _lowering import GPUS, KERNEL_CALL, TPU, lowered_module
+from jax.sharding import AbstractMesh
 
 import jaxmodels
 from jaxmodels.kernels import grid, lstm_sequence
@@ -24,13 +24,6 @@ GRADIENT_TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 # (the interpreter cannot complete a barrier among several), several chunks and groups (grid).
 SEQUENCE_BLOCKS = lstm_sequence.BlockSizes(block_batch=8, block_time=4, hidden_multiple=8)
 ONE_SLICE = grid.BlockSizes(block_batch=8, block_hidden=32, max_chunk=8)
-
-GPUS = {
-    "h100": AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
-    "a100": AbstractDevice(device_kind="NVIDIA A100-SXM4-80GB", num_cores=108, platform="gpu"),
-}
-TPU = AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-KERNEL_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
 
 
 def max_error(a, b):
@@ -159,17 +152,6 @@ def test_rnn_scan_pallas_takes_named_activations_only():
 # Dispatch for accelerators (lowered here: lowering needs no device) and the grid plan's limits
 
 
-def lowered(fn, platform, device, *args):
-    mesh = AbstractMesh((1,), ("device",), abstract_device=device)
-    with jax.sharding.use_abstract_mesh(mesh):
-        exported = export.export(
-            jax.jit(fn),
-            platforms=[platform],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(*args)
-    return exported.mlir_module()
-
-
 def rnn_case(hidden, dtype, batch=20):
     params = jax.tree.map(
         lambda a: a.astype(dtype), jaxmodels.init_rnn(jax.random.key(0), 8, hidden)
@@ -189,7 +171,7 @@ def test_rnn_scan_pallas_picks_the_kernel_that_fits(platform, hidden, kernel):
     device = GPUS["h100"] if platform == "cuda" else TPU
     for impl, calls in (("pallas", 4 if kernel == "grid" else 2), ("auto", 0)):
         loss = sin_loss(lambda p, x: jaxmodels.rnn_scan(p, x, impl=impl))
-        text = lowered(jax.grad(loss), platform, device, params, xs)
+        text = lowered_module(jax.grad(loss), platform, params, xs, device=device)
         assert text.count(KERNEL_CALL[platform]) == calls
         assert (f"rnn_{kernel}_forward" in text) == (calls > 0)
 
