@@ -68,6 +68,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import random
 import re
@@ -455,12 +456,11 @@ def run_stress_case(case: dict, dry_run: bool) -> dict:
     start = time.perf_counter()
     try:
         with jax.default_matmul_precision("highest"):
-            outputs = jax.jit(kernel)(*args)
-            nan = any(bool(jnp.isnan(x).any()) for x in jax.tree.leaves(outputs))
             record.update(check_case(kernel, reference, args))
     except Exception as err:
         return record | {"status": "FAIL", "error": first_line(err)}
     record["seconds"] = time.perf_counter() - start
+    nan = math.isnan(record["forward_error"])  # the reference has no NaN: the kernel's outputs do
     ok = record["forward_error"] <= forward_tol and record["gradient_error"] <= gradient_tol
     if nan:
         record["error"] = "NaN outputs: a barrier gave up (kernels.grid.MAX_SPIN polls)"
