@@ -150,7 +150,12 @@ def test_a_corrupt_checkpoint_is_one_warning_line(tmp_path, capsys):
         timeout=240,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    (line,) = _ours(resumed.stderr)
+    # Ours is one line; a library may add a line of its own under load (seen once in CI on
+    # Python 3.13, not reproduced), which is not what this test is about.
+    lines = _ours(resumed.stderr)
+    ours = [line for line in lines if line.startswith("jaxmodels:")]
+    assert len(ours) == 1, lines
+    (line,) = ours
     bad = workdir / "checkpoints.bad" / "4"
     assert line.startswith(f"jaxmodels: warning: checkpoint step 4 in {workdir / 'checkpoints'}")
     assert line.endswith(f"falling back to step 2; step 4 moved to {bad}") and bad.is_dir()
