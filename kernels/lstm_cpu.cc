@@ -12,8 +12,9 @@
 // sequence. A part owns its units' four gate columns of W_h (forward) and their rows (backward),
 // packed once into 16-column panels that stay in the core's cache; its units' C stays local. The
 // one exchange per step is h_t (forward) or δpre_t (backward), written to the outputs and read
-// by all parts after one barrier. The matmuls are an AVX2/FMA register-blocked kernel (6 rows x
-// 16 columns a call, named accumulators); σ and tanh are vectorized from one exp polynomial.
+// by all parts after one barrier. The matmuls are a register-blocked kernel (16 columns a call,
+// named accumulators: AVX-512 8 rows where the CPU has it, else AVX2/FMA 6 rows); σ and tanh are
+// vectorized (AVX2) from one exp polynomial.
 #include <immintrin.h>
 #include <sys/mman.h>
 
@@ -37,7 +38,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int NR = 16;  // panel width: two 8-float vectors
-constexpr int MR = 6;   // rows per micro-kernel call
+#if defined(__AVX512F__)
+constexpr int MR = 8;  // rows per micro-kernel call
+#else
+constexpr int MR = 6;
+#endif
 constexpr int KC = 128;  // the matmuls' k per pass (see gemm)
 constexpr int PROJECTION_ROWS = 128;  // rows of x per input projection (a chunk of steps)
 
@@ -110,11 +115,85 @@ void pack_rows(const float* w, int k, const std::vector<int>& rows, float* out) 
   }
 }
 
+#if defined(__AVX512F__)
+// AVX-512 (built where the CPU has it): a panel row of 16 floats is one vector, and a call takes
+// up to MR rows of a and P = PANELS (2) panels: 16 accumulators, each k one vector load a panel and
+// one broadcast a row for 16 FMAs, so that the FMA units, not the loads, set the pace.
+constexpr int PANELS = 2;
+
+// c [R, P·NR] = (c +) a [R, k] x P panels [k, NR] (the second `next` floats after the first), R <=
+// MR rows of a given by pointers: the accumulators are named variables (an array of vectors would
+// be kept in memory by the compiler, one store per FMA).
+template <int R, int P>
+inline void micro(int k, const float* const* rows, int k0, const float* panel, size_t next,
+                  float* c, int ldc, bool accumulate) {
+  static_assert(P == 1 || P == 2);
+  __m512 c00 = _mm512_setzero_ps(), c10 = c00, c20 = c00, c30 = c00, c40 = c00, c50 = c00,
+         c60 = c00, c70 = c00, c01 = c00, c11 = c00, c21 = c00, c31 = c00, c41 = c00, c51 = c00,
+         c61 = c00, c71 = c00;
+  const float* a0 = rows[0] + k0;
+  const float* a1 = R > 1 ? rows[1] + k0 : a0;
+  const float* a2 = R > 2 ? rows[2] + k0 : a0;
+  const float* a3 = R > 3 ? rows[3] + k0 : a0;
+  const float* a4 = R > 4 ? rows[4] + k0 : a0;
+  const float* a5 = R > 5 ? rows[5] + k0 : a0;
+  const float* a6 = R > 6 ? rows[6] + k0 : a0;
+  const float* a7 = R > 7 ? rows[7] + k0 : a0;
+  const float* panel1 = panel + (P > 1 ? next : 0);
+  for (int kk = 0; kk < k; ++kk) {
+    const __m512 b0 = _mm512_load_ps(panel + kk * NR);
+    const __m512 b1 = P > 1 ? _mm512_load_ps(panel1 + kk * NR) : b0;
+    __m512 x;
+#define JM_ROW(r)                                                \
+  if constexpr (R > r) {                                         \
+    x = _mm512_set1_ps(a##r[kk]);                                \
+    c##r##0 = _mm512_fmadd_ps(x, b0, c##r##0);                   \
+    if constexpr (P > 1) c##r##1 = _mm512_fmadd_ps(x, b1, c##r##1); \
+  }
+    JM_ROW(0) JM_ROW(1) JM_ROW(2) JM_ROW(3) JM_ROW(4) JM_ROW(5) JM_ROW(6) JM_ROW(7)
+#undef JM_ROW
+  }
+#define JM_STORE(r)                                                                \
+  if constexpr (R > r) {                                                           \
+    if (accumulate) c##r##0 = _mm512_add_ps(c##r##0, _mm512_loadu_ps(c + r * ldc)); \
+    _mm512_storeu_ps(c + r * ldc, c##r##0);                                        \
+    if constexpr (P > 1) {                                                         \
+      if (accumulate)                                                              \
+        c##r##1 = _mm512_add_ps(c##r##1, _mm512_loadu_ps(c + r * ldc + NR));       \
+      _mm512_storeu_ps(c + r * ldc + NR, c##r##1);                                 \
+    }                                                                              \
+  }
+  JM_STORE(0) JM_STORE(1) JM_STORE(2) JM_STORE(3) JM_STORE(4) JM_STORE(5) JM_STORE(6) JM_STORE(7)
+#undef JM_STORE
+}
+
+// c [1, NR] = (c +) a [1, k] x panel [k, NR], one row: eight partial sums over k (k mod 8), so
+// that eight FMA chains run at once, not one (as at batch 1).
+inline void micro_row(int k, const float* a, const float* panel, float* c, bool accumulate) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0, s4 = s0, s5 = s0, s6 = s0, s7 = s0;
+  int kk = 0;
+  for (; kk + 8 <= k; kk += 8) {
+    const float* b = panel + kk * NR;
+#define JM_SUM(q) s##q = _mm512_fmadd_ps(_mm512_set1_ps(a[kk + q]), _mm512_load_ps(b + q * NR), s##q);
+    JM_SUM(0) JM_SUM(1) JM_SUM(2) JM_SUM(3) JM_SUM(4) JM_SUM(5) JM_SUM(6) JM_SUM(7)
+#undef JM_SUM
+  }
+  for (; kk < k; ++kk) s0 = _mm512_fmadd_ps(_mm512_set1_ps(a[kk]), _mm512_load_ps(panel + kk * NR), s0);
+  __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)),
+                             _mm512_add_ps(_mm512_add_ps(s4, s5), _mm512_add_ps(s6, s7)));
+  if (accumulate) sum = _mm512_add_ps(sum, _mm512_loadu_ps(c));
+  _mm512_storeu_ps(c, sum);
+}
+#else
+// AVX2: a panel row of 16 floats is two vectors; MR rows and one panel a call, 2·MR FMA chains.
+constexpr int PANELS = 1;
+
 // c [R, NR] = (c +) a [R, k] x panel [k, NR], R <= MR rows of a given by pointers: the accumulators are named variables (an
 // array of vectors would be kept in memory by the compiler, one store per FMA).
-template <int R>
-inline void micro(int k, const float* const* rows, int k0, const float* panel, float* c, int ldc,
-                  bool accumulate) {
+template <int R, int P>
+inline void micro(int k, const float* const* rows, int k0, const float* panel, size_t /*next*/,
+                  float* c, int ldc, bool accumulate) {
+  static_assert(P == 1);
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   const float* a0 = rows[0] + k0;
@@ -185,31 +264,49 @@ inline void micro_row(int k, const float* a, const float* panel, float* c, bool 
   _mm256_storeu_ps(c, c0);
   _mm256_storeu_ps(c + 8, c1);
 }
+#endif
+
+// The last rows of a gemm, fewer than MR, against P panels: micro<R, P> for R = left, micro_row
+// (a panel at a time) for one.
+template <int R, int P>
+inline void micro_tail(int left, int k, const float* const* rows, int k0, const float* panel,
+                       size_t next, float* c, int ldc, bool accumulate) {
+  if constexpr (R == 1) {
+    if (left == 1)
+      for (int q = 0; q < P; ++q) micro_row(k, rows[0] + k0, panel + q * next, c + q * NR, accumulate);
+  } else if (left == R) {
+    micro<R, P>(k, rows, k0, panel, next, c, ldc, accumulate);
+  } else {
+    micro_tail<R - 1, P>(left, k, rows, k0, panel, next, c, ldc, accumulate);
+  }
+}
+
+// c [m, P·NR] = (c +) a [m, k] x P panels from panel, `next` floats apart: MR rows at a time.
+template <int P>
+inline void panel_rows(int m, int k, const float* const* rows, int k0, const float* panel,
+                       size_t next, float* c, int ldc, bool accumulate) {
+  int r = 0;
+  for (; r + MR <= m; r += MR)
+    micro<MR, P>(k, rows + r, k0, panel, next, c + static_cast<size_t>(r) * ldc, ldc, accumulate);
+  micro_tail<MR - 1, P>(m - r, k, rows + r, k0, panel, next, c + static_cast<size_t>(r) * ldc, ldc,
+                        accumulate);
+}
 
 // c [m, panels*NR] = (c +) a [m, k] x packed panels, the rows of a given by pointers. k is taken
-// KC at a time, so that a panel's slice (KC x 16) and the rows' slices (m x KC) stay in L1 while
-// each serves all the others.
+// KC at a time, so that the panels' slices (KC x 16 each) and the rows' slices (m x KC) stay in L1
+// while each serves all the others; PANELS panels a call where the CPU has the registers for it.
 void gemm(int m, int k, const float* const* rows, const float* packed, int panels, float* c,
           bool accumulate = false) {
   const int ldc = panels * NR;
+  const size_t next = static_cast<size_t>(k) * NR;  // from a panel to the next
   for (int k0 = 0; k0 < k; k0 += KC) {
     const int kc = std::min(KC, k - k0);
     const bool acc = accumulate || k0 > 0;
-    for (int p = 0; p < panels; ++p) {
-      const float* panel = packed + (static_cast<size_t>(p) * k + k0) * NR;
-      int r = 0;
-      for (; r + MR <= m; r += MR)
-        micro<MR>(kc, rows + r, k0, panel, c + static_cast<size_t>(r) * ldc + p * NR, ldc, acc);
-      float* cr = c + static_cast<size_t>(r) * ldc + p * NR;
-      switch (m - r) {
-        case 5: micro<5>(kc, rows + r, k0, panel, cr, ldc, acc); break;
-        case 4: micro<4>(kc, rows + r, k0, panel, cr, ldc, acc); break;
-        case 3: micro<3>(kc, rows + r, k0, panel, cr, ldc, acc); break;
-        case 2: micro<2>(kc, rows + r, k0, panel, cr, ldc, acc); break;
-        case 1: micro_row(kc, rows[r] + k0, panel, cr, acc); break;
-        default: break;
-      }
-    }
+    int p = 0;
+    for (; p + PANELS <= panels; p += PANELS)
+      panel_rows<PANELS>(m, kc, rows, k0, packed + p * next + k0 * NR, next, c + p * NR, ldc, acc);
+    for (; p < panels; ++p)
+      panel_rows<1>(m, kc, rows, k0, packed + p * next + k0 * NR, next, c + p * NR, ldc, acc);
   }
 }
 
@@ -568,9 +665,12 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::B
 EXPORT XLA_FFI_Error* JaxmodelsLstmForward(XLA_FFI_CallFrame*);
 EXPORT XLA_FFI_Error* JaxmodelsLstmBackward(XLA_FFI_CallFrame*);
 
-// 1 where this CPU runs the kernels (AVX2 and FMA), else 0: checked before any handler is
-// registered, as the file is compiled for AVX2 whatever the machine that builds it.
+// 1 where this CPU runs the kernels (AVX2 and FMA; AVX-512F too where built for it), else 0:
+// checked before any handler is registered, as the instruction set is chosen at build time.
 EXPORT int JaxmodelsLstmCpuSupported() {
+#if defined(__AVX512F__)
+  if (!__builtin_cpu_supports("avx512f")) return 0;
+#endif
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 

@@ -10,10 +10,12 @@ layout).
 Building: the C++ file ships with the package and is compiled on first use with the system's
 C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against the FFI headers of the
 installed jaxlib, into ``$JAXMODELS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/jaxmodels`` or
-``~/.cache/jaxmodels``), one file per source, headers and compiler, reused afterwards (about 6 s
-once; nothing at install time). It runs on x86-64 CPUs with AVX2 and FMA. Where it cannot be built
-or run, ``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` instead;
-``JAXMODELS_CPU_KERNEL=0`` chooses the scan without trying.
+``~/.cache/jaxmodels``), one file per source, headers, compiler and flags, reused afterwards
+(about 6 s once; nothing at install time). It runs on x86-64 CPUs with AVX2 and FMA; where the CPU
+has AVX-512F (``isa()``), its matmuls are built for that, a vector a panel row. Where it cannot be
+built or run, ``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` instead;
+``JAXMODELS_CPU_KERNEL=0`` chooses the scan without trying, ``JAXMODELS_CPU_KERNEL=avx2`` the
+AVX2 build on any CPU.
 
 Scope: full-length sequences (no ``seq_lengths``) of concrete shapes, in float32, bfloat16 or
 float16 (``DTYPES``): it computes in float32 and returns the inputs' dtype. A CPU without bfloat16
@@ -48,7 +50,8 @@ SOURCE = Path(__file__).with_name("lstm_cpu.cc")
 FORWARD_TARGET = "jaxmodels_lstm_cpu_forward"
 BACKWARD_TARGET = "jaxmodels_lstm_cpu_backward"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w")
-SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel
+ISA_FLAGS = {"avx2": (), "avx512": ("-mavx512f",)}  # added to FLAGS per instruction set
+SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel; "avx2": never AVX-512
 DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))  # computed in float32
 UNITS_PER_THREAD = 64  # the fewest hidden units a thread is given (smaller parts cost more in sync)
 
@@ -87,7 +90,10 @@ def _warn_once(reason: str) -> None:
 @functools.cache
 def _library() -> ctypes.CDLL | _Missing:
     """The built and registered kernel library, or why there is none."""
-    if os.environ.get(SWITCH, "1") == "0":
+    switch = os.environ.get(SWITCH, "1")
+    if switch not in ("0", "1", "avx2"):
+        return _Missing(f"expected {SWITCH} to be 0, 1 or avx2, got {switch!r}", build_failed=True)
+    if switch == "0":
         return _Missing(f"disabled by {SWITCH}=0", build_failed=False)
     if platform.machine().lower() not in ("x86_64", "amd64"):
         reason = f"needs an x86-64 CPU with AVX2 and FMA, this is {platform.machine()}"
@@ -99,7 +105,8 @@ def _library() -> ctypes.CDLL | _Missing:
     library = ctypes.CDLL(str(path))
     if not library.JaxmodelsLstmCpuSupported():
         return _Missing(
-            "needs an x86-64 CPU with AVX2 and FMA, this one lacks them", build_failed=False
+            f"needs an x86-64 CPU with AVX2 and FMA ({isa()} build), this one lacks them",
+            build_failed=False,
         )
     for target, handler in (
         (FORWARD_TARGET, library.JaxmodelsLstmForward),
@@ -107,6 +114,27 @@ def _library() -> ctypes.CDLL | _Missing:
     ):
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
     return library
+
+
+def isa() -> str:
+    """The instruction set the kernel is built for here (a key of ``ISA_FLAGS``): "avx512" where
+    the CPU has AVX-512F (Linux's /proc/cpuinfo says so) unless ``JAXMODELS_CPU_KERNEL=avx2``,
+    else "avx2"."""
+    if os.environ.get(SWITCH) == "avx2":
+        return "avx2"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "avx2"
+    flags = next(
+        (
+            line.split(":", 1)[1].split()
+            for line in cpuinfo.splitlines()
+            if line.startswith("flags")
+        ),
+        [],
+    )
+    return "avx512" if "avx512f" in flags else "avx2"
 
 
 def _compiler() -> str:
@@ -129,11 +157,12 @@ def _build() -> Path:
     compiler and flags is cached. Concurrent first uses (test workers) each compile to a private
     temporary file and rename it into place, so none reads a half-written library."""
     compiler = _compiler()
+    flags = (*FLAGS, *ISA_FLAGS[isa()])
     include = Path(jax.ffi.include_dir())
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True, timeout=60
     ).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(flags).encode())
     for header in sorted((include / "xla" / "ffi" / "api").glob("*.h")):
         digest.update(header.read_bytes())
     directory = cache_dir()
@@ -143,7 +172,7 @@ def _build() -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / path.name
-        command = [compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(built), "-pthread"]
+        command = [compiler, *flags, f"-I{include}", str(SOURCE), "-o", str(built), "-pthread"]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]

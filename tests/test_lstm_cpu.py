@@ -1,9 +1,11 @@
 """Tests of the compiled CPU LSTM kernel (jaxmodels.kernels.lstm_cpu) and of lstm_scan's choice of
 it: impl='cpu' against the XLA scan (impl='scan') and ``lstm_cell`` stepped by ``lax.scan`` and
 differentiated by plain autodiff, forwards and reversed, across the shapes that take the kernel's other code
-paths (hidden not a multiple of 8: the scalar tail; batch not a multiple of the 6-row
-micro-kernel; several threads; time longer than one chunk of the input projection); then the
-fallbacks: where it cannot be built, where it is switched off, and what impl='cpu' refuses."""
+paths (hidden not a multiple of 8: the scalar tail; batch not a multiple of the micro-kernel's rows,
+6 with AVX2, 8 with AVX-512; an odd number of 16-column panels; several threads; time longer than
+one chunk of the input projection); the AVX2 build against the AVX-512 one where the CPU has both;
+then the fallbacks: where it cannot be built, where it is switched off, and what impl='cpu'
+refuses."""
 
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def _loss(run):
 SHAPES = [
     (16, 2, 5, 3),
     (13, 3, 7, 5),  # hidden < 8: the scalar tail only
-    (37, 7, 9, 4),  # a vector block and a tail; batch 6 + 1
+    (37, 7, 9, 4),  # a vector block and a tail; batch 6 + 1 (AVX2), 7 (AVX-512)
+    (36, 19, 4, 9),  # 9 panels of w_h's columns, 3 of its rows (pairs and one); batch 8 + 8 + 3
     (200, 5, 9, 7),  # several threads (where the machine has the CPUs)
     (24, 1, 150, 6),  # batch 1: projections in chunks of 128 steps and a partial chunk
 ]
@@ -187,6 +190,45 @@ def test_a_build_is_reused():
     before = {p: p.stat().st_mtime_ns for p in built}
     _run_fresh("from jaxmodels.kernels import lstm_cpu; assert lstm_cpu.unavailable() is None")
     assert {p: p.stat().st_mtime_ns for p in built} == before
+
+
+AVX2_BUILD = """
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_lstm_cpu import SHAPES, _loss, _problem
+    import jaxmodels
+    from jaxmodels.kernels import lstm_cpu
+    assert lstm_cpu.isa() == "avx2" and lstm_cpu.unavailable() is None, lstm_cpu.unavailable()
+    kernel = lambda p, x, c: jaxmodels.lstm_scan(p, x, c, impl="cpu")
+    results = {{}}
+    for shape in SHAPES:
+        params, carry, xs = _problem(*shape)
+        for i, leaf in enumerate(jax.tree.leaves(_loss(kernel)(params, carry, xs))):
+            results[f"{{shape}}/{{i}}"] = np.asarray(leaf)
+    np.savez({out!r}, **results)
+"""
+
+
+@pytest.mark.skipif(lstm_cpu.isa() != "avx512", reason="this CPU has no AVX-512F: AVX2 only")
+def test_the_avx2_build_agrees_with_the_avx512_build(tmp_path):
+    """The AVX2 build (``JAXMODELS_CPU_KERNEL=avx2``, in a process of its own) gives this process's
+    AVX-512 results, loss and gradients, up to float32 rounding (the sums' grouping differs)."""
+    out = tmp_path / "avx2.npz"
+    tests = os.path.dirname(os.path.abspath(__file__))
+    _run_fresh(AVX2_BUILD.format(tests=tests, out=str(out)), JAXMODELS_CPU_KERNEL="avx2")
+    avx2 = np.load(out)
+    kernel = lambda p, x, c: jaxmodels.lstm_scan(p, x, c, impl="cpu")
+    for shape in SHAPES:
+        params, carry, xs = _problem(*shape)
+        for i, leaf in enumerate(jax.tree.leaves(_loss(kernel)(params, carry, xs))):
+            np.testing.assert_allclose(leaf, avx2[f"{shape}/{i}"], **GRAD_TOL, err_msg=str(shape))
+
+
+def test_an_unknown_switch_value_is_named_and_auto_runs_the_scan(tmp_path):
+    result = _run_fresh(FALLBACK, JAXMODELS_CPU_KERNEL="avx9", **_cache(tmp_path))
+    assert "REASON expected JAXMODELS_CPU_KERNEL to be 0, 1 or avx2, got 'avx9'" in result.stdout
+    assert "WARNINGS 1 " in result.stdout
 
 
 def _run_fresh(code: str, **env) -> subprocess.CompletedProcess:
