@@ -54,6 +54,12 @@ ISA_FLAGS = {"avx2": (), "avx512": ("-mavx512f",)}  # added to FLAGS per instruc
 SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel; "avx2": never AVX-512
 DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))  # computed in float32
 UNITS_PER_THREAD = 64  # the fewest hidden units a thread is given (smaller parts cost more in sync)
+# The fewest FLOPs of a time step, 2·B·(F+H)·4H, that each thread of a training step's kernels is
+# given. Measured on 2 CPUs: below this a step's work is tens of microseconds, and in a training
+# step (whose gradient matmuls run on XLA's pool around the kernels) one thread was 1.2-1.5x faster
+# than two at (128, 16, 100), (256, 1, 150) and (128, 4, 300), two faster at (256, 16, 150)
+# (16.8 MFLOP a step). The forward pass alone keeps a thread per UNITS_PER_THREAD units.
+TRAINING_STEP_FLOPS_PER_THREAD = 8e6
 
 
 class _Missing(NamedTuple):
@@ -181,11 +187,16 @@ def _build() -> Path:
     return path
 
 
-def threads_for(hidden: int) -> int:
+def threads_for(hidden: int, batch: int | None = None, features: int | None = None) -> int:
     """Threads for a layer of ``hidden`` units: the CPUs this process may use, at most one per
-    ``UNITS_PER_THREAD`` units (at least one)."""
+    ``UNITS_PER_THREAD`` units (at least one). For a training step's kernels (``batch`` and
+    ``features`` given), also at most one per ``TRAINING_STEP_FLOPS_PER_THREAD`` of a step."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, hidden // UNITS_PER_THREAD))
+    threads = min(cpus or 1, hidden // UNITS_PER_THREAD)
+    if batch is not None and features is not None:
+        step_flops = 2 * batch * (features + hidden) * 4 * hidden
+        threads = min(threads, int(step_flops // TRAINING_STEP_FLOPS_PER_THREAD))
+    return max(1, threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,22 +207,23 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _attributes(hidden: int, reverse: bool) -> dict:
-    return {"reverse": np.int32(reverse), "threads": np.int32(threads_for(hidden))}
+def _attributes(reverse: bool, threads: int) -> dict:
+    return {"reverse": np.int32(reverse), "threads": np.int32(threads)}
 
 
 def _run_forward(w_x, w_h, b, carry, xs, reverse: bool, save: bool):
     """xs [batch, time, features] -> (hs [batch, time, hidden], c_T [batch, hidden], cs
     [batch, time, hidden] and acts [batch, time, 4*hidden] where ``save``, else [0]-shaped)."""
-    batch, time, _ = xs.shape
+    batch, time, features = xs.shape
     hidden = w_h.shape[0]
     saved = (_f32(batch, time, hidden), _f32(batch, time, 4 * hidden)) if save else (_f32(0),) * 2
+    threads = threads_for(hidden, batch, features) if save else threads_for(hidden)
     call = jax.ffi.ffi_call(
         FORWARD_TARGET,
         (_f32(batch, time, hidden), _f32(batch, hidden), *saved),
         vmap_method="sequential",
     )
-    return call(xs, w_x, b, w_h, *carry, **_attributes(hidden, reverse))
+    return call(xs, w_x, b, w_h, *carry, **_attributes(reverse, threads))
 
 
 def _final(hs: Array, reverse: bool) -> Array:
@@ -259,7 +271,8 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         vmap_method="sequential",
         input_output_aliases={3: 0},  # acts -> dpre
     )
-    dpre, dh0, dc0 = call(w_h, c0, cs, acts, dhs, dh_last, dc_last, **_attributes(hidden, reverse))
+    threads = threads_for(hidden, batch, xs.shape[2])  # as the forward's that saved the residuals
+    dpre, dh0, dc0 = call(w_h, c0, cs, acts, dhs, dh_last, dc_last, **_attributes(reverse, threads))
     # h entering each step: h_0 then h_1 .. h_{T-1}; reversed, h_2 .. h_T then h_0.
     if reverse:
         h_in = jnp.concatenate([hs[:, 1:], h0[:, None]], axis=1)

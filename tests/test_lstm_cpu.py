@@ -104,9 +104,21 @@ def test_parts_of_the_hidden_units_give_the_same_result(monkeypatch):
     assert lstm_cpu.threads_for(64) == 1
     one = _loss(kernel)(params, carry, xs)  # traced anew: the threads are read while tracing
     monkeypatch.setattr(lstm_cpu, "UNITS_PER_THREAD", 8)
+    monkeypatch.setattr(lstm_cpu, "TRAINING_STEP_FLOPS_PER_THREAD", 1)
+    assert lstm_cpu.threads_for(64, 4, 5) == min(8, len(os.sched_getaffinity(0)))
     many = _loss(kernel)(params, carry, xs)
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(many)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_training_step_with_little_work_a_step_takes_one_thread():
+    """The forward pass alone splits the units (one thread per 64); a training step's kernels do
+    so only with at least TRAINING_STEP_FLOPS_PER_THREAD of a step per thread."""
+    cpus = len(os.sched_getaffinity(0))
+    assert lstm_cpu.threads_for(128) == min(2, cpus)
+    assert lstm_cpu.threads_for(128, 16, 128) == 1  # 4.2 MFLOP a step
+    assert lstm_cpu.threads_for(256, 16, 256) == min(2, cpus)  # 16.8 MFLOP a step
+    assert lstm_cpu.threads_for(1024, 64, 1024) == min(16, cpus)
 
 
 def test_auto_takes_the_kernel_on_cpu_for_full_length_sequences():
