@@ -115,6 +115,12 @@ void pack_rows(const float* w, int k, const std::vector<int>& rows, float* out) 
   }
 }
 
+// Row r of a micro-kernel's R rows of a, from column k0; row 0 for r >= R (never read).
+template <int R>
+inline const float* row(const float* const* rows, int r, int k0) {
+  return (r < R ? rows[r] : rows[0]) + k0;
+}
+
 #if defined(__AVX512F__)
 // AVX-512 (built where the CPU has it): a panel row of 16 floats is one vector, and a call takes
 // up to MR rows of a and P = PANELS (2) panels: 16 accumulators, each k one vector load a panel and
@@ -131,14 +137,9 @@ inline void micro(int k, const float* const* rows, int k0, const float* panel, s
   __m512 c00 = _mm512_setzero_ps(), c10 = c00, c20 = c00, c30 = c00, c40 = c00, c50 = c00,
          c60 = c00, c70 = c00, c01 = c00, c11 = c00, c21 = c00, c31 = c00, c41 = c00, c51 = c00,
          c61 = c00, c71 = c00;
-  const float* a0 = rows[0] + k0;
-  const float* a1 = R > 1 ? rows[1] + k0 : a0;
-  const float* a2 = R > 2 ? rows[2] + k0 : a0;
-  const float* a3 = R > 3 ? rows[3] + k0 : a0;
-  const float* a4 = R > 4 ? rows[4] + k0 : a0;
-  const float* a5 = R > 5 ? rows[5] + k0 : a0;
-  const float* a6 = R > 6 ? rows[6] + k0 : a0;
-  const float* a7 = R > 7 ? rows[7] + k0 : a0;
+  const float *a0 = row<R>(rows, 0, k0), *a1 = row<R>(rows, 1, k0), *a2 = row<R>(rows, 2, k0),
+              *a3 = row<R>(rows, 3, k0), *a4 = row<R>(rows, 4, k0), *a5 = row<R>(rows, 5, k0),
+              *a6 = row<R>(rows, 6, k0), *a7 = row<R>(rows, 7, k0);
   const float* panel1 = panel + (P > 1 ? next : 0);
   for (int kk = 0; kk < k; ++kk) {
     const __m512 b0 = _mm512_load_ps(panel + kk * NR);
@@ -196,12 +197,8 @@ inline void micro(int k, const float* const* rows, int k0, const float* panel, s
   static_assert(P == 1);
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float* a0 = rows[0] + k0;
-  const float* a1 = R > 1 ? rows[1] + k0 : a0;
-  const float* a2 = R > 2 ? rows[2] + k0 : a0;
-  const float* a3 = R > 3 ? rows[3] + k0 : a0;
-  const float* a4 = R > 4 ? rows[4] + k0 : a0;
-  const float* a5 = R > 5 ? rows[5] + k0 : a0;
+  const float *a0 = row<R>(rows, 0, k0), *a1 = row<R>(rows, 1, k0), *a2 = row<R>(rows, 2, k0),
+              *a3 = row<R>(rows, 3, k0), *a4 = row<R>(rows, 4, k0), *a5 = row<R>(rows, 5, k0);
   for (int kk = 0; kk < k; ++kk) {
     const __m256 b0 = _mm256_load_ps(panel + kk * NR);
     const __m256 b1 = _mm256_load_ps(panel + kk * NR + 8);
