@@ -37,7 +37,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int NR = 16;  // panel width: two 8-float vectors
+constexpr int NR = 16;  // panel width: one AVX-512 vector, two AVX2 vectors
 #if defined(__AVX512F__)
 constexpr int MR = 8;  // rows per micro-kernel call
 #else

@@ -269,7 +269,7 @@ def lstm_suite(
         "hidden units (their columns of w_x and w_h packed in cache, one barrier a step), input "
         "projection inside it in chunks of about 128 rows; the weight and input gradients as XLA "
         "matmuls over all steps, batch-major as the kernel's buffers; bfloat16 computed in float32 "
-        "(AVX2 has no bfloat16 arithmetic), its inputs and outputs bfloat16.",
+        "(the kernel has no bfloat16 arithmetic of its own), its inputs and outputs bfloat16.",
     ]
     if backend not in ("gpu", "tpu"):
         notes.append(
