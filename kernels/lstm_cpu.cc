@@ -14,9 +14,15 @@
 // one exchange per step is h_t (forward) or δpre_t (backward), written to the outputs and read
 // by all parts after one barrier. The matmuls are a register-blocked kernel (16 columns a call,
 // named accumulators: AVX-512 8 rows where the CPU has it, else AVX2/FMA 6 rows); σ and tanh are
-// vectorized (AVX2) from one exp polynomial.
+// vectorized (16 or 8 floats, as the matmuls) from one exp polynomial.
+//
+// Bfloat16 (the `bf16` attribute; built with AMX where the CPU has it): the per-step matmuls
+// (h_{t-1} W_h, x_t W_x, and δpre_t W_hᵀ) take their operands rounded to bfloat16 and accumulate in
+// float32 on AMX tiles; everything else stays float32. Elsewhere `bf16` changes nothing.
 #include <immintrin.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -24,7 +30,6 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -313,46 +318,256 @@ const float* const* strided_rows(std::vector<const float*>& rows, const float* a
   return rows.data();
 }
 
-// exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+// ---------------------------------------------------------------------------------------------
+// Elementwise math on vectors of VW floats: AVX-512 where built for it, else AVX2. GCC and Clang
+// give the vector types + - * /; the rest are these helpers. vload and vstore take the first n
+// floats (masked: no access past them), for the last units of a part.
+
+#if defined(__AVX512F__)
+using Vec = __m512;
+constexpr int VW = 16;
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }   // a·b + c
+inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a·b
+inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline Vec vround(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vexp2i(Vec n) {  // 2^n for whole n in the exponent's range
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_castsi512_ps(e);
+}
+inline Vec vabs(Vec x) { return _mm512_abs_ps(x); }
+inline Vec vcopysign(Vec magnitude, Vec sign) {
+  const __m512i bit = _mm512_and_si512(_mm512_castps_si512(sign), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), bit));
+}
+inline Vec vwhere_below(Vec x, float bound, Vec below, Vec otherwise) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset(bound), _CMP_LT_OQ), otherwise, below);
+}
+inline __mmask16 first(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+inline Vec vload(const float* p, int n) {
+  return n == VW ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(first(n), p);
+}
+inline void vstore(float* p, Vec v, int n) {
+  if (n == VW) _mm512_storeu_ps(p, v);
+  else _mm512_mask_storeu_ps(p, first(n), v);
+}
+// The bits of VW bfloat16 from the bit patterns u of VW floats (already rounded, shifted down).
+inline void store_halves(uint16_t* p, __m512i u) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(u));
+}
+inline __m512i as_int(Vec v) { return _mm512_castps_si512(v); }
+inline __m512i rounded_half_bits(__m512i u) {  // u's upper 16 bits, rounded to nearest even
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+}
+#else
+using Vec = __m256;
+constexpr int VW = 8;
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec vfma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline Vec vfnma(Vec a, Vec b, Vec c) { return _mm256_fnmadd_ps(a, b, c); }
+inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline Vec vround(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline Vec vexp2i(Vec n) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_castsi256_ps(e);
+}
+inline Vec vabs(Vec x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.f), x); }
+inline Vec vcopysign(Vec magnitude, Vec sign) {
+  return _mm256_or_ps(magnitude, _mm256_and_ps(sign, _mm256_set1_ps(-0.f)));
+}
+inline Vec vwhere_below(Vec x, float bound, Vec below, Vec otherwise) {
+  return _mm256_blendv_ps(otherwise, below, _mm256_cmp_ps(x, vset(bound), _CMP_LT_OQ));
+}
+inline __m256i first(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline Vec vload(const float* p, int n) {
+  return n == VW ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first(n));
+}
+inline void vstore(float* p, Vec v, int n) {
+  if (n == VW) _mm256_storeu_ps(p, v);
+  else _mm256_maskstore_ps(p, first(n), v);
+}
+inline void store_halves(uint16_t* p, __m256i u) {  // values below 2^16: packing saturates nothing
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(u), _mm256_extracti128_si256(u, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+inline __m256i as_int(Vec v) { return _mm256_castps_si256(v); }
+inline __m256i rounded_half_bits(__m256i u) {
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+}
+#endif
+
+// exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32.
+inline Vec vexp(Vec x) {
+  x = vmin(vmax(x, vset(-87.3f)), vset(88.3f));
+  const Vec n = vround(x * vset(1.44269504088896341f));
+  Vec r = vfnma(n, vset(0.693359375f), x);
+  r = vfnma(n, vset(-2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  p = vfma(p, r, vset(1.3981999507e-3f));
+  p = vfma(p, r, vset(8.3334519073e-3f));
+  p = vfma(p, r, vset(4.1665795894e-2f));
+  p = vfma(p, r, vset(1.6666665459e-1f));
+  p = vfma(p, r, vset(5.0000001201e-1f));
+  p = vfma(p, r * r, r + vset(1.f));
+  return p * vexp2i(n);
 }
 
-inline __m256 sigmoid8(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
+inline Vec vsigmoid(Vec x) { return vset(1.f) / (vset(1.f) + vexp(-x)); }
 
 // tanh(x) = sign(x)·(1 - e)/(1 + e), e = exp(-2|x|): no cancellation for large |x|; for small
 // |x| a short odd polynomial keeps the relative error small.
-inline __m256 tanh8(__m256 x) {
-  const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.f));
-  const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
-  const __m256 e = exp8(_mm256_mul_ps(ax, _mm256_set1_ps(-2.f)));
-  const __m256 one = _mm256_set1_ps(1.f);
-  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-  const __m256 x2 = _mm256_mul_ps(ax, ax);  // tanh x ≈ x - x³/3 + 2x⁵/15 - 17x⁷/315, |x| < 0.05
-  __m256 s = _mm256_fmadd_ps(x2, _mm256_set1_ps(-17.f / 315.f), _mm256_set1_ps(2.f / 15.f));
-  s = _mm256_fmadd_ps(s, x2, _mm256_set1_ps(-1.f / 3.f));
-  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(s, x2), ax, ax);
-  const __m256 use_small = _mm256_cmp_ps(ax, _mm256_set1_ps(0.05f), _CMP_LT_OQ);
-  return _mm256_or_ps(_mm256_blendv_ps(big, small, use_small), sign);
+inline Vec vtanh(Vec x) {
+  const Vec ax = vabs(x);
+  const Vec e = vexp(ax * vset(-2.f));
+  const Vec big = (vset(1.f) - e) / (vset(1.f) + e);
+  const Vec x2 = ax * ax;  // tanh x ≈ x - x³/3 + 2x⁵/15 - 17x⁷/315, |x| < 0.05
+  Vec s = vfma(x2, vset(-17.f / 315.f), vset(2.f / 15.f));
+  s = vfma(s, x2, vset(-1.f / 3.f));
+  const Vec small = vfma(s * x2, ax, ax);
+  return vcopysign(vwhere_below(ax, 0.05f, small, big), x);
 }
 
-inline float sigmoid1(float x) { return 1.f / (1.f + std::exp(-x)); }
+// ---------------------------------------------------------------------------------------------
+// Bfloat16 operands on AMX tiles. A tile holds up to 16 rows of 64 bytes; TDPBF16PS adds to a
+// float32 tile C [16, 16] the product of A [16, 32] (bfloat16) and B [32, 16] (bfloat16, stored as
+// 16 rows of k pairs: B[2r][n], B[2r+1][n] adjacent, the "VNNI" layout).
+
+using half = uint16_t;  // the bits of a bfloat16
+constexpr int KB = 32;  // k per tile product: the operands' k is padded to a multiple of it
+
+inline int round_up(int n, int m) { return (n + m - 1) / m * m; }
+
+// x rounded to the nearest bfloat16 (ties to even), as the hardware's conversions do.
+inline half to_half(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return static_cast<half>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// dst [n] = src [n] rounded to bfloat16, a vector at a time.
+inline void to_half_row(const float* src, int n, half* dst) {
+  int j = 0;
+  for (; j + VW <= n; j += VW) store_halves(dst + j, rounded_half_bits(as_int(vload(src + j, VW))));
+  for (; j < n; ++j) dst[j] = to_half(src[j]);
+}
+
+// Packs the n columns of a [k, n] matrix (its element (kk, j) is at(kk, j)) as bfloat16 panels
+// of NR columns for the tiles: [panels][kp / 2][NR][2], kp = k rounded up to KB, zero-padded.
+template <typename At>
+void pack_half(int k, int n, At at, half* out) {
+  const int kp = round_up(k, KB), panels = (n + NR - 1) / NR;
+  for (int p = 0; p < panels; ++p)
+    for (int kk = 0; kk < kp; ++kk)
+      for (int j = 0; j < NR; ++j) {
+        const int col = p * NR + j;
+        out[(static_cast<size_t>(p) * kp + (kk & ~1)) * NR + 2 * j + (kk & 1)] =
+            kk < k && col < n ? to_half(at(kk, col)) : half{0};
+      }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+constexpr bool AMX_BUILD = true;
+
+// The tile configuration of one thread: tiles 0-3 are C, 4 is A (`rows` rows each), 5-7 are B
+// (16 rows); set again only when the rows change (the last rows of a gemm, batch < 16), and
+// released when the part ends.
+struct Tiles {
+  void use(int rows) {
+    if (rows == configured) return;
+    alignas(64) uint8_t config[64] = {};
+    config[0] = 1;  // palette 1
+    for (int t = 0; t < 8; ++t) {
+      const uint16_t bytes = 64;
+      std::memcpy(config + 16 + 2 * t, &bytes, sizeof bytes);
+      config[48 + t] = static_cast<uint8_t>(t < 5 ? rows : 16);
+    }
+    _tile_loadconfig(config);
+    configured = rows;
+  }
+  ~Tiles() {
+    if (configured) _tile_release();
+  }
+  int configured = 0;
+};
+
+// c [rows, P·NR] = (c +) a [rows, kp] x P panels (`next` bfloat16 apart): one A tile a k step
+// serves P B tiles; the C tiles stay in the tile registers over all of k.
+template <int P>
+void tile_panels(int kp, const half* a, int lda, const half* panel, size_t next, float* c, int ldc,
+                 bool accumulate) {
+  const int sc = ldc * static_cast<int>(sizeof(float)), sa = lda * static_cast<int>(sizeof(half));
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    if constexpr (P > 1) _tile_loadd(1, c + NR, sc);
+    if constexpr (P > 2) _tile_loadd(2, c + 2 * NR, sc);
+    if constexpr (P > 3) _tile_loadd(3, c + 3 * NR, sc);
+  } else {
+    _tile_zero(0);
+    if constexpr (P > 1) _tile_zero(1);
+    if constexpr (P > 2) _tile_zero(2);
+    if constexpr (P > 3) _tile_zero(3);
+  }
+  for (int k0 = 0; k0 < kp; k0 += KB) {
+    const half* b = panel + static_cast<size_t>(k0) * NR;
+    _tile_loadd(4, a + k0, sa);
+    _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (P > 1) {
+      _tile_loadd(6, b + next, 64);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    if constexpr (P > 2) {
+      _tile_loadd(7, b + 2 * next, 64);
+      _tile_dpbf16ps(2, 4, 7);
+    }
+    if constexpr (P > 3) {
+      _tile_loadd(5, b + 3 * next, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  _tile_stored(0, c, sc);
+  if constexpr (P > 1) _tile_stored(1, c + NR, sc);
+  if constexpr (P > 2) _tile_stored(2, c + 2 * NR, sc);
+  if constexpr (P > 3) _tile_stored(3, c + 3 * NR, sc);
+}
+
+// c [m, panels·NR] (row stride ldc) = (c +) a [m, kp] (bfloat16, row stride lda, kp a multiple of
+// KB) x panels packed by pack_half: 16 rows and up to 4 panels at a time.
+void tile_gemm(Tiles& tiles, int m, int kp, const half* a, int lda, const half* packed, int panels,
+               float* c, int ldc, bool accumulate) {
+  const size_t next = static_cast<size_t>(kp) * NR;
+  for (int r = 0; r < m; r += 16) {
+    tiles.use(std::min(16, m - r));
+    const half* ar = a + static_cast<size_t>(r) * lda;
+    float* cr = c + static_cast<size_t>(r) * ldc;
+    int p = 0;
+    for (; p + 4 <= panels; p += 4)
+      tile_panels<4>(kp, ar, lda, packed + p * next, next, cr + p * NR, ldc, accumulate);
+    const half* rest = packed + p * next;
+    float* c_rest = cr + p * NR;
+    if (panels - p == 3) tile_panels<3>(kp, ar, lda, rest, next, c_rest, ldc, accumulate);
+    if (panels - p == 2) tile_panels<2>(kp, ar, lda, rest, next, c_rest, ldc, accumulate);
+    if (panels - p == 1) tile_panels<1>(kp, ar, lda, rest, next, c_rest, ldc, accumulate);
+  }
+}
+#else
+constexpr bool AMX_BUILD = false;  // built without AMX: the bf16 attribute changes nothing
+struct Tiles {};
+void tile_gemm(Tiles&, int, int, const half*, int, const half*, int, float*, int, bool) {}
+#endif
+
+// Whether this process may use the AMX tiles: Linux grants their state on request, once.
+bool tiles_ready() {
+  constexpr long REQUEST_PERMISSION = 0x1023, TILE_DATA = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
+  static const bool ready = AMX_BUILD && syscall(SYS_arch_prctl, REQUEST_PERMISSION, TILE_DATA) == 0;
+  return ready;
+}
 
 // Splits n hidden units over the threads: [begin, end) of part p, multiples of 8 where possible.
 std::pair<int, int> units_of(int part, int parts, int hidden) {
@@ -438,12 +653,19 @@ struct Sizes {
 // (the activated gates i, f, g, o), which the backward pass reads. Everything is batch-major, as
 // the caller's xs and hs are, so that nothing is transposed around the kernel. Each part computes
 // its columns of x_t W_x for the next step before the step's barrier, while it would otherwise
-// wait.
-void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const float* xs,
-             const float* w_x, const float* bias, const float* w_h, const float* h0,
-             const float* c0, float* hs, float* c_last, float* cs, float* acts) {
+// wait. With `tiles`, the matmuls take bfloat16 operands on AMX tiles: W_h and W_x packed once, x
+// rounded a chunk at a time, h_t rounded by its part into a shared copy of two slots (step s reads
+// slot (s + 1) % 2 and writes slot s % 2, which every part finished reading at step s - 1's
+// barrier).
+void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, bool tiles,
+             const float* xs, const float* w_x, const float* bias, const float* w_h,
+             const float* h0, const float* c0, float* hs, float* c_last, float* cs, float* acts) {
   const int T = s.time, B = s.batch, H = s.hidden, F = s.features, G = 4 * H;
+  const int Hp = round_up(H, KB), Fp = round_up(F, KB);  // k of the tiles' operands
   const bool save = cs != nullptr;
+  std::vector<half> h_half(tiles ? static_cast<size_t>(2) * B * Hp : 0);  // zero-padded
+  if (tiles)
+    for (int b = 0; b < B; ++b) to_half_row(h0 + static_cast<size_t>(b) * H, H, h_half.data() + (B + b) * Hp);
   prefer_huge_pages(hs, sizeof(float) * T * B * H);
   if (save) {
     prefer_huge_pages(cs, sizeof(float) * T * B * H);
@@ -457,18 +679,28 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const fl
       for (int u = u0; u < u1; ++u) cols.push_back(g * H + u);
     const int panels = (static_cast<int>(cols.size()) + NR - 1) / NR;
     const int ldp = panels * NR;
-    AlignedBuffer packed_h(static_cast<size_t>(panels) * H * NR);
-    AlignedBuffer packed_x(static_cast<size_t>(panels) * F * NR);
+    const int n_cols = static_cast<int>(cols.size());
+    AlignedBuffer packed_h(tiles ? 0 : static_cast<size_t>(panels) * H * NR);
+    AlignedBuffer packed_x(tiles ? 0 : static_cast<size_t>(panels) * F * NR);
+    std::vector<half> packed_h16(tiles ? static_cast<size_t>(panels) * Hp * NR : 0);
+    std::vector<half> packed_x16(tiles ? static_cast<size_t>(panels) * Fp * NR : 0);
     // x_t W_x for a chunk of steps at a time, about PROJECTION_ROWS rows of x: W_x is read once a
     // chunk (at batch 1 a step's projection alone would read all of it for one row).
     const int chunk = std::clamp(PROJECTION_ROWS / B, 1, T);
     AlignedBuffer pre(static_cast<size_t>(chunk) * B * ldp), c_state(static_cast<size_t>(B) * nu);
     AlignedBuffer b_own(ldp);
-    if (nu) {
+    std::vector<half> x_half(tiles ? static_cast<size_t>(chunk) * B * Fp : 0);  // zero-padded
+    Tiles tile_state;
+    if (nu && tiles) {
+      pack_half(H, n_cols, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + cols[j]]; },
+                packed_h16.data());
+      pack_half(F, n_cols, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + cols[j]]; },
+                packed_x16.data());
+    } else if (nu) {
       pack_columns(w_h, H, G, cols, packed_h.p);
       pack_columns(w_x, F, G, cols, packed_x.p);
-      for (size_t c = 0; c < cols.size(); ++c) b_own.p[c] = bias[cols[c]];
     }
+    for (int c = 0; c < n_cols; ++c) b_own.p[c] = bias[cols[c]];
     for (int b = 0; b < B; ++b)
       std::memcpy(c_state.p + static_cast<size_t>(b) * nu, c0 + static_cast<size_t>(b) * H + u0,
                   sizeof(float) * nu);
@@ -479,7 +711,10 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const fl
       for (int i = 0; i < n; ++i)
         for (int b = 0; b < B; ++b)
           x_rows[i * B + b] = xs + (static_cast<size_t>(b) * T + time_of(first + i)) * F;
-      if (nu) gemm(n * B, F, x_rows.data(), packed_x.p, panels, pre.p);
+      if (!nu) return;
+      if (!tiles) return gemm(n * B, F, x_rows.data(), packed_x.p, panels, pre.p);
+      for (int r = 0; r < n * B; ++r) to_half_row(x_rows[r], F, x_half.data() + static_cast<size_t>(r) * Fp);
+      tile_gemm(tile_state, n * B, Fp, x_half.data(), Fp, packed_x16.data(), panels, pre.p, ldp, false);
     };
     project(0);
     for (int step = 0; step < T; ++step) {
@@ -488,45 +723,34 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const fl
       const size_t h_stride = step == 0 ? H : static_cast<size_t>(T) * H;
       float* pre_t = pre.p + static_cast<size_t>(step % chunk) * B * ldp;
       if (nu) {
-        gemm(B, H, strided_rows(h_rows, h_in, h_stride), packed_h.p, panels, pre_t,
-             /*accumulate=*/true);
+        if (tiles)
+          tile_gemm(tile_state, B, Hp, h_half.data() + static_cast<size_t>((step + 1) % 2) * B * Hp,
+                    Hp, packed_h16.data(), panels, pre_t, ldp, /*accumulate=*/true);
+        else
+          gemm(B, H, strided_rows(h_rows, h_in, h_stride), packed_h.p, panels, pre_t,
+               /*accumulate=*/true);
         for (int b = 0; b < B; ++b) {
           const size_t row = static_cast<size_t>(b) * T + t;
           const float* pr = pre_t + static_cast<size_t>(b) * ldp;
-          const float* bo = b_own.p;
           float* c = c_state.p + static_cast<size_t>(b) * nu;
           float* h = hs + row * H + u0;
-          int j = 0;
-          const auto gate8 = [&](int g) {
-            return _mm256_add_ps(_mm256_loadu_ps(pr + g * nu + j), _mm256_loadu_ps(bo + g * nu + j));
-          };
-          for (; j + 8 <= nu; j += 8) {
-            const __m256 i = sigmoid8(gate8(0)), f = sigmoid8(gate8(1));
-            const __m256 g = tanh8(gate8(2)), o = sigmoid8(gate8(3));
-            const __m256 c_t = _mm256_fmadd_ps(f, _mm256_loadu_ps(c + j), _mm256_mul_ps(i, g));
-            _mm256_storeu_ps(c + j, c_t);
-            _mm256_storeu_ps(h + j, _mm256_mul_ps(o, tanh8(c_t)));
+          for (int j = 0; j < nu; j += VW) {
+            const int n = std::min(VW, nu - j);
+            const auto gate = [&](int g) { return vload(pr + g * nu + j, n) + vload(b_own.p + g * nu + j, n); };
+            const Vec i = vsigmoid(gate(0)), f = vsigmoid(gate(1)), g = vtanh(gate(2)), o = vsigmoid(gate(3));
+            const Vec c_t = vfma(f, vload(c + j, n), i * g);
+            vstore(c + j, c_t, n);
+            vstore(h + j, o * vtanh(c_t), n);
             if (save) {
               float* a = acts + row * G + u0 + j;
-              _mm256_storeu_ps(cs + row * H + u0 + j, c_t);
-              _mm256_storeu_ps(a, i);
-              _mm256_storeu_ps(a + H, f);
-              _mm256_storeu_ps(a + 2 * H, g);
-              _mm256_storeu_ps(a + 3 * H, o);
+              vstore(cs + row * H + u0 + j, c_t, n);
+              vstore(a, i, n);
+              vstore(a + H, f, n);
+              vstore(a + 2 * H, g, n);
+              vstore(a + 3 * H, o, n);
             }
           }
-          for (; j < nu; ++j) {
-            const float i = sigmoid1(pr[j] + bo[j]), f = sigmoid1(pr[nu + j] + bo[nu + j]);
-            const float g = std::tanh(pr[2 * nu + j] + bo[2 * nu + j]);
-            const float o = sigmoid1(pr[3 * nu + j] + bo[3 * nu + j]);
-            c[j] = f * c[j] + i * g;
-            h[j] = o * std::tanh(c[j]);
-            if (save) {
-              float* a = acts + row * G + u0 + j;
-              cs[row * H + u0 + j] = c[j];
-              a[0] = i, a[H] = f, a[2 * H] = g, a[3 * H] = o;
-            }
-          }
+          if (tiles) to_half_row(h, nu, h_half.data() + (static_cast<size_t>(step % 2) * B + b) * Hp + u0);
         }
         if ((step + 1) % chunk == 0 && step + 1 < T) project(step + 1);
       }
@@ -541,11 +765,15 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const fl
 // Backward: the gate gradients dpre [B, T, 4H] and dh0, dc0 [B, H] from dhs [B, T, H] (the
 // gradient reaching each h_t from outside the recurrence), dh_T, dc_T [B, H] and what forward
 // saved (acts, cs), with c0 and w_h. dpre may be acts itself (the caller aliases them: a step
-// reads its units' four gates before it writes their gradients in their place).
-void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const float* w_h, const float* c0,
-              const float* cs, const float* acts, const float* dhs, const float* dh_last,
-              const float* dc_last, float* dpre, float* dh0, float* dc0) {
-  const int T = s.time, B = s.batch, H = s.hidden, G = 4 * H;
+// reads its units' four gates before it writes their gradients in their place). With `tiles`,
+// δpre_t W_hᵀ takes bfloat16 operands on AMX tiles: δpre_t rounded by each part into a shared copy
+// of two slots, as the forward's h_t.
+void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, bool tiles,
+              const float* w_h, const float* c0, const float* cs, const float* acts,
+              const float* dhs, const float* dh_last, const float* dc_last, float* dpre,
+              float* dh0, float* dc0) {
+  const int T = s.time, B = s.batch, H = s.hidden, G = 4 * H, Gp = round_up(G, KB);
+  std::vector<half> dpre_half(tiles ? static_cast<size_t>(2) * B * Gp : 0);  // zero-padded
   run_parts(pool, threads, [&](int part, int parts, Barrier& barrier) {
     const auto [u0, u1] = units_of(part, parts, H);
     const int nu = u1 - u0;
@@ -553,8 +781,14 @@ void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const f
     for (int u = u0; u < u1; ++u) rows.push_back(u);
     const int panels = (nu + NR - 1) / NR;
     const int ldp = panels * NR;
-    AlignedBuffer packed(static_cast<size_t>(panels) * G * NR);
-    if (nu) pack_rows(w_h, G, rows, packed.p);
+    AlignedBuffer packed(tiles ? 0 : static_cast<size_t>(panels) * G * NR);
+    std::vector<half> packed16(tiles ? static_cast<size_t>(panels) * Gp * NR : 0);
+    Tiles tile_state;
+    if (nu && tiles)
+      pack_half(G, nu, [&](int k, int j) { return w_h[static_cast<size_t>(u0 + j) * G + k]; },
+                packed16.data());
+    else if (nu)
+      pack_rows(w_h, G, rows, packed.p);
     std::vector<const float*> dpre_rows(B);
     AlignedBuffer dh(static_cast<size_t>(B) * ldp), dc(static_cast<size_t>(B) * ldp);
     for (int b = 0; b < B; ++b)
@@ -574,38 +808,29 @@ void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, const f
         float* dcb = dc.p + b * ldp;
         const float* cp = first ? c0 + static_cast<size_t>(b) * H
                                 : cs + (static_cast<size_t>(b) * T + prev) * H;
-        int j = 0;
-        const __m256 one = _mm256_set1_ps(1.f);
-        for (; j + 8 <= nu; j += 8) {
-          const int u = u0 + j;
-          const __m256 i = _mm256_loadu_ps(a + u), f = _mm256_loadu_ps(a + H + u);
-          const __m256 g = _mm256_loadu_ps(a + 2 * H + u), o = _mm256_loadu_ps(a + 3 * H + u);
-          const __m256 tc = tanh8(_mm256_loadu_ps(cs + row + u));
-          const __m256 h_grad = _mm256_add_ps(_mm256_loadu_ps(dhs + row + u), _mm256_loadu_ps(dhb + j));
-          const __m256 c_grad = _mm256_fmadd_ps(_mm256_mul_ps(h_grad, o), _mm256_fnmadd_ps(tc, tc, one),
-                                                _mm256_loadu_ps(dcb + j));
-          _mm256_storeu_ps(d + u, _mm256_mul_ps(_mm256_mul_ps(c_grad, g), _mm256_mul_ps(i, _mm256_sub_ps(one, i))));
-          _mm256_storeu_ps(d + H + u, _mm256_mul_ps(_mm256_mul_ps(c_grad, _mm256_loadu_ps(cp + u)),
-                                                    _mm256_mul_ps(f, _mm256_sub_ps(one, f))));
-          _mm256_storeu_ps(d + 2 * H + u, _mm256_mul_ps(_mm256_mul_ps(c_grad, i), _mm256_fnmadd_ps(g, g, one)));
-          _mm256_storeu_ps(d + 3 * H + u, _mm256_mul_ps(_mm256_mul_ps(h_grad, tc), _mm256_mul_ps(o, _mm256_sub_ps(one, o))));
-          _mm256_storeu_ps(dcb + j, _mm256_mul_ps(c_grad, f));
+        const Vec one = vset(1.f);
+        for (int j = 0; j < nu; j += VW) {
+          const int n = std::min(VW, nu - j), u = u0 + j;
+          const Vec i = vload(a + u, n), f = vload(a + H + u, n);
+          const Vec g = vload(a + 2 * H + u, n), o = vload(a + 3 * H + u, n);
+          const Vec tc = vtanh(vload(cs + row + u, n));
+          const Vec h_grad = vload(dhs + row + u, n) + vload(dhb + j, n);
+          const Vec c_grad = vfma(h_grad * o, vfnma(tc, tc, one), vload(dcb + j, n));
+          vstore(d + u, c_grad * g * (i * (one - i)), n);
+          vstore(d + H + u, c_grad * vload(cp + u, n) * (f * (one - f)), n);
+          vstore(d + 2 * H + u, c_grad * i * vfnma(g, g, one), n);
+          vstore(d + 3 * H + u, h_grad * tc * (o * (one - o)), n);
+          vstore(dcb + j, c_grad * f, n);
         }
-        for (; j < nu; ++j) {
-          const int u = u0 + j;
-          const float i = a[u], f = a[H + u], g = a[2 * H + u], o = a[3 * H + u];
-          const float tc = std::tanh(cs[row + u]);
-          const float h_grad = dhs[row + u] + dhb[j];
-          const float c_grad = dcb[j] + h_grad * o * (1 - tc * tc);
-          d[u] = c_grad * g * i * (1 - i);
-          d[H + u] = c_grad * cp[u] * f * (1 - f);
-          d[2 * H + u] = c_grad * i * (1 - g * g);
-          d[3 * H + u] = h_grad * tc * o * (1 - o);
-          dcb[j] = c_grad * f;
-        }
+        if (tiles)
+          for (int g = 0; g < 4; ++g)
+            to_half_row(d + g * H + u0, nu, dpre_half.data() + (static_cast<size_t>(step % 2) * B + b) * Gp + g * H + u0);
       }
       barrier.wait();
-      if (nu)
+      if (nu && tiles)
+        tile_gemm(tile_state, B, Gp, dpre_half.data() + static_cast<size_t>(step % 2) * B * Gp, Gp,
+                  packed16.data(), panels, dh.p, ldp, false);
+      else if (nu)
         gemm(B, G, strided_rows(dpre_rows, dpre + static_cast<size_t>(t) * G, static_cast<size_t>(T) * G),
              packed.p, panels, dh.p);
     }
@@ -627,14 +852,16 @@ ffi::Error forward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> h0,
                         ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> hs,
                         ffi::ResultBuffer<ffi::F32> c_last, ffi::ResultBuffer<ffi::F32> cs,
-                        ffi::ResultBuffer<ffi::F32> acts, int32_t reverse, int32_t threads) {
+                        ffi::ResultBuffer<ffi::F32> acts, int32_t reverse, int32_t threads,
+                        int32_t bf16) {
   const auto dx = xs.dimensions(), dh = w_h.dimensions();
   if (dx.size() != 3 || dh.size() != 2 || dh[1] != 4 * dh[0])
     return ffi::Error::InvalidArgument("expected xs [B, T, F] and w_h [H, 4H]");
   const Sizes s{static_cast<int>(dx[1]), static_cast<int>(dx[0]), static_cast<int>(dh[0]),
                 static_cast<int>(dx[2])};
   const bool save = acts->element_count() > 0;  // [0]-shaped cs and acts: inference, not saved
-  forward(pool, s, reverse != 0, parts_for(threads, s.hidden), xs.typed_data(), w_x.typed_data(),
+  forward(pool, s, reverse != 0, parts_for(threads, s.hidden), bf16 && tiles_ready(),
+          xs.typed_data(), w_x.typed_data(),
           b.typed_data(), w_h.typed_data(), h0.typed_data(), c0.typed_data(), hs->typed_data(),
           c_last->typed_data(), save ? cs->typed_data() : nullptr,
           save ? acts->typed_data() : nullptr);
@@ -646,11 +873,12 @@ ffi::Error backward_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w_h, ffi::B
                          ffi::Buffer<ffi::F32> dhs, ffi::Buffer<ffi::F32> dh_last,
                          ffi::Buffer<ffi::F32> dc_last, ffi::ResultBuffer<ffi::F32> dpre,
                          ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0,
-                         int32_t reverse, int32_t threads) {
+                         int32_t reverse, int32_t threads, int32_t bf16) {
   const auto d = acts.dimensions();
   if (d.size() != 3 || d[2] % 4) return ffi::Error::InvalidArgument("acts must be [B, T, 4H]");
   const Sizes s{static_cast<int>(d[1]), static_cast<int>(d[0]), static_cast<int>(d[2] / 4), 0};
-  backward(pool, s, reverse != 0, parts_for(threads, s.hidden), w_h.typed_data(), c0.typed_data(),
+  backward(pool, s, reverse != 0, parts_for(threads, s.hidden), bf16 && tiles_ready(),
+           w_h.typed_data(), c0.typed_data(),
            cs.typed_data(), acts.typed_data(), dhs.typed_data(), dh_last.typed_data(),
            dc_last.typed_data(), dpre->typed_data(), dh0->typed_data(), dc0->typed_data());
   return ffi::Error::Success();
@@ -671,6 +899,10 @@ EXPORT int JaxmodelsLstmCpuSupported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+// 1 where the bf16 attribute runs the matmuls on AMX tiles (built with AMX, and Linux granted the
+// tiles' state to this process), else 0.
+EXPORT int JaxmodelsLstmCpuTiles() { return tiles_ready(); }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmForward, forward_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -685,7 +917,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmForward, forward_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("reverse")
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmBackward, backward_impl,
                               ffi::Ffi::Bind()
@@ -701,4 +934,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxmodelsLstmBackward, backward_impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("reverse")
-                                  .Attr<int32_t>("threads"));
+                                  .Attr<int32_t>("threads")
+                                  .Attr<int32_t>("bf16"));

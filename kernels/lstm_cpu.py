@@ -12,15 +12,18 @@ C++ compiler (``$CXX``, else ``g++``, ``c++`` or ``clang++``) against the FFI he
 installed jaxlib, into ``$JAXMODELS_CACHE_DIR`` (default ``$XDG_CACHE_HOME/jaxmodels`` or
 ``~/.cache/jaxmodels``), one file per source, headers, compiler and flags, reused afterwards
 (about 6 s once; nothing at install time). It runs on x86-64 CPUs with AVX2 and FMA; where the CPU
-has AVX-512F (``isa()``), its matmuls are built for that, a vector a panel row. Where it cannot be
-built or run, ``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` instead;
-``JAXMODELS_CPU_KERNEL=0`` chooses the scan without trying, ``JAXMODELS_CPU_KERNEL=avx2`` the
-AVX2 build on any CPU.
+has AVX-512F (``isa()``), its matmuls are built for that, a vector a panel row, and where it also
+has AMX's bfloat16 tiles, with those for bfloat16 (below). Where it cannot be built or run,
+``unavailable()`` says why and ``lstm_scan`` runs its ``lax.scan`` instead;
+``JAXMODELS_CPU_KERNEL=0`` chooses the scan without trying, ``=avx2`` the AVX2 build on any CPU,
+``=avx512`` the AVX-512 build without tiles.
 
 Scope: full-length sequences (no ``seq_lengths``) of concrete shapes, in float32, bfloat16 or
-float16 (``DTYPES``): it computes in float32 and returns the inputs' dtype. A CPU without bfloat16
-arithmetic (AVX2 has none) computes bfloat16 in float32 whatever runs it, converting at each
-operation's inputs and outputs; the kernel converts once, at the recurrence's. ``lstm_scan``
+float16 (``DTYPES``), returned in the inputs' dtype. Float32 and float16 are computed in float32.
+Bfloat16 too, except where ``tiles()``: there every matmul takes bfloat16 operands and
+accumulates in float32, as bfloat16 libraries do on such CPUs: in the kernel on AMX tiles (per
+step h_{t-1} W_h and x_t W_x, and δpre_t W_hᵀ backwards, h_t and δpre_t rounded to bfloat16),
+and the weight and input gradients in XLA; the gates and the cell stay float32. ``lstm_scan``
 checks these before choosing it. A function exported with ``jax.export`` for concrete shapes on
 CPU would contain the kernel's custom call, which an artifact cannot carry: export with
 symbolic shapes (as ``jaxmodels.export`` does, taking the scan) or with ``impl="scan"``.
@@ -50,9 +53,13 @@ SOURCE = Path(__file__).with_name("lstm_cpu.cc")
 FORWARD_TARGET = "jaxmodels_lstm_cpu_forward"
 BACKWARD_TARGET = "jaxmodels_lstm_cpu_backward"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-w")
-ISA_FLAGS = {"avx2": (), "avx512": ("-mavx512f",)}  # added to FLAGS per instruction set
-SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel; "avx2": never AVX-512
-DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))  # computed in float32
+ISA_FLAGS = {  # added to FLAGS per instruction set
+    "avx2": (),
+    "avx512": ("-mavx512f",),
+    "amx": ("-mavx512f", "-mamx-tile", "-mamx-bf16"),
+}
+SWITCH = "JAXMODELS_CPU_KERNEL"  # "0": never build or use the kernel; else 1 or an ISA_FLAGS key
+DTYPES = tuple(map(jnp.dtype, ("float32", "bfloat16", "float16")))
 UNITS_PER_THREAD = 64  # the fewest hidden units a thread is given (smaller parts cost more in sync)
 # The fewest FLOPs of a time step, 2·B·(F+H)·4H, that each thread of a training step's kernels is
 # given. Measured on 2 CPUs: below this a step's work is tens of microseconds, and in a training
@@ -97,8 +104,9 @@ def _warn_once(reason: str) -> None:
 def _library() -> ctypes.CDLL | _Missing:
     """The built and registered kernel library, or why there is none."""
     switch = os.environ.get(SWITCH, "1")
-    if switch not in ("0", "1", "avx2"):
-        return _Missing(f"expected {SWITCH} to be 0, 1 or avx2, got {switch!r}", build_failed=True)
+    if switch not in ("0", "1", "avx2", "avx512"):
+        expected = f"expected {SWITCH} to be 0, 1, avx2 or avx512, got {switch!r}"
+        return _Missing(expected, build_failed=True)
     if switch == "0":
         return _Missing(f"disabled by {SWITCH}=0", build_failed=False)
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -123,10 +131,11 @@ def _library() -> ctypes.CDLL | _Missing:
 
 
 def isa() -> str:
-    """The instruction set the kernel is built for here (a key of ``ISA_FLAGS``): "avx512" where
-    the CPU has AVX-512F (Linux's /proc/cpuinfo says so) unless ``JAXMODELS_CPU_KERNEL=avx2``,
-    else "avx2"."""
-    if os.environ.get(SWITCH) == "avx2":
+    """The instruction set the kernel is built for here (a key of ``ISA_FLAGS``), from the CPU's
+    flags in Linux's /proc/cpuinfo: "amx" where it has AVX-512F and AMX's bfloat16 tiles, "avx512"
+    where it has AVX-512F, else "avx2"; ``JAXMODELS_CPU_KERNEL=avx2`` or ``avx512`` caps it."""
+    switch = os.environ.get(SWITCH)
+    if switch == "avx2":
         return "avx2"
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -134,13 +143,22 @@ def isa() -> str:
         return "avx2"
     flags = next(
         (
-            line.split(":", 1)[1].split()
+            set(line.split(":", 1)[1].split())
             for line in cpuinfo.splitlines()
             if line.startswith("flags")
         ),
-        [],
+        set(),
     )
-    return "avx512" if "avx512f" in flags else "avx2"
+    if "avx512f" not in flags:
+        return "avx2"
+    return "amx" if {"amx_tile", "amx_bf16"} <= flags and switch != "avx512" else "avx512"
+
+
+def tiles() -> bool:
+    """Whether bfloat16 runs its matmuls on AMX tiles here: the kernel is built for "amx" and the
+    operating system let this process use the tiles (Linux 5.16 or later)."""
+    library = _library()
+    return not isinstance(library, _Missing) and bool(library.JaxmodelsLstmCpuTiles())
 
 
 def _compiler() -> str:
@@ -207,13 +225,14 @@ def _f32(*shape: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
-def _attributes(reverse: bool, threads: int) -> dict:
-    return {"reverse": np.int32(reverse), "threads": np.int32(threads)}
+def _attributes(reverse: bool, threads: int, bf16: bool) -> dict:
+    return {"reverse": np.int32(reverse), "threads": np.int32(threads), "bf16": np.int32(bf16)}
 
 
-def _run_forward(w_x, w_h, b, carry, xs, reverse: bool, save: bool):
+def _run_forward(w_x, w_h, b, carry, xs, reverse: bool, bf16: bool, save: bool):
     """xs [batch, time, features] -> (hs [batch, time, hidden], c_T [batch, hidden], cs
-    [batch, time, hidden] and acts [batch, time, 4*hidden] where ``save``, else [0]-shaped)."""
+    [batch, time, hidden] and acts [batch, time, 4*hidden] where ``save``, else [0]-shaped);
+    ``bf16``: its matmuls take bfloat16 operands."""
     batch, time, features = xs.shape
     hidden = w_h.shape[0]
     saved = (_f32(batch, time, hidden), _f32(batch, time, 4 * hidden)) if save else (_f32(0),) * 2
@@ -223,7 +242,7 @@ def _run_forward(w_x, w_h, b, carry, xs, reverse: bool, save: bool):
         (_f32(batch, time, hidden), _f32(batch, hidden), *saved),
         vmap_method="sequential",
     )
-    return call(xs, w_x, b, w_h, *carry, **_attributes(reverse, threads))
+    return call(xs, w_x, b, w_h, *carry, **_attributes(reverse, threads, bf16))
 
 
 def _final(hs: Array, reverse: bool) -> Array:
@@ -235,32 +254,36 @@ def recurrence(
 ) -> tuple[tuple[Array, Array], Array]:
     """The LSTM over xs [batch, time, features] from carry (h_0, c_0), each [batch, hidden], with
     w_x [features, 4*hidden], w_h [hidden, 4*hidden], b [4*hidden] (gates i, f, g, o), all of one
-    dtype of ``DTYPES``, computed in float32. Returns ((h_T, c_T), hs [batch, time, hidden]) in
-    that dtype, as ``lstm_scan``; differentiable (the kernel's backward loop). The caller checks
-    the arguments and ``unavailable()``."""
+    dtype of ``DTYPES``, computed as the module docstring says. Returns ((h_T, c_T), hs [batch,
+    time, hidden]) in that dtype, as ``lstm_scan``; differentiable (the kernel's backward loop).
+    The caller checks the arguments and ``unavailable()``."""
     dtype = xs.dtype
     f32 = lambda a: a.astype(jnp.float32)
-    (h, c), hs = _recurrence(f32(w_x), f32(w_h), f32(b), tuple(map(f32, carry)), f32(xs), reverse)
+    carry = tuple(map(f32, carry))
+    bf16 = dtype == jnp.bfloat16 and tiles()
+    (h, c), hs = _recurrence(f32(w_x), f32(w_h), f32(b), carry, f32(xs), reverse, bf16)
     return (h.astype(dtype), c.astype(dtype)), hs.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _recurrence(w_x, w_h, b, carry, xs, reverse):
-    hs, c_last, _, _ = _run_forward(w_x, w_h, b, carry, xs, reverse, save=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _recurrence(w_x, w_h, b, carry, xs, reverse, bf16):
+    """``recurrence`` on float32 arrays; ``bf16``: every matmul takes bfloat16 operands."""
+    hs, c_last, _, _ = _run_forward(w_x, w_h, b, carry, xs, reverse, bf16, save=False)
     return (_final(hs, reverse), c_last), hs
 
 
-def _recurrence_fwd(w_x, w_h, b, carry, xs, reverse):
-    hs, c_last, cs, acts = _run_forward(w_x, w_h, b, carry, xs, reverse, save=True)
+def _recurrence_fwd(w_x, w_h, b, carry, xs, reverse, bf16):
+    hs, c_last, cs, acts = _run_forward(w_x, w_h, b, carry, xs, reverse, bf16, save=True)
     outputs = ((_final(hs, reverse), c_last), hs)
     return outputs, (w_x, w_h, carry, xs, hs, cs, acts)
 
 
-def _recurrence_bwd(reverse, residuals, cotangents):
+def _recurrence_bwd(reverse, bf16, residuals, cotangents):
     """δpre_t [batch, time, 4*hidden] from the kernel (written over acts, which it aliases: no
     new buffer of that size); then δW_x = Σ_t x_tᵀ δpre_t, δW_h = Σ_t h_{t-1}ᵀ δpre_t, δb =
     Σ_t δpre_t and δx_t = δpre_t W_xᵀ, each one matmul over all steps, all batch-major as the
-    kernel's buffers are (a layout mismatch costs XLA a transpose of the operands)."""
+    kernel's buffers are (a layout mismatch costs XLA a transpose of the operands); with ``bf16``
+    their operands rounded to bfloat16, accumulated in float32."""
     w_x, w_h, (h0, c0), xs, hs, cs, acts = residuals
     (dh_last, dc_last), dhs = cotangents
     batch, time, gates = acts.shape
@@ -272,15 +295,19 @@ def _recurrence_bwd(reverse, residuals, cotangents):
         input_output_aliases={3: 0},  # acts -> dpre
     )
     threads = threads_for(hidden, batch, xs.shape[2])  # as the forward's that saved the residuals
-    dpre, dh0, dc0 = call(w_h, c0, cs, acts, dhs, dh_last, dc_last, **_attributes(reverse, threads))
+    attributes = _attributes(reverse, threads, bf16)
+    dpre, dh0, dc0 = call(w_h, c0, cs, acts, dhs, dh_last, dc_last, **attributes)
     # h entering each step: h_0 then h_1 .. h_{T-1}; reversed, h_2 .. h_T then h_0.
     if reverse:
         h_in = jnp.concatenate([hs[:, 1:], h0[:, None]], axis=1)
     else:
         h_in = jnp.concatenate([h0[:, None], hs[:, :-1]], axis=1)
-    dw_x = jnp.einsum("btf,btg->fg", xs, dpre)
-    dw_h = jnp.einsum("bth,btg->hg", h_in, dpre)
-    dxs = jnp.einsum("btg,fg->btf", dpre, w_x)
+    operand = (lambda a: a.astype(jnp.bfloat16)) if bf16 else (lambda a: a)
+    dot = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    dpre_in = operand(dpre)
+    dw_x = dot("btf,btg->fg", operand(xs), dpre_in)
+    dw_h = dot("bth,btg->hg", operand(h_in), dpre_in)
+    dxs = dot("btg,fg->btf", dpre_in, operand(w_x))
     return dw_x, dw_h, jnp.sum(dpre, axis=(0, 1)), (dh0, dc0), dxs
 
 

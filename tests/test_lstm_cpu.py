@@ -4,8 +4,8 @@ differentiated by plain autodiff, forwards and reversed, across the shapes that 
 paths (hidden not a multiple of 8: the scalar tail; batch not a multiple of the micro-kernel's rows,
 6 with AVX2, 8 with AVX-512; an odd number of 16-column panels; several threads; time longer than
 one chunk of the input projection); the AVX2 build against the AVX-512 one where the CPU has both;
-then the fallbacks: where it cannot be built, where it is switched off, and what impl='cpu'
-refuses."""
+bfloat16 on AMX tiles against an LSTM whose matmuls round their operands as the tiles do; then
+the fallbacks: where it cannot be built, where it is switched off, and what impl='cpu' refuses."""
 
 from __future__ import annotations
 
@@ -172,26 +172,127 @@ def test_impl_cpu_refuses_what_it_does_not_take(kwargs, dtype, match):
             jaxmodels.lstm_scan(params, xs.astype(dtype), impl="cpu", **kwargs)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+HALF_IN_FLOAT32 = [jnp.float16] + ([] if lstm_cpu.tiles() else [jnp.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", HALF_IN_FLOAT32, ids=lambda d: jnp.dtype(d).name)
 def test_half_precision_is_computed_in_float32(dtype):
-    """bfloat16 and float16 run on the kernel in float32: the outputs, in the inputs' dtype, are
-    the float32 kernel's rounded, and the gradients reach the half-precision parameters."""
+    """float16, and bfloat16 without AMX tiles, run on the kernel in float32: the outputs, in the
+    inputs' dtype, are the float32 kernel's rounded, and the gradients reach the half-precision
+    parameters."""
     params, carry, xs = _problem(32, 3, 7, 5)
     half = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
     params, carry, xs = half(params), half(carry), half(xs)
     (h, c), hs = jaxmodels.lstm_scan(params, xs, carry, impl="cpu")
-    f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
-    (h32, c32), hs32 = jaxmodels.lstm_scan(f32(params), f32(xs), f32(carry), impl="cpu")
+    (h32, c32), hs32 = jaxmodels.lstm_scan(_f32(params), _f32(xs), _f32(carry), impl="cpu")
     assert hs.dtype == h.dtype == c.dtype == dtype
     for got, want in ((hs, hs32), (h, h32), (c, c32)):
         np.testing.assert_array_equal(got, want.astype(dtype))
     loss = lambda p: jnp.sum(jaxmodels.lstm_scan(p, xs, carry, impl="cpu")[1].astype(jnp.float32))
     grads = jax.grad(loss)(params)
-    loss32 = lambda p: jnp.sum(jaxmodels.lstm_scan(p, f32(xs), f32(carry), impl="cpu")[1])
-    grads32 = jax.grad(loss32)(f32(params))
+    loss32 = lambda p: jnp.sum(jaxmodels.lstm_scan(p, _f32(xs), _f32(carry), impl="cpu")[1])
+    grads32 = jax.grad(loss32)(_f32(params))
     for name in grads:
         assert grads[name].dtype == dtype
         np.testing.assert_array_equal(grads[name], grads32[name].astype(dtype))
+
+
+def _f32(tree):
+    return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+
+def _bf16_values(tree):
+    """float32 arrays holding bfloat16 values (each rounded to nearest even)."""
+    return jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), tree)
+
+
+@jax.custom_vjp
+def _rounded_dot(a, w):
+    """a [n, k] · w [k, m] as the tiles take it: a rounded to bfloat16 (w holds bfloat16 values),
+    the products summed in float32; backwards, the cotangent rounded as the kernel rounds δpre."""
+    return jnp.dot(_bf16_values(a), w, precision="highest")
+
+
+def _rounded_dot_fwd(a, w):
+    return _rounded_dot(a, w), (a, w)
+
+
+def _rounded_dot_bwd(residuals, g):
+    a, w = residuals
+    g = _bf16_values(g)
+    return jnp.dot(g, w.T, precision="highest"), jnp.dot(_bf16_values(a).T, g, precision="highest")
+
+
+_rounded_dot.defvjp(_rounded_dot_fwd, _rounded_dot_bwd)
+
+
+def _rounded_loop(w_x, w_h, b, carry, xs, reverse):
+    """The reference for bfloat16 on tiles: the LSTM with every matmul a ``_rounded_dot``, the gates
+    and the cell in float32, differentiated by autodiff."""
+
+    def step(carry, x):
+        h, c = carry
+        pre = _rounded_dot(x, w_x) + _rounded_dot(h, w_h) + b[None]
+        i, f, g, o = jnp.split(pre, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    carry, hs = jax.lax.scan(step, carry, jnp.swapaxes(xs, 0, 1), reverse=reverse)
+    return carry, jnp.swapaxes(hs, 0, 1)
+
+
+def _relative_error(got, want, quantile=1.0):
+    """The largest over the leaves of the ``quantile`` of |got - want| / max |want|."""
+    return max(
+        float(jnp.quantile(jnp.abs(g - w), quantile) / jnp.max(jnp.abs(w)))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want))
+    )
+
+
+needs_tiles = pytest.mark.skipif(not lstm_cpu.tiles(), reason="no AMX bfloat16 tiles here")
+
+
+@needs_tiles
+@pytest.mark.parametrize("shape", [(37, 19, 4), (36, 20, 9), (200, 17, 7), (13, 16, 40)], ids=str)
+def test_bfloat16_on_tiles_rounds_the_matmul_operands(shape):
+    """With tiles, one step's outputs and gradients are those of the LSTM with each matmul's
+    operands rounded to bfloat16 (``_rounded_loop``), up to float32 rounding; the same kernel in
+    float32 is far from them. The weights and x hold bfloat16 values, the carry does not (the
+    forward's rounding shows in h_0). One step and nine elements of ten: the backward rounds δpre,
+    float32 values that differ in their last bits between the two, and where a tie goes the other
+    way one batch row's gradients move by a bfloat16 step (with a longer sequence, all its later
+    steps would)."""
+    hidden, batch, features = shape
+    params, carry, xs = _problem(hidden, batch, 1, features)
+    params, xs = _bf16_values((params, xs))
+    args = (params["w_x"], params["w_h"], params["b"], carry, xs)
+
+    def loss(run, *flag):
+        def f(*args):
+            (h, c), hs = run(*args, False, *flag)
+            return jnp.sum(hs**2) + jnp.sum(jnp.sin(h)) + jnp.sum(c * c)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
+
+    want = loss(_rounded_loop)
+    tiles_error = _relative_error(loss(lstm_cpu._recurrence, True), want, quantile=0.9)
+    float32_error = _relative_error(loss(lstm_cpu._recurrence, False), want, quantile=0.9)
+    assert tiles_error < 1e-6 and float32_error > 100 * tiles_error, (tiles_error, float32_error)
+
+
+@needs_tiles
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bfloat16_on_tiles_stays_within_bfloat16_of_float32(shape):
+    """Over whole sequences (every shape's code paths: the tiles' row and panel tails, k padded to
+    32), lstm_scan in bfloat16 and its gradients stay within bfloat16's precision of the float32
+    kernel on the same values."""
+    params, carry, xs = _problem(*shape)
+    half = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+    kernel = lambda p, x, c: jaxmodels.lstm_scan(p, x, c, impl="cpu")
+    got = _loss(kernel)(half(params), half(carry), half(xs))
+    want = _loss(kernel)(*_f32((half(params), half(carry), half(xs))))
+    assert _relative_error(_f32(got), want) < 2e-2
 
 
 def test_a_build_is_reused():
@@ -222,7 +323,7 @@ AVX2_BUILD = """
 """
 
 
-@pytest.mark.skipif(lstm_cpu.isa() != "avx512", reason="this CPU has no AVX-512F: AVX2 only")
+@pytest.mark.skipif(lstm_cpu.isa() == "avx2", reason="this CPU has no AVX-512F: AVX2 only")
 def test_the_avx2_build_agrees_with_the_avx512_build(tmp_path):
     """The AVX2 build (``JAXMODELS_CPU_KERNEL=avx2``, in a process of its own) gives this process's
     AVX-512 results, loss and gradients, up to float32 rounding (the sums' grouping differs)."""
@@ -237,9 +338,27 @@ def test_the_avx2_build_agrees_with_the_avx512_build(tmp_path):
             np.testing.assert_allclose(leaf, avx2[f"{shape}/{i}"], **GRAD_TOL, err_msg=str(shape))
 
 
+@pytest.mark.skipif(lstm_cpu.isa() != "amx", reason="this CPU has no AMX tiles")
+def test_the_avx512_switch_computes_bfloat16_in_float32():
+    """``JAXMODELS_CPU_KERNEL=avx512`` builds without the tiles: bfloat16 is the float32 kernel's
+    results rounded, as on a CPU without AMX (checked in a process of its own)."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = f"""
+        import sys
+        import jax.numpy as jnp
+        sys.path.insert(0, {tests!r})
+        from test_lstm_cpu import test_half_precision_is_computed_in_float32
+        from jaxmodels.kernels import lstm_cpu
+        assert lstm_cpu.isa() == "avx512" and not lstm_cpu.tiles(), (lstm_cpu.isa(), lstm_cpu.tiles())
+        test_half_precision_is_computed_in_float32(jnp.bfloat16)
+    """
+    _run_fresh(code, JAXMODELS_CPU_KERNEL="avx512")
+
+
 def test_an_unknown_switch_value_is_named_and_auto_runs_the_scan(tmp_path):
     result = _run_fresh(FALLBACK, JAXMODELS_CPU_KERNEL="avx9", **_cache(tmp_path))
-    assert "REASON expected JAXMODELS_CPU_KERNEL to be 0, 1 or avx2, got 'avx9'" in result.stdout
+    expected = "expected JAXMODELS_CPU_KERNEL to be 0, 1, avx2 or avx512, got 'avx9'"
+    assert f"REASON {expected}" in result.stdout
     assert "WARNINGS 1 " in result.stdout
 
 
