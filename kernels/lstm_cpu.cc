@@ -361,6 +361,11 @@ inline __m512i rounded_half_bits(__m512i u) {  // u's upper 16 bits, rounded to 
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
 }
+// VW pairs (lo[j], hi[j]) rounded to bfloat16, lo in the low half.
+inline void store_pairs(uint32_t* p, Vec lo, Vec hi) {
+  const __m512i pairs = _mm512_or_si512(rounded_half_bits(as_int(lo)), _mm512_slli_epi32(rounded_half_bits(as_int(hi)), 16));
+  _mm512_storeu_si512(p, pairs);
+}
 #else
 using Vec = __m256;
 constexpr int VW = 8;
@@ -399,6 +404,10 @@ inline __m256i as_int(Vec v) { return _mm256_castps_si256(v); }
 inline __m256i rounded_half_bits(__m256i u) {
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
   return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+}
+inline void store_pairs(uint32_t* p, Vec lo, Vec hi) {
+  const __m256i pairs = _mm256_or_si256(rounded_half_bits(as_int(lo)), _mm256_slli_epi32(rounded_half_bits(as_int(hi)), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pairs);
 }
 #endif
 
@@ -457,24 +466,57 @@ inline void to_half_row(const float* src, int n, half* dst) {
   for (; j < n; ++j) dst[j] = to_half(src[j]);
 }
 
-// Packs the n columns of a [k, n] matrix (its element (kk, j) is at(kk, j)) as bfloat16 panels
-// of NR columns for the tiles: [panels][kp / 2][NR][2], kp = k rounded up to KB, zero-padded.
-template <typename At>
-void pack_half(int k, int n, At at, half* out) {
-  const int kp = round_up(k, KB), panels = (n + NR - 1) / NR;
-  for (int p = 0; p < panels; ++p)
-    for (int kk = 0; kk < kp; ++kk)
-      for (int j = 0; j < NR; ++j) {
-        const int col = p * NR + j;
-        out[(static_cast<size_t>(p) * kp + (kk & ~1)) * NR + 2 * j + (kk & 1)] =
-            kk < k && col < n ? to_half(at(kk, col)) : half{0};
+// Two bfloat16 of adjacent k, the lower k in the low half: an element of a B tile's row.
+using pair = uint32_t;
+
+inline pair to_pair(float lo, float hi) { return to_half(lo) | static_cast<pair>(to_half(hi)) << 16; }
+
+// The B operand of the tiles: panels of NR columns, [panels][kp / 2][NR] pairs, kp = k rounded up
+// to KB, zero-padded, from the columns `cols` of w [k, ldw] (float32). A panel of 16 adjacent
+// columns (a gate's units are adjacent) is converted a vector of pairs at a time.
+std::vector<pair> pack_columns_half(const float* w, int k, int ldw, const std::vector<int>& cols) {
+  const int n = static_cast<int>(cols.size()), panels = (n + NR - 1) / NR, kp = round_up(k, KB);
+  std::vector<pair> out(static_cast<size_t>(panels) * kp / 2 * NR);
+  for (int p = 0; p < panels; ++p) {
+    const int c0 = p * NR;
+    const bool adjacent = c0 + NR <= n && cols[c0 + NR - 1] - cols[c0] == NR - 1;
+    for (int r = 0; r < kp / 2; ++r) {
+      pair* dst = out.data() + (static_cast<size_t>(p) * kp / 2 + r) * NR;
+      const int k0 = 2 * r;
+      if (adjacent && k0 + 1 < k) {
+        const float* lo = w + static_cast<size_t>(k0) * ldw + cols[c0];
+        for (int j = 0; j < NR; j += VW) store_pairs(dst + j, vload(lo + j, VW), vload(lo + ldw + j, VW));
+        continue;
       }
+      const auto at = [&](int kk, int col) {
+        return kk < k && col < n ? w[static_cast<size_t>(kk) * ldw + cols[col]] : 0.f;
+      };
+      for (int j = 0; j < NR; ++j) dst[j] = to_pair(at(k0, c0 + j), at(k0 + 1, c0 + j));
+    }
+  }
+  return out;
+}
+
+// The same from the rows `rows` of w [*, k] (row-major), as columns of wᵀ: each pair is two
+// adjacent floats of a row.
+std::vector<pair> pack_rows_half(const float* w, int k, const std::vector<int>& rows) {
+  const int n = static_cast<int>(rows.size()), panels = (n + NR - 1) / NR, kp = round_up(k, KB);
+  std::vector<pair> out(static_cast<size_t>(panels) * kp / 2 * NR);
+  for (int i = 0; i < n; ++i) {
+    const float* src = w + static_cast<size_t>(rows[i]) * k;
+    pair* dst = out.data() + static_cast<size_t>(i / NR) * kp / 2 * NR + i % NR;
+    for (int r = 0; r < kp / 2; ++r) {
+      const int k0 = 2 * r;
+      dst[static_cast<size_t>(r) * NR] = to_pair(k0 < k ? src[k0] : 0.f, k0 + 1 < k ? src[k0 + 1] : 0.f);
+    }
+  }
+  return out;
 }
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 constexpr bool AMX_BUILD = true;
 
-// The tile configuration of one thread: tiles 0-3 are C, 4 is A (`rows` rows each), 5-7 are B
+// The tile configuration of one thread: tiles 0-3 are C, 4-5 are A (`rows` rows each), 6-7 are B
 // (16 rows); set again only when the rows change (the last rows of a gemm, batch < 16), and
 // released when the part ends.
 struct Tiles {
@@ -485,7 +527,7 @@ struct Tiles {
     for (int t = 0; t < 8; ++t) {
       const uint16_t bytes = 64;
       std::memcpy(config + 16 + 2 * t, &bytes, sizeof bytes);
-      config[48 + t] = static_cast<uint8_t>(t < 5 ? rows : 16);
+      config[48 + t] = static_cast<uint8_t>(t < 6 ? rows : 16);
     }
     _tile_loadconfig(config);
     configured = rows;
@@ -499,7 +541,7 @@ struct Tiles {
 // c [rows, P·NR] = (c +) a [rows, kp] x P panels (`next` bfloat16 apart): one A tile a k step
 // serves P B tiles; the C tiles stay in the tile registers over all of k.
 template <int P>
-void tile_panels(int kp, const half* a, int lda, const half* panel, size_t next, float* c, int ldc,
+void tile_panels(int kp, const half* a, int lda, const pair* panel, size_t next, float* c, int ldc,
                  bool accumulate) {
   const int sc = ldc * static_cast<int>(sizeof(float)), sa = lda * static_cast<int>(sizeof(half));
   if (accumulate) {
@@ -514,21 +556,21 @@ void tile_panels(int kp, const half* a, int lda, const half* panel, size_t next,
     if constexpr (P > 3) _tile_zero(3);
   }
   for (int k0 = 0; k0 < kp; k0 += KB) {
-    const half* b = panel + static_cast<size_t>(k0) * NR;
+    const pair* b = panel + static_cast<size_t>(k0 / 2) * NR;
     _tile_loadd(4, a + k0, sa);
-    _tile_loadd(5, b, 64);
-    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
     if constexpr (P > 1) {
-      _tile_loadd(6, b + next, 64);
-      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, b + next, 64);
+      _tile_dpbf16ps(1, 4, 7);
     }
     if constexpr (P > 2) {
-      _tile_loadd(7, b + 2 * next, 64);
-      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(6, b + 2 * next, 64);
+      _tile_dpbf16ps(2, 4, 6);
     }
     if constexpr (P > 3) {
-      _tile_loadd(5, b + 3 * next, 64);
-      _tile_dpbf16ps(3, 4, 5);
+      _tile_loadd(7, b + 3 * next, 64);
+      _tile_dpbf16ps(3, 4, 7);
     }
   }
   _tile_stored(0, c, sc);
@@ -537,29 +579,80 @@ void tile_panels(int kp, const half* a, int lda, const half* panel, size_t next,
   if constexpr (P > 3) _tile_stored(3, c + 3 * NR, sc);
 }
 
+// c [32, 2·NR] = (c +) a [32, kp] x 2 panels: two A tiles and two B tiles a k step for four
+// products, each tile loaded once for two of them.
+void tile_2x2(int kp, const half* a, int lda, const pair* panel, size_t next, float* c, int ldc,
+              bool accumulate) {
+  const int sc = ldc * static_cast<int>(sizeof(float)), sa = lda * static_cast<int>(sizeof(half));
+  const half* a1 = a + static_cast<size_t>(16) * lda;
+  float* c1 = c + static_cast<size_t>(16) * ldc;
+  if (accumulate) {
+    _tile_loadd(0, c, sc);
+    _tile_loadd(1, c + NR, sc);
+    _tile_loadd(2, c1, sc);
+    _tile_loadd(3, c1 + NR, sc);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int k0 = 0; k0 < kp; k0 += KB) {
+    const pair* b = panel + static_cast<size_t>(k0 / 2) * NR;
+    _tile_loadd(4, a + k0, sa);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b + next, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, a1 + k0, sa);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, sc);
+  _tile_stored(1, c + NR, sc);
+  _tile_stored(2, c1, sc);
+  _tile_stored(3, c1 + NR, sc);
+}
+
 // c [m, panels·NR] (row stride ldc) = (c +) a [m, kp] (bfloat16, row stride lda, kp a multiple of
-// KB) x panels packed by pack_half: 16 rows and up to 4 panels at a time.
-void tile_gemm(Tiles& tiles, int m, int kp, const half* a, int lda, const half* packed, int panels,
+// KB) x panels packed for the tiles (pack_columns_half): 32 rows by 2 panels at a time (tile_2x2),
+// all the rows for a pair of panels before the next pair, so that the pair's B tiles are read
+// from memory once and from L1 for the other rows (a part's W_h is larger than L1, and can be
+// larger than L2); what is left, up to 4 panels by 16 rows at a time. The last rows, fewer than
+// 16, take a tile configuration of their own, once.
+void tile_gemm(Tiles& tiles, int m, int kp, const half* a, int lda, const pair* packed, int panels,
                float* c, int ldc, bool accumulate) {
-  const size_t next = static_cast<size_t>(kp) * NR;
-  for (int r = 0; r < m; r += 16) {
-    tiles.use(std::min(16, m - r));
+  const size_t next = static_cast<size_t>(kp) / 2 * NR;
+  const auto rows_of = [&](int r, int p, int count) {  // rows [r, r + 16) x panels [p, p + count)
     const half* ar = a + static_cast<size_t>(r) * lda;
-    float* cr = c + static_cast<size_t>(r) * ldc;
-    int p = 0;
-    for (; p + 4 <= panels; p += 4)
-      tile_panels<4>(kp, ar, lda, packed + p * next, next, cr + p * NR, ldc, accumulate);
-    const half* rest = packed + p * next;
-    float* c_rest = cr + p * NR;
-    if (panels - p == 3) tile_panels<3>(kp, ar, lda, rest, next, c_rest, ldc, accumulate);
-    if (panels - p == 2) tile_panels<2>(kp, ar, lda, rest, next, c_rest, ldc, accumulate);
-    if (panels - p == 1) tile_panels<1>(kp, ar, lda, rest, next, c_rest, ldc, accumulate);
+    const pair* b = packed + p * next;
+    float* cr = c + static_cast<size_t>(r) * ldc + p * NR;
+    switch (count) {
+      case 4: return tile_panels<4>(kp, ar, lda, b, next, cr, ldc, accumulate);
+      case 3: return tile_panels<3>(kp, ar, lda, b, next, cr, ldc, accumulate);
+      case 2: return tile_panels<2>(kp, ar, lda, b, next, cr, ldc, accumulate);
+      default: return tile_panels<1>(kp, ar, lda, b, next, cr, ldc, accumulate);
+    }
+  };
+  const int pairs = m / 32 * 32, full = m / 16 * 16;
+  if (full) tiles.use(16);
+  for (int p = 0; p + 2 <= panels && pairs; p += 2)  // two panels by 32 rows
+    for (int r = 0; r < pairs; r += 32)
+      tile_2x2(kp, a + static_cast<size_t>(r) * lda, lda, packed + p * next, next,
+               c + static_cast<size_t>(r) * ldc + p * NR, ldc, accumulate);
+  if (pairs && panels % 2)  // the last panel
+    for (int r = 0; r < pairs; r += 16) rows_of(r, panels - 1, 1);
+  if (full > pairs)  // the last 16 rows
+    for (int p = 0; p < panels; p += 4) rows_of(pairs, p, std::min(4, panels - p));
+  if (m > full) {  // the last rows, fewer than 16
+    tiles.use(m - full);
+    for (int p = 0; p < panels; p += 4) rows_of(full, p, std::min(4, panels - p));
   }
 }
 #else
 constexpr bool AMX_BUILD = false;  // built without AMX: the bf16 attribute changes nothing
 struct Tiles {};
-void tile_gemm(Tiles&, int, int, const half*, int, const half*, int, float*, int, bool) {}
+void tile_gemm(Tiles&, int, int, const half*, int, const pair*, int, float*, int, bool) {}
 #endif
 
 // Whether this process may use the AMX tiles: Linux grants their state on request, once.
@@ -682,8 +775,7 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, bool til
     const int n_cols = static_cast<int>(cols.size());
     AlignedBuffer packed_h(tiles ? 0 : static_cast<size_t>(panels) * H * NR);
     AlignedBuffer packed_x(tiles ? 0 : static_cast<size_t>(panels) * F * NR);
-    std::vector<half> packed_h16(tiles ? static_cast<size_t>(panels) * Hp * NR : 0);
-    std::vector<half> packed_x16(tiles ? static_cast<size_t>(panels) * Fp * NR : 0);
+    std::vector<pair> packed_h16, packed_x16;
     // x_t W_x for a chunk of steps at a time, about PROJECTION_ROWS rows of x: W_x is read once a
     // chunk (at batch 1 a step's projection alone would read all of it for one row).
     const int chunk = std::clamp(PROJECTION_ROWS / B, 1, T);
@@ -692,10 +784,8 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, bool til
     std::vector<half> x_half(tiles ? static_cast<size_t>(chunk) * B * Fp : 0);  // zero-padded
     Tiles tile_state;
     if (nu && tiles) {
-      pack_half(H, n_cols, [&](int k, int j) { return w_h[static_cast<size_t>(k) * G + cols[j]]; },
-                packed_h16.data());
-      pack_half(F, n_cols, [&](int k, int j) { return w_x[static_cast<size_t>(k) * G + cols[j]]; },
-                packed_x16.data());
+      packed_h16 = pack_columns_half(w_h, H, G, cols);
+      packed_x16 = pack_columns_half(w_x, F, G, cols);
     } else if (nu) {
       pack_columns(w_h, H, G, cols, packed_h.p);
       pack_columns(w_x, F, G, cols, packed_x.p);
@@ -782,11 +872,10 @@ void backward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, bool ti
     const int panels = (nu + NR - 1) / NR;
     const int ldp = panels * NR;
     AlignedBuffer packed(tiles ? 0 : static_cast<size_t>(panels) * G * NR);
-    std::vector<half> packed16(tiles ? static_cast<size_t>(panels) * Gp * NR : 0);
+    std::vector<pair> packed16;
     Tiles tile_state;
     if (nu && tiles)
-      pack_half(G, nu, [&](int k, int j) { return w_h[static_cast<size_t>(u0 + j) * G + k]; },
-                packed16.data());
+      packed16 = pack_rows_half(w_h, G, rows);
     else if (nu)
       pack_rows(w_h, G, rows, packed.p);
     std::vector<const float*> dpre_rows(B);
