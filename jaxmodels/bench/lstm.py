@@ -268,8 +268,10 @@ def lstm_suite(
         "forward and backward loops over time in persistent threads that each own a part of the "
         "hidden units (their columns of w_x and w_h packed in cache, one barrier a step), input "
         "projection inside it in chunks of about 128 rows; the weight and input gradients as XLA "
-        "matmuls over all steps, batch-major as the kernel's buffers; bfloat16 computed in float32 "
-        "(the kernel has no bfloat16 arithmetic of its own), its inputs and outputs bfloat16.",
+        "matmuls over all steps, batch-major as the kernel's buffers. Bfloat16 where the CPU has "
+        "AMX (amx_bf16 among the flags above): every matmul with bfloat16 operands and float32 "
+        "sums, the kernel's on AMX tiles, the gradients' as XLA bfloat16 dots; the gates and the "
+        "cell in float32. Without AMX: computed in float32, inputs and outputs bfloat16.",
     ]
     if backend not in ("gpu", "tpu"):
         notes.append(
