@@ -770,9 +770,8 @@ void forward(ffi::ThreadPool& pool, Sizes s, bool reverse, int threads, bool til
     std::vector<int> cols;
     for (int g = 0; g < 4; ++g)
       for (int u = u0; u < u1; ++u) cols.push_back(g * H + u);
-    const int panels = (static_cast<int>(cols.size()) + NR - 1) / NR;
+    const int n_cols = static_cast<int>(cols.size()), panels = (n_cols + NR - 1) / NR;
     const int ldp = panels * NR;
-    const int n_cols = static_cast<int>(cols.size());
     AlignedBuffer packed_h(tiles ? 0 : static_cast<size_t>(panels) * H * NR);
     AlignedBuffer packed_x(tiles ? 0 : static_cast<size_t>(panels) * F * NR);
     std::vector<pair> packed_h16, packed_x16;
