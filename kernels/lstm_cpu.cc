@@ -411,9 +411,10 @@ inline void store_pairs(uint32_t* p, Vec lo, Vec hi) {
 }
 #endif
 
-// exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32.
+// exp(x), Cephes-style: 2^n · p(r), |r| ≤ ln2/2, about 1 ulp in float32. A NaN stays NaN (min
+// and max return their second operand when either is NaN: x is that one).
 inline Vec vexp(Vec x) {
-  x = vmin(vmax(x, vset(-87.3f)), vset(88.3f));
+  x = vmin(vset(88.3f), vmax(vset(-87.3f), x));
   const Vec n = vround(x * vset(1.44269504088896341f));
   Vec r = vfnma(n, vset(0.693359375f), x);
   r = vfnma(n, vset(-2.12194440e-4f), r);

@@ -295,6 +295,21 @@ def test_bfloat16_on_tiles_stays_within_bfloat16_of_float32(shape):
     assert _relative_error(_f32(got), want) < 2e-2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=lambda d: jnp.dtype(d).name)
+def test_a_nan_in_the_inputs_reaches_the_outputs(dtype):
+    """A NaN in x_t makes that batch row's h_t and every later one NaN (as in the scan), and only
+    that row: the vectorized σ and tanh do not clamp it away."""
+    params, carry, xs = _problem(37, 3, 6, 4)  # 37 units: full vectors and a masked tail
+    xs = xs.at[1, 2, 0].set(jnp.nan)
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
+    (h, c), hs = jaxmodels.lstm_scan(cast(params), cast(xs), cast(carry), impl="cpu")
+    hs = np.asarray(hs.astype(jnp.float32))
+    assert np.isnan(hs[1, 2:]).all() and not np.isnan(hs[1, :2]).any()
+    assert np.isfinite(hs[[0, 2]]).all()
+    assert np.isnan(np.asarray(h.astype(jnp.float32))[1]).all()
+    assert np.isnan(np.asarray(c.astype(jnp.float32))[1]).all()
+
+
 def test_a_build_is_reused():
     """The cached library is found again, not rebuilt."""
     lstm_cpu.unavailable()
