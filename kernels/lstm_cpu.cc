@@ -635,16 +635,16 @@ void tile_gemm(Tiles& tiles, int m, int kp, const half* a, int lda, const pair* 
       default: return tile_panels<1>(kp, ar, lda, b, next, cr, ldc, accumulate);
     }
   };
-  const int pairs = m / 32 * 32, full = m / 16 * 16;
+  const int paired = m / 32 * 32, full = m / 16 * 16;  // rows in blocks of 32; of 16
   if (full) tiles.use(16);
-  for (int p = 0; p + 2 <= panels && pairs; p += 2)  // two panels by 32 rows
-    for (int r = 0; r < pairs; r += 32)
+  for (int p = 0; p + 2 <= panels && paired; p += 2)  // two panels by 32 rows
+    for (int r = 0; r < paired; r += 32)
       tile_2x2(kp, a + static_cast<size_t>(r) * lda, lda, packed + p * next, next,
                c + static_cast<size_t>(r) * ldc + p * NR, ldc, accumulate);
-  if (pairs && panels % 2)  // the last panel
-    for (int r = 0; r < pairs; r += 16) rows_of(r, panels - 1, 1);
-  if (full > pairs)  // the last 16 rows
-    for (int p = 0; p < panels; p += 4) rows_of(pairs, p, std::min(4, panels - p));
+  if (paired && panels % 2)  // the last panel
+    for (int r = 0; r < paired; r += 16) rows_of(r, panels - 1, 1);
+  if (full > paired)  // the last 16 rows
+    for (int p = 0; p < panels; p += 4) rows_of(paired, p, std::min(4, panels - p));
   if (m > full) {  // the last rows, fewer than 16
     tiles.use(m - full);
     for (int p = 0; p < panels; p += 4) rows_of(full, p, std::min(4, panels - p));
